@@ -1,0 +1,78 @@
+"""Argument checks shared by the optimizers. Messages name the argument, its value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..projection import PROJ_TYPES
+
+__all__ = ["MOMENT_POLICIES", "check_adam_hyperparameters", "check_no_duplicates", "check_projection_group"]
+
+#: What happens to the low-rank moments when the projector is refreshed: ``keep`` carries them into
+#: the new subspace unchanged (the reference behaviour), ``reset`` zeroes them.
+MOMENT_POLICIES: tuple[str, ...] = ("keep", "reset")
+
+
+def check_adam_hyperparameters(
+    *, lr: float | Tensor, betas: tuple[float, float], eps: float, weight_decay: float, where: str = ""
+) -> None:
+    """Validate the Adam hyperparameters of the defaults or of one param group."""
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate{where}: {lr}. Must be >= 0.0.")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value{where}: {eps}. Must be >= 0.0.")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas{where}: {betas}. Must be a pair (beta1, beta2).")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}{where}: {beta}. Must be in [0, 1).")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value{where}: {weight_decay}. Must be >= 0.0.")
+
+
+def check_moment_options(*, moment_dtype: torch.dtype | None, moment_policy: str, where: str = "") -> None:
+    """Validate the options the reference lacks (moment storage dtype, policy at a refresh)."""
+    if moment_dtype is not None and not (isinstance(moment_dtype, torch.dtype) and moment_dtype.is_floating_point):
+        raise ValueError(f"Invalid moment_dtype{where}: {moment_dtype!r}. Must be None or a floating torch.dtype.")
+    if moment_policy not in MOMENT_POLICIES:
+        raise ValueError(
+            f"Invalid moment_policy{where}: {moment_policy!r}. Must be one of {', '.join(MOMENT_POLICIES)}."
+        )
+
+
+def check_projection_group(group: dict[str, Any], index: int) -> None:
+    """Validate a param group that carries ``rank`` (the reference's marker for projected params)."""
+    where = f" in param group {index}"
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"Invalid rank{where}: {rank!r}. Must be a positive integer.")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"Invalid update_proj_gap{where}: {gap!r}. Must be a positive integer.")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"Invalid proj_type{where}: {group['proj_type']!r}. Must be one of {', '.join(PROJ_TYPES)}.")
+    scale = group["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"Invalid scale{where}: {scale!r}. Must be a finite number.")
+    for position, param in enumerate(group["params"]):
+        if param.dim() != 2:
+            raise ValueError(
+                f"Param {position} of param group {index} has shape {tuple(param.shape)}: only 2-D tensors can "
+                "be projected. Put it in a group without 'rank' (lowrank_optim.param_groups does this)."
+            )
+
+
+def check_no_duplicates(params: list[Tensor], existing: list[dict[str, Any]]) -> None:
+    """Refuse a parameter listed twice, within the new group or across groups, before torch warns."""
+    seen = {id(p) for group in existing for p in group["params"]}
+    for position, param in enumerate(params):
+        if id(param) in seen:
+            raise ValueError(
+                f"Param {position} of param group {len(existing)} (shape {tuple(param.shape)}) appears more than "
+                "once in the optimizer. Each parameter must be in exactly one group, once."
+            )
+        seen.add(id(param))
