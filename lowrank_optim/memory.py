@@ -1,0 +1,44 @@
+"""Peak memory of a piece of work, from the allocator's own accounting, on CPU and CUDA.
+
+CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (the papers' "actual memory").
+CPU: torch keeps no peak statistic for its CPU allocator, so the work runs under the profiler with
+``profile_memory=True`` and the peak is replayed from its memory timeline: every tensor allocation
+(+bytes) and free (-bytes) recorded by the allocator hooks, in time order. Tensors that existed before
+the work started are not counted, so the result is the *extra* memory the work needed at its peak.
+This is exact for tensor storage (what the allocator hands out) and blind to non-tensor heap use
+(Python objects, library workspaces allocated outside torch's allocator, e.g. LAPACK's).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["peak_extra_memory"]
+
+
+def peak_extra_memory(work: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Run ``work()`` once and return the peak bytes it allocated above what was live when it started."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        work()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    # Imported here: the memory profiler is a private torch module, needed only for CPU measurements.
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        work()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+            peak = max(peak, live)
+        elif action == Action.DESTROY:
+            live -= size
+    return peak
