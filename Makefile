@@ -14,6 +14,9 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
+	# The reference GaLore package, for the parity tests; its own dependencies (transformers,
+	# bitsandbytes) are not needed by the optimizer we compare against and would pull in a lot.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "galore-torch==1.0"
 	touch $@
 
 test: $(STAMP)
