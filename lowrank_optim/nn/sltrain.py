@@ -1,0 +1,456 @@
+"""SLTrain sparse-plus-low-rank linear layers (Han et al., arXiv 2406.02214) and model conversion.
+
+A layer holds ``W = s · B A + S`` without ever storing the dense ``W``: ``B`` (``out x r``), ``A``
+(``r x in``), ``s = alpha / r`` (or ``tanh`` of a learnable scalar), and ``S``, zero except at a fixed
+random support of ``floor(delta · out · in)`` flat positions that hold the trainable ``values``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..ops import sparse_gather, sparse_scatter_add_
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "ConversionReport",
+    "SLTrainLinear",
+    "balanced_factors",
+    "convert_to_sltrain",
+    "derive_seed",
+    "index_dtype_for",
+    "refactorize_",
+    "sample_support",
+]
+
+# Reference CLI default (`--lora_alpha 32`), also the published LLaMA-60M recipe (r=128 → s=0.25).
+DEFAULT_ALPHA = 32.0
+# The reference starts the learnable scale's pre-activation at 1.0, i.e. s = tanh(1) ≈ 0.7616.
+TRAINABLE_SCALE_INIT = 1.0
+_NAMES_SHOWN_IN_ERRORS = 8
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """``int32`` when every flat index of a ``numel``-element matrix fits (numel < 2³¹), else ``int64``."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _check_delta(delta: float) -> None:
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta={delta!r} is outside the allowed range (0, 1)")
+
+
+def _check_rank(rank: int, in_features: int, out_features: int, module_name: str | None = None) -> None:
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        where = f"module {module_name!r} " if module_name is not None else ""
+        raise ValueError(
+            f"rank={rank!r} is outside the allowed range [1, min(in_features, out_features)] = [1, {limit}] "
+            f"for {where}in_features={in_features}, out_features={out_features}"
+        )
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    if seed is not None and generator is not None:
+        raise ValueError(f"pass seed or generator, not both (got seed={seed!r} and a generator)")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator.device={generator.device}; a CPU generator is required")
+    if seed is None:
+        return generator
+    return torch.Generator().manual_seed(seed)
+
+
+def sample_support(
+    out_features: int, in_features: int, delta: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Sorted flat row-major indices of ``int(delta · out · in)`` entries drawn uniformly without replacement.
+
+    Drawn on the CPU from ``generator`` (the global CPU generator when None), so the same seed gives the
+    same support on every rank and device. ``nnz`` is ``int(delta · total)`` exactly as the reference
+    computes it. Memory is one transient ``out·in`` permutation in the index dtype (:func:`index_dtype_for`).
+    """
+    _check_delta(delta)
+    total = out_features * in_features
+    nnz = int(delta * total)
+    permutation = torch.randperm(total, generator=generator, dtype=index_dtype_for(total))
+    return permutation[:nnz].sort().values
+
+
+def derive_seed(base_seed: int, name: str) -> int:
+    """A stable 63-bit seed for the module ``name`` (independent of Python's per-process ``hash`` salt)."""
+    digest = hashlib.blake2b(f"{base_seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _dense_weight(B: Tensor, A: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor) -> Tensor:
+    # Scale the smaller factor rather than the out x in product: a temporary of min(out, in)·r entries.
+    weight = torch.mm(B * scale, A) if B.shape[0] <= A.shape[1] else torch.mm(B, A * scale)
+    sparse_scatter_add_(weight, indices, values)
+    return weight
+
+
+class _SparsePlusLowRankLinear(torch.autograd.Function):
+    """``y = x Wᵀ + bias`` with ``W = s·B A + scatter(values)``, storing only ``x`` and the factors.
+
+    Backward, with ``G`` the output gradient and ``X`` the input, both flattened over batch dims:
+    ``dX = G W``, ``dW = Gᵀ X`` (formed once), ``dB = s·dW Aᵀ``, ``dA = s·Bᵀ dW``,
+    ``d values = dW[support]``, ``ds = <Bᵀ dW, A>``, ``d bias = Σ G``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        B: Tensor,
+        A: Tensor,
+        values: Tensor,
+        indices: Tensor,
+        scale: float | Tensor,
+        bias: Tensor | None,
+    ) -> Tensor:
+        output = F.linear(x, _dense_weight(B, A, values, indices, scale), bias)
+        # The dense weight is deliberately not saved: backward rebuilds it (one GEMM) instead of keeping
+        # an out x in tensor alive per layer between forward and backward.
+        scale_tensor = scale if isinstance(scale, Tensor) else None
+        ctx.save_for_backward(x, B, A, values, indices, scale_tensor)
+        ctx.scale_float = None if isinstance(scale, Tensor) else scale
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x, B, A, values, indices, scale_tensor = ctx.saved_tensors
+        scale = scale_tensor if scale_tensor is not None else ctx.scale_float
+        need_x, need_B, need_A, need_values, _, need_scale, need_bias = ctx.needs_input_grad
+        grad_out_2d = grad_output.reshape(-1, B.shape[0])
+
+        # Order: input gradient first, then the weight gradient. Either order keeps exactly one dense
+        # out x in matrix alive at a time (W, then dW); doing dX first lets the allocator hand W's
+        # freed block straight to dW, and the small parameter gradients are created last.
+        grad_x = None
+        if need_x:
+            weight = _dense_weight(B, A, values, indices, scale)
+            grad_x = torch.mm(grad_out_2d, weight).view(x.shape)
+            del weight
+
+        grad_B = grad_A = grad_values = grad_scale = None
+        if need_B or need_A or need_values or need_scale:
+            grad_weight = torch.mm(grad_out_2d.t(), x.reshape(-1, A.shape[1]))
+            if need_B:
+                grad_B = torch.mm(grad_weight, A.t()).mul_(scale)
+            if need_A or need_scale:
+                bt_grad_weight = torch.mm(B.t(), grad_weight)
+                if need_scale:
+                    grad_scale = (bt_grad_weight * A).sum()
+                if need_A:
+                    grad_A = bt_grad_weight.mul_(scale)
+            if need_values:
+                grad_values = sparse_gather(grad_weight, indices)
+            del grad_weight
+
+        grad_bias = grad_out_2d.sum(0) if need_bias else None
+        return grad_x, grad_B, grad_A, grad_values, None, grad_scale, grad_bias
+
+
+class SLTrainLinear(nn.Module):
+    """Linear layer with weight ``W = s · B A + S`` (SLTrain, arXiv 2406.02214).
+
+    - ``B`` (``out x rank``) starts at zero; ``A`` (``rank x in``) and the sparse ``values`` start
+      uniform in ``±1/sqrt(in)``; ``bias`` (if any) uniform in ``±1/sqrt(out)`` — the reference init,
+      so a fresh layer computes ``x Sᵀ``.
+    - ``S`` is zero except at ``indices``: ``int(delta · out · in)`` sorted flat row-major positions
+      drawn uniformly without replacement (:func:`sample_support`), fixed for life, a persistent buffer
+      in ``int32`` below 2³¹ entries (else ``int64``). Draw order from the generator: support, ``A``,
+      ``values``, ``bias``.
+    - ``s = alpha / rank`` (default ``alpha`` = :data:`DEFAULT_ALPHA`). With ``trainable_scale=True``,
+      ``s = tanh(scale_raw)`` for a learnable scalar ``scale_raw`` initialised to 1.0 (as the
+      reference's ``trainable_scaling``), and ``alpha`` must be left unset. ``S`` is never scaled.
+
+    Pass ``seed`` or a CPU ``generator`` to make the layer reproducible and identical on every rank;
+    with neither, the global CPU generator is used. The dense weight is only ever a temporary of the
+    forward and backward passes.
+    """
+
+    indices: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        delta: float = 0.03,
+        alpha: float | None = None,
+        bias: bool = False,
+        trainable_scale: bool = False,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_rank(rank, in_features, out_features)
+        _check_delta(delta)
+        if trainable_scale and alpha is not None:
+            raise ValueError(f"alpha={alpha!r} is unused with trainable_scale=True (s = tanh(scale_raw)); leave it None")
+        if alpha is None and not trainable_scale:
+            alpha = DEFAULT_ALPHA
+        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} is outside the allowed range (0, inf)")
+        generator = _make_generator(seed, generator)
+        factory = {"device": device, "dtype": dtype}
+
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.delta = delta
+        self.alpha = alpha
+        self.register_buffer("indices", sample_support(out_features, in_features, delta, generator).to(device))
+        self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.values = nn.Parameter(torch.empty(self.indices.numel(), **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.scale_raw = nn.Parameter(torch.empty((), **factory)) if trainable_scale else None
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Reference init of ``B``, ``A``, ``values``, ``bias`` and ``scale_raw``; the support is kept.
+
+        Random draws happen on the CPU in fp32 (then are copied), so a seed gives the same numbers on
+        every device and dtype.
+        """
+
+        def uniform(shape: Sequence[int], bound: float) -> Tensor:
+            return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+        self.B.zero_()
+        self.A.copy_(uniform(self.A.shape, 1.0 / math.sqrt(self.in_features)))
+        self.values.copy_(uniform(self.values.shape, 1.0 / math.sqrt(self.in_features)))
+        if self.bias is not None:
+            self.bias.copy_(uniform(self.bias.shape, 1.0 / math.sqrt(self.out_features)))
+        if self.scale_raw is not None:
+            self.scale_raw.fill_(TRAINABLE_SCALE_INIT)
+
+    @property
+    def scale(self) -> float | Tensor:
+        """``s``: ``alpha / rank``, or ``tanh(scale_raw)`` (a differentiable 0-d tensor) when trainable."""
+        if self.scale_raw is not None:
+            return torch.tanh(self.scale_raw)
+        assert self.alpha is not None  # set by __init__ whenever the scale is fixed
+        return self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _SparsePlusLowRankLinear.apply(x, self.B, self.A, self.values, self.indices, self.scale, self.bias)
+
+    @torch.no_grad()
+    def dense_weight(self) -> Tensor:
+        """The current ``out x in`` weight ``s · B A + S`` (a new, detached tensor)."""
+        scale = self.scale
+        return _dense_weight(self.B, self.A, self.values, self.indices, scale)
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` holding exactly :meth:`dense_weight` (and a copy of the bias)."""
+        weight = self.dense_weight()
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int,
+        delta: float = 0.03,
+        alpha: float | None = None,
+        trainable_scale: bool = False,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SLTrainLinear:
+        """Approximate a trained ``linear`` (same shape, device, dtype and bias).
+
+        ``s · B A`` is the best rank-``rank`` approximation ``L`` of the weight (truncated SVD in fp32,
+        split evenly between ``B`` and ``A``), and ``values`` hold the residual ``W − L`` at the
+        support, so the result equals ``W`` exactly on the support and ``L`` elsewhere. To pretrain
+        from scratch use :func:`convert_to_sltrain`, which applies the reference init instead.
+        """
+        weight = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            rank=rank,
+            delta=delta,
+            alpha=alpha,
+            bias=linear.bias is not None,
+            trainable_scale=trainable_scale,
+            seed=seed,
+            generator=generator,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        weight_fp32 = weight.float()
+        left, singular, right = torch.linalg.svd(weight_fp32, full_matrices=False)
+        root = (singular[:rank] / float(layer.scale)).sqrt()
+        B, A = left[:, :rank] * root, root[:, None] * right[:rank]
+        layer.B.copy_(B)
+        layer.A.copy_(A)
+        residual = weight_fp32 - float(layer.scale) * (B @ A)
+        layer.values.copy_(sparse_gather(residual, layer.indices))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        scale = "tanh(scale_raw)" if self.scale_raw is not None else f"alpha/rank={self.alpha}/{self.rank}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"delta={self.delta}, nnz={self.values.numel()}, scale={scale}, bias={self.bias is not None}"
+        )
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`convert_to_sltrain` did: converted module names and parameter counts."""
+
+    converted: tuple[str, ...]
+    params_before: int
+    params_after: int
+    index_bytes: int  # bytes of the support buffers (not parameters, but part of the model's memory)
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def convert_to_sltrain(
+    model: nn.Module,
+    *,
+    rank: int,
+    delta: float = 0.03,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = ("attn", "mlp"),
+    seed: int = 0,
+    trainable_scale: bool = False,
+) -> ConversionReport:
+    """Replace, in place, every ``nn.Linear`` whose qualified name contains a ``target_modules`` string.
+
+    Substring matching as in the GaLore/SLTrain scripts; embeddings, ``lm_head`` and norms stay dense
+    unless a pattern names them. Matched containers and parameter-free or vector-parameter modules
+    (activations, norms) are skipped; any other matched module that is not an ``nn.Linear`` (e.g. an
+    embedding or a fused ``Conv1D``) is an error, as is a pattern that matches no module name. The new
+    layers get the reference init (the dense weights are dropped, as in the reference) on the old
+    weight's device and dtype; the layer named ``name`` is seeded with ``derive_seed(seed, name)``, so a
+    conversion is reproducible and identical on every rank. Everything is validated before the first
+    replacement.
+    """
+    _check_delta(delta)
+    patterns = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if not patterns:
+        raise ValueError("target_modules=() is empty; name at least one module-name pattern")
+    named_modules = [(name, module) for name, module in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(pattern in name for name, _ in named_modules):
+            examples = ", ".join(repr(name) for name, _ in named_modules[:_NAMES_SHOWN_IN_ERRORS])
+            raise ValueError(
+                f"target_modules pattern {pattern!r} matches no module name of {type(model).__name__}; "
+                f"module names include: {examples}"
+            )
+
+    targets: list[tuple[str, nn.Linear]] = []
+    for name, module in named_modules:
+        if not any(pattern in name for pattern in patterns):
+            continue
+        if isinstance(module, nn.Linear):
+            _check_rank(rank, module.in_features, module.out_features, module_name=name)
+            targets.append((name, module))
+        elif isinstance(module, SLTrainLinear):
+            raise TypeError(f"module {name!r} matches target_modules but is already an SLTrainLinear")
+        elif any(param.dim() >= 2 for param in module.parameters(recurse=False)):
+            raise TypeError(
+                f"module {name!r} matches target_modules={patterns!r} but its type is {type(module).__name__}, "
+                "not nn.Linear; narrow target_modules so that it is not matched"
+            )
+    if not targets:
+        raise ValueError(f"target_modules={patterns!r} match module names of {type(model).__name__} but no nn.Linear")
+
+    params_before = _count_parameters(model)
+    index_bytes = 0
+    for name, linear in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        layer = SLTrainLinear(
+            linear.in_features,
+            linear.out_features,
+            rank=rank,
+            delta=delta,
+            alpha=alpha,
+            bias=linear.bias is not None,
+            trainable_scale=trainable_scale,
+            seed=derive_seed(seed, name),
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        setattr(model.get_submodule(parent_name), child_name, layer)
+        index_bytes += layer.indices.numel() * layer.indices.element_size()
+    return ConversionReport(
+        converted=tuple(name for name, _ in targets),
+        params_before=params_before,
+        params_after=_count_parameters(model),
+        index_bytes=index_bytes,
+    )
+
+
+def balanced_factors(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """``U_r √Σ_r`` and ``√Σ_r V_rᵀ`` of the SVD of ``B A`` (arXiv 2505.22922, weight refactorization).
+
+    Computed in fp32 (fp64 for fp64 factors) whatever the parameter dtype, as the reference does.
+
+    Computed without the ``out x in`` product: with ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (thin QR),
+    ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ``, so the SVD of the ``r x r`` core gives ``U = Q_B U_c``,
+    ``V = Q_A V_c``. Same factors as ``torch.linalg.svd(B @ A)`` up to the sign of each singular pair,
+    at ``O((out + in) r²)`` instead of ``O(out · in · min(out, in))``.
+    """
+    compute_dtype = torch.promote_types(B.dtype, torch.float32)  # fp32, or fp64 for fp64 factors
+    left_q, left_r = torch.linalg.qr(B.to(compute_dtype))
+    right_q, right_r = torch.linalg.qr(A.to(compute_dtype).t())
+    core_u, singular, core_vh = torch.linalg.svd(left_r @ right_r.t())
+    root = singular.sqrt()
+    return (left_q @ core_u) * root, root[:, None] * (core_vh @ right_q.t())
+
+
+@torch.no_grad()
+def refactorize_(module: nn.Module) -> list[nn.Parameter]:
+    """Rebalance every :class:`SLTrainLinear` in ``module``: ``B, A ← U_r √Σ_r, √Σ_r V_rᵀ`` of ``B A``.
+
+    The weight refactorization of arXiv 2505.22922: the unscaled product ``B A`` (hence the model's
+    function) is unchanged up to rounding, while ``Bᵀ B = A Aᵀ = Σ_r``. Written in place in the
+    parameters' dtype; ``values`` and the support are untouched. Returns the refactorized ``B`` and
+    ``A`` parameters (for :func:`reset_momentum_`). Directions with a zero singular value (e.g. every
+    direction while ``B`` is still all-zero, before the first update) become zero in both factors and
+    then receive no gradient — as in the reference, refactorize only after training has started.
+    """
+    layers = [layer for layer in module.modules() if isinstance(layer, SLTrainLinear)]
+    if not layers:
+        raise ValueError(f"refactorize_: {type(module).__name__} contains no SLTrainLinear")
+    refactorized: list[nn.Parameter] = []
+    for layer in layers:
+        new_B, new_A = balanced_factors(layer.B, layer.A)
+        layer.B.copy_(new_B)
+        layer.A.copy_(new_A)
+        refactorized += [layer.B, layer.A]
+    return refactorized

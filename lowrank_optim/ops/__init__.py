@@ -1,0 +1,9 @@
+"""Custom ``torch.library`` ops of the ``lowrank_optim`` namespace, with pure-PyTorch default kernels.
+
+Importing this package defines the ops; compiled extensions only add CPU/CUDA kernels to them
+(see :mod:`lowrank_optim.ops.sparse` for how that override works).
+"""
+
+from .sparse import sparse_gather, sparse_scatter_add_
+
+__all__ = ["sparse_gather", "sparse_scatter_add_"]

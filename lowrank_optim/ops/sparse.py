@@ -1,0 +1,126 @@
+"""Sparse scatter/gather at a fixed flat support: the two kernels behind SLTrain (arXiv 2406.02214).
+
+A support is a 1-D tensor of *sorted, unique* flat row-major indices into a dense tensor
+(``int32`` or ``int64``; ``int32`` suffices below 2³¹ elements and saves 4 bytes per entry).
+
+- ``lowrank_optim::sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha) -> ()``
+  ``dense.view(-1)[flat_indices] += alpha * values`` in place (``dense`` must be contiguous).
+- ``lowrank_optim::sparse_gather(Tensor dense, Tensor flat_indices) -> Tensor``
+  ``dense.reshape(-1)[flat_indices]`` without copying a non-contiguous ``dense``.
+
+How compiled kernels override these defaults
+--------------------------------------------
+The pure-PyTorch kernels below are registered under the ``CompositeExplicitAutograd`` dispatch key.
+That key only fills the backend slots (CPU, CUDA, ...) that have no kernel of their own, so a C++/CUDA
+extension accelerates an op by registering a backend kernel for the same name::
+
+    TORCH_LIBRARY_IMPL(lowrank_optim, CUDA, m) { m.impl("sparse_gather", &sparse_gather_cuda); }
+
+No Python change is needed, the dispatcher prefers the backend kernel, and the registration may run
+before or after this module is imported (the dispatcher joins a schema and its kernels whenever both
+exist). The extension must not ``def`` the schemas again: they live here. The fake (meta) kernels,
+which ``torch.compile`` and meta-device code use, and the autograd formula of ``sparse_gather`` stay
+in Python and apply to every backend. Sortedness and uniqueness are a precondition (not checked,
+because checking costs a pass and a host sync); kernels may rely on it, e.g. to add without atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._library import LIBRARY, qualified_name
+
+__all__ = ["sparse_gather", "sparse_scatter_add_"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+LIBRARY.define(
+    "sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha) -> ()"
+)
+LIBRARY.define("sparse_gather(Tensor dense, Tensor flat_indices) -> Tensor")
+
+
+def _check_support(op_name: str, dense: Tensor, flat_indices: Tensor) -> None:
+    if flat_indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{op_name}: flat_indices.dtype={flat_indices.dtype}; allowed: torch.int32, torch.int64")
+    if flat_indices.dim() != 1:
+        raise ValueError(f"{op_name}: flat_indices.shape={tuple(flat_indices.shape)}; must be 1-D")
+    if flat_indices.device != dense.device:
+        raise ValueError(
+            f"{op_name}: flat_indices.device={flat_indices.device} differs from dense.device={dense.device}"
+        )
+
+
+def _check_scatter_args(dense: Tensor, flat_indices: Tensor, values: Tensor) -> None:
+    op_name = "sparse_scatter_add_"
+    _check_support(op_name, dense, flat_indices)
+    if values.shape != flat_indices.shape:
+        raise ValueError(
+            f"{op_name}: values.shape={tuple(values.shape)} must equal flat_indices.shape={tuple(flat_indices.shape)}"
+        )
+    if values.dtype != dense.dtype:
+        raise TypeError(f"{op_name}: values.dtype={values.dtype} must equal dense.dtype={dense.dtype}")
+    if not dense.is_contiguous():
+        raise ValueError(f"{op_name}: dense (shape {tuple(dense.shape)}) must be contiguous to be updated in place")
+
+
+def _scatter_add_default(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float) -> None:
+    _check_scatter_args(dense, flat_indices, values)
+    # index_add_ takes int32 or int64 indices directly, so no int64 copy of the support is made.
+    dense.view(-1).index_add_(0, flat_indices, values, alpha=alpha)
+
+
+def _scatter_add_fake(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float) -> None:
+    _check_scatter_args(dense, flat_indices, values)
+
+
+def _gather_default(dense: Tensor, flat_indices: Tensor) -> Tensor:
+    _check_support("sparse_gather", dense, flat_indices)
+    if dense.is_contiguous():
+        return dense.view(-1).index_select(0, flat_indices)
+    # reshape(-1) would copy the whole dense tensor; indexing by coordinates reads only the support.
+    return dense[torch.unravel_index(flat_indices, dense.shape)]
+
+
+def _gather_fake(dense: Tensor, flat_indices: Tensor) -> Tensor:
+    _check_support("sparse_gather", dense, flat_indices)
+    return dense.new_empty(flat_indices.shape)
+
+
+def _gather_setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+    dense, flat_indices = inputs
+    ctx.save_for_backward(flat_indices)
+    ctx.dense_shape = dense.shape
+
+
+def _gather_backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor, None]:
+    (flat_indices,) = ctx.saved_tensors
+    grad_dense = grad_values.new_zeros(ctx.dense_shape)
+    torch.ops.lowrank_optim.sparse_scatter_add_(grad_dense, flat_indices, grad_values.contiguous(), 1.0)
+    return grad_dense, None
+
+
+LIBRARY.impl("sparse_scatter_add_", _scatter_add_default, "CompositeExplicitAutograd")
+LIBRARY.impl("sparse_gather", _gather_default, "CompositeExplicitAutograd")
+torch.library.register_fake(qualified_name("sparse_scatter_add_"), _scatter_add_fake, lib=LIBRARY)
+torch.library.register_fake(qualified_name("sparse_gather"), _gather_fake, lib=LIBRARY)
+torch.library.register_autograd(
+    qualified_name("sparse_gather"), _gather_backward, setup_context=_gather_setup_context, lib=LIBRARY
+)
+
+
+def sparse_scatter_add_(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:
+    """``dense.view(-1)[flat_indices] += alpha * values`` in place, at a sorted unique flat support.
+
+    ``dense`` must be contiguous; ``values`` has ``dense``'s dtype and ``flat_indices``'s length.
+    Not differentiable (it mutates); SLTrain's autograd function calls it with gradients off.
+    """
+    torch.ops.lowrank_optim.sparse_scatter_add_(dense, flat_indices, values, float(alpha))
+
+
+def sparse_gather(dense: Tensor, flat_indices: Tensor) -> Tensor:
+    """``dense.reshape(-1)[flat_indices]`` (a new tensor); differentiable in ``dense``."""
+    return torch.ops.lowrank_optim.sparse_gather(dense, flat_indices)
