@@ -1,7 +1,17 @@
 """Optimizer classes: thin shells (validation, state) over functional steps."""
 
 from ._state import optimizer_state_bytes
+from .dct import DCTAdamW
+from .fira import FiraAdamW, fira_adamw
 from .galore import GaLoreAdamW, galore_adamw
 from .groups import param_groups
 
-__all__ = ["GaLoreAdamW", "galore_adamw", "optimizer_state_bytes", "param_groups"]
+__all__ = [
+    "DCTAdamW",
+    "FiraAdamW",
+    "GaLoreAdamW",
+    "fira_adamw",
+    "galore_adamw",
+    "optimizer_state_bytes",
+    "param_groups",
+]

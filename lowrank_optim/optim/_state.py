@@ -18,9 +18,10 @@ IntendedDtype = Callable[[dict[str, Any], Tensor, str], "torch.dtype | None"]
 class StateDtypeKeeper:
     """Load-state-dict hooks that keep state tensors in their intended dtype.
 
-    ``Optimizer.load_state_dict`` casts every floating state tensor except ``step`` to its parameter's
-    dtype. That is wrong for state deliberately kept in another dtype (fp32 moments of bf16 weights)
-    and lossy (fp32 -> bf16 -> fp32 cannot be undone afterwards). The pre-hook takes such tensors out
+    ``Optimizer.load_state_dict`` casts every state tensor except ``step`` to a floating parameter's
+    dtype, integer tensors included. That is wrong for state deliberately kept in another dtype (fp32
+    moments of bf16 weights, int64 DCT indices) and lossy (fp32 -> bf16 -> fp32 cannot be undone
+    afterwards; bf16 cannot even represent index 257). The pre-hook takes such tensors out
     of the incoming state dict before the stock loader sees them, and the post-hook puts them back,
     moved to the parameter's device and in their intended dtype. Everything else is loaded by torch.
     """
@@ -51,7 +52,6 @@ class StateDtypeKeeper:
                 if (
                     key != "step"
                     and isinstance(value, Tensor)
-                    and value.is_floating_point()
                     and dtype is not None
                     and dtype != param.dtype
                 ):

@@ -8,9 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..projection import PROJ_TYPES
+from ..projection import DCT_SCORING, FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
 
-__all__ = ["MOMENT_POLICIES", "check_adam_hyperparameters", "check_no_duplicates", "check_projection_group"]
+__all__ = [
+    "MOMENT_POLICIES",
+    "check_adam_hyperparameters",
+    "check_finite_number",
+    "check_fira_options",
+    "check_no_duplicates",
+    "check_projection_group",
+    "check_projector_options",
+    "resolve_alpha_alias",
+]
 
 #: What happens to the low-rank moments when the projector is refreshed: ``keep`` carries them into
 #: the new subspace unchanged (the reference behaviour), ``reset`` zeroes them.
@@ -55,15 +64,49 @@ def check_projection_group(group: dict[str, Any], index: int) -> None:
         raise ValueError(f"Invalid update_proj_gap{where}: {gap!r}. Must be a positive integer.")
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type{where}: {group['proj_type']!r}. Must be one of {', '.join(PROJ_TYPES)}.")
-    scale = group["scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"Invalid scale{where}: {scale!r}. Must be a finite number.")
     for position, param in enumerate(group["params"]):
         if param.dim() != 2:
             raise ValueError(
                 f"Param {position} of param group {index} has shape {tuple(param.shape)}: only 2-D tensors can "
                 "be projected. Put it in a group without 'rank' (lowrank_optim.param_groups does this)."
             )
+
+
+def check_finite_number(name: str, value: Any, where: str = "") -> None:
+    """A plain finite real number (``scale``, ``alpha``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}{where}: {value!r}. Must be a finite number.")
+
+
+def check_projector_options(*, projector: str, scoring: str, where: str = "") -> None:
+    """Validate the subspace choice: GaLore's ``svd`` basis or selected ``dct`` frequencies."""
+    if projector not in PROJECTORS:
+        raise ValueError(f"Invalid projector{where}: {projector!r}. Must be one of {', '.join(PROJECTORS)}.")
+    if scoring not in DCT_SCORING:
+        raise ValueError(f"Invalid scoring{where}: {scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
+
+
+def check_fira_options(*, alpha: Any, residual: str, gamma: Any, where: str = "") -> None:
+    """Validate Fira's scale ``alpha``, residual form and limiter bound ``gamma``."""
+    check_finite_number("alpha", alpha, where)
+    if residual not in FIRA_RESIDUALS:
+        raise ValueError(f"Invalid residual{where}: {residual!r}. Must be one of {', '.join(FIRA_RESIDUALS)}.")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 1.0 <= gamma < math.inf:
+        raise ValueError(f"Invalid gamma{where}: {gamma!r}. Must be a finite number >= 1.0.")
+
+
+def resolve_alpha_alias(group: dict[str, Any], index: int) -> None:
+    """Fira calls GaLore's ``scale`` ``alpha``: accept ``scale`` as an alias (groups built for GaLore keep
+    working), rename it in place, and refuse a group that sets both to different values."""
+    if "scale" not in group:
+        return
+    scale = group.pop("scale")
+    if "alpha" in group and group["alpha"] != scale:
+        raise ValueError(
+            f"Param group {index} sets alpha={group['alpha']!r} and scale={scale!r}: for Fira they are the same "
+            "setting (scale is an alias of alpha). Set only one."
+        )
+    group["alpha"] = scale
 
 
 def check_no_duplicates(params: list[Tensor], existing: list[dict[str, Any]]) -> None:

@@ -3,7 +3,7 @@
 Three layers, as in ``torch.optim.adamw``: the :class:`GaLoreAdamW` class validates arguments and owns
 state; :func:`galore_adamw` is the functional entry point that picks an implementation; the
 ``_single_tensor_*`` / ``_multi_tensor_*`` functions do the arithmetic with the shared pure functions of
-:mod:`lowrank_optim.projection`.
+:mod:`lowrank_optim.projection`. FiraAdamW and DCTAdamW reuse all three layers.
 
 Arithmetic of the reference package ``galore-torch`` 1.0 (Hugging Face AdamW style), per step ``t``::
 
@@ -13,62 +13,90 @@ Arithmetic of the reference package ``galore-torch`` 1.0 (Hugging Face AdamW sty
     W -= lr · sqrt(1 - b2^t) / (1 - b1^t) · scale · project_back(N)
     W -= lr · weight_decay · W              # after the update, raw lr
 
-The basis is the top-``rank`` SVD of the gradient, refreshed when the per-param step counter *before*
-incrementing is a multiple of ``update_proj_gap`` (optimizer steps 1, gap+1, 2·gap+1, ...); the moments
-carry over a refresh unchanged unless ``moment_policy="reset"``.
+The subspace (``projector``) is either GaLore's top-``rank`` SVD basis of the gradient or, with
+``projector="dct"``, the ``rank`` DCT-II frequencies carrying most of the gradient (arXiv 2505.17967,
+:mod:`lowrank_optim.projection.dct`). It is refreshed when the per-param step counter *before*
+incrementing is a multiple of ``update_proj_gap`` (optimizer steps 1, gap+1, 2·gap+1, ...). At a refresh
+the moments carry over unchanged for SVD bases (reference behaviour); for DCT selections they follow
+their frequencies (a frequency that stays selected keeps its moments, new ones start at zero);
+``moment_policy="reset"`` zeroes them for either.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ..projection import (
-    Side,
+    DCTSelection,
     Subspace,
     add_project_back_,
     basis_shapes,
+    dct_subspace,
     effective_rank,
+    fira_residual,
+    limit_norm_growth_,
     lowrank_shape,
     project,
+    refresh_dct_selection_,
     refresh_svd_basis_,
     resolve_side,
 )
 from ._state import StateDtypeKeeper
 from ._validation import (
     check_adam_hyperparameters,
+    check_finite_number,
     check_moment_options,
     check_no_duplicates,
     check_projection_group,
+    check_projector_options,
 )
 
 __all__ = ["GaLoreAdamW", "galore_adamw"]
 
-# State keys. Bases exist only for the side(s) a parameter's projection uses.
+# State keys. Bases (SVD) or frequency indices (DCT) exist only for the side(s) a projection uses.
 STEP = "step"
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 BASIS_LEFT = "basis_left"  # m x r
 BASIS_RIGHT = "basis_right"  # r x n
+DCT_INDICES_LEFT = "dct_indices_left"  # r sorted int64 frequencies of the m-point DCT
+DCT_INDICES_RIGHT = "dct_indices_right"  # r sorted int64 frequencies of the n-point DCT
+
+#: What the functional step gets per parameter: ``None`` (full rank), SVD bases or a DCT selection.
+Projection = Union[Subspace, DCTSelection, None]
 
 _NONFINITE_REFRESH = (
-    "GaLoreAdamW: a gradient with NaN/Inf arrived at a projector refresh; the previous projector is kept "
+    "{name}: a gradient with NaN/Inf arrived at a projector refresh; the previous projector is kept "
     "(or, before the first one exists, that parameter's update is skipped and the refresh deferred). "
     "This warning is shown once per optimizer."
 )
+
+
+class _Batch(NamedTuple):
+    """The parallel lists one param group hands to the functional step."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+    projections: list[Projection]
+    states: list[dict[str, Any]]
 
 
 class GaLoreAdamW(Optimizer):
     """AdamW whose moments live in a low-rank subspace of each projected gradient (GaLore).
 
     A drop-in for ``galore_torch.GaLoreAdamW``: param groups that carry the key ``rank`` are projected
-    (with their ``update_proj_gap``, ``scale`` and ``proj_type``), all other groups get the same Adam
-    arithmetic on full-rank gradients. :func:`lowrank_optim.param_groups` builds the usual two groups.
+    (with their ``update_proj_gap``, ``scale``, ``proj_type`` and ``projector``), all other groups get the
+    same Adam arithmetic on full-rank gradients. :func:`lowrank_optim.param_groups` builds the usual two
+    groups.
 
     Args:
         params: parameters or param groups. A group with ``rank`` must hold 2-D tensors only.
@@ -81,9 +109,15 @@ class GaLoreAdamW(Optimizer):
         scale: default multiplier of the back-projected update (``galore_scale``).
         proj_type: default side rule: ``std`` (project the smaller side), ``reverse_std``, ``left``,
             ``right`` or ``full`` (both sides).
+        projector: default subspace: ``svd`` (GaLore) or ``dct`` (top-``rank`` DCT-II frequencies; the
+            state then holds ``rank`` int64 indices per side instead of a basis; ``full`` selects the
+            frequencies of each side independently).
+        scoring: how a ``dct`` refresh scores frequencies: ``matmul`` with the DCT matrix, ``fft``
+            (Makhoul), or ``auto`` (FFT from ``projection.FFT_SCORING_MIN_SIZE`` on). Same result.
         moment_dtype: dtype of the moments; ``None`` keeps the parameter's dtype like the reference
             (e.g. ``torch.float32`` keeps fp32 moments for bf16 weights).
-        moment_policy: at a projector refresh, ``keep`` the moments (reference) or ``reset`` them.
+        moment_policy: at a projector refresh, ``keep`` the moments (reference; for ``dct`` they follow
+            their frequencies) or ``reset`` them.
         foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA).
     """
 
@@ -99,27 +133,41 @@ class GaLoreAdamW(Optimizer):
         update_proj_gap: int = 200,
         scale: float = 1.0,
         proj_type: str = "std",
+        projector: str = "svd",
+        scoring: str = "auto",
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
         foreach: bool | None = None,
     ) -> None:
-        check_adam_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        check_moment_options(moment_dtype=moment_dtype, moment_policy=moment_policy)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            correct_bias=correct_bias,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            moment_dtype=moment_dtype,
-            moment_policy=moment_policy,
-            foreach=foreach,
+        check_finite_number("scale", scale)
+        self._setup(
+            params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                correct_bias=correct_bias,
+                update_proj_gap=update_proj_gap,
+                scale=scale,
+                proj_type=proj_type,
+                projector=projector,
+                scoring=scoring,
+                moment_dtype=moment_dtype,
+                moment_policy=moment_policy,
+                foreach=foreach,
+            ),
         )
+
+    def _setup(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        """Validate the defaults shared by every variant, then build the optimizer over ``params``."""
+        check_adam_hyperparameters(
+            lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"]
+        )
+        check_moment_options(moment_dtype=defaults["moment_dtype"], moment_policy=defaults["moment_policy"])
+        check_projector_options(projector=defaults["projector"], scoring=defaults["scoring"])
         self._warned_nonfinite = False
-        super().__init__(params, defaults)
+        Optimizer.__init__(self, params, defaults)
         StateDtypeKeeper(self, self._intended_state_dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -131,6 +179,7 @@ class GaLoreAdamW(Optimizer):
             params = list(params)
         param_group["params"] = params
         check_no_duplicates([p[1] if isinstance(p, tuple) else p for p in params], self.param_groups)
+        self._prepare_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
@@ -140,12 +189,17 @@ class GaLoreAdamW(Optimizer):
             self.param_groups.pop()
             raise
 
+    def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
+        """Normalize a user's group before the defaults are filled in (Fira renames ``scale``)."""
+
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         where = f" in param group {index}"
         check_adam_hyperparameters(
             lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], where=where
         )
         check_moment_options(moment_dtype=group["moment_dtype"], moment_policy=group["moment_policy"], where=where)
+        check_projector_options(projector=group["projector"], scoring=group["scoring"], where=where)
+        self._check_method_options(group, where)
         if "rank" not in group:
             return
         check_projection_group(group, index)
@@ -154,14 +208,20 @@ class GaLoreAdamW(Optimizer):
             warnings.warn(
                 f"rank {group['rank']} in param group {index} exceeds min(m, n) of {len(clamped)} param(s) "
                 f"(e.g. shape {clamped[0]}); their rank is clamped to min(m, n).",
-                stacklevel=3,
+                stacklevel=4,
             )
+
+    def _check_method_options(self, group: dict[str, Any], where: str) -> None:
+        """The options of this optimizer's update rule (GaLore: ``scale``)."""
+        check_finite_number("scale", group["scale"], where)
 
     @staticmethod
     def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
-        """Moments are kept in ``moment_dtype``; everything else follows the parameter."""
+        """Moments are kept in ``moment_dtype`` and DCT indices in int64; everything else follows the parameter."""
         if key in (EXP_AVG, EXP_AVG_SQ):
             return group["moment_dtype"] or param.dtype
+        if key in (DCT_INDICES_LEFT, DCT_INDICES_RIGHT):
+            return torch.int64
         return None
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
@@ -173,19 +233,79 @@ class GaLoreAdamW(Optimizer):
             rank = effective_rank(group["rank"], param.shape)
             moment_shape = lowrank_shape(param.shape, rank, side)
             left_shape, right_shape = basis_shapes(param.shape, rank, side)
-            if left_shape is not None:
-                state[BASIS_LEFT] = torch.zeros(left_shape, dtype=param.dtype, device=param.device)
-            if right_shape is not None:
-                state[BASIS_RIGHT] = torch.zeros(right_shape, dtype=param.dtype, device=param.device)
+            if group["projector"] == "dct":
+                # Placeholders until the first refresh (always at the first step) selects frequencies.
+                if left_shape is not None:
+                    state[DCT_INDICES_LEFT] = torch.arange(rank, device=param.device)
+                if right_shape is not None:
+                    state[DCT_INDICES_RIGHT] = torch.arange(rank, device=param.device)
+            else:
+                if left_shape is not None:
+                    state[BASIS_LEFT] = torch.zeros(left_shape, dtype=param.dtype, device=param.device)
+                if right_shape is not None:
+                    state[BASIS_RIGHT] = torch.zeros(right_shape, dtype=param.dtype, device=param.device)
         else:
             moment_shape = param.shape
         state[EXP_AVG] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
         state[EXP_AVG_SQ] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
 
+    @staticmethod
+    def _projection(group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> Projection:
+        """The state's view of a parameter's projection (a transient tuple of its state tensors)."""
+        if "rank" not in group:
+            return None
+        side = resolve_side(group["proj_type"], param.shape)
+        if group["projector"] == "dct":
+            return DCTSelection(side, state.get(DCT_INDICES_LEFT), state.get(DCT_INDICES_RIGHT))
+        return Subspace(side, state.get(BASIS_LEFT), state.get(BASIS_RIGHT))
+
     def _warn_nonfinite_once(self) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
-            warnings.warn(_NONFINITE_REFRESH, RuntimeWarning, stacklevel=4)
+            warnings.warn(_NONFINITE_REFRESH.format(name=type(self).__name__), RuntimeWarning, stacklevel=5)
+
+    def _collect(self, group: dict[str, Any]) -> _Batch | None:
+        """The group's parameters that have a gradient, with their state (initialized on first use)."""
+        batch = _Batch([], [], [], [], [], [], [])
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            state = self.state[param]
+            if not state:
+                self._init_state(group, param, state)
+            batch.params.append(param)
+            batch.grads.append(param.grad)
+            batch.exp_avgs.append(state[EXP_AVG])
+            batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
+            batch.steps.append(state[STEP])
+            batch.projections.append(self._projection(group, param, state))
+            batch.states.append(state)
+        return batch if batch.params else None
+
+    def _step_group(self, group: dict[str, Any], batch: _Batch) -> None:
+        beta1, beta2 = group["betas"]
+        galore_adamw(
+            batch.params,
+            batch.grads,
+            batch.exp_avgs,
+            batch.exp_avg_sqs,
+            batch.steps,
+            batch.projections,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correct_bias=group["correct_bias"],
+            update_proj_gap=group["update_proj_gap"],
+            scale=group["scale"],
+            scoring=group["scoring"],
+            moment_policy=group["moment_policy"],
+            foreach=group["foreach"],
+            on_nonfinite_refresh=self._warn_nonfinite_once,
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -195,50 +315,24 @@ class GaLoreAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            subspaces: list[Subspace | None] = []
-            projected = "rank" in group
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients.")
-                state = self.state[param]
-                if not state:
-                    self._init_state(group, param, state)
-                params.append(param)
-                grads.append(param.grad)
-                exp_avgs.append(state[EXP_AVG])
-                exp_avg_sqs.append(state[EXP_AVG_SQ])
-                steps.append(state[STEP])
-                subspaces.append(
-                    Subspace(resolve_side(group["proj_type"], param.shape), state.get(BASIS_LEFT), state.get(BASIS_RIGHT))
-                    if projected
-                    else None
-                )
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            galore_adamw(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                subspaces,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                correct_bias=group["correct_bias"],
-                update_proj_gap=group["update_proj_gap"],
-                scale=group["scale"],
-                moment_policy=group["moment_policy"],
-                foreach=group["foreach"],
-                on_nonfinite_refresh=self._warn_nonfinite_once,
-            )
+            batch = self._collect(group)
+            if batch is not None:
+                self._step_group(group, batch)
         return loss
+
+
+class FiraTerm(NamedTuple):
+    """Fira's residual term for the functional step (see :mod:`lowrank_optim.projection.fira`).
+
+    ``residual_norms[i]`` is the limiter's 0-dim fp32 state of projected parameter ``i`` (``None`` for
+    full-rank ones). The residual ``(G - subtract · back(R)) · phi`` enters the update times
+    ``residual_scale``.
+    """
+
+    residual_norms: list[Tensor | None]
+    subtract: float
+    residual_scale: float
+    gamma: float
 
 
 def galore_adamw(
@@ -247,7 +341,7 @@ def galore_adamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    subspaces: list[Subspace | None],
+    subspaces: list[Projection],
     *,
     lr: float,
     beta1: float,
@@ -257,15 +351,19 @@ def galore_adamw(
     correct_bias: bool,
     update_proj_gap: int,
     scale: float,
+    scoring: str = "auto",
     moment_policy: str = "keep",
     foreach: bool | None = None,
-    on_nonfinite_refresh: Any = None,
+    on_nonfinite_refresh: Callable[[], None] | None = None,
+    fira: FiraTerm | None = None,
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
 
-    ``subspaces[i]`` is ``None`` for a full-rank parameter, else the side and basis tensors of its
-    projection, which are refreshed in place at refresh steps. ``on_nonfinite_refresh`` is called when
-    a refresh meets a NaN/Inf gradient (the previous basis is kept).
+    ``subspaces[i]`` is ``None`` for a full-rank parameter, the SVD bases of its projection
+    (:class:`Subspace`) or its DCT selection (:class:`DCTSelection`, scored with ``scoring``); either is
+    refreshed in place at refresh steps. ``on_nonfinite_refresh`` is called when a refresh meets a
+    NaN/Inf gradient (the previous projection is kept). ``fira`` adds Fira's residual term
+    (:func:`lowrank_optim.optim.fira_adamw` is the entry point for that).
     """
     if foreach is None:
         foreach = all(p.device.type == "cuda" for p in params) and bool(params)
@@ -285,8 +383,10 @@ def galore_adamw(
         correct_bias=correct_bias,
         update_proj_gap=update_proj_gap,
         scale=scale,
+        scoring=scoring,
         moment_policy=moment_policy,
         on_nonfinite_refresh=on_nonfinite_refresh or (lambda: None),
+        fira=fira,
     )
 
 
@@ -297,29 +397,74 @@ def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: b
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
+def _refresh(grad: Tensor, projection: Subspace | DCTSelection, scoring: str, moments: tuple[Tensor, ...]) -> bool:
+    """Recompute ``projection`` in place from ``grad``; ``moments`` are remapped where the projector
+    defines how (DCT frequencies), else left as they are. ``False``: NaN/Inf, previous one kept."""
+    if isinstance(projection, DCTSelection):
+        return refresh_dct_selection_(grad, projection, scoring, moments)
+    return refresh_svd_basis_(grad, projection)
+
+
 def _project_gradient(
     grad: Tensor,
-    subspace: Subspace | None,
+    projection: Projection,
     step: int,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     *,
     update_proj_gap: int,
+    scoring: str,
     moment_policy: str,
-    on_nonfinite_refresh: Any,
-) -> Tensor | None:
-    """Refresh the basis when due, then return ``R`` in the moments' dtype (``None``: skip this param)."""
-    if subspace is None:
-        return grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)
+    on_nonfinite_refresh: Callable[[], None],
+) -> tuple[Tensor, Subspace | None] | None:
+    """Refresh the projection when due, then return ``R`` in the moments' dtype and the subspace to
+    project back with (``None``: skip this param, it has no projection yet)."""
+    if projection is None:
+        return (grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)), None
     if step % update_proj_gap == 0:
-        if not refresh_svd_basis_(grad, subspace):
+        # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
+        carried = (exp_avg, exp_avg_sq) if step > 0 and moment_policy == "keep" else ()
+        if not _refresh(grad, projection, scoring, carried):
             on_nonfinite_refresh()
-            if step == 0:  # no basis to fall back on yet: defer the first refresh to the next step
+            if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
                 return None
         elif step > 0 and moment_policy == "reset":
             exp_avg.zero_()
             exp_avg_sq.zero_()
-    return project(grad, subspace).to(exp_avg.dtype)
+    if isinstance(projection, DCTSelection):
+        subspace = dct_subspace(projection, grad.shape, grad.dtype, grad.device)
+    else:
+        subspace = projection
+    return project(grad, subspace).to(exp_avg.dtype), subspace
+
+
+def _apply_update(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    subspace: Subspace | None,
+    *,
+    step_size: float,
+    scale: float,
+    fira: FiraTerm | None,
+    residual_norm: Tensor | None,
+    first: bool,
+) -> None:
+    """``W -= step_size · update`` for one parameter: ``N``, ``scale · back(N)``, or with Fira
+    ``scale · back(N) + residual_scale · limited(S)``. The one place both implementations update."""
+    if subspace is None:
+        param.add_(normalized, alpha=-step_size)
+    elif fira is None:
+        add_project_back_(param, normalized, subspace, alpha=-step_size * scale)
+    else:
+        residual = fira_residual(grad, lowrank, normalized, subspace, subtract=fira.subtract)
+        limit_norm_growth_(residual, residual_norm, gamma=fira.gamma, first=first)
+        if fira.residual_scale != 1.0:
+            residual.mul_(fira.residual_scale)
+        # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
+        update = add_project_back_(residual, normalized, subspace, alpha=scale)
+        param.add_(update, alpha=-step_size)
 
 
 def _single_tensor_galore_adamw(
@@ -328,7 +473,7 @@ def _single_tensor_galore_adamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    subspaces: list[Subspace | None],
+    subspaces: list[Projection],
     *,
     lr: float,
     beta1: float,
@@ -338,36 +483,47 @@ def _single_tensor_galore_adamw(
     correct_bias: bool,
     update_proj_gap: int,
     scale: float,
+    scoring: str,
     moment_policy: str,
-    on_nonfinite_refresh: Any,
+    on_nonfinite_refresh: Callable[[], None],
+    fira: FiraTerm | None,
 ) -> None:
-    for param, grad, exp_avg, exp_avg_sq, step_t, subspace in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, subspaces
+    for index, (param, grad, exp_avg, exp_avg_sq, step_t, projection) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, subspaces)
     ):
         step = int(step_t.item())
-        lowrank = _project_gradient(
+        projected = _project_gradient(
             grad,
-            subspace,
+            projection,
             step,
             exp_avg,
             exp_avg_sq,
             update_proj_gap=update_proj_gap,
+            scoring=scoring,
             moment_policy=moment_policy,
             on_nonfinite_refresh=on_nonfinite_refresh,
         )
-        if lowrank is None:
+        if projected is None:
             continue
+        lowrank, subspace = projected
         step_t += 1
         exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
         # N = M / (sqrt(V) + eps), written into the denominator's buffer to save a temporary.
         normalized = exp_avg_sq.sqrt().add_(eps)
         torch.div(exp_avg, normalized, out=normalized)
-        step_size = _step_size(lr, beta1, beta2, step + 1, correct_bias)
-        if subspace is None:
-            param.add_(normalized, alpha=-step_size)
-        else:
-            add_project_back_(param, normalized, subspace, alpha=-step_size * scale)
+        _apply_update(
+            param,
+            grad,
+            lowrank,
+            normalized,
+            subspace,
+            step_size=_step_size(lr, beta1, beta2, step + 1, correct_bias),
+            scale=scale,
+            fira=fira,
+            residual_norm=None if fira is None else fira.residual_norms[index],
+            first=step == 0,
+        )
         if weight_decay > 0.0:
             param.add_(param, alpha=-lr * weight_decay)
 
@@ -378,7 +534,7 @@ def _multi_tensor_galore_adamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    subspaces: list[Subspace | None],
+    subspaces: list[Projection],
     *,
     lr: float,
     beta1: float,
@@ -388,8 +544,10 @@ def _multi_tensor_galore_adamw(
     correct_bias: bool,
     update_proj_gap: int,
     scale: float,
+    scoring: str,
     moment_policy: str,
-    on_nonfinite_refresh: Any,
+    on_nonfinite_refresh: Callable[[], None],
+    fira: FiraTerm | None,
 ) -> None:
     """The same step with the elementwise moment arithmetic batched into ``torch._foreach_*`` calls.
 
@@ -398,22 +556,25 @@ def _multi_tensor_galore_adamw(
     """
     active: list[int] = []
     lowranks: list[Tensor] = []
-    for index, (grad, exp_avg, exp_avg_sq, step_t, subspace) in enumerate(
+    used_subspaces: list[Subspace | None] = []
+    for index, (grad, exp_avg, exp_avg_sq, step_t, projection) in enumerate(
         zip(grads, exp_avgs, exp_avg_sqs, state_steps, subspaces)
     ):
-        lowrank = _project_gradient(
+        projected = _project_gradient(
             grad,
-            subspace,
+            projection,
             int(step_t.item()),
             exp_avg,
             exp_avg_sq,
             update_proj_gap=update_proj_gap,
+            scoring=scoring,
             moment_policy=moment_policy,
             on_nonfinite_refresh=on_nonfinite_refresh,
         )
-        if lowrank is not None:
+        if projected is not None:
             active.append(index)
-            lowranks.append(lowrank)
+            lowranks.append(projected[0])
+            used_subspaces.append(projected[1])
     if not active:
         return
     exp_avgs = [exp_avgs[i] for i in active]
@@ -422,21 +583,27 @@ def _multi_tensor_galore_adamw(
     torch._foreach_add_(exp_avgs, lowranks, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
-    del lowranks
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denominators, eps)
-    for index, exp_avg, update in zip(active, exp_avgs, denominators):
+    for position, (index, exp_avg, update) in enumerate(zip(active, exp_avgs, denominators)):
         # Divide per tensor into the denominator's buffer: no second list of temporaries, and the
         # same rounding as the single-tensor path.
         torch.div(exp_avg, update, out=update)
         step_t = state_steps[index]
         step_t += 1
-        step_size = _step_size(lr, beta1, beta2, int(step_t.item()), correct_bias)
-        subspace = subspaces[index]
-        if subspace is None:
-            params[index].add_(update, alpha=-step_size)
-        else:
-            add_project_back_(params[index], update, subspace, alpha=-step_size * scale)
+        step = int(step_t.item())
+        _apply_update(
+            params[index],
+            grads[index],
+            lowranks[position],
+            update,
+            used_subspaces[position],
+            step_size=_step_size(lr, beta1, beta2, step, correct_bias),
+            scale=scale,
+            fira=fira,
+            residual_norm=None if fira is None else fira.residual_norms[index],
+            first=step == 1,
+        )
     if weight_decay > 0.0:
         decayed = [params[i] for i in active]
         torch._foreach_add_(decayed, decayed, alpha=-lr * weight_decay)

@@ -24,6 +24,7 @@ __all__ = [
     "Side",
     "Subspace",
     "add_project_back_",
+    "all_finite",
     "basis_shapes",
     "effective_rank",
     "lowrank_shape",
@@ -130,3 +131,10 @@ def add_project_back_(weight: Tensor, lowrank: Tensor, subspace: Subspace, alpha
     if side is Side.LEFT:
         return weight.addmm_(left, lowrank, alpha=alpha)
     return weight.addmm_(left @ lowrank, right, alpha=alpha)
+
+
+def all_finite(grad: Tensor) -> bool:
+    """Whether ``grad`` has no NaN/Inf: a refresh must not build its subspace from such a gradient
+    (fp16 loss scaling produces them in its first steps, GaLore issue #26). This is the one host sync
+    of a refresh step; the SVD or the top-r selection would synchronize anyway."""
+    return bool(torch.isfinite(grad).all())

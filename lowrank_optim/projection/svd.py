@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .subspace import Side, Subspace
+from .subspace import Side, Subspace, all_finite
 
 __all__ = ["svd_basis", "refresh_svd_basis_"]
 
@@ -34,11 +34,10 @@ def svd_basis(grad: Tensor, rank: int, side: Side) -> tuple[Tensor | None, Tenso
 def refresh_svd_basis_(grad: Tensor, subspace: Subspace) -> bool:
     """Recompute ``subspace``'s bases in place from ``grad``; return whether they were replaced.
 
-    A gradient with NaN/Inf (e.g. the first steps of fp16 loss scaling, GaLore issue #26) would make
-    the SVD fail or return garbage, so the previous bases are kept and ``False`` is returned. This is
-    the one host sync of a refresh step; the SVD itself synchronizes anyway.
+    A gradient with NaN/Inf would make the SVD fail or return garbage, so the previous bases are kept
+    and ``False`` is returned (see :func:`all_finite`).
     """
-    if not bool(torch.isfinite(grad).all()):
+    if not all_finite(grad):
         return False
     side, left, right = subspace
     rank = (left if left is not None else right.T).shape[1]

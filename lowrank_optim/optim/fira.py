@@ -1,0 +1,193 @@
+"""FiraAdamW: GaLore plus Fira's scaled full-rank residual (Chen et al., 2024, arXiv 2410.01623).
+
+Same projection, refresh schedule and Adam arithmetic as :class:`~lowrank_optim.GaLoreAdamW` (the
+functional step is shared); the update gains the residual term of :mod:`lowrank_optim.projection.fira`,
+as the reference package ``fira`` 1.0.2 computes it::
+
+    phi = ||N||_k / (||R||_k + 1e-8)          # per row (right projection) / column (left), un-bias-corrected N
+    S   = limited((G - alpha · back(R)) · phi)  # norm growth per step capped at gamma = 1.01
+    W  -= lr · sqrt(1 - b2^t) / (1 - b1^t) · (alpha · back(N) + S)
+    W  -= lr · weight_decay · W
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ..projection import FIRA_GAMMA, fira_coefficients
+from ._validation import check_fira_options, resolve_alpha_alias
+from .galore import FiraTerm, GaLoreAdamW, Projection, _Batch, galore_adamw
+
+__all__ = ["FiraAdamW", "fira_adamw"]
+
+#: The limiter's state: ``||S||_F`` after limiting, a 0-dim fp32 tensor on the parameter's device.
+RESIDUAL_NORM = "residual_norm"
+
+
+class FiraAdamW(GaLoreAdamW):
+    """GaLoreAdamW plus Fira's norm-scaled full-rank residual and its norm-growth limiter.
+
+    A drop-in for ``fira.FiraAdamW``: param groups with ``rank`` are projected (keys ``rank``,
+    ``update_proj_gap``, ``alpha``, ``proj_type``, and this package's ``projector``); the others get plain
+    Adam. ``scale`` is accepted as an alias of ``alpha`` in a group (so GaLore groups, e.g. from
+    :func:`lowrank_optim.param_groups`, work unchanged) and renamed to ``alpha``; a group giving both with
+    different values is refused.
+
+    Args (beyond :class:`~lowrank_optim.GaLoreAdamW`'s, which has ``scale`` where this has ``alpha``):
+        alpha: default multiplier of the back-projected update, also subtracted inside the residual.
+        residual: ``code`` (reference package, default): ``S = (G - alpha·back(R))·phi`` and update
+            ``alpha·back(N) + S``; ``paper`` (Algorithm 1): ``S = (G - back(R))·phi`` and update
+            ``alpha·(back(N) + S)``. Both take phi from the un-bias-corrected ``N``.
+        gamma: the limiter's bound on the residual's norm growth per step (1.01 in the paper and code).
+
+    ``proj_type="full"`` is refused: phi scales the channels of the one unprojected dimension, and a
+    two-sided projection has none.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        update_proj_gap: int = 200,
+        alpha: float = 1.0,
+        residual: str = "code",
+        gamma: float = FIRA_GAMMA,
+        proj_type: str = "std",
+        projector: str = "svd",
+        scoring: str = "auto",
+        moment_dtype: torch.dtype | None = None,
+        moment_policy: str = "keep",
+        foreach: bool | None = None,
+    ) -> None:
+        check_fira_options(alpha=alpha, residual=residual, gamma=gamma)
+        self._setup(
+            params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                correct_bias=correct_bias,
+                update_proj_gap=update_proj_gap,
+                alpha=alpha,
+                residual=residual,
+                gamma=gamma,
+                proj_type=proj_type,
+                projector=projector,
+                scoring=scoring,
+                moment_dtype=moment_dtype,
+                moment_policy=moment_policy,
+                foreach=foreach,
+            ),
+        )
+
+    def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
+        resolve_alpha_alias(param_group, index)
+
+    def _check_method_options(self, group: dict[str, Any], where: str) -> None:
+        check_fira_options(alpha=group["alpha"], residual=group["residual"], gamma=group["gamma"], where=where)
+        if "rank" in group and group["proj_type"] == "full":
+            raise ValueError(
+                f"Invalid proj_type{where}: 'full'. FiraAdamW supports std, reverse_std, left, right: its "
+                "residual scaling needs one unprojected dimension."
+            )
+
+    @staticmethod
+    def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
+        """The limiter's norm stays fp32 (a bf16 copy would change the limit); the rest as GaLore."""
+        if key == RESIDUAL_NORM:
+            return torch.float32
+        return GaLoreAdamW._intended_state_dtype(group, param, key)
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        super()._init_state(group, param, state)
+        if "rank" in group:
+            state[RESIDUAL_NORM] = torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def _step_group(self, group: dict[str, Any], batch: _Batch) -> None:
+        beta1, beta2 = group["betas"]
+        fira_adamw(
+            batch.params,
+            batch.grads,
+            batch.exp_avgs,
+            batch.exp_avg_sqs,
+            batch.steps,
+            batch.projections,
+            [state.get(RESIDUAL_NORM) for state in batch.states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correct_bias=group["correct_bias"],
+            update_proj_gap=group["update_proj_gap"],
+            alpha=group["alpha"],
+            residual=group["residual"],
+            gamma=group["gamma"],
+            scoring=group["scoring"],
+            moment_policy=group["moment_policy"],
+            foreach=group["foreach"],
+            on_nonfinite_refresh=self._warn_nonfinite_once,
+        )
+
+
+def fira_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    subspaces: list[Projection],
+    residual_norms: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    update_proj_gap: int,
+    alpha: float,
+    residual: str = "code",
+    gamma: float = FIRA_GAMMA,
+    scoring: str = "auto",
+    moment_policy: str = "keep",
+    foreach: bool | None = None,
+    on_nonfinite_refresh: Callable[[], None] | None = None,
+) -> None:
+    """Functional Fira-AdamW step: :func:`~lowrank_optim.optim.galore_adamw` with the residual term.
+
+    ``residual_norms[i]`` is the limiter state (0-dim fp32 tensor) of projected parameter ``i``, updated
+    in place; ``None`` for full-rank parameters. Its first step (``state_steps[i] == 0``) only stores the
+    norm.
+    """
+    subtract, residual_scale = fira_coefficients(alpha, residual)
+    galore_adamw(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        subspaces,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        correct_bias=correct_bias,
+        update_proj_gap=update_proj_gap,
+        scale=alpha,
+        scoring=scoring,
+        moment_policy=moment_policy,
+        foreach=foreach,
+        on_nonfinite_refresh=on_nonfinite_refresh,
+        fira=FiraTerm(residual_norms, subtract, residual_scale, gamma),
+    )

@@ -1,0 +1,84 @@
+"""Fira's full-rank residual: norm-based scaling and the norm-growth limiter (Chen et al., 2024, arXiv 2410.01623).
+
+GaLore discards the part of ``G`` outside its subspace. Fira adds it back, rescaled by how much Adam
+changed the projected gradient, channel by channel. As the reference package ``fira`` 1.0.2 computes it,
+with ``R`` the projected gradient and ``N = M / (sqrt(V) + eps)`` the *un-bias-corrected* Adam direction::
+
+    phi = ||N||_k / (||R||_k + 1e-8)                # along the projected dimension: one factor per row of
+                                                    # a right-projected W, per column of a left-projected W
+    S   = (G - alpha · back(R)) · phi               # "code" form: alpha inside the subtraction
+    update = alpha · back(N) + S                    # S is not multiplied by alpha
+
+The paper (Algorithm 1) writes ``S = (I - P Pᵀ) G`` and ``update = alpha · (back(N) + phi·S)``; the two
+agree only for ``alpha = 1``. Both are offered (``residual="code"`` | ``"paper"``), the code form by default
+because the published numbers come from it.
+
+Norm-growth limiter (gamma = 1.01), on ``||S||_F`` per matrix with one stored scalar: the first step stores
+``||S||``; afterwards ``lim = max(||S|| / (prev + 1e-8), gamma) / gamma``, ``S /= lim``, ``prev = ||S|| / lim``
+(the post-limit norm). Growth faster than gamma per step is cut to exactly gamma; shrinking passes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .subspace import Side, Subspace, add_project_back_
+
+__all__ = ["FIRA_GAMMA", "FIRA_RESIDUALS", "fira_coefficients", "fira_residual", "fira_scaling", "limit_norm_growth_"]
+
+#: The limiter's growth bound; hard-coded in the reference and used for every experiment of the paper.
+FIRA_GAMMA = 1.01
+
+#: ``code``: the reference package's arithmetic; ``paper``: Algorithm 1 of the paper.
+FIRA_RESIDUALS: tuple[str, ...] = ("code", "paper")
+
+# Keeps the factor finite for a channel whose projected gradient is zero (the reference's constant).
+_PHI_EPS = 1e-8
+# Keeps the limiter's ratio finite after a zero residual (the reference's constant).
+_LIMITER_EPS = 1e-8
+
+
+def fira_coefficients(alpha: float, residual: str) -> tuple[float, float]:
+    """``(subtract, residual_scale)``: ``S = (G - subtract · back(R)) · phi`` enters the update times
+    ``residual_scale``; the code form is ``(alpha, 1)``, the paper form ``(1, alpha)``."""
+    if residual == "code":
+        return alpha, 1.0
+    if residual == "paper":
+        return 1.0, alpha
+    raise ValueError(f"Invalid residual: {residual!r}. Must be one of {', '.join(FIRA_RESIDUALS)}.")
+
+
+def fira_scaling(normalized: Tensor, lowrank: Tensor, side: Side) -> Tensor:
+    """``phi``: per-channel ratio ``||N||₂ / (||R||₂ + 1e-8)`` over the ``r`` projected coordinates.
+
+    Right side (``N``, ``R`` are ``m x r``): one factor per row, shape ``m x 1``. Left side (``r x n``):
+    one per column, shape ``1 x n``. Either broadcasts over the ``m x n`` residual.
+    """
+    if side is Side.FULL:
+        raise ValueError("Fira's scaling needs a one-sided projection; proj_type 'full' has none.")
+    dim = 1 if side is Side.RIGHT else 0
+    numerator = torch.linalg.vector_norm(normalized, dim=dim, keepdim=True)
+    return numerator.div_(torch.linalg.vector_norm(lowrank, dim=dim, keepdim=True).add_(_PHI_EPS))
+
+
+def fira_residual(grad: Tensor, lowrank: Tensor, normalized: Tensor, subspace: Subspace, *, subtract: float) -> Tensor:
+    """``S = (G - subtract · back(R)) · phi``, a new ``m x n`` tensor in ``grad``'s dtype."""
+    residual = add_project_back_(grad.clone(), lowrank, subspace, alpha=-subtract)
+    return residual.mul_(fira_scaling(normalized, lowrank, subspace.side))
+
+
+def limit_norm_growth_(residual: Tensor, previous_norm: Tensor, *, gamma: float, first: bool) -> Tensor:
+    """Cap the growth of ``||residual||_F`` to ``gamma`` per step, in place; ``previous_norm`` is updated.
+
+    ``previous_norm`` is a 0-dim tensor on the residual's device and ``first`` a Python bool (from the
+    step counter), so nothing here reads a device value back to the host: the clamp replaces the
+    reference's ``max(tensor, float)``, which synchronizes every step on a GPU.
+    """
+    norm = torch.linalg.vector_norm(residual, dtype=torch.promote_types(residual.dtype, previous_norm.dtype))
+    if first:
+        previous_norm.copy_(norm)
+        return residual
+    limiter = torch.clamp_min(norm / (previous_norm + _LIMITER_EPS), gamma).div_(gamma)
+    previous_norm.copy_(norm / limiter)
+    return residual.div_(limiter)
