@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup ext test test-gpu demo bench bench-kernels clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "galore-torch==1.0"
 	touch $@
 
-test: $(STAMP)
+# The editable install builds the C++ kernels once; `ext` rebuilds what csrc/ changes since (incremental).
+ext: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: ext
 	$(PY) -m pytest -q tests
+
+# For a machine with an NVIDIA GPU, a CUDA build of torch and nvcc: builds the CUDA kernels, runs the
+# GPU tests and the kernel benchmark, writes bench/results/gpu-<date>-<commit>/. Uses the current python.
+test-gpu:
+	PY=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/gpu/run.sh
 
 demo: $(STAMP)
 	$(PY) -m lowrank_optim demo
@@ -28,5 +37,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_galore_step.py
 
+bench-kernels: ext
+	$(PY) bench/bench_kernels.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info lowrank_optim/_C_*.so

@@ -4,6 +4,8 @@ Importing this package defines the ops; compiled extensions only add CPU/CUDA ke
 (see :mod:`lowrank_optim.ops.sparse` for how that override works).
 """
 
+from ._extension import kernel_load_error, kernels_available
+from .adam import lowrank_adam_
 from .sparse import sparse_gather, sparse_scatter_add_
 
-__all__ = ["sparse_gather", "sparse_scatter_add_"]
+__all__ = ["kernel_load_error", "kernels_available", "lowrank_adam_", "sparse_gather", "sparse_scatter_add_"]

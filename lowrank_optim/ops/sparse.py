@@ -118,9 +118,12 @@ def sparse_scatter_add_(dense: Tensor, flat_indices: Tensor, values: Tensor, alp
     ``dense`` must be contiguous; ``values`` has ``dense``'s dtype and ``flat_indices``'s length.
     Not differentiable (it mutates); SLTrain's autograd function calls it with gradients off.
     """
+    # Checked here too, so that errors have the same type and text whichever kernel runs.
+    _check_scatter_args(dense, flat_indices, values)
     torch.ops.lowrank_optim.sparse_scatter_add_(dense, flat_indices, values, float(alpha))
 
 
 def sparse_gather(dense: Tensor, flat_indices: Tensor) -> Tensor:
     """``dense.reshape(-1)[flat_indices]`` (a new tensor); differentiable in ``dense``."""
+    _check_support("sparse_gather", dense, flat_indices)
     return torch.ops.lowrank_optim.sparse_gather(dense, flat_indices)

@@ -1,0 +1,38 @@
+// Plain C++ interface between the CUDA kernels (*.cu, CUDA headers only) and the torch bindings
+// (bindings.cpp). Pointers are device pointers; every launcher enqueues on `stream` and returns the
+// launch status (cudaSuccess when nothing needed launching).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace lowrank_optim::cuda {
+
+enum class ElementType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+enum class IndexType { kInt32, kInt64 };
+
+// Enough for any tensor the ops meet (SLTrain's are 2-D); bindings.cpp checks the bound.
+constexpr int kMaxDims = 8;
+
+struct StridedLayout {
+  int ndim;
+  int64_t sizes[kMaxDims];
+  int64_t strides[kMaxDims];  // in elements
+};
+
+// dense.view(-1)[indices[i]] += alpha * values[i]; indices sorted and unique (no atomics needed).
+cudaError_t sparse_scatter_add(void* dense, const void* indices, IndexType index_type, const void* values,
+                               ElementType element_type, int64_t nnz, double alpha, cudaStream_t stream);
+
+// out[i] = dense[unravel(indices[i])]; `layout` describes dense (contiguous: strides row-major).
+cudaError_t sparse_gather(const void* dense, const StridedLayout& layout, bool contiguous, const void* indices,
+                          IndexType index_type, void* out, ElementType element_type, int64_t nnz,
+                          cudaStream_t stream);
+
+// M = b1 M + (1-b1) R; V = b2 V + (1-b2) R²; N = M / (sqrt(V) + eps), all contiguous, `numel` each.
+cudaError_t lowrank_adam(const void* lowrank, void* exp_avg, void* exp_avg_sq, void* normalized,
+                         ElementType element_type, int64_t numel, double beta1, double beta2, double eps,
+                         cudaStream_t stream);
+
+}  // namespace lowrank_optim::cuda

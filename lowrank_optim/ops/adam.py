@@ -1,0 +1,75 @@
+"""The low-rank Adam moment update and normalization as one op (GaLore / DCT / Fira inner loop).
+
+``lowrank_optim::lowrank_adam_(Tensor lowrank, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq,
+Tensor(c!) normalized, float beta1, float beta2, float eps) -> ()``, elementwise over equal-shape,
+equal-dtype tensors (``R``, ``M``, ``V``, ``N``)::
+
+    M = b1 M + (1 - b1) R ;  V = b2 V + (1 - b2) R² ;  N = M / (sqrt(V) + eps)
+
+The default kernel is the optimizer's reference arithmetic, op for op (so that its rounding is the
+optimizer's); compiled kernels do the same in one pass over the four tensors instead of six. ``N`` must
+not overlap ``R``, ``M`` or ``V`` (it is written while they are still read). Kernels override the
+default the way :mod:`lowrank_optim.ops.sparse` describes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._library import LIBRARY, qualified_name
+
+__all__ = ["lowrank_adam_"]
+
+LIBRARY.define(
+    "lowrank_adam_(Tensor lowrank, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) normalized, "
+    "float beta1, float beta2, float eps) -> ()"
+)
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_adam_args(lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor) -> None:
+    op_name = "lowrank_adam_"
+    for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("normalized", normalized)):
+        if tensor.shape != lowrank.shape:
+            raise ValueError(
+                f"{op_name}: {name}.shape={tuple(tensor.shape)} must equal lowrank.shape={tuple(lowrank.shape)}"
+            )
+        if tensor.dtype != lowrank.dtype:
+            raise TypeError(f"{op_name}: {name}.dtype={tensor.dtype} must equal lowrank.dtype={lowrank.dtype}")
+        if tensor.device != lowrank.device:
+            raise ValueError(f"{op_name}: {name}.device={tensor.device} must equal lowrank.device={lowrank.device}")
+    if lowrank.dtype not in _DTYPES:
+        raise TypeError(f"{op_name}: lowrank.dtype={lowrank.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
+
+
+def _adam_default(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, beta1: float, beta2: float, eps: float
+) -> None:
+    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized)
+    exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
+    torch.sqrt(exp_avg_sq, out=normalized).add_(eps)
+    torch.div(exp_avg, normalized, out=normalized)
+
+
+def _adam_fake(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, beta1: float, beta2: float, eps: float
+) -> None:
+    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized)
+
+
+LIBRARY.impl("lowrank_adam_", _adam_default, "CompositeExplicitAutograd")
+torch.library.register_fake(qualified_name("lowrank_adam_"), _adam_fake, lib=LIBRARY)
+
+
+def lowrank_adam_(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """Update the moments in place and write ``N = M / (sqrt(V) + eps)`` into ``normalized``; returns it."""
+    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized)  # same errors whichever kernel runs
+    torch.ops.lowrank_optim.lowrank_adam_(
+        lowrank, exp_avg, exp_avg_sq, normalized, float(beta1), float(beta2), float(eps)
+    )
+    return normalized
