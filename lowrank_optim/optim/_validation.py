@@ -18,6 +18,7 @@ __all__ = [
     "check_no_duplicates",
     "check_projection_group",
     "check_projector_options",
+    "matrix_shape",
     "resolve_alpha_alias",
 ]
 
@@ -65,11 +66,16 @@ def check_projection_group(group: dict[str, Any], index: int) -> None:
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type{where}: {group['proj_type']!r}. Must be one of {', '.join(PROJ_TYPES)}.")
     for position, param in enumerate(group["params"]):
-        if param.dim() != 2:
+        if len(matrix_shape(param)) != 2:
             raise ValueError(
-                f"Param {position} of param group {index} has shape {tuple(param.shape)}: only 2-D tensors can "
+                f"Param {position} of param group {index} has shape {matrix_shape(param)}: only 2-D tensors can "
                 "be projected. Put it in a group without 'rank' (lowrank_optim.param_groups does this)."
             )
+
+
+def matrix_shape(param: Tensor) -> tuple[int, ...]:
+    """A parameter's real shape: DeepSpeed ZeRO-3 (``zero.Init``) keeps it in ``ds_shape``, the tensor is empty."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def check_finite_number(name: str, value: Any, where: str = "") -> None:

@@ -55,7 +55,9 @@ from ._validation import (
     check_no_duplicates,
     check_projection_group,
     check_projector_options,
+    matrix_shape,
 )
+from .layout import DenseLayout, Layout
 
 __all__ = ["GaLoreAdamW", "galore_adamw"]
 
@@ -168,6 +170,8 @@ class GaLoreAdamW(Optimizer):
         check_projector_options(projector=defaults["projector"], scoring=defaults["scoring"])
         self._warned_nonfinite = False
         Optimizer.__init__(self, params, defaults)
+        #: How ``param_groups`` map onto parameters; DeepSpeed binding replaces it (lowrank_optim.deepspeed.bind).
+        self.layout: Layout = DenseLayout()
         StateDtypeKeeper(self, self._intended_state_dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -203,7 +207,8 @@ class GaLoreAdamW(Optimizer):
         if "rank" not in group:
             return
         check_projection_group(group, index)
-        clamped = [tuple(p.shape) for p in group["params"] if group["rank"] > min(p.shape)]
+        shapes = [matrix_shape(p) for p in group["params"]]
+        clamped = [shape for shape in shapes if group["rank"] > min(shape)]
         if clamped:
             warnings.warn(
                 f"rank {group['rank']} in param group {index} exceeds min(m, n) of {len(clamped)} param(s) "
@@ -315,9 +320,7 @@ class GaLoreAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            batch = self._collect(group)
-            if batch is not None:
-                self._step_group(group, batch)
+            self.layout.step_group(self, group)
         return loss
 
 

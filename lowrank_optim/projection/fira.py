@@ -68,14 +68,19 @@ def fira_residual(grad: Tensor, lowrank: Tensor, normalized: Tensor, subspace: S
     return residual.mul_(fira_scaling(normalized, lowrank, subspace.side))
 
 
-def limit_norm_growth_(residual: Tensor, previous_norm: Tensor, *, gamma: float, first: bool) -> Tensor:
+def limit_norm_growth_(
+    residual: Tensor, previous_norm: Tensor, *, gamma: float, first: bool, norm: Tensor | None = None
+) -> Tensor:
     """Cap the growth of ``||residual||_F`` to ``gamma`` per step, in place; ``previous_norm`` is updated.
 
     ``previous_norm`` is a 0-dim tensor on the residual's device and ``first`` a Python bool (from the
     step counter), so nothing here reads a device value back to the host: the clamp replaces the
-    reference's ``max(tensor, float)``, which synchronizes every step on a GPU.
+    reference's ``max(tensor, float)``, which synchronizes every step on a GPU. ``norm`` is the
+    Frobenius norm of the whole matrix when ``residual`` is only a piece of it (computed from it if
+    ``None``).
     """
-    norm = torch.linalg.vector_norm(residual, dtype=torch.promote_types(residual.dtype, previous_norm.dtype))
+    if norm is None:
+        norm = torch.linalg.vector_norm(residual, dtype=torch.promote_types(residual.dtype, previous_norm.dtype))
     if first:
         previous_norm.copy_(norm)
         return residual

@@ -1,0 +1,115 @@
+"""Partition plans: which element range of which matrix each rank's flat partition holds.
+
+Pure bookkeeping (no DeepSpeed import): the builders take the numbers DeepSpeed's ZeRO optimizers keep
+(order, per-parameter padding, partition size) and return, for one rank, the plan of every matrix of a
+flat partition. Every rank computes the same global facts (shapes, holders) in the same order, which is
+what lets the ranks call their collectives in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["MatrixPlan", "PartitionPlan", "Piece", "zero12_plans", "zero3_plans"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Piece:
+    """Elements ``[param_start, param_start + numel)`` of the row-major flattened matrix, stored at
+    ``[flat_start, flat_start + numel)`` of the flat partition."""
+
+    param_start: int
+    numel: int
+    flat_start: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatrixPlan:
+    """One projected matrix as seen from one rank: its name and full shape, the ranks that hold a
+    non-empty piece of it (ascending; the first is the owner that computes the projector), and this
+    rank's piece (``None`` when it holds none)."""
+
+    name: str
+    shape: tuple[int, int]
+    holders: tuple[int, ...]
+    piece: Piece | None
+
+    @property
+    def split(self) -> bool:
+        """Held by more than one rank: projections and refresh gradients must be combined."""
+        return len(self.holders) > 1
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionPlan:
+    """The matrices of one flat partition (one param group at ZeRO-1/2, one sub-group at ZeRO-3), in the
+    same order on every rank."""
+
+    matrices: tuple[MatrixPlan, ...]
+
+
+def _intersect(start: int, stop: int, lo: int, hi: int) -> tuple[int, int] | None:
+    begin, end = max(start, lo), min(stop, hi)
+    return (begin, end) if begin < end else None
+
+
+def zero12_plans(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    paddings: Sequence[int],
+    partition_size: int,
+    world_size: int,
+    rank: int,
+) -> PartitionPlan:
+    """The plan of rank ``rank``'s ZeRO-1/2 partition of one param group.
+
+    ``names``/``shapes``/``paddings`` follow the order of the flat buffer (DeepSpeed's
+    ``round_robin_bit16_groups[i]`` and ``round_robin_bit16_padding[i]``); matrix ``j`` starts after the
+    elements and padding of the ones before it, and rank ``k`` holds ``[k·size, (k+1)·size)``.
+    """
+    matrices = []
+    offset = 0
+    for name, shape, padding in zip(names, shapes, paddings):
+        numel = shape[0] * shape[1]
+        holders = tuple(
+            k
+            for k in range(world_size)
+            if _intersect(offset, offset + numel, k * partition_size, (k + 1) * partition_size)
+        )
+        mine = _intersect(offset, offset + numel, rank * partition_size, (rank + 1) * partition_size)
+        piece = None
+        if mine is not None:
+            piece = Piece(param_start=mine[0] - offset, numel=mine[1] - mine[0], flat_start=mine[0] - rank * partition_size)
+        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece))
+        offset += numel + padding
+    return PartitionPlan(matrices=tuple(matrices))
+
+
+def zero3_plans(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    partition_numels: Sequence[int],
+    world_size: int,
+    rank: int,
+) -> PartitionPlan:
+    """The plan of rank ``rank``'s ZeRO-3 sub-group partition.
+
+    ZeRO-3 cuts every parameter on its own: rank ``k`` holds elements ``[k·pn, (k+1)·pn)`` of it
+    (``pn = partition_numel()``, the last ranks' tails are padding), and the sub-group's flat fp32
+    partition concatenates those slices at cumulative offsets of ``pn``.
+    """
+    matrices = []
+    flat_offset = 0
+    for name, shape, pn in zip(names, shapes, partition_numels):
+        numel = shape[0] * shape[1]
+        holders = tuple(k for k in range(world_size) if _intersect(0, numel, k * pn, (k + 1) * pn))
+        mine = _intersect(0, numel, rank * pn, (rank + 1) * pn)
+        piece = None if mine is None else Piece(param_start=mine[0], numel=mine[1] - mine[0], flat_start=flat_offset)
+        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece))
+        flat_offset += pn
+    return PartitionPlan(matrices=tuple(matrices))

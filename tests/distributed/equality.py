@@ -1,0 +1,197 @@
+"""Worker run by torchrun: DeepSpeed ZeRO runs of the low-rank optimizers against a single-process run.
+
+Every case trains a small model for 7 steps (refreshes at steps 0, 3, 6) on a fixed global batch split
+over the ranks (and over micro-batches with gradient accumulation), then compares all parameters with
+the same optimizer run in one process on the whole batch. Rank 0 prints one JSON line per case:
+``{"case": ..., "max_diff": ..., "tolerance": ...}``. Usage: ``equality.py CASE [CASE ...]`` where CASE
+is ``optimizer:stage[:option[+option]]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import deepspeed
+from lowrank_optim.deepspeed import initialize, optimizer_factory, param_groups_for
+
+STEPS = 7
+GLOBAL_BATCH = 12
+SECTIONS = {
+    "galore": {"optimizer": "galore_adamw", "scale": 0.25},
+    "fira": {"optimizer": "fira_adamw", "alpha": 0.25},
+    "dct": {"optimizer": "dct_adamw", "scale": 0.25},
+}
+
+
+class Net(nn.Module):
+    """Right-projected (36x20), left-projected (28x36, 10x28) matrices, a norm and biases."""
+
+    def __init__(self, hidden: int = 28) -> None:
+        super().__init__()
+        self.mlp_in = nn.Linear(20, 36)
+        self.norm = nn.LayerNorm(36)
+        self.mlp_mid = nn.Linear(36, hidden)
+        self.mlp_out = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_out(torch.tanh(self.mlp_mid(self.norm(torch.tanh(self.mlp_in(x))))))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(STEPS, GLOBAL_BATCH, 20, generator=generator)
+    targets = torch.randn(STEPS, GLOBAL_BATCH, 10, generator=generator)
+    return inputs, targets
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x).float() - y) ** 2).mean()
+
+
+def section_for(name: str) -> dict:
+    return {**SECTIONS[name], "rank": 4, "update_proj_gap": 3, "lr": 1e-2, "weight_decay": 0.01, "target_modules": ["mlp"]}
+
+
+def reference(name: str, clip: float, bf16: bool, hidden: int) -> list[torch.Tensor]:
+    """One process, whole batch; bf16: a bf16 model with fp32 master weights, as DeepSpeed keeps them."""
+    torch.manual_seed(0)
+    model = Net(hidden)
+    inputs, targets = data()
+    if bf16:
+        model = model.bfloat16()
+    masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+    by_id = {id(p): m for p, m in zip(model.parameters(), masters)}
+    groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in param_groups_for(model, section_for(name))]
+    optimizer = optimizer_factory(section_for(name))(groups)
+    for step in range(STEPS):
+        model.zero_grad()
+        loss_fn(model, inputs[step].to(next(model.parameters()).dtype), targets[step]).backward()
+        for p, m in zip(model.parameters(), masters):
+            m.grad = p.grad.float()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(masters, clip)
+        optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(model.parameters(), masters):
+                p.copy_(m)
+    return [p.detach().float() for p in model.parameters()]
+
+
+def run_case(case: str) -> dict:
+    name, stage, *rest = case.split(":")
+    stage = int(stage)
+    options = set(rest[0].split("+")) if rest else set()
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    gas = 2 if "gas2" in options else 1
+    clip = 0.5 if "clip" in options else 0.0
+    bf16 = "bf16" in options
+    # "wide": the middle matrix (36x60) is larger than two ZeRO-1/2 partitions at 3 ranks.
+    hidden = 60 if "wide" in options else 28
+    micro = GLOBAL_BATCH // world // gas
+    zero: dict = {"stage": stage}
+    if stage in (1, 2):
+        zero.update(reduce_bucket_size=300, allgather_bucket_size=300)
+    if "overlap" in options:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if "rr" in options:
+        zero["round_robin_gradients"] = True
+    if "noalign" in options:
+        zero["parameter_alignment"] = False
+    if "offload" in options:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0, sub_group_size=300)
+        if "replicated" in options:
+            pass
+    config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": zero,
+        "gradient_clipping": clip,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "lowrank_optim": {**section_for(name), **({"zero3_moments": "replicated"} if "replicated" in options else {})},
+    }
+    def build():
+        torch.manual_seed(0)
+        if "zinit" in options:
+            with deepspeed.zero.Init(config_dict_or_path={k: v for k, v in config.items() if k != "lowrank_optim"}):
+                return initialize(Net(hidden), config)[0]
+        return initialize(Net(hidden), config)[0]
+
+    inputs, targets = data()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def train(engine, steps: range) -> None:
+        for step in steps:
+            for micro_step in range(gas):
+                start = (rank * gas + micro_step) * micro
+                x = inputs[step, start : start + micro].to(dtype)
+                loss = loss_fn(engine, x, targets[step, start : start + micro])
+                engine.backward(loss)
+                engine.step()
+
+    def parameters(engine) -> list[torch.Tensor]:
+        if stage == 3:
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                return [p.detach().float().clone() for p in engine.module.parameters()]
+        return [p.detach().float().clone() for p in engine.module.parameters()]
+
+    engine = build()
+    if "ckpt" in options:
+        # Save after 4 steps, resume in a fresh engine, and require the same bits as the uninterrupted run.
+        train(engine, range(4))
+        directory = os.environ["CKPT_DIR"] + "/" + case.replace(":", "_").replace("+", "_")
+        engine.save_checkpoint(directory, tag="step4")
+        train(engine, range(4, STEPS))
+        uninterrupted = parameters(engine)
+        engine.destroy()
+        engine = build()
+        engine.load_checkpoint(directory, tag="step4")
+        train(engine, range(4, STEPS))
+        resumed = parameters(engine)
+        bitwise = all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+        result = resumed
+    else:
+        train(engine, range(STEPS))
+        result = parameters(engine)
+    expected = reference(name, clip, bf16, hidden)
+    diff = max((a - b).abs().max().item() for a, b in zip(result, expected))
+    torch.manual_seed(0)
+    moved = max((a - b).abs().max().item() for a, b in zip(result, [p.detach().float() for p in Net(hidden).parameters()]))
+    outcome = {"case": case, "world": world, "max_diff": diff, "moved": moved}
+    if "ckpt" in options:
+        outcome["bitwise_resume"] = bitwise
+    if bf16:
+        # Per tensor, in units of the bf16 ulp of its largest reference value: 2^(floor(log2 max|w|) - 7).
+        outcome["max_ulps"] = max(
+            (a - b).abs().max().item() / 2.0 ** (torch.tensor(b.abs().max().item()).log2().floor().item() - 7)
+            for a, b in zip(result, expected)
+        )
+    layout = engine.basic_optimizer.layout if stage else None
+    holders = [len(m.holders) for _, part in getattr(layout, "_partitions", {}).values() for m in part.plan.matrices]
+    outcome["max_holders"] = max(holders, default=1)
+    engine.destroy()
+    return outcome
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    deepspeed.init_distributed(dist_backend="gloo")
+    for case in sys.argv[1:]:
+        outcome = run_case(case)
+        if dist.get_rank() == 0:
+            print("RESULT " + json.dumps(outcome), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The fragment layout against the dense optimizer, with DeepSpeed's partitioning simulated in-process.
+
+Every rank's step runs in its own thread with a fake all-reduce, on flat partitions built the way ZeRO-1/2
+(alignment padding, round-robin order, equal cuts) and ZeRO-3 (per-parameter cuts) build them. No
+DeepSpeed needed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim.distributed.fragment import FragmentLayout
+from lowrank_optim.distributed.plan import PartitionPlan, zero3_plans, zero12_plans
+
+STEPS = 7
+GAP = 3  # refreshes at steps 0, 3, 6
+
+
+class _FakeGroup:
+    """In-process all-reduce: the sum is computed once, in rank order, and copied to every rank."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size)
+        self.slots: list[Tensor | None] = [None] * world_size
+        self.result: Tensor | None = None
+
+
+class _FakeComm:
+    def __init__(self, group: _FakeGroup, rank: int) -> None:
+        self.group, self.rank, self.world_size, self.elements = group, rank, group.world_size, 0
+
+    def all_reduce(self, tensor: Tensor) -> None:
+        self.elements += tensor.numel()
+        group = self.group
+        group.slots[self.rank] = tensor
+        group.barrier.wait()
+        if self.rank == 0:
+            total = group.slots[0].clone()
+            for other in group.slots[1:]:
+                total += other
+            group.result = total
+        group.barrier.wait()
+        tensor.copy_(group.result)
+        group.barrier.wait()
+
+
+def _run_ranks(world_size: int, body: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            body(rank)
+        except BaseException as error:  # re-raised in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0]
+
+
+def _round_robin(order: list[int], world_size: int) -> list[int]:
+    """DeepSpeed's round-robin reorder: parameters i, i+W, i+2W, ... grouped by i mod W."""
+    return [index for residue in range(world_size) for index in order[residue::world_size]]
+
+
+def _zero12_layout(shapes, world_size: int, *, round_robin: bool, alignment: int):
+    """``(order, flat offsets, partition size, plans per rank)`` as ZeRO-1/2 lays out one group."""
+    order = list(range(len(shapes)))
+    if round_robin:
+        order = _round_robin(order, world_size)
+    offsets, paddings, offset = [], [], 0
+    for position, index in enumerate(order):
+        offsets.append(offset)
+        offset += math.prod(shapes[index])
+        padding = 0 if position == len(order) - 1 else (-offset) % alignment
+        paddings.append(padding)
+        offset += padding
+    total = math.ceil(offset / (2 * world_size)) * 2 * world_size
+    size = total // world_size
+    names = [f"w{index}" for index in order]
+    plans = [zero12_plans(names, [shapes[i] for i in order], paddings, size, world_size, k) for k in range(world_size)]
+    return order, offsets, total, size, plans
+
+
+def _flatten12(tensors: list[Tensor], order, offsets, total) -> Tensor:
+    flat = torch.zeros(total)
+    for index, offset in zip(order, offsets):
+        flat[offset : offset + tensors[index].numel()] = tensors[index].reshape(-1)
+    return flat
+
+
+def _run_case(make, shapes, world_size: int, *, zero3: bool, round_robin: bool = False, alignment: int = 4, shard=False):
+    torch.manual_seed(1234)
+    weights = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
+    dense_params = [w.clone() for w in weights]
+    dense = make([{"params": dense_params, "rank": 3, "update_proj_gap": GAP}])
+    for step in range(STEPS):
+        for param, grad in zip(dense_params, grads[step]):
+            param.grad = grad.clone()
+        dense.step()
+
+    if zero3:
+        names = [f"w{i}" for i in range(len(shapes))]
+        pns = [math.ceil(math.prod(shape) / world_size) for shape in shapes]
+        plans = [zero3_plans(names, shapes, pns, world_size, k) for k in range(world_size)]
+
+        def partition(tensors: list[Tensor], rank: int) -> Tensor:
+            return torch.cat(
+                [
+                    torch.nn.functional.pad(t.reshape(-1), (0, pn * world_size - t.numel()))[rank * pn : (rank + 1) * pn]
+                    for t, pn in zip(tensors, pns)
+                ]
+            )
+
+        flats = [partition(weights, k) for k in range(world_size)]
+        flat_grads = [[partition(grads[s], k) for k in range(world_size)] for s in range(STEPS)]
+    else:
+        order, offsets, total, size, plans = _zero12_layout(shapes, world_size, round_robin=round_robin, alignment=alignment)
+        full = _flatten12(weights, order, offsets, total)
+        flats = [full[k * size : (k + 1) * size].clone() for k in range(world_size)]
+        flat_grads = [
+            [_flatten12(grads[s], order, offsets, total)[k * size : (k + 1) * size].clone() for k in range(world_size)]
+            for s in range(STEPS)
+        ]
+
+    group = _FakeGroup(world_size)
+    optimizers = []
+    for rank in range(world_size):
+        optimizer = make([{"params": [w.clone() for w in weights], "rank": 3, "update_proj_gap": GAP}])
+        optimizer.param_groups[0]["params"] = [flats[rank]]  # what DeepSpeed does after construction
+        layout = FragmentLayout()
+        layout.add_partition(flats[rank], plans[rank], _FakeComm(group, rank), shard_moments=shard)
+        layout.attach(optimizer)
+        optimizers.append(optimizer)
+
+    def body(rank: int) -> None:
+        for step in range(STEPS):
+            flats[rank].grad = flat_grads[step][rank]
+            optimizers[rank].step()
+
+    _run_ranks(world_size, body)
+
+    # Reassemble every matrix from the pieces of all ranks and compare with the dense run.
+    for index, shape in enumerate(shapes):
+        rebuilt = torch.full((math.prod(shape),), float("nan"))
+        for rank, plan in enumerate(plans):
+            matrix = next(mp for mp in plan.matrices if mp.name == f"w{index}")
+            if matrix.piece is not None:
+                piece = matrix.piece
+                rebuilt[piece.param_start : piece.param_start + piece.numel] = flats[rank][
+                    piece.flat_start : piece.flat_start + piece.numel
+                ]
+        assert not rebuilt.isnan().any(), f"w{index} {shape}: some elements are held by no rank"
+        difference = (rebuilt.view(shape) - dense_params[index]).abs().max().item()
+        assert difference <= 1e-6, f"w{index} {shape}: max |fragment - dense| = {difference}"
+        assert (rebuilt.view(shape) - weights[index]).abs().max() > 1e-3, "the parameters did not move"
+    return plans, optimizers
+
+
+OPTIMIZERS = {
+    "galore": lambda groups: GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, scale=0.5),
+    # At a refresh step an SVD basis on both sides diagonalizes G: the off-diagonal entries of R are
+    # rounding noise, which Adam's normalization amplifies to O(0.1) for any summation order. A larger eps
+    # keeps that noise out of the comparison (one-sided projections and DCT selections have no such entries).
+    "galore_full": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="full", eps=1e-4),
+    "galore_reverse_reset": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="reverse_std", moment_policy="reset"),
+    "dct": lambda groups: DCTAdamW(groups, lr=1e-2, weight_decay=0.1),
+    "dct_full": lambda groups: DCTAdamW(groups, lr=1e-2, proj_type="full"),
+    "fira": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, weight_decay=0.1),
+    "fira_paper": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, residual="paper"),
+}
+
+
+def _shapes(seed: int) -> list[tuple[int, int]]:
+    generator = torch.Generator().manual_seed(seed)
+    count = int(torch.randint(3, 7, (1,), generator=generator))
+    shapes = [tuple(int(v) for v in torch.randint(1, 12, (2,), generator=generator)) for _ in range(count)]
+    # One large matrix (spans several partitions) in the middle, one tiny at the end.
+    return shapes[:2] + [(61, 47)] + shapes[2:] + [(2, 3)]
+
+
+@pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_fragments_match_dense(name: str, world_size: int, zero3: bool) -> None:
+    seed = world_size * 7 + len(name) + zero3
+    shapes = _shapes(seed)
+    round_robin = seed % 2 == 0
+    plans, _ = _run_case(
+        OPTIMIZERS[name], shapes, world_size, zero3=zero3, round_robin=round_robin, alignment=4 if seed % 3 else 1,
+        shard=zero3,
+    )
+    big = next(mp for mp in plans[0].matrices if mp.shape == (61, 47))
+    assert len(big.holders) >= min(world_size, 3), "the large matrix should span at least three partitions"
+
+
+@pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
+@pytest.mark.parametrize("name", ["galore", "dct", "fira"])
+def test_sharded_moments_at_zero12_and_small_params(name: str) -> None:
+    """Sharded moments where holders differ per matrix; params smaller than the world size."""
+    _run_case(OPTIMIZERS[name], [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=False, round_robin=True, shard=True)
+    _run_case(OPTIMIZERS[name], [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=True, shard=False)
+
+
+def test_sharded_state_is_smaller() -> None:
+    shapes = [(40, 24), (24, 40)]
+    _, replicated = _run_case(OPTIMIZERS["galore"], shapes, 2, zero3=True, shard=False)
+    _, sharded = _run_case(OPTIMIZERS["galore"], shapes, 2, zero3=True, shard=True)
+
+    def moment_elements(optimizer) -> int:
+        (state,) = optimizer.state.values()
+        return sum(m["exp_avg"].numel() + m["exp_avg_sq"].numel() for m in state["matrices"].values())
+
+    assert moment_elements(sharded[0]) * 2 == moment_elements(replicated[0])
+
+
+def test_unbound_optimizer_refuses_flat_partitions() -> None:
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2}])
+    flat = torch.zeros(24, requires_grad=True)
+    flat.grad = torch.ones(24)
+    optimizer.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match=r"has shape \(24,\), not the 2-D matrix.*lowrank_optim.deepspeed.bind"):
+        optimizer.step()
+
+
+def test_bound_layout_refuses_unknown_partition() -> None:
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 2}])
+    FragmentLayout().attach(optimizer)
+    weight.grad = torch.ones(6, 4)
+    with pytest.raises(RuntimeError, match="is not a partition this optimizer was bound to"):
+        optimizer.step()
+
+
+def test_zero12_plan_covers_every_element_once() -> None:
+    shapes = [(5, 7), (3, 3), (11, 2)]
+    _, _, _, size, plans = _zero12_layout(shapes, 3, round_robin=True, alignment=4)
+    for name in ("w0", "w1", "w2"):
+        pieces = [next(mp for mp in plan.matrices if mp.name == name).piece for plan in plans]
+        covered = sorted((p.param_start, p.param_start + p.numel) for p in pieces if p is not None)
+        numel = next(mp for mp in plans[0].matrices if mp.name == name).numel
+        assert covered[0][0] == 0 and covered[-1][1] == numel
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+        assert all(0 <= p.flat_start and p.flat_start + p.numel <= size for p in pieces if p is not None)
+    assert isinstance(plans[0], PartitionPlan)

@@ -1,0 +1,94 @@
+"""The DeepSpeed config plugin: section parsing, param groups and refusals (single process, no torchrun)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_optim import FiraAdamW, GaLoreAdamW
+from lowrank_optim.deepspeed import LowRankSection, optimizer_factory, param_groups_for, read_config
+
+BASE = {"train_batch_size": 4, "zero_optimization": {"stage": 2}, "lowrank_optim": {"rank": 4}}
+
+
+def _config(**changes) -> dict:
+    config = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 6)
+        self.mlp = nn.Linear(6, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+def test_reads_path_and_strips_section(tmp_path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(BASE))
+    config, section = read_config(path)
+    assert "lowrank_optim" not in config and config["zero_optimization"] == {"stage": 2}
+    assert section.rank == 4 and section.optimizer == "galore_adamw"
+    assert BASE["lowrank_optim"] == {"rank": 4}  # the caller's dict is not modified
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}, "an 'optimizer' section .*'AdamW'.* silently ignore"),
+        ({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, "elastic_checkpoint' is true"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload_param.device' is 'nvme'"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "offload_optimizer.device' is 'nvme'"),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, "at stage 3 is not supported"),
+        ({"pipeline": {"stages": 2}}, "Pipeline and tensor parallelism"),
+        ({"tensor_parallel": {"autotp_size": 2}}, "Pipeline and tensor parallelism"),
+        ({"sequence_parallel_size": 2}, "sequence parallelism is not supported"),
+        ({"zero_optimization": {"stage": 2, "rank": 8}}, r"\['rank'\] are inside 'zero_optimization'.*top-level"),
+        ({"zero_optimization": {"stage": 2, "galore_rank": 8}}, r"\['galore_rank'\] are inside 'zero_optimization'"),
+        ({"lowrank_optim": {"optimizer": "adamw"}}, "Invalid 'lowrank_optim.optimizer': 'adamw'. Must be one of"),
+        ({"lowrank_optim": {"rnak": 4}}, r"Unknown key\(s\) \['rnak'\].*Allowed keys"),
+        ({"lowrank_optim": {"zero3_moments": "gather"}}, "Invalid 'lowrank_optim.zero3_moments': 'gather'"),
+        ({"lowrank_optim": {"scale": 0.5, "alpha": 0.25}}, "sets scale=0.5 and alpha=0.25"),
+    ],
+)
+def test_refusals(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_config(_config(**changes))
+
+
+def test_missing_section() -> None:
+    with pytest.raises(ValueError, match="no top-level 'lowrank_optim' section"):
+        read_config({"train_batch_size": 4})
+
+
+def test_param_groups_and_factory() -> None:
+    model = Net()
+    section = LowRankSection.from_dict({"optimizer": "fira_adamw", "rank": 2, "alpha": 0.5, "target_modules": ["attn", "mlp"]})
+    groups = param_groups_for(model, section)
+    assert [p is model.attn.weight for p in groups[1]["params"]] == [True, False]
+    assert groups[1]["alpha"] == 0.5 and groups[1]["rank"] == 2
+    assert {id(p) for p in groups[0]["params"]} == {id(model.attn.bias), id(model.mlp.bias), id(model.norm.weight), id(model.norm.bias)}
+    optimizer = optimizer_factory(section)(groups)
+    assert isinstance(optimizer, FiraAdamW) and optimizer.defaults["alpha"] == 0.5
+    assert isinstance(optimizer_factory({"rank": 2})(param_groups_for(model, {"rank": 2})), GaLoreAdamW)
+
+
+def test_ds_shape_is_used() -> None:
+    """Under deepspeed.zero.Init the tensors are empty and the real shape is ds_shape."""
+    model = Net()
+    model.attn.weight.data = torch.empty(0)
+    model.attn.weight.ds_shape = torch.Size([6, 8])
+    groups = param_groups_for(model, {"rank": 2, "target_modules": ["attn"]})
+    assert groups[1]["params"] == [model.attn.weight]
+    optimizer_factory({"rank": 2})(groups)  # validation reads ds_shape too
+
+
+def test_refuses_projected_parameter_that_is_not_2d() -> None:
+    with pytest.raises(ValueError, match=r"'norm.weight' \(shape \(4,\)\) matches target_modules \['norm'\].*only 2-D"):
+        param_groups_for(Net(), {"rank": 2, "target_modules": ["norm"]})
