@@ -1,35 +1,264 @@
-"""Command line: ``python -m lowrank_optim <command> [options]``."""
+"""Command line: ``lowrank-optim <command> [options]`` or ``python -m lowrank_optim <command> [options]``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from . import demo
+from .train.methods import METHODS
+
+_DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [method.strip() for method in text.split(",") if method.strip()]
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated list from {', '.join(METHODS)} (or empty)")
+    return methods
+
+
+def _add_model_options(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        metavar="NAME_OR_JSON",
+        help="LLaMA config: packaged name (test, tiny, 60m, 130m, 350m, 1b, 3b, 7b) or a LlamaConfig JSON path "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--presets",
+        metavar="NAME_OR_JSON",
+        help="method presets: packaged size name (test, tiny, 60m, 130m, 350m, 1b, 7b) or a JSON path with one "
+        "object per method (default: the --config name)",
+    )
+
+
+def _add_compare_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser, "tiny")
+    parser.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
+                        help=f"methods to train, comma-separated from {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--per-layer-methods", type=_method_list, default=list(METHODS), metavar="LIST",
+                        help="methods whose per-layer-update variant also runs (default: all; empty string: none)")
+    parser.add_argument("--steps", type=int, default=200, metavar="N", help="updates per method (default: %(default)s)")
+    parser.add_argument("--per-layer-steps", type=int, default=30, metavar="N",
+                        help="updates per per-layer variant; their arithmetic equals the normal run's, so they only "
+                        "measure speed and memory (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
+                        help="sequences per update, also per eval batch (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=128, metavar="L",
+                        help="tokens per sequence, below the config's max_seq_len (default: %(default)s)")
+    parser.add_argument("--text", nargs="+", default=[], metavar="FILE",
+                        help="train on these files (.jsonl: each line's 'text'; other files: raw bytes) instead of "
+                        "the built-in corpus (the Python standard library's source)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the initial weights and the batch order, shared by all methods (default: %(default)s)")
+    parser.add_argument("--eval-batches", type=int, default=8, metavar="N",
+                        help="held-out batches per evaluation, always the same ones (default: %(default)s)")
+    parser.add_argument("--out", default="demo_out", metavar="DIR",
+                        help="directory for results.json, loss_curves.png and memory.png (default: %(default)s)")
+    parser.add_argument("--no-estimate", dest="estimate", action="store_false",
+                        help="skip the estimated-memory table for the paper sizes at the end")
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .estimate import estimate_memory, format_estimate_table
+    from .models import LlamaConfig
+    from .train.methods import load_presets
+
+    dtype = getattr(torch, args.dtype)
+    if args.config is None:
+        print(format_estimate_table(dtype=dtype, batch_size=args.batch_size, seq_len=args.seq_len,
+                                    gradient_checkpointing=args.checkpointing))
+        return 0
+    config = LlamaConfig.from_name_or_path(args.config)
+    presets = load_presets(args.presets or args.config)
+    for method in args.methods:
+        estimate = estimate_memory(config, presets[method], dtype=dtype, batch_size=args.batch_size,
+                                   seq_len=args.seq_len, gradient_checkpointing=args.checkpointing,
+                                   per_layer=args.per_layer, accumulation=args.accumulation)
+        parts = {name: value / 1e9 for name, value in estimate.__dict__.items()}
+        print(f"{method:8s} " + "  ".join(f"{name} {value:.3f}" for name, value in parts.items())
+              + f"  weights+states {estimate.weights_and_states / 1e9:.3f}  total {estimate.total / 1e9:.3f} GB")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from .estimate import estimate_memory
+    from .models import LlamaConfig
+    from .train.measure import measure_training_step
+    from .train.methods import load_presets
+
+    config = LlamaConfig.from_name_or_path(args.config)
+    presets = load_presets(args.presets or args.config)
+    dtype = getattr(torch, args.dtype)
+    for method in args.methods:
+        for per_layer in (False, True) if args.per_layer else (False,):
+            measured = measure_training_step(config, presets[method], per_layer=per_layer, batch_size=args.batch_size,
+                                             seq_len=args.seq_len, device=args.device, dtype=dtype,
+                                             gradient_checkpointing=args.checkpointing)
+            estimated = estimate_memory(config, presets[method], dtype=dtype, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, gradient_checkpointing=args.checkpointing,
+                                        per_layer=per_layer)
+            name = method + ("+per-layer" if per_layer else "")
+            print(f"{name:18s} peak {measured.peak / 2**20:9.2f} MiB (estimated {estimated.total / 2**20:9.2f})  "
+                  f"weights {measured.weights / 2**20:.2f}  grads {measured.gradients / 2**20:.2f}  "
+                  f"states {measured.optimizer_states / 2**20:.2f} MiB  step {measured.step_seconds:.2f} s")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data import TokenStream, load_text_files, stdlib_corpus
+    from .models import LlamaConfig
+    from .train.methods import load_presets
+    from .train.pretrain import TrainSettings, pretrain
+
+    if args.tokens is not None:
+        tokens = torch.from_numpy(np.load(args.tokens).astype(np.int64).reshape(-1))
+    elif args.text and args.tokenizer:
+        tokens = _hf_tokenize(args.text, args.tokenizer)
+    elif args.text:
+        tokens = load_text_files(args.text)
+    else:
+        tokens = stdlib_corpus()
+    config = LlamaConfig.from_name_or_path(args.config)
+    if int(tokens.max()) >= config.vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} is outside the config's vocab_size ({config.vocab_size})")
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                             accumulation=args.accumulation, per_layer=args.per_layer, eval_every=args.eval_every,
+                             eval_batches=args.eval_batches, seed=args.seed, dtype=args.dtype, device=args.device,
+                             gradient_checkpointing=args.checkpointing, measure_memory=False)
+    preset = load_presets(args.presets or args.config)[args.method]
+    result = pretrain(config, preset, TokenStream(tokens, args.seq_len), settings, checkpoint=args.checkpoint,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _hf_tokenize(paths: Sequence[str], tokenizer_file: str) -> "torch.Tensor":  # noqa: F821
+    """Token ids of text files with a Hugging Face ``tokenizers`` JSON file; documents as in ``load_text_files``."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as error:
+        raise ValueError(
+            f"--tokenizer ({tokenizer_file!r}) needs the 'tokenizers' package (pip install tokenizers)"
+        ) from error
+    import torch
+
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    ids: list[int] = []
+    for path in map(Path, paths):
+        if path.suffix == ".jsonl":
+            documents = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            documents = [path.read_text(encoding="utf-8", errors="replace")]
+        for document in documents:
+            ids.extend(tokenizer.encode(document).ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowrank-optim",
+        description="Memory-efficient LLaMA pretraining: estimate, measure and compare AdamW, GaLore, Fira, DCT and SLTrain.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in (
+        ("demo", "the CPU comparison on the tiny LLaMA with all methods, plots and the estimate table (make demo)"),
+        ("compare", "train chosen methods from the same start on the same batches; table, JSON and PNG plots"),
+    ):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_compare_options(sub)
+        sub.set_defaults(handler=_compare)
+
+    sub = commands.add_parser("estimate", help="estimated memory per component from shapes alone",
+                              description="Without --config: the table for 60M-7B beside the published estimates. "
+                              "With --config: one line per method, in GB (1e9 bytes).")
+    sub.add_argument("--config", metavar="NAME_OR_JSON", help="one LLaMA config (default: the 60M-7B table)")
+    sub.add_argument("--presets", metavar="NAME_OR_JSON", help="method presets (default: the --config name)")
+    sub.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
+                     help="methods, comma-separated (default: all)")
+    sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="bfloat16",
+                     help="weights, gradients and moments (default: %(default)s, the papers' pure bf16)")
+    sub.add_argument("--batch-size", type=int, default=1, metavar="B", help="for activations (default: %(default)s)")
+    sub.add_argument("--seq-len", type=int, default=256, metavar="L", help="for activations (default: %(default)s)")
+    sub.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                     help="activation checkpointing per decoder layer (default: on)")
+    sub.add_argument("--per-layer", action="store_true", help="per-layer updates (one gradient at a time)")
+    sub.add_argument("--accumulation", type=int, default=1, metavar="K",
+                     help="micro-batches per update; above 1 the full gradients persist (default: %(default)s)")
+    sub.set_defaults(handler=_estimate)
+
+    sub = commands.add_parser("measure", help="measured peak memory of one training step, beside the estimate",
+                              description="Peak of a steady-state step (forward, backward, optimizer step): "
+                              "torch.cuda.max_memory_allocated on CUDA, the profiler's allocation timeline on CPU.")
+    _add_model_options(sub, "tiny")
+    sub.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
+                     help="methods, comma-separated (default: all)")
+    sub.add_argument("--per-layer", action="store_true", help="also measure each method with per-layer updates")
+    sub.add_argument("--batch-size", type=int, default=1, metavar="B", help="(default: %(default)s)")
+    sub.add_argument("--seq-len", type=int, default=128, metavar="L", help="(default: %(default)s)")
+    sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="float32", help="(default: %(default)s)")
+    sub.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    sub.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    sub.set_defaults(handler=_measure)
+
+    sub = commands.add_parser("pretrain", help="pretrain one method; eval, checkpoints, resume, JSON results",
+                              description="Cosine schedule with 10%% warmup to 10%% of the peak lr; progress lines; "
+                              "throughput = training tokens per second of wall time.")
+    _add_model_options(sub, "tiny")
+    sub.add_argument("--method", choices=METHODS, default="galore", help="(default: %(default)s)")
+    sub.add_argument("--text", nargs="+", default=[], metavar="FILE",
+                     help="text or .jsonl files (default: the built-in stdlib corpus, byte-level tokens)")
+    sub.add_argument("--tokenizer", metavar="JSON",
+                     help="a Hugging Face tokenizers file for --text (needs the 'tokenizers' package)")
+    sub.add_argument("--tokens", metavar="NPY", help="pre-tokenized ids in a .npy array (flattened)")
+    sub.add_argument("--steps", type=int, default=300, metavar="N", help="updates (default: %(default)s)")
+    sub.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per micro-batch (default: %(default)s)")
+    sub.add_argument("--accumulation", type=int, default=1, metavar="K", help="micro-batches per update (default: %(default)s)")
+    sub.add_argument("--seq-len", type=int, default=128, metavar="L", help="(default: %(default)s)")
+    sub.add_argument("--per-layer", action="store_true", help="per-layer updates (no global-norm clipping)")
+    sub.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="float32",
+                     help="pure-precision weights and states (default: %(default)s)")
+    sub.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    sub.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N updates")
+    sub.add_argument("--eval-batches", type=int, default=8, metavar="N", help="(default: %(default)s)")
+    sub.add_argument("--seed", type=int, default=0, metavar="S", help="(default: %(default)s)")
+    sub.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (written every --checkpoint-every and at the end)")
+    sub.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="(default: only at the end)")
+    sub.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    sub.add_argument("--json", metavar="FILE", help="write the results (curves included) here")
+    sub.set_defaults(handler=_pretrain)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lowrank_optim", description="Memory-efficient pretraining optimizers."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo_parser = commands.add_parser(
-        "demo",
-        help="pretrain a tiny LLaMA on CPU with AdamW and GaLore and compare loss, state memory and speed",
-        description=(
-            "Pretrain the same small LLaMA (same initial weights, same batches) with each optimizer under a "
-            "cosine schedule with 10% warmup, then print a table of eval loss, perplexity, optimizer-state "
-            "bytes and speed. The default corpus is the Python standard library's source, so nothing is downloaded."
-        ),
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(handler=demo.main)
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except ValueError as error:
-        # Configuration mistakes (bad sizes, unknown config names) read better without a traceback.
+        # Configuration mistakes (bad sizes, unknown names) read better without a traceback.
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
 
 

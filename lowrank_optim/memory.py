@@ -11,6 +11,10 @@ This is exact for tensor storage (what the allocator hands out) and blind to non
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -32,8 +36,16 @@ def peak_extra_memory(work: Callable[[], object], device: torch.device | str = "
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True)
+    # Some torch builds print a "profiler_start"/"profiler_stop" trace line to stderr at each start and
+    # stop; silence only those two moments, never the work itself.
+    with _quiet_stderr():
+        prof.__enter__()
+    try:
         work()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     live = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:
         if action == Action.CREATE:
@@ -42,3 +54,17 @@ def peak_extra_memory(work: Callable[[], object], device: torch.device | str = "
         elif action == Action.DESTROY:
             live -= size
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration (C++ code writes there, not to sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

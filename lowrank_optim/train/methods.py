@@ -1,0 +1,176 @@
+"""The compared methods: presets per model size, and building a model plus its optimizer for a method.
+
+A method is an optimizer (``adamw``, ``galore``, ``fira``, ``dct``) or a parametrization trained with
+AdamW (``sltrain``). Presets live in ``lowrank_optim/configs/presets/<size>.json``, one object per
+method, so no method is tuned more than another: AdamW lr 1e-3; GaLore/Fira/DCT lr 1e-2 with scale
+(Fira: alpha) 0.25; SLTrain lr 3e-3 with its rank/alpha/delta recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
+from ..nn import SLTrainLinear, derive_seed
+from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
+
+__all__ = [
+    "METHODS",
+    "PRESET_DIR",
+    "TARGET_MODULES",
+    "MethodPreset",
+    "available_presets",
+    "build_model",
+    "build_optimizer",
+    "cosine_with_warmup",
+    "load_presets",
+]
+
+METHODS = ("adamw", "galore", "fira", "dct", "sltrain")
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
+#: Module-name substrings of the linears that GaLore/Fira/DCT project and SLTrain replaces (the papers').
+TARGET_MODULES = ("attn", "mlp")
+WARMUP_FRACTION = 0.1
+MIN_LR_RATIO = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodPreset:
+    """Hyperparameters of one method. ``scale`` is GaLore/DCT's scale or Fira's alpha; ``alpha`` and
+    ``delta`` are SLTrain's (``W = alpha/rank · B A + S``, ``delta`` = density of ``S``)."""
+
+    method: str
+    lr: float
+    rank: int | None = None
+    scale: float | None = None
+    update_proj_gap: int | None = None
+    alpha: float | None = None
+    delta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method ({self.method!r}) must be one of {list(METHODS)}")
+        needed = {
+            "adamw": (),
+            "galore": ("rank", "scale", "update_proj_gap"),
+            "fira": ("rank", "scale", "update_proj_gap"),
+            "dct": ("rank", "scale", "update_proj_gap"),
+            "sltrain": ("rank", "alpha", "delta"),
+        }[self.method]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"preset of method {self.method!r} is missing {missing}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr ({self.lr!r}) must be a finite number > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if value is not None}
+
+
+def available_presets() -> list[str]:
+    """Names of the packaged preset files (model sizes), e.g. ``["130m", "1b", ..., "tiny"]``."""
+    return sorted(path.stem for path in PRESET_DIR.glob("*.json"))
+
+
+def load_presets(name_or_path: str | os.PathLike[str]) -> dict[str, MethodPreset]:
+    """All method presets of a packaged size (``"60m"``, ``"tiny"``, ...) or of a JSON file path.
+
+    Keys starting with ``_`` (e.g. ``"_source"``) are comments.
+    """
+    text = str(name_or_path)
+    if text.endswith(".json") or os.path.sep in text:
+        path = Path(name_or_path)
+    else:
+        name = text.lower().removeprefix("llama_")
+        if name not in available_presets():
+            raise ValueError(f"presets ({text!r}) is neither a JSON path nor a packaged preset; packaged: {available_presets()}")
+        path = PRESET_DIR / f"{name}.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        method: MethodPreset(method=method, **values) for method, values in raw.items() if not method.startswith("_")
+    }
+
+
+def cosine_with_warmup(optimizer: Optimizer, total_steps: int) -> LambdaLR:
+    """Linear warmup over the first 10% of updates, then cosine decay to 10% of the peak lr (the papers')."""
+    warmup_steps = max(1, round(WARMUP_FRACTION * total_steps))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return LambdaLR(optimizer, lr_factor)
+
+
+def build_model(
+    config: LlamaConfig,
+    *,
+    preset: MethodPreset | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+) -> LlamaForCausalLM:
+    """A LLaMA for ``preset``'s method, built on the meta device and materialized on ``device`` in ``dtype``.
+
+    No full-size tensor is allocated anywhere but in its final place: the dense model is created on
+    ``meta``; for SLTrain the target linears are replaced by :class:`SLTrainLinear` layers built directly on
+    ``device`` (seeded ``derive_seed(seed, name)``, i.e. exactly what ``convert_to_sltrain(model, seed=seed)``
+    would produce); then the remaining parameters are allocated on ``device`` and initialised (normal
+    with ``init_std`` from ``torch.manual_seed(seed)``, norm gains 1, rotary tables recomputed).
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
+    if preset is not None and preset.method == "sltrain":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and any(target in name for target in TARGET_MODULES):
+                parent, _, child = name.rpartition(".")
+                layer = SLTrainLinear(
+                    module.in_features,
+                    module.out_features,
+                    rank=preset.rank,
+                    delta=preset.delta,
+                    alpha=preset.alpha,
+                    seed=derive_seed(seed, name),
+                    device=device,
+                    dtype=dtype,
+                )
+                setattr(model.get_submodule(parent), child, layer)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                module.register_parameter(name, nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype)))
+    model.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta).to(device=device, dtype=dtype)
+    torch.manual_seed(seed)
+    model.reset_parameters()
+    return model
+
+
+def build_optimizer(model: nn.Module, preset: MethodPreset) -> Optimizer:
+    """The optimizer of ``preset.method`` over ``model`` (built by :func:`build_model` for the same preset).
+
+    Weight decay 0 for every method (the papers' pretraining runs).
+    """
+    if preset.method in ("adamw", "sltrain"):
+        return torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.0)
+    groups = param_groups(
+        model,
+        rank=preset.rank,
+        update_proj_gap=preset.update_proj_gap,
+        scale=preset.scale,
+        target_modules=TARGET_MODULES,
+    )
+    optimizer_class = {"galore": GaLoreAdamW, "fira": FiraAdamW, "dct": DCTAdamW}[preset.method]
+    return optimizer_class(groups, lr=preset.lr)
