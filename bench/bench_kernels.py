@@ -2,7 +2,9 @@
 
 Shapes: SLTrain's sparse ops on a 2048 x 5461 dense matrix with a 3 % support (delta 0.03, int32
 indices); the low-rank Adam update on rank-512 moments, 512 x 5461 (right-projected MLP weight) and
-2048 x 512 (left-projected). Every repeat times each case's kernel and reference back to back
+2048 x 512 (left-projected); Fira's residual on the 2048 x 5461 weight, left-projected (rank-512
+moments 512 x 5461) and, transposed, right-projected (5461 x 512); the DCT top-512 selection from a
+2048 x 5461 transformed gradient. Every repeat times each case's kernel and reference back to back
 (interleaved, so that load from other processes hits both alike) and the medians are reported, with
 the speed-up ``reference / kernel``. With ``--device cuda`` it also reports the achieved bandwidth
 (bytes the op must move / time) as a fraction of the card's peak.
@@ -30,6 +32,8 @@ import torch  # noqa: E402
 
 from lowrank_optim.ops import kernel_load_error, kernels_available  # noqa: E402
 from lowrank_optim.ops.adam import _adam_default  # noqa: E402
+from lowrank_optim.ops.dct import _dct_topk_default  # noqa: E402
+from lowrank_optim.ops.fira import _fira_default  # noqa: E402
 from lowrank_optim.ops.sparse import _gather_default, _scatter_add_default  # noqa: E402
 
 HIDDEN, INTERMEDIATE, RANK, DELTA = 2048, 5461, 512, 0.03
@@ -88,6 +92,32 @@ def _cases(device: torch.device) -> list[Case]:
                     lowrank.numel() * lowrank.element_size() * 6,  # R read, M and V read + write, N write
                 )
             )
+    for (rows, cols), dim, dtype in (((HIDDEN, INTERMEDIATE), 0, torch.float32), ((INTERMEDIATE, HIDDEN), 1, torch.float32),
+                                     ((HIDDEN, INTERMEDIATE), 0, torch.bfloat16)):
+        grad, back = (torch.randn(rows, cols, generator=generator).to(device, dtype) for _ in range(2))
+        lowrank_shape = (RANK, cols) if dim == 0 else (rows, RANK)
+        lowrank, normalized = (torch.randn(lowrank_shape, generator=generator).to(device) for _ in range(2))
+        states = [torch.ones((), device=device) for _ in range(2)]
+        # Each call overwrites `back` with a residual of the same scale, so repeats see like values.
+        args = [(grad, back, normalized, lowrank, state, dim, 0.25, 1.01, False, 1.0) for state in states]
+        element = grad.element_size()
+        cases.append(
+            Case(
+                f"fira_residual_ {rows}x{cols} r={RANK} dim={dim} {str(dtype).removeprefix('torch.')}",
+                lambda args=args[0]: ops.fira_residual_(*args),
+                lambda args=args[1]: _fira_default(*args),
+                rows * cols * element * 5 + lowrank.numel() * 4 * 2,  # G, B read + S write; S read + write; N, R
+            )
+        )
+    transformed = torch.randn(HIDDEN, INTERMEDIATE, generator=generator).to(device)
+    cases.append(
+        Case(
+            f"dct_topk {HIDDEN}x{INTERMEDIATE} r={RANK} fp32",
+            lambda: ops.dct_topk(transformed, RANK, 0),
+            lambda: _dct_topk_default(transformed, RANK, 0),
+            transformed.numel() * 4,
+        )
+    )
     return cases
 
 

@@ -8,6 +8,13 @@ reference function the op registers as its default. Tolerances:
   ``sqrt`` goes through MKL's VML, which is not correctly rounded, while the kernel's is.
 - lowrank_adam_, bf16: within two bf16 ulp after three steps (``rtol=2**-6``): ATen rounds differently in its scalar tail
   loop than in its vector loop, and the kernel follows the vector loop everywhere.
+- fira_residual_: the residual within 16 ulp in fp32/fp64 and one ulp in bf16, the limiter state within 1e-5
+  relative (CPU) over two steps. phi and ``||S||_F`` are reductions: ATen sums in a different order (and, for
+  bf16 input, in fp32) than the kernels (in double), which moves phi by an ulp and the norm by a few, and
+  the residual inherits that through phi and the limiter. CUDA: within 32 ulp (bf16: two ulp).
+- dct_topk: the kernel's selection is a valid top-``rank`` of the exactly (fp64) computed scores up to
+  the scores' rounding: no unselected score exceeds a selected one by more than 1e-5 relative (ties
+  between nearly equal scores may resolve either way); in fp64 it equals the reference's.
 
 Without compiled kernels for a device the kernel tests skip with the load error as the reason.
 """
@@ -23,6 +30,8 @@ import torch
 
 from lowrank_optim.ops import kernel_load_error, kernels_available
 from lowrank_optim.ops.adam import _adam_default
+from lowrank_optim.ops.dct import _dct_topk_default
+from lowrank_optim.ops.fira import _fira_default
 from lowrank_optim.ops.sparse import _gather_default, _scatter_add_default
 
 OPS = torch.ops.lowrank_optim
@@ -134,6 +143,82 @@ def test_adam_kernel_matches_reference(
     torch.testing.assert_close(normalized, expected[2], **tolerance)
 
 
+# (m, n, r): empty, single row, ragged (5461), square; the lowrank tensors are m x r (dim=1) or r x n (dim=0).
+FIRA_SHAPES = [(0, 7, 3), (1, 97, 1), (33, 5461, 8), (96, 64, 16)]
+FIRA_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float64, torch.float64)]
+
+
+def _fira_inputs(
+    shape: tuple[int, int, int], dim: int, dtype: torch.dtype, lowrank_dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, ...]:
+    m, n, r = shape
+    lowrank_shape = (m, r) if dim == 1 else (r, n)
+    grad = _randn(m, n, dtype=dtype, device=device, seed=10)
+    back = _randn(m, n, dtype=dtype, device=device, seed=11)
+    lowrank = _randn(*lowrank_shape, dtype=lowrank_dtype, device=device, seed=12)
+    normalized = _randn(*lowrank_shape, dtype=lowrank_dtype, device=device, seed=13)
+    return grad, back, normalized, lowrank
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", FIRA_SHAPES)
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtypes", FIRA_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_fira_kernel_matches_reference(
+    device: str, shape: tuple[int, int, int], dim: int, dtypes: tuple[torch.dtype, torch.dtype], layout: str
+) -> None:
+    _require_kernels(device)
+    dtype, lowrank_dtype = dtypes
+    grad, back, normalized, lowrank = _fira_inputs(shape, dim, dtype, lowrank_dtype, device)
+    if layout == "transposed":  # non-contiguous inputs and in-place output
+        grad, back, normalized, lowrank = (t.t().contiguous().t() for t in (grad, back, normalized, lowrank))
+    state, expected_state = (torch.zeros((), device=device) for _ in range(2))
+    for step, (scale, grows) in enumerate([(1.0, 1.0), (0.25, 3.0)]):  # first step, then a limited one
+        expected, actual = back.clone(), back.clone()
+        _fira_default(grad * grows, expected, normalized, lowrank, expected_state, dim, 0.5, 1.01, step == 0, scale)
+        OPS.fira_residual_(grad * grows, actual, normalized, lowrank, state, dim, 0.5, 1.01, step == 0, scale)
+        if dtype == torch.bfloat16:
+            tolerance = dict(rtol=2**-7 if device == "cpu" else 2**-6, atol=0.0)
+        else:
+            tolerance = dict(rtol=(16 if device == "cpu" else 32) * torch.finfo(dtype).eps, atol=0.0)
+        torch.testing.assert_close(actual, expected, **tolerance)
+        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=0.0)
+        assert actual.stride() == back.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 7), (1, 97), (7, 1), (33, 5461), (300, 64)])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", VALUE_DTYPES + [torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_dct_topk_kernel_matches_reference(
+    device: str, shape: tuple[int, int], dim: int, dtype: torch.dtype, layout: str
+) -> None:
+    _require_kernels(device)
+    rows, cols = shape
+    if layout == "transposed":
+        transformed = _randn(cols, rows, dtype=dtype, device=device, seed=14).t()
+    elif layout == "sliced":
+        transformed = _randn(rows, cols + 3, dtype=dtype, device=device, seed=14)[:, 1 : cols + 1]
+    else:
+        transformed = _randn(rows, cols, dtype=dtype, device=device, seed=14)
+    size = transformed.shape[1 - dim]
+    for rank in sorted({0, min(1, size), size // 3, size}):
+        actual = OPS.dct_topk(transformed, rank, dim)
+        assert actual.dtype == torch.int64 and actual.shape == (rank,)
+        assert bool((actual[1:] > actual[:-1]).all()), "indices must be sorted and unique"
+        scores = transformed.double().abs().sum(dim=dim).cpu()
+        chosen = torch.zeros(size, dtype=torch.bool)
+        chosen[actual.cpu()] = True
+        if 0 < rank < size:
+            assert scores[~chosen].max() <= scores[chosen].min() * (1 + 1e-5)
+        # fp32 sums of 5461 columns come within an ulp of each other (near-ties); empty sums all tie at 0.
+        if dtype == torch.float64 and transformed.shape[dim] > 0:
+            torch.testing.assert_close(actual, _dct_topk_default(transformed, rank, dim), rtol=0, atol=0)
+
+
 def _op_samples(device: str) -> list[tuple[object, tuple]]:
     dense = _randn(6, 7, dtype=torch.float32, device=device, seed=7)
     lowrank, exp_avg, exp_avg_sq = _adam_inputs((4, 9), torch.float32, device)
@@ -142,6 +227,19 @@ def _op_samples(device: str) -> list[tuple[object, tuple]]:
         (OPS.lowrank_adam_.default, (lowrank.bfloat16(), exp_avg.bfloat16(), exp_avg_sq.bfloat16(),
                                      torch.empty_like(lowrank, dtype=torch.bfloat16), 0.8, 0.99, 1e-8)),
     ]
+    for dim in (0, 1):
+        grad, back, normalized, lowrank = _fira_inputs((6, 7, 2), dim, torch.float32, torch.float32, device)
+        for first in (True, False):
+            state = torch.tensor(1.5, device=device)
+            samples.append(
+                (OPS.fira_residual_.default, (grad, back.clone(), normalized, lowrank, state, dim, 0.25, 1.01, first, 0.5))
+            )
+        samples.append((OPS.dct_topk.default, (grad, 3, dim)))
+    grad, back, normalized, lowrank = _fira_inputs((6, 7, 2), 1, torch.bfloat16, torch.float32, device)
+    samples.append(
+        (OPS.fira_residual_.default, (grad, back, normalized, lowrank, torch.tensor(1.0, device=device), 1, 0.5, 1.01,
+                                      False, 1.0))
+    )
     for index_dtype in INDEX_DTYPES:
         indices = _support(dense.numel(), 0.3, index_dtype, device)
         values = _randn(indices.numel(), dtype=torch.float32, device=device, seed=8)

@@ -105,12 +105,75 @@ void lowrank_adam_cuda(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor
   if (!n.is_same(normalized)) normalized.copy_(n);
 }
 
+void fira_residual_cuda(const at::Tensor& grad, at::Tensor back, const at::Tensor& normalized,
+                        const at::Tensor& lowrank, at::Tensor residual_norm, int64_t dim, double subtract,
+                        double gamma, bool first, double scale) {
+  const char* op = "fira_residual_";
+  TORCH_CHECK(grad.dim() == 2, op, ": grad.shape=", grad.sizes(), "; must be 2-D");
+  TORCH_CHECK(dim == 0 || dim == 1, op, ": dim=", dim, "; allowed: 0, 1");
+  TORCH_CHECK(back.sizes() == grad.sizes() && back.scalar_type() == grad.scalar_type(), op,
+              ": back must match grad's shape ", grad.sizes(), " and dtype ", grad.scalar_type());
+  TORCH_CHECK(lowrank.dim() == 2 && lowrank.size(1 - dim) == grad.size(1 - dim), op, ": lowrank.shape=",
+              lowrank.sizes(), " with dim=", dim, " must have size ", grad.size(1 - dim), " in dimension ", 1 - dim);
+  TORCH_CHECK(normalized.sizes() == lowrank.sizes() && normalized.scalar_type() == lowrank.scalar_type(), op,
+              ": normalized must match lowrank's shape ", lowrank.sizes(), " and dtype ", lowrank.scalar_type());
+  TORCH_CHECK(lowrank.scalar_type() == grad.scalar_type() || lowrank.scalar_type() == at::kFloat, op,
+              ": lowrank.dtype=", lowrank.scalar_type(), "; allowed: grad.dtype or float32");
+  TORCH_CHECK(residual_norm.dim() == 0 &&
+                  (residual_norm.scalar_type() == at::kFloat || residual_norm.scalar_type() == at::kDouble),
+              op, ": residual_norm must be a 0-dim float32 or float64 tensor");
+  for (const at::Tensor& t : {back, normalized, lowrank, residual_norm}) {
+    TORCH_CHECK(t.device() == grad.device(), op, ": device ", t.device(), " must equal grad.device=", grad.device());
+  }
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor n = normalized.contiguous();
+  const at::Tensor r = lowrank.contiguous();
+  at::Tensor b = back.is_contiguous() ? back : back.contiguous();
+  const int64_t rows = grad.size(0);
+  const int64_t cols = grad.size(1);
+  at::Tensor workspace = at::empty({cuda::fira_workspace_doubles(rows, cols, static_cast<int>(dim))},
+                                   grad.options().dtype(at::kDouble));
+  check_launch(cuda::fira_residual(g.const_data_ptr(), b.data_ptr(), element_type(grad, op, "grad"), rows, cols,
+                                   n.const_data_ptr(), r.const_data_ptr(), element_type(lowrank, op, "lowrank"),
+                                   lowrank.size(static_cast<int64_t>(dim)), static_cast<int>(dim),
+                                   residual_norm.data_ptr(), residual_norm.scalar_type() == at::kDouble,
+                                   workspace.data_ptr<double>(), subtract, gamma, first, scale,
+                                   c10::cuda::getCurrentCUDAStream()),
+               op);
+  if (!b.is_same(back)) back.copy_(b);
+}
+
+at::Tensor dct_topk_cuda(const at::Tensor& transformed, int64_t rank, int64_t dim) {
+  const char* op = "dct_topk";
+  TORCH_CHECK(transformed.dim() == 2, op, ": transformed.shape=", transformed.sizes(), "; must be 2-D");
+  TORCH_CHECK(dim == 0 || dim == 1, op, ": dim=", dim, "; allowed: 0, 1");
+  const int64_t size = transformed.size(1 - dim);
+  TORCH_CHECK(rank >= 0 && rank <= size, op, ": rank=", rank, "; allowed: 0..", size);
+  const c10::cuda::CUDAGuard guard(transformed.device());
+  // A transposed view is read in place as its contiguous transpose, scored along the other dimension.
+  const bool transposed = !transformed.is_contiguous() && transformed.t().is_contiguous();
+  const at::Tensor x = transposed ? transformed.t() : transformed.contiguous();
+  const int reduce_dim = static_cast<int>(transposed ? 1 - dim : dim);
+  const bool wide = transformed.scalar_type() == at::kDouble;
+  at::Tensor scores = at::empty({size}, transformed.options().dtype(wide ? at::kDouble : at::kFloat));
+  at::Tensor workspace = at::empty({cuda::dct_workspace_doubles(x.size(0), x.size(1), reduce_dim)},
+                                   transformed.options().dtype(at::kDouble));
+  check_launch(cuda::dct_scores(x.const_data_ptr(), element_type(transformed, op, "transformed"), x.size(0), x.size(1),
+                                reduce_dim, workspace.data_ptr<double>(), scores.data_ptr(), wide,
+                                c10::cuda::getCurrentCUDAStream()),
+               op);
+  return std::get<0>(std::get<1>(at::topk(scores, rank, 0, /*largest=*/true, /*sorted=*/false)).sort());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank_optim, CUDA, m) {
   m.impl("sparse_scatter_add_", &sparse_scatter_add_cuda);
   m.impl("sparse_gather", &sparse_gather_cuda);
   m.impl("lowrank_adam_", &lowrank_adam_cuda);
+  m.impl("fira_residual_", &fira_residual_cuda);
+  m.impl("dct_topk", &dct_topk_cuda);
 }
 
 }  // namespace lowrank_optim

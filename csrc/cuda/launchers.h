@@ -35,4 +35,20 @@ cudaError_t lowrank_adam(const void* lowrank, void* exp_avg, void* exp_avg_sq, v
                          ElementType element_type, int64_t numel, double beta1, double beta2, double eps,
                          cudaStream_t stream);
 
+// Fira's residual (lowrank_optim/ops/fira.py): back = scale · limited((grad - subtract·back) · phi), phi from
+// the row (dim=1, m x r) or column (dim=0, r x n) norms of normalized/lowrank; residual_norm (0-dim, float
+// or double) is the limiter's state. All contiguous; `workspace` holds fira_workspace_doubles(...) doubles.
+int64_t fira_workspace_doubles(int64_t rows, int64_t cols, int dim);
+cudaError_t fira_residual(const void* grad, void* back, ElementType element_type, int64_t rows, int64_t cols,
+                          const void* normalized, const void* lowrank, ElementType lowrank_type, int64_t rank,
+                          int dim, void* residual_norm, bool norm_is_double, double* workspace, double subtract,
+                          double gamma, bool first, double scale, cudaStream_t stream);
+
+// DCT scores (lowrank_optim/ops/dct.py): scores[k] = Σ |x| over dimension `reduce_dim` of the contiguous
+// rows x cols matrix x, written as float (or double when scores_are_double); `workspace` holds
+// dct_workspace_doubles(...) doubles.
+int64_t dct_workspace_doubles(int64_t rows, int64_t cols, int reduce_dim);
+cudaError_t dct_scores(const void* x, ElementType element_type, int64_t rows, int64_t cols, int reduce_dim,
+                       double* workspace, void* scores, bool scores_are_double, cudaStream_t stream);
+
 }  // namespace lowrank_optim::cuda

@@ -1,0 +1,55 @@
+// Helpers shared by the CPU kernels: loads/stores in ATen's opmath type with its rounding, and whether
+// ATen's vector kernels fuse multiply-adds (see csrc/README.md, "Rounding rules").
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace lowrank_optim::cpu {
+
+// bf16 is converted with integer arithmetic (the same round-to-nearest-even, NaN-preserving rule as
+// c10::BFloat16) because that vectorizes, while c10's branchy conversion keeps a loop scalar.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> widen(scalar_t x) {
+  return static_cast<at::opmath_type<scalar_t>>(x);
+}
+template <typename scalar_t>
+inline scalar_t narrow(at::opmath_type<scalar_t> x) {
+  return static_cast<scalar_t>(x);
+}
+template <>
+inline float widen(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+template <>
+inline c10::BFloat16 narrow(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+
+// ATen's AVX2/AVX512 kernels fuse `add(x, alpha=a)` into fma(x, a, self); its DEFAULT (no-SIMD) build
+// rounds the product first. Kernels that reproduce such an op compile a fused variant for AVX2+FMA
+// (LOWRANK_OPTIM_FMA_TARGET) and pick it when this is true.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LOWRANK_OPTIM_FMA_TARGET __attribute__((target("avx2,fma")))
+inline bool aten_fuses_multiply_add() {
+  static const bool fused = at::get_cpu_capability() != "DEFAULT";
+  return fused;
+}
+#else
+// Other architectures' ATen vector kernels (NEON, VSX, SVE) fuse too; std::fma is native there.
+#define LOWRANK_OPTIM_FMA_TARGET
+inline bool aten_fuses_multiply_add() { return true; }
+#endif
+
+}  // namespace lowrank_optim::cpu

@@ -1,0 +1,141 @@
+"""Fira's scaled, norm-limited residual as one op (see :mod:`lowrank_optim.projection.fira` for the math).
+
+``lowrank_optim::fira_residual_(Tensor grad, Tensor(a!) back, Tensor normalized, Tensor lowrank,
+Tensor(b!) residual_norm, int dim, float subtract, float gamma, bool first, float scale) -> ()``::
+
+    phi  = ||N||₂ / (||R||₂ + 1e-8)   along ``dim`` of N, R (1: R is m x r, phi per row; 0: r x n, per column)
+    S    = (G - subtract · B) · phi   # B = back(R), given in ``back``, overwritten with the result
+    lim  = max(||S||_F / (prev + 1e-8), gamma) / gamma ;  prev = ||S||_F / lim   (first step: prev = ||S||_F, lim = 1)
+    back = scale · S / lim
+
+Why this boundary: the reference makes seven ``m x n`` passes after the back-projection (clone,
+``addmm_``, ``mul_(phi)``, the norm, ``div_``, ``mul_(scale)``) plus the ``r``-sized norm ops; a kernel
+needs two (write ``S`` while summing its squares; rescale it once the limiter is known), and the
+limiter never leaves the device (no host sync). ``back`` is the matmul ``back(R)``'s own fresh output,
+so overwriting it costs no extra buffer.
+
+``residual_norm`` is the limiter's 0-dim state (fp32, or fp64), on ``grad``'s device; ``first`` comes from
+the host-side step counter. ``normalized``/``lowrank`` have ``grad``'s dtype or fp32 (fp32 moments of
+bf16 weights). The default kernel calls :func:`~lowrank_optim.projection.fira.fira_scaling` and
+:func:`~lowrank_optim.projection.fira.limit_norm_growth_` and rounds as they do; compiled kernels
+override it as :mod:`lowrank_optim.ops.sparse` describes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..projection.fira import fira_scaling, limit_norm_growth_
+from ..projection.subspace import Side
+from ._library import LIBRARY, qualified_name
+
+__all__ = ["fira_residual_"]
+
+LIBRARY.define(
+    "fira_residual_(Tensor grad, Tensor(a!) back, Tensor normalized, Tensor lowrank, Tensor(b!) residual_norm, "
+    "int dim, float subtract, float gamma, bool first, float scale) -> ()"
+)
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_NORM_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_fira_args(
+    grad: Tensor, back: Tensor, normalized: Tensor, lowrank: Tensor, residual_norm: Tensor, dim: int
+) -> None:
+    op_name = "fira_residual_"
+    if grad.dim() != 2:
+        raise ValueError(f"{op_name}: grad.shape={tuple(grad.shape)}; must be 2-D")
+    if grad.dtype not in _DTYPES:
+        raise TypeError(f"{op_name}: grad.dtype={grad.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
+    if dim not in (0, 1):
+        raise ValueError(f"{op_name}: dim={dim}; allowed: 0 (lowrank is r x n), 1 (lowrank is m x r)")
+    if back.shape != grad.shape or back.dtype != grad.dtype:
+        raise ValueError(
+            f"{op_name}: back (shape {tuple(back.shape)}, {back.dtype}) must match grad "
+            f"(shape {tuple(grad.shape)}, {grad.dtype})"
+        )
+    if lowrank.dim() != 2 or lowrank.shape[1 - dim] != grad.shape[1 - dim]:
+        raise ValueError(
+            f"{op_name}: lowrank.shape={tuple(lowrank.shape)} with dim={dim} must have size "
+            f"{grad.shape[1 - dim]} (grad.shape[{1 - dim}]) in dimension {1 - dim}"
+        )
+    if normalized.shape != lowrank.shape or normalized.dtype != lowrank.dtype:
+        raise ValueError(
+            f"{op_name}: normalized (shape {tuple(normalized.shape)}, {normalized.dtype}) must match lowrank "
+            f"(shape {tuple(lowrank.shape)}, {lowrank.dtype})"
+        )
+    if lowrank.dtype not in (grad.dtype, torch.float32):
+        raise TypeError(f"{op_name}: lowrank.dtype={lowrank.dtype}; allowed: grad.dtype ({grad.dtype}) or torch.float32")
+    if residual_norm.dim() != 0 or residual_norm.dtype not in _NORM_DTYPES:
+        raise ValueError(
+            f"{op_name}: residual_norm (shape {tuple(residual_norm.shape)}, {residual_norm.dtype}) must be a "
+            "0-dim torch.float32 or torch.float64 tensor"
+        )
+    for name, tensor in (("back", back), ("normalized", normalized), ("lowrank", lowrank), ("residual_norm", residual_norm)):
+        if tensor.device != grad.device:
+            raise ValueError(f"{op_name}: {name}.device={tensor.device} must equal grad.device={grad.device}")
+
+
+def _fira_default(
+    grad: Tensor,
+    back: Tensor,
+    normalized: Tensor,
+    lowrank: Tensor,
+    residual_norm: Tensor,
+    dim: int,
+    subtract: float,
+    gamma: float,
+    first: bool,
+    scale: float,
+) -> None:
+    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)
+    torch.add(grad, back, alpha=-subtract, out=back)
+    back.mul_(fira_scaling(normalized, lowrank, Side.RIGHT if dim == 1 else Side.LEFT))
+    limit_norm_growth_(back, residual_norm, gamma=gamma, first=first)
+    if scale != 1.0:
+        back.mul_(scale)
+
+
+def _fira_fake(
+    grad: Tensor,
+    back: Tensor,
+    normalized: Tensor,
+    lowrank: Tensor,
+    residual_norm: Tensor,
+    dim: int,
+    subtract: float,
+    gamma: float,
+    first: bool,
+    scale: float,
+) -> None:
+    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)
+
+
+LIBRARY.impl("fira_residual_", _fira_default, "CompositeExplicitAutograd")
+torch.library.register_fake(qualified_name("fira_residual_"), _fira_fake, lib=LIBRARY)
+
+
+def fira_residual_(
+    grad: Tensor,
+    back: Tensor,
+    normalized: Tensor,
+    lowrank: Tensor,
+    residual_norm: Tensor,
+    *,
+    dim: int,
+    subtract: float,
+    gamma: float,
+    first: bool,
+    scale: float = 1.0,
+) -> Tensor:
+    """Overwrite ``back`` (holding ``back(R)``) with ``scale · limited((G - subtract · back) · phi)``; returns it.
+
+    ``residual_norm`` (the limiter's state) is updated in place; see the module docstring.
+    """
+    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)  # same errors whichever kernel runs
+    torch.ops.lowrank_optim.fira_residual_(
+        grad, back, normalized, lowrank, residual_norm, int(dim), float(subtract), float(gamma), bool(first), float(scale)
+    )
+    return back
