@@ -39,7 +39,7 @@ EQUALITY = [
     "dct:3:zinit",
     "galore:3:replicated",
 ]
-BF16 = ["galore:1:bf16", "galore:2:bf16", "galore:3:bf16", "fira:2:bf16", "dct:3:bf16"]
+BF16 = ["galore:0:bf16", "fira:0:bf16", "galore:1:bf16", "galore:2:bf16", "galore:3:bf16", "fira:2:bf16", "dct:3:bf16"]
 CHECKPOINT = [
     "galore:0:ckpt",
     "galore:1:ckpt",
@@ -52,11 +52,16 @@ CHECKPOINT = [
     "dct:3:ckpt",
 ]
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
+# Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.
+CONFIGS = [f"config:{stage}" for stage in (0, 1, 2, 3)]
+NAMED = ["galore:0:names", "galore:2:names", "galore:3:names", "fira:3:names", "dct:2:names"]
+RESUME = ["galore:2:resume", "galore:3:resume", "fira:3:resume", "dct:2:resume"]
 
 
 def _launch(world_size: int, cases: list[str], tmp_path: Path) -> dict[str, dict]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CKPT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    command = [str(TORCHRUN), "--nproc_per_node", str(world_size), "--master_port", str(29600 + world_size), str(WORKER)]
+    # --standalone: a free port, so that concurrent launches (other test sessions) cannot collide.
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(world_size), str(WORKER)]
     completed = subprocess.run(command + cases, env=env, capture_output=True, text=True, timeout=600)
     results = {}
     for line in completed.stdout.splitlines():
@@ -69,13 +74,19 @@ def _launch(world_size: int, cases: list[str], tmp_path: Path) -> dict[str, dict
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict[str, dict]:
-    return _launch(2, EQUALITY + BF16 + CHECKPOINT, tmp_path_factory.mktemp("ckpt2"))
+def checkpoints(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory) -> dict[str, dict]:
-    return _launch(3, THREE_RANKS, tmp_path_factory.mktemp("ckpt3"))
+def two_ranks(checkpoints: Path) -> dict[str, dict]:
+    return _launch(2, EQUALITY + BF16 + CHECKPOINT + NAMED + CONFIGS, checkpoints)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(two_ranks: dict[str, dict], checkpoints: Path) -> dict[str, dict]:
+    # After two_ranks: the resume cases read its name-keyed saves.
+    return _launch(3, THREE_RANKS + RESUME, checkpoints)
 
 
 def _check_moved(outcome: dict) -> None:
@@ -113,3 +124,27 @@ def test_three_ranks_matrix_spans_three_partitions(three_ranks: dict[str, dict],
     # differs by 7e-7 here already); the low-rank step adds no more than that again.
     assert outcome["max_diff"] <= 2e-6, outcome
     _check_moved(outcome)
+
+
+@pytest.mark.parametrize("case", NAMED)
+def test_named_state_resumes_in_one_process(two_ranks: dict[str, dict], case: str) -> None:
+    outcome = two_ranks[case]
+    assert outcome["max_diff"] <= 1e-6, outcome
+    assert outcome["single_process_resume_diff"] <= 1e-6, outcome
+    _check_moved(outcome)
+
+
+@pytest.mark.parametrize("case", RESUME)
+def test_named_state_resumes_at_three_ranks(three_ranks: dict[str, dict], case: str) -> None:
+    # Same tolerance as the other 3-rank cases: 3-rank gradient averaging rounds differently.
+    assert three_ranks[case]["max_diff"] <= 2e-6, three_ranks[case]
+
+
+@pytest.mark.parametrize("case", CONFIGS)
+def test_example_config_initializes_and_steps(two_ranks: dict[str, dict], case: str) -> None:
+    outcome = two_ranks[case]
+    stage = int(case.split(":")[1])
+    assert outcome["zero_stage"] == stage
+    assert outcome["global_steps"] == 2 and outcome["optimizer_steps"] == [2], outcome
+    assert outcome["bound"] == ("DenseLayout" if stage == 0 else "FragmentLayout"), outcome
+    assert outcome["scheduler"] == "WarmupCosineLR", outcome

@@ -142,7 +142,7 @@ def _run_case(make, shapes, world_size: int, *, zero3: bool, round_robin: bool =
         optimizer = make([{"params": [w.clone() for w in weights], "rank": 3, "update_proj_gap": GAP}])
         optimizer.param_groups[0]["params"] = [flats[rank]]  # what DeepSpeed does after construction
         layout = FragmentLayout()
-        layout.add_partition(flats[rank], plans[rank], _FakeComm(group, rank), shard_moments=shard)
+        layout.add_partition(flats[rank], plans[rank], _FakeComm(group, rank), group_index=0, shard_moments=shard)
         layout.attach(optimizer)
         optimizers.append(optimizer)
 

@@ -4,6 +4,7 @@ The only subpackage that touches DeepSpeed, and only lazily (``plugin.initialize
 reads the attributes of an engine that already exists.
 """
 
+from .checkpoint import load_lowrank_state, save_lowrank_state
 from .comm import Communicator, TorchCommunicator
 from .fragment import FragmentLayout
 from .plan import MatrixPlan, PartitionPlan, Piece, zero3_plans, zero12_plans
@@ -20,9 +21,11 @@ __all__ = [
     "TorchCommunicator",
     "bind",
     "initialize",
+    "load_lowrank_state",
     "optimizer_factory",
     "param_groups_for",
     "read_config",
+    "save_lowrank_state",
     "zero12_plans",
     "zero3_plans",
 ]

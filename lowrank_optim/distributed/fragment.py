@@ -75,11 +75,13 @@ SHARD = "shard"
 
 @dataclass(frozen=True, kw_only=True)
 class _Partition:
-    """What the layout knows about one flat partition: its plan, its process group, and whether the
-    moments of split matrices are sharded among their holders."""
+    """What the layout knows about one flat partition: its plan, its process group, the index of the
+    optimizer's param group it belongs to, and whether the moments of split matrices are sharded among
+    their holders."""
 
     plan: PartitionPlan
     comm: Communicator
+    group_index: int
     shard_moments: bool
 
 
@@ -92,15 +94,34 @@ class FragmentLayout:
 
     def __init__(self) -> None:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
+        self._full_rank: dict[int, tuple[Tensor, _Partition]] = {}
         self._dense = DenseLayout()
 
-    def add_partition(self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, shard_moments: bool) -> None:
-        """Register ``flat`` (the tensor the optimizer will find in its param group) with its plan."""
+    def add_partition(
+        self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int, shard_moments: bool
+    ) -> None:
+        """Register ``flat`` (the tensor the optimizer will find in its projected param group
+        ``group_index``) with its plan."""
         # Keyed by id, with a reference kept so that the id cannot be reused by another tensor.
-        self._partitions[id(flat)] = (flat, _Partition(plan=plan, comm=comm, shard_moments=shard_moments))
+        entry = _Partition(plan=plan, comm=comm, group_index=group_index, shard_moments=shard_moments)
+        self._partitions[id(flat)] = (flat, entry)
+
+    def add_full_rank_partition(self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int) -> None:
+        """Register the flat partition of a full-rank group: stepped as one dense tensor, the plan only says
+        which parameters' elements it holds (for :mod:`lowrank_optim.distributed.checkpoint`)."""
+        entry = _Partition(plan=plan, comm=comm, group_index=group_index, shard_moments=False)
+        self._full_rank[id(flat)] = (flat, entry)
 
     def plan_of(self, flat: Tensor) -> PartitionPlan:
         return self._partitions[id(flat)][1].plan
+
+    def projected_partitions(self) -> list[tuple[Tensor, _Partition]]:
+        """``(flat, partition)`` of the projected groups, in binding order (the same on every rank)."""
+        return list(self._partitions.values())
+
+    def full_rank_partitions(self) -> list[tuple[Tensor, _Partition]]:
+        """``(flat, partition)`` of the full-rank groups, in binding order."""
+        return list(self._full_rank.values())
 
     @property
     def communicators(self) -> list[Communicator]:

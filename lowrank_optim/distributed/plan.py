@@ -8,6 +8,7 @@ what lets the ranks call their collectives in lockstep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,12 +27,12 @@ class Piece:
 
 @dataclass(frozen=True, kw_only=True)
 class MatrixPlan:
-    """One projected matrix as seen from one rank: its name and full shape, the ranks that hold a
+    """One parameter (a projected matrix, or any full-rank tensor) as seen from one rank: its name and full shape, the ranks that hold a
     non-empty piece of it (ascending; the first is the owner that computes the projector), and this
     rank's piece (``None`` when it holds none)."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     holders: tuple[int, ...]
     piece: Piece | None
 
@@ -42,7 +43,7 @@ class MatrixPlan:
 
     @property
     def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +61,7 @@ def _intersect(start: int, stop: int, lo: int, hi: int) -> tuple[int, int] | Non
 
 def zero12_plans(
     names: Sequence[str],
-    shapes: Sequence[tuple[int, int]],
+    shapes: Sequence[tuple[int, ...]],
     paddings: Sequence[int],
     partition_size: int,
     world_size: int,
@@ -75,7 +76,7 @@ def zero12_plans(
     matrices = []
     offset = 0
     for name, shape, padding in zip(names, shapes, paddings):
-        numel = shape[0] * shape[1]
+        numel = math.prod(shape)
         holders = tuple(
             k
             for k in range(world_size)
@@ -92,7 +93,7 @@ def zero12_plans(
 
 def zero3_plans(
     names: Sequence[str],
-    shapes: Sequence[tuple[int, int]],
+    shapes: Sequence[tuple[int, ...]],
     partition_numels: Sequence[int],
     world_size: int,
     rank: int,
@@ -106,7 +107,7 @@ def zero3_plans(
     matrices = []
     flat_offset = 0
     for name, shape, pn in zip(names, shapes, partition_numels):
-        numel = shape[0] * shape[1]
+        numel = math.prod(shape)
         holders = tuple(k for k in range(world_size) if _intersect(0, numel, k * pn, (k + 1) * pn))
         mine = _intersect(0, numel, rank * pn, (rank + 1) * pn)
         piece = None if mine is None else Piece(param_start=mine[0], numel=mine[1] - mine[0], flat_start=flat_offset)

@@ -70,24 +70,51 @@ def _verify(flat: Tensor, plan: PartitionPlan, values: list[Tensor], where: str)
             raise _mismatch(where, matrix.name)
 
 
+def _undo_state_warmup(engine: Any, base: GaLoreAdamW) -> None:
+    """Undo the zero-gradient step DeepSpeed's stage-0 fp16/bf16 wrapper takes when it is built.
+
+    ``FP16_UnfusedOptimizer.__init__`` (``initialize_optimizer_states``) calls ``base.step()`` once with
+    all-zero gradients to create Adam's state. For torch's AdamW that step still counts (bias correction)
+    and decays the fp32 masters by ``lr · weight_decay``; for a low-rank optimizer it also takes the
+    first projector refresh from a zero gradient and shifts every later refresh by one step. Here the
+    state is dropped and the masters are copied again from the model's weights (which that step left
+    untouched, and of which the masters were exact copies), so training starts as in one process.
+    """
+    wrapper = engine.optimizer
+    if type(wrapper).__name__ != "FP16_UnfusedOptimizer" or engine.global_steps != 0:
+        return
+    steps = {int(state["step"].item()) for state in base.state.values()}
+    if steps != {1}:
+        raise RuntimeError(
+            "bind(engine): DeepSpeed's FP16_UnfusedOptimizer should have stepped the optimizer exactly once (with "
+            f"zero gradients) when it was built, but its step counters are {sorted(steps)}. Bind right after "
+            "deepspeed.initialize, before training."
+        )
+    base.state.clear()
+    with torch.no_grad():
+        for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            for model_param, master in zip(low, high):
+                master.copy_(model_param)
+
+
 def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
     """Give the engine's low-rank optimizer the layout of ZeRO's partitions and return it.
 
-    Stage 0 keeps whole tensors (the dense layout). At ZeRO-1/2 the low-rank state of a matrix split
+    Stage 0 keeps whole tensors (the dense layout); with fp16/bf16 the zero-gradient step DeepSpeed's
+    wrapper took at construction is undone (:func:`_undo_state_warmup`). At ZeRO-1/2 the low-rank state of a matrix split
     between ranks is duplicated on its holders; at ZeRO-3 ``shard_moments`` (default) splits the
     moments of every split matrix among its holders instead.
     """
     base = _base_optimizer(engine)
     stage = engine.zero_optimization_stage()
     if stage == 0:
+        _undo_state_warmup(engine, base)
         return base
     names = _names(engine)
     zero = engine.optimizer
     layout = FragmentLayout()
     if stage in (1, 2):
         for index, group in enumerate(base.param_groups):
-            if "rank" not in group:
-                continue
             flat = zero.single_partition_of_fp32_groups[index]
             if group["params"][0] is not flat:
                 raise _mismatch(f"param group {index}", "<group tensor>")
@@ -107,7 +134,10 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
                 p.detach().reshape(-1)[m.piece.param_start :] if m.piece else p for p, m in zip(params, plan.matrices)
             ]
             _verify(flat, plan, values, f"ZeRO-{stage} param group {index}")
-            layout.add_partition(flat, plan, TorchCommunicator(process_group), shard_moments=False)
+            if "rank" in group:
+                layout.add_partition(flat, plan, TorchCommunicator(process_group), group_index=index, shard_moments=False)
+            else:
+                layout.add_full_rank_partition(flat, plan, TorchCommunicator(process_group), group_index=index)
     elif stage == 3:
         if getattr(zero, "offload_optimizer", False):
             raise ValueError(
@@ -119,9 +149,7 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
         rank = dist.get_rank(group=process_group)
         communicator = TorchCommunicator(process_group)
         for sub_group, params in enumerate(zero.fp16_groups):
-            group = base.param_groups[zero.sub_group_to_group_id[sub_group]]
-            if "rank" not in group:
-                continue
+            group_index = zero.sub_group_to_group_id[sub_group]
             flat = zero.fp32_partitioned_groups_flat[sub_group]
             plan = zero3_plans(
                 [names[id(p)] for p in params],
@@ -133,7 +161,10 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
             if flat.numel() != sum(p.partition_numel() for p in params):
                 raise _mismatch(f"ZeRO-3 sub-group {sub_group}", names[id(params[0])])
             _verify(flat, plan, [p.ds_tensor.detach().reshape(-1) for p in params], f"ZeRO-3 sub-group {sub_group}")
-            layout.add_partition(flat, plan, communicator, shard_moments=shard_moments)
+            if "rank" in base.param_groups[group_index]:
+                layout.add_partition(flat, plan, communicator, group_index=group_index, shard_moments=shard_moments)
+            else:
+                layout.add_full_rank_partition(flat, plan, communicator, group_index=group_index)
     else:
         raise ValueError(f"bind(engine): unknown ZeRO stage {stage!r}; supported stages are 0, 1, 2, 3.")
     layout.attach(base)

@@ -13,15 +13,23 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import deepspeed
-from lowrank_optim.deepspeed import initialize, optimizer_factory, param_groups_for
+from lowrank_optim.deepspeed import (
+    initialize,
+    load_lowrank_state,
+    optimizer_factory,
+    param_groups_for,
+    save_lowrank_state,
+)
 
 STEPS = 7
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 GLOBAL_BATCH = 12
 SECTIONS = {
     "galore": {"optimizer": "galore_adamw", "scale": 0.25},
@@ -84,7 +92,51 @@ def reference(name: str, clip: float, bf16: bool, hidden: int) -> list[torch.Ten
     return [p.detach().float() for p in model.parameters()]
 
 
+def resume_single_process(name: str, directory: Path, steps: range) -> list[torch.Tensor]:
+    """A plain optimizer in one process resumed from the weights and the name-keyed state of a DeepSpeed run."""
+    model = Net()
+    model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
+    optimizer = optimizer_factory(section_for(name))(param_groups_for(model, section_for(name)))
+    load_lowrank_state(optimizer, directory, model=model)
+    inputs, targets = data()
+    for step in steps:
+        model.zero_grad()
+        loss_fn(model, inputs[step], targets[step]).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def run_config_case(case: str) -> dict:
+    """``config:S``: the shipped ``configs/deepspeed/zeroS_bf16.json`` on ``Net``, two steps (no skipped step,
+    no extra one: at stage 0 DeepSpeed's wrapper steps once while it is built, which bind undoes)."""
+    stage = int(case.split(":")[1])
+    path = CONFIGS / f"zero{stage}_bf16.json"
+    torch.manual_seed(0)
+    engine, optimizer, _, scheduler = initialize(Net(), str(path))
+    inputs, targets = data()
+    micro = engine.train_micro_batch_size_per_gpu()
+    for step in range(2):
+        x = inputs[step].repeat(micro // GLOBAL_BATCH + 1, 1)[:micro].bfloat16()
+        y = targets[step].repeat(micro // GLOBAL_BATCH + 1, 1)[:micro]
+        engine.backward(loss_fn(engine, x, y))
+        engine.step()
+    base = engine.basic_optimizer
+    steps = [int(state["step"].item()) for state in base.state.values()]
+    outcome = {
+        "case": case,
+        "zero_stage": engine.zero_optimization_stage(),
+        "global_steps": engine.global_steps,
+        "optimizer_steps": sorted(set(steps)),
+        "bound": type(base.layout).__name__,
+        "scheduler": type(scheduler).__name__,
+    }
+    engine.destroy()
+    return outcome
+
+
 def run_case(case: str) -> dict:
+    if case.startswith("config:"):
+        return run_config_case(case)
     name, stage, *rest = case.split(":")
     stage = int(stage)
     options = set(rest[0].split("+")) if rest else set()
@@ -109,8 +161,6 @@ def run_case(case: str) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0, sub_group_size=300)
-        if "replicated" in options:
-            pass
     config = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": micro,
@@ -146,8 +196,35 @@ def run_case(case: str) -> dict:
                 return [p.detach().float().clone() for p in engine.module.parameters()]
         return [p.detach().float().clone() for p in engine.module.parameters()]
 
+    # "names": save the name-keyed state after 4 steps; "resume": continue such a save (made at another
+    # number of ranks) for the last 3 steps and compare with that run's uninterrupted result.
+    named = Path(os.environ["CKPT_DIR"]) / f"named_{name}_{stage}"
+    if "resume" in options:
+        torch.manual_seed(0)
+        model = Net(hidden)
+        model.load_state_dict(torch.load(named / "model.pt", weights_only=True))
+        engine = initialize(model, config)[0]
+        load_lowrank_state(engine, named)
+        train(engine, range(4, STEPS))
+        expected = [t.float() for t in torch.load(named / "final.pt", weights_only=True)]
+        diff = max((a - b).abs().max().item() for a, b in zip(parameters(engine), expected))
+        outcome = {"case": case, "world": world, "max_diff": diff}
+        engine.destroy()
+        return outcome
     engine = build()
-    if "ckpt" in options:
+    if "names" in options:
+        train(engine, range(4))
+        save_lowrank_state(engine, named)
+        weights = {n: p for n, p in zip([n for n, _ in engine.module.named_parameters()], parameters(engine))}
+        if rank == 0:
+            torch.save(weights, named / "model.pt")
+        train(engine, range(4, STEPS))
+        result = parameters(engine)
+        if rank == 0:
+            torch.save(result, named / "final.pt")
+            resumed = resume_single_process(name, named, range(4, STEPS))
+        dist.barrier()
+    elif "ckpt" in options:
         # Save after 4 steps, resume in a fresh engine, and require the same bits as the uninterrupted run.
         train(engine, range(4))
         directory = os.environ["CKPT_DIR"] + "/" + case.replace(":", "_").replace("+", "_")
@@ -171,6 +248,8 @@ def run_case(case: str) -> dict:
     outcome = {"case": case, "world": world, "max_diff": diff, "moved": moved}
     if "ckpt" in options:
         outcome["bitwise_resume"] = bitwise
+    if "names" in options and rank == 0:
+        outcome["single_process_resume_diff"] = max((a - b).abs().max().item() for a, b in zip(result, resumed))
     if bf16:
         # Per tensor, in units of the bf16 ulp of its largest reference value: 2^(floor(log2 max|w|) - 7).
         outcome["max_ulps"] = max(

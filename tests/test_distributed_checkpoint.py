@@ -1,0 +1,78 @@
+"""The name-keyed optimizer state in one process (the DeepSpeed side is in test_distributed_deepspeed.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim.distributed import load_lowrank_state, save_lowrank_state
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 6))
+
+
+def _optimizer(cls: type[GaLoreAdamW], model: nn.Module, rank: int = 3) -> GaLoreAdamW:
+    matrices = [model[0].weight, model[2].weight]
+    others = [model[0].bias, model[2].bias]
+    return cls([{"params": others}, {"params": matrices, "rank": rank, "update_proj_gap": 2}], lr=1e-2, weight_decay=0.1)
+
+
+def _train(model: nn.Module, optimizer: GaLoreAdamW, steps: range) -> None:
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 12, generator=generator), torch.randn(8, 6, generator=generator)) for _ in range(7)]
+    for step in steps:
+        model.zero_grad()
+        x, y = batches[step]
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, DCTAdamW])
+def test_round_trip_continues_bitwise(tmp_path: Path, cls: type[GaLoreAdamW]) -> None:
+    model = _model()
+    optimizer = _optimizer(cls, model)
+    _train(model, optimizer, range(3))
+    save_lowrank_state(optimizer, tmp_path, model=model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, optimizer, range(3, 7))
+
+    resumed = _model()
+    resumed.load_state_dict(weights)
+    fresh = _optimizer(cls, resumed)
+    load_lowrank_state(fresh, tmp_path, model=resumed)
+    _train(resumed, fresh, range(3, 7))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # Only tensors and strings: readable without unpickling code.
+    content = torch.load(next(tmp_path.glob("lowrank_state_rank*.pt")), weights_only=True)
+    assert set(content["params"]) == {name for name, _ in model.named_parameters()}
+
+
+def test_refuses_a_different_rank(tmp_path: Path) -> None:
+    model = _model()
+    optimizer = _optimizer(GaLoreAdamW, model)
+    _train(model, optimizer, range(1))
+    save_lowrank_state(optimizer, tmp_path, model=model)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' basis_right was saved with shape \(3, 12\)"):
+        load_lowrank_state(_optimizer(GaLoreAdamW, model, rank=2), tmp_path, model=model)
+
+
+def test_refuses_a_missing_parameter_and_a_missing_model(tmp_path: Path) -> None:
+    model = _model()
+    optimizer = _optimizer(GaLoreAdamW, model)
+    _train(model, optimizer, range(1))
+    with pytest.raises(ValueError, match="pass model="):
+        save_lowrank_state(optimizer, tmp_path)
+    save_lowrank_state(optimizer, tmp_path, model=model)
+    bigger = nn.Sequential(*model, nn.Linear(6, 6))
+    extended = GaLoreAdamW([{"params": list(bigger[3].parameters())}], lr=1e-2)
+    with pytest.raises(KeyError, match="no entry for parameter '3.weight'"):
+        load_lowrank_state(extended, tmp_path, model=bigger)
+    with pytest.raises(FileNotFoundError, match="holds no lowrank_state_rank"):
+        load_lowrank_state(optimizer, tmp_path / "empty", model=model)
