@@ -123,12 +123,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .train.methods import load_presets
     from .train.pretrain import TrainSettings, pretrain
 
+    if args.tokenizer is not None and not args.text:
+        raise ValueError(f"--tokenizer ({args.tokenizer!r}) applies to --text files; none were given")
     if args.tokens is not None:
         tokens = torch.from_numpy(np.load(args.tokens).astype(np.int64).reshape(-1))
-    elif args.text and args.tokenizer:
-        tokens = _hf_tokenize(args.text, args.tokenizer)
     elif args.text:
-        tokens = load_text_files(args.text)
+        tokens = load_text_files(args.text, tokenizer_file=args.tokenizer)
     else:
         tokens = stdlib_corpus()
     config = LlamaConfig.from_name_or_path(args.config)
@@ -145,28 +145,6 @@ def _pretrain(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
-
-
-def _hf_tokenize(paths: Sequence[str], tokenizer_file: str) -> "torch.Tensor":  # noqa: F821
-    """Token ids of text files with a Hugging Face ``tokenizers`` JSON file; documents as in ``load_text_files``."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as error:
-        raise ValueError(
-            f"--tokenizer ({tokenizer_file!r}) needs the 'tokenizers' package (pip install tokenizers)"
-        ) from error
-    import torch
-
-    tokenizer = Tokenizer.from_file(tokenizer_file)
-    ids: list[int] = []
-    for path in map(Path, paths):
-        if path.suffix == ".jsonl":
-            documents = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            documents = [path.read_text(encoding="utf-8", errors="replace")]
-        for document in documents:
-            ids.extend(tokenizer.encode(document).ids)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -100,8 +100,8 @@ def stdlib_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> Tensor:
     return tokenizer.encode_documents(documents)[:max_bytes]
 
 
-def load_text_files(paths: Iterable[str | os.PathLike[str]]) -> Tensor:
-    """Token ids of user text: each plain file is one document, each ``.jsonl`` line's ``"text"`` is one."""
+def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[str | bytes]:
+    """User text as documents: each plain file is one (raw bytes), each ``.jsonl`` line's ``"text"`` is one."""
     documents: list[str | bytes] = []
     for path in map(Path, paths):
         if path.suffix == ".jsonl":
@@ -117,7 +117,30 @@ def load_text_files(paths: Iterable[str | os.PathLike[str]]) -> Tensor:
                     documents.append(record["text"])
         else:
             documents.append(path.read_bytes())
-    return ByteTokenizer().encode_documents(documents)
+    return documents
+
+
+def load_text_files(paths: Iterable[str | os.PathLike[str]], tokenizer_file: str | None = None) -> Tensor:
+    """Token ids of user text (documents as :func:`read_documents` splits them).
+
+    Without ``tokenizer_file``: the byte tokenizer, documents separated by its ``eos``. With a Hugging Face
+    ``tokenizers`` JSON file (needs the ``tokenizers`` package): each document encoded by it (raw files
+    decoded as UTF-8, undecodable bytes replaced) and the ids concatenated; separators are whatever the
+    tokenizer's own post-processor adds (e.g. T5's ``</s>``).
+    """
+    documents = read_documents(paths)
+    if tokenizer_file is None:
+        return ByteTokenizer().encode_documents(documents)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as error:
+        raise ValueError(
+            f"tokenizer_file ({tokenizer_file!r}) needs the 'tokenizers' package (pip install tokenizers)"
+        ) from error
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    texts = [doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc for doc in documents]
+    ids = [token_id for encoding in tokenizer.encode_batch(texts) for token_id in encoding.ids]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class TokenStream:

@@ -98,3 +98,18 @@ def test_eval_batches_are_fixed_consecutive_windows(corpus: torch.Tensor) -> Non
 def test_too_little_text_is_rejected() -> None:
     with pytest.raises(ValueError, match=re.escape("the validation split has 5 tokens, fewer than seq_len + 1 (17)")):
         TokenStream(torch.zeros(100, dtype=torch.long), seq_len=16)
+
+
+def test_text_files_with_a_hugging_face_tokenizer_file(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "low": 1, "rank": 2, "adam": 3}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    (tmp_path / "a.txt").write_text("low rank adam")
+    (tmp_path / "b.jsonl").write_text('{"text": "rank low"}\n\n{"text": "unknown adam"}\n')
+
+    ids = load_text_files([tmp_path / "a.txt", tmp_path / "b.jsonl"], tokenizer_file=str(tokenizer_file))
+    assert ids.dtype == torch.long
+    assert ids.tolist() == [1, 2, 3, 2, 1, 0, 3]
