@@ -31,6 +31,7 @@ def run_pair(
     proj_type: str = "std",
     weight_decay: float = 0.0,
     foreach: bool = False,
+    fused: bool | None = None,
     moment_policy: str = "keep",
 ) -> tuple[list[torch.Tensor], list[GaLoreReference]]:
     """Step a projected matrix and a full-rank vector with GaLoreAdamW and with the references."""
@@ -44,6 +45,7 @@ def run_pair(
             {"params": [weight], "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": proj_type},
         ],
         foreach=foreach,
+        fused=fused,
         moment_policy=moment_policy,
         **hyper,
     )
@@ -84,7 +86,8 @@ def test_moment_policy_reset_matches_reference(shape_kind: str) -> None:
 
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
 def test_foreach_equals_single_tensor_bitwise(proj_type: str) -> None:
-    single, _ = run_pair((9, 6), proj_type=proj_type, weight_decay=0.1, foreach=False)
+    # fused=False: the reference single-tensor loop (the kernels are within ulps, test_fused.py).
+    single, _ = run_pair((9, 6), proj_type=proj_type, weight_decay=0.1, foreach=False, fused=False)
     multi, _ = run_pair((9, 6), proj_type=proj_type, weight_decay=0.1, foreach=True)
     for a, b in zip(single, multi):
         assert torch.equal(a, b)

@@ -1,27 +1,35 @@
 // CPU kernel of lowrank_optim::lowrank_adam_ (schema: lowrank_optim/ops/adam.py): one pass over
 // R, M, V, N instead of the six the reference's separate ops make.
 //
-// Bitwise parity with the reference: every value the reference stores is rounded here at the same
-// point, in the same dtype, and multiply-adds are fused exactly where ATen's vectorized kernels fuse
-// them. ATen's AVX2/AVX512 kernels compute `add_(R, alpha=a)` as fma(R, a, M) and
-// `addcmul_(R, R, value=s)` as fma(s*R, R, V); its DEFAULT (no-FMA) build rounds the product first.
-// So the fused variant is compiled for AVX2+FMA and chosen when ATen runs its AVX2/AVX512 kernels,
-// and the whole file is built with -ffp-contract=off so that the compiler never fuses on its own.
+// Parity with the reference: every value the reference stores is rounded here at the same point, in
+// the same dtype, and multiply-adds are fused exactly where ATen's vectorized kernels fuse them
+// (`add_(R, alpha=a)` as fma(R, a, M), `addcmul_(R, R, value=s)` as fma(s*R, R, V); its DEFAULT build
+// rounds the product first). See csrc/README.md, "Rounding rules".
+//
+// Vectorization: the arithmetic runs on opmath-typed arrays with the intermediate roundings done by
+// cpu::round_to (32-bit lanes for bf16), so the loop has no 16-bit values in it. Reduced-precision
+// tensors are widened into small stack buffers, updated there, and narrowed back (each of those three
+// loops vectorizes on its own, where one loop mixing 16- and 32-bit values stays scalar).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
+#include <type_traits>
+
+#include "common.h"
 
 namespace lowrank_optim {
 namespace {
 
+using cpu::narrow;
+using cpu::round_to;
+using cpu::widen;
+
 constexpr int64_t kGrain = 32768;
+// Elements per stack buffer of the reduced-precision path: 4 float buffers of 4 KiB stay in L1.
+constexpr int64_t kBufferElements = 1024;
 
 template <typename scalar_t>
 struct AdamCoefficients {
@@ -29,83 +37,64 @@ struct AdamCoefficients {
   acc_t beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
-// Loads and stores in the opmath type. bf16 is converted with integer arithmetic (the same
-// round-to-nearest-even, NaN-preserving rule as c10::BFloat16) because that vectorizes, while
-// c10's branchy conversion keeps the loop scalar.
-template <typename scalar_t>
-inline at::opmath_type<scalar_t> widen(scalar_t x) {
-  return static_cast<at::opmath_type<scalar_t>>(x);
-}
-template <typename scalar_t>
-inline scalar_t narrow(at::opmath_type<scalar_t> x) {
-  return static_cast<scalar_t>(x);
-}
-template <>
-inline float widen(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
-}
-template <>
-inline c10::BFloat16 narrow(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+// The update on opmath arrays; `scalar_t` says where to round, `Fused` whether the two multiply-adds
+// are fused. Each line rounds what one reference op stores: M·b1, then + (1-b1)·R, and so on.
+template <bool Fused, typename scalar_t>
+LOWRANK_OPTIM_ALWAYS_INLINE void adam_arrays(const at::opmath_type<scalar_t>* __restrict__ r, at::opmath_type<scalar_t>* __restrict__ m,
+                        at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ n,
+                        int64_t count, const AdamCoefficients<scalar_t>& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t ri = r[i];
+    const acc_t m_decayed = round_to<scalar_t>(m[i] * c.beta1);
+    const acc_t v_decayed = round_to<scalar_t>(v[i] * c.beta2);
+    const acc_t weighted_r = c.one_minus_beta2 * ri;
+    const acc_t mi = round_to<scalar_t>(Fused ? std::fma(ri, c.one_minus_beta1, m_decayed)
+                                              : m_decayed + ri * c.one_minus_beta1);
+    const acc_t vi = round_to<scalar_t>(Fused ? std::fma(weighted_r, ri, v_decayed) : v_decayed + weighted_r * ri);
+    m[i] = mi;
+    v[i] = vi;
+    const acc_t denominator = round_to<scalar_t>(round_to<scalar_t>(std::sqrt(vi)) + c.eps);
+    n[i] = round_to<scalar_t>(mi / denominator);
+  }
 }
 
-// One element; `Fused` selects fma vs. rounded product + sum for the two multiply-adds.
 template <bool Fused, typename scalar_t>
-inline void adam_element(const scalar_t* __restrict__ lowrank, scalar_t* __restrict__ exp_avg,
-                         scalar_t* __restrict__ exp_avg_sq, scalar_t* __restrict__ normalized, int64_t i,
-                         const AdamCoefficients<scalar_t>& c) {
+LOWRANK_OPTIM_ALWAYS_INLINE void adam_range(const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* normalized,
+                       int64_t begin, int64_t end, const AdamCoefficients<scalar_t>& c) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t r = widen(lowrank[i]);
-  // Each line stores what one reference op stores: M·b1, then + (1-b1)·R, and so on.
-  const acc_t m_decayed = widen(narrow<scalar_t>(widen(exp_avg[i]) * c.beta1));
-  const acc_t v_decayed = widen(narrow<scalar_t>(widen(exp_avg_sq[i]) * c.beta2));
-  const acc_t weighted_r = c.one_minus_beta2 * r;
-  const scalar_t m = narrow<scalar_t>(Fused ? std::fma(r, c.one_minus_beta1, m_decayed)
-                                            : m_decayed + r * c.one_minus_beta1);
-  const scalar_t v = narrow<scalar_t>(Fused ? std::fma(weighted_r, r, v_decayed) : v_decayed + weighted_r * r);
-  exp_avg[i] = m;
-  exp_avg_sq[i] = v;
-  const scalar_t root = narrow<scalar_t>(std::sqrt(widen(v)));
-  const scalar_t denominator = narrow<scalar_t>(widen(root) + c.eps);
-  normalized[i] = narrow<scalar_t>(widen(m) / widen(denominator));
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    adam_arrays<Fused, scalar_t>(lowrank + begin, exp_avg + begin, exp_avg_sq + begin, normalized + begin,
+                                 end - begin, c);
+  } else {
+    acc_t r[kBufferElements], m[kBufferElements], v[kBufferElements], n[kBufferElements];
+    for (int64_t start = begin; start < end; start += kBufferElements) {
+      const int64_t count = std::min(kBufferElements, end - start);
+      for (int64_t i = 0; i < count; ++i) r[i] = widen(lowrank[start + i]);
+      for (int64_t i = 0; i < count; ++i) m[i] = widen(exp_avg[start + i]);
+      for (int64_t i = 0; i < count; ++i) v[i] = widen(exp_avg_sq[start + i]);
+      adam_arrays<Fused, scalar_t>(r, m, v, n, count, c);
+      // The values are already rounded to scalar_t: narrowing them is exact.
+      for (int64_t i = 0; i < count; ++i) exp_avg[start + i] = narrow<scalar_t>(m[i]);
+      for (int64_t i = 0; i < count; ++i) exp_avg_sq[start + i] = narrow<scalar_t>(v[i]);
+      for (int64_t i = 0; i < count; ++i) normalized[start + i] = narrow<scalar_t>(n[i]);
+    }
+  }
 }
 
 template <typename scalar_t>
 void adam_range_plain(const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* normalized,
                       int64_t begin, int64_t end, const AdamCoefficients<scalar_t>& c) {
-  for (int64_t i = begin; i < end; ++i) adam_element<false>(lowrank, exp_avg, exp_avg_sq, normalized, i, c);
+  adam_range<false>(lowrank, exp_avg, exp_avg_sq, normalized, begin, end, c);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// Compiled for AVX2+FMA so that std::fma is one instruction and the loop vectorizes.
+// Compiled for AVX2+FMA on x86 so that std::fma is one instruction and the loops vectorize 8-wide.
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void adam_range_fused(const scalar_t* lowrank, scalar_t* exp_avg,
-                                                          scalar_t* exp_avg_sq, scalar_t* normalized,
-                                                          int64_t begin, int64_t end,
-                                                          const AdamCoefficients<scalar_t>& c) {
-  for (int64_t i = begin; i < end; ++i) adam_element<true>(lowrank, exp_avg, exp_avg_sq, normalized, i, c);
+LOWRANK_OPTIM_FMA_TARGET void adam_range_fused(const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq,
+                                               scalar_t* normalized, int64_t begin, int64_t end,
+                                               const AdamCoefficients<scalar_t>& c) {
+  adam_range<true>(lowrank, exp_avg, exp_avg_sq, normalized, begin, end, c);
 }
-
-bool aten_fuses_multiply_add() {
-  static const bool fused = at::get_cpu_capability() != "DEFAULT";
-  return fused;
-}
-#else
-// Other architectures' ATen vector kernels (NEON, VSX, SVE) fuse too; std::fma is native there.
-template <typename scalar_t>
-void adam_range_fused(const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* normalized,
-                      int64_t begin, int64_t end, const AdamCoefficients<scalar_t>& c) {
-  for (int64_t i = begin; i < end; ++i) adam_element<true>(lowrank, exp_avg, exp_avg_sq, normalized, i, c);
-}
-
-bool aten_fuses_multiply_add() { return true; }
-#endif
 
 void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor normalized,
                       double beta1, double beta2, double eps) {
@@ -122,7 +111,7 @@ void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor 
   at::Tensor m = exp_avg.contiguous();
   at::Tensor v = exp_avg_sq.contiguous();
   at::Tensor n = normalized.is_contiguous() ? normalized : at::empty_like(normalized, at::MemoryFormat::Contiguous);
-  const bool fused = aten_fuses_multiply_add();
+  const bool fused = cpu::aten_fuses_multiply_add();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lowrank.scalar_type(), "lowrank_adam_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The reference's scalars reach its kernels in the opmath type, with 1 - beta formed in double

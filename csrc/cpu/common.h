@@ -37,9 +37,34 @@ inline c10::BFloat16 narrow(float x) {
   return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
 }
 
+// `widen(narrow<scalar_t>(x))`: x rounded to scalar_t, kept in the opmath type. For bf16 this stays in
+// 32-bit lanes (no 16-bit values in the loop), which lets a loop of float arithmetic vectorize.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> round_to(at::opmath_type<scalar_t> x) {
+  return widen(narrow<scalar_t>(x));
+}
+template <>
+inline float round_to<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  const uint32_t result_bits = x != x ? 0x7fc00000u : rounded;
+  float result;
+  std::memcpy(&result, &result_bits, sizeof(result));
+  return result;
+}
+
 // ATen's AVX2/AVX512 kernels fuse `add(x, alpha=a)` into fma(x, a, self); its DEFAULT (no-SIMD) build
 // rounds the product first. Kernels that reproduce such an op compile a fused variant for AVX2+FMA
-// (LOWRANK_OPTIM_FMA_TARGET) and pick it when this is true.
+// (LOWRANK_OPTIM_FMA_TARGET) and pick it when aten_fuses_multiply_add().
+//
+// Code that a LOWRANK_OPTIM_FMA_TARGET function calls must be inlined into it to be compiled for that
+// target (else std::fma becomes a libm call): LOWRANK_OPTIM_ALWAYS_INLINE forces that.
+#if defined(__GNUC__) || defined(__clang__)
+#define LOWRANK_OPTIM_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LOWRANK_OPTIM_ALWAYS_INLINE inline
+#endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LOWRANK_OPTIM_FMA_TARGET __attribute__((target("avx2,fma")))
 inline bool aten_fuses_multiply_add() {

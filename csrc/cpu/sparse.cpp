@@ -8,11 +8,28 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 namespace lowrank_optim {
 namespace {
 
 // Enough nonzeros per task that scheduling costs stay small next to the memory traffic.
 constexpr int64_t kGrain = 16384;
+// How many nonzeros ahead the dense element is prefetched. At a 3 % support consecutive nonzeros are
+// ~33 elements apart, so the hardware prefetcher (which follows cache-line strides) misses most of
+// them; a software prefetch this far ahead hides the memory latency.
+constexpr int64_t kPrefetchDistance = 64;
+
+template <typename T>
+inline void prefetch(const T* address, bool write) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (write) {
+    __builtin_prefetch(address, 1);
+  } else {
+    __builtin_prefetch(address, 0);
+  }
+#endif
+}
 
 void check_support(const char* op, const at::Tensor& dense, const at::Tensor& flat_indices) {
   TORCH_CHECK(flat_indices.scalar_type() == at::kInt || flat_indices.scalar_type() == at::kLong, op,
@@ -44,7 +61,9 @@ void sparse_scatter_add_cpu(at::Tensor dense, const at::Tensor& flat_indices, co
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_scatter_add_", [&] {
       const index_t* idx = indices.const_data_ptr<index_t>();
       at::parallel_for(0, nnz, kGrain, [&](int64_t begin, int64_t end) {
+        const int64_t prefetched = std::max(begin, end - kPrefetchDistance);
         for (int64_t i = begin; i < end; ++i) {
+          if (i < prefetched) prefetch(out + idx[i + kPrefetchDistance], /*write=*/true);
           scalar_t& target = out[idx[i]];
           target = static_cast<scalar_t>(static_cast<acc_t>(target) + scale * static_cast<acc_t>(in[i]));
         }
@@ -72,7 +91,12 @@ at::Tensor sparse_gather_cpu(const at::Tensor& dense, const at::Tensor& flat_ind
       const index_t* idx = indices.const_data_ptr<index_t>();
       at::parallel_for(0, nnz, kGrain, [&](int64_t begin, int64_t end) {
         if (contiguous) {
-          for (int64_t i = begin; i < end; ++i) out[i] = in[idx[i]];
+          const int64_t prefetched = std::max(begin, end - kPrefetchDistance);
+          for (int64_t i = begin; i < prefetched; ++i) {
+            prefetch(in + idx[i + kPrefetchDistance], /*write=*/false);
+            out[i] = in[idx[i]];
+          }
+          for (int64_t i = prefetched; i < end; ++i) out[i] = in[idx[i]];
           return;
         }
         for (int64_t i = begin; i < end; ++i) {

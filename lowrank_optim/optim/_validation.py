@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
+from ..ops import kernel_load_error, kernels_available
 from ..projection import DCT_SCORING, FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "check_adam_hyperparameters",
     "check_finite_number",
     "check_fira_options",
+    "check_implementation_options",
     "check_no_duplicates",
     "check_projection_group",
     "check_projector_options",
@@ -90,6 +92,26 @@ def check_projector_options(*, projector: str, scoring: str, where: str = "") ->
         raise ValueError(f"Invalid projector{where}: {projector!r}. Must be one of {', '.join(PROJECTORS)}.")
     if scoring not in DCT_SCORING:
         raise ValueError(f"Invalid scoring{where}: {scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
+
+
+def check_implementation_options(
+    *, fused: Any, foreach: Any, devices: Iterable[torch.device] = (), where: str = ""
+) -> None:
+    """Validate ``fused``/``foreach`` (each ``None`` or a bool, not both ``True``); ``fused=True`` also needs
+    the compiled kernels of every device in ``devices``, and the error carries why they did not load."""
+    for name, value in (("fused", fused), ("foreach", foreach)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}{where}: {value!r}. Must be None, True or False.")
+    if fused and foreach:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    if not fused:
+        return
+    for device in dict.fromkeys(devices):  # each device type once, in order
+        if not kernels_available(device):
+            raise RuntimeError(
+                f"Invalid fused{where}: True. The compiled lowrank_optim kernels for {device.type} did not load: "
+                f"{kernel_load_error(device)}. Use fused=None (kernels where they loaded) or fused=False."
+            )
 
 
 def check_fira_options(*, alpha: Any, residual: str, gamma: Any, where: str = "") -> None:

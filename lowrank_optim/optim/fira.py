@@ -66,6 +66,7 @@ class FiraAdamW(GaLoreAdamW):
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_fira_options(alpha=alpha, residual=residual, gamma=gamma)
         self._setup(
@@ -86,6 +87,7 @@ class FiraAdamW(GaLoreAdamW):
                 moment_dtype=moment_dtype,
                 moment_policy=moment_policy,
                 foreach=foreach,
+                fused=fused,
             ),
         )
 
@@ -135,6 +137,7 @@ class FiraAdamW(GaLoreAdamW):
             scoring=group["scoring"],
             moment_policy=group["moment_policy"],
             foreach=group["foreach"],
+            fused=group["fused"],
             on_nonfinite_refresh=self._warn_nonfinite_once,
         )
 
@@ -161,6 +164,7 @@ def fira_adamw(
     scoring: str = "auto",
     moment_policy: str = "keep",
     foreach: bool | None = None,
+    fused: bool | None = None,
     on_nonfinite_refresh: Callable[[], None] | None = None,
 ) -> None:
     """Functional Fira-AdamW step: :func:`~lowrank_optim.optim.galore_adamw` with the residual term.
@@ -188,6 +192,7 @@ def fira_adamw(
         scoring=scoring,
         moment_policy=moment_policy,
         foreach=foreach,
+        fused=fused,
         on_nonfinite_refresh=on_nonfinite_refresh,
         fira=FiraTerm(residual_norms, subtract, residual_scale, gamma),
     )

@@ -32,25 +32,33 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..ops import dct_topk, fira_residual_, kernels_available, lowrank_adam_
 from ..projection import (
     DCTSelection,
+    Side,
     Subspace,
     add_project_back_,
     basis_shapes,
+    dct_matrix,
     dct_subspace,
     effective_rank,
     fira_residual,
     limit_norm_growth_,
     lowrank_shape,
     project,
+    project_back,
     refresh_dct_selection_,
     refresh_svd_basis_,
+    resolve_scoring,
     resolve_side,
+    scoring_input,
+    select_dct_indices,
 )
 from ._state import StateDtypeKeeper
 from ._validation import (
     check_adam_hyperparameters,
     check_finite_number,
+    check_implementation_options,
     check_moment_options,
     check_no_duplicates,
     check_projection_group,
@@ -120,7 +128,12 @@ class GaLoreAdamW(Optimizer):
             (e.g. ``torch.float32`` keeps fp32 moments for bf16 weights).
         moment_policy: at a projector refresh, ``keep`` the moments (reference; for ``dct`` they follow
             their frequencies) or ``reset`` them.
-        foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA).
+        foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA) unless
+            the step is fused.
+        fused: use the compiled kernels of :mod:`lowrank_optim.ops` (moment update, Fira's residual, DCT
+            scoring); ``None`` uses them where they loaded for the parameters' device, ``True`` requires
+            them (refused at construction with the load error when missing), ``False`` runs the
+            pure-PyTorch reference. Cannot be ``True`` together with ``foreach``.
     """
 
     def __init__(
@@ -140,6 +153,7 @@ class GaLoreAdamW(Optimizer):
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_finite_number("scale", scale)
         self._setup(
@@ -158,6 +172,7 @@ class GaLoreAdamW(Optimizer):
                 moment_dtype=moment_dtype,
                 moment_policy=moment_policy,
                 foreach=foreach,
+                fused=fused,
             ),
         )
 
@@ -168,6 +183,7 @@ class GaLoreAdamW(Optimizer):
         )
         check_moment_options(moment_dtype=defaults["moment_dtype"], moment_policy=defaults["moment_policy"])
         check_projector_options(projector=defaults["projector"], scoring=defaults["scoring"])
+        check_implementation_options(fused=defaults["fused"], foreach=defaults["foreach"])
         self._warned_nonfinite = False
         Optimizer.__init__(self, params, defaults)
         #: How ``param_groups`` map onto parameters; DeepSpeed binding replaces it (lowrank_optim.deepspeed.bind).
@@ -189,7 +205,7 @@ class GaLoreAdamW(Optimizer):
         index = len(self.param_groups) - 1
         try:
             self._check_group(group, index)
-        except ValueError:
+        except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
 
@@ -203,6 +219,9 @@ class GaLoreAdamW(Optimizer):
         )
         check_moment_options(moment_dtype=group["moment_dtype"], moment_policy=group["moment_policy"], where=where)
         check_projector_options(projector=group["projector"], scoring=group["scoring"], where=where)
+        check_implementation_options(
+            fused=group["fused"], foreach=group["foreach"], devices=[p.device for p in group["params"]], where=where
+        )
         self._check_method_options(group, where)
         if "rank" not in group:
             return
@@ -309,6 +328,7 @@ class GaLoreAdamW(Optimizer):
             scoring=group["scoring"],
             moment_policy=group["moment_policy"],
             foreach=group["foreach"],
+            fused=group["fused"],
             on_nonfinite_refresh=self._warn_nonfinite_once,
         )
 
@@ -357,6 +377,7 @@ def galore_adamw(
     scoring: str = "auto",
     moment_policy: str = "keep",
     foreach: bool | None = None,
+    fused: bool | None = None,
     on_nonfinite_refresh: Callable[[], None] | None = None,
     fira: FiraTerm | None = None,
 ) -> None:
@@ -367,9 +388,17 @@ def galore_adamw(
     refreshed in place at refresh steps. ``on_nonfinite_refresh`` is called when a refresh meets a
     NaN/Inf gradient (the previous projection is kept). ``fira`` adds Fira's residual term
     (:func:`lowrank_optim.optim.fira_adamw` is the entry point for that).
+
+    ``fused`` (compiled kernels, see :class:`GaLoreAdamW`) and ``foreach`` are resolved here, once per
+    call: ``fused=None`` means fused when kernels loaded for every parameter's device and ``foreach`` is
+    not ``True``; a fused step runs the single-tensor loop with the kernels.
     """
+    if fused and foreach:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    if fused is None:
+        fused = not foreach and bool(params) and all(kernels_available(p.device) for p in params)
     if foreach is None:
-        foreach = all(p.device.type == "cuda" for p in params) and bool(params)
+        foreach = not fused and bool(params) and all(p.device.type == "cuda" for p in params)
     impl = _multi_tensor_galore_adamw if foreach else _single_tensor_galore_adamw
     impl(
         params,
@@ -390,6 +419,7 @@ def galore_adamw(
         moment_policy=moment_policy,
         on_nonfinite_refresh=on_nonfinite_refresh or (lambda: None),
         fira=fira,
+        kernels=_FUSED if fused else _REFERENCE,
     )
 
 
@@ -400,11 +430,106 @@ def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: b
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
-def _refresh(grad: Tensor, projection: Subspace | DCTSelection, scoring: str, moments: tuple[Tensor, ...]) -> bool:
+def _moments_reference(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """Update ``M``, ``V`` in place and return ``N = M / (sqrt(V) + eps)`` (a new tensor), op by op."""
+    exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
+    # N is written into the denominator's buffer to save a temporary.
+    normalized = exp_avg_sq.sqrt().add_(eps)
+    return torch.div(exp_avg, normalized, out=normalized)
+
+
+def _moments_fused(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """:func:`_moments_reference` in one pass (:func:`lowrank_optim.ops.lowrank_adam_`)."""
+    return lowrank_adam_(lowrank, exp_avg, exp_avg_sq, torch.empty_like(exp_avg), beta1, beta2, eps)
+
+
+def _fira_residual_reference(
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    subspace: Subspace,
+    residual_norm: Tensor,
+    fira: FiraTerm,
+    first: bool,
+) -> Tensor:
+    """``residual_scale · limited((G - subtract · back(R)) · phi)``, a new ``m x n`` tensor; the limiter's
+    state ``residual_norm`` is updated in place."""
+    residual = fira_residual(grad, lowrank, normalized, subspace, subtract=fira.subtract)
+    limit_norm_growth_(residual, residual_norm, gamma=fira.gamma, first=first)
+    if fira.residual_scale != 1.0:
+        residual.mul_(fira.residual_scale)
+    return residual
+
+
+def _fira_residual_fused(
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    subspace: Subspace,
+    residual_norm: Tensor,
+    fira: FiraTerm,
+    first: bool,
+) -> Tensor:
+    """:func:`_fira_residual_reference` with everything after ``back(R)`` in one op
+    (:func:`lowrank_optim.ops.fira_residual_`), which overwrites the fresh ``back(R)``."""
+    if lowrank.dtype not in (grad.dtype, torch.float32):  # e.g. fp64 moments of fp32 weights: not an op dtype
+        return _fira_residual_reference(grad, lowrank, normalized, subspace, residual_norm, fira, first)
+    back = project_back(lowrank.to(grad.dtype), subspace)
+    return fira_residual_(
+        grad,
+        back,
+        normalized,
+        lowrank,
+        residual_norm,
+        dim=1 if subspace.side is Side.RIGHT else 0,
+        subtract=fira.subtract,
+        gamma=fira.gamma,
+        first=first,
+        scale=fira.residual_scale,
+    )
+
+
+def _select_dct_indices_fused(grad: Tensor, rank: int, side: Side, scoring: str) -> Tensor:
+    """:func:`~lowrank_optim.projection.select_dct_indices` with the L1 scores and top-``rank`` of a
+    matmul-scored transform in one op (:func:`lowrank_optim.ops.dct_topk`). FFT scoring keeps the
+    reference: it sums the scores of row blocks as it transforms them, and a top-``rank`` op cannot."""
+    size = grad.shape[1 if side is Side.RIGHT else 0]
+    if resolve_scoring(scoring, size) != "matmul":
+        return select_dct_indices(grad, rank, side, scoring)
+    x = scoring_input(grad)
+    q = dct_matrix(size, x.dtype, x.device)
+    # Right: columns of G Qᵀ; left: rows of Q G (no transposed copy of G).
+    return dct_topk(x @ q.T, rank, dim=0) if side is Side.RIGHT else dct_topk(q @ x, rank, dim=1)
+
+
+class _Kernels(NamedTuple):
+    """The functions a step computes with: compiled ops or the reference arithmetic, chosen once per call."""
+
+    moments: Callable[[Tensor, Tensor, Tensor, float, float, float], Tensor]
+    fira_residual: Callable[[Tensor, Tensor, Tensor, Subspace, Tensor, FiraTerm, bool], Tensor]
+    select_dct: Callable[[Tensor, int, Side, str], Tensor]
+
+
+_REFERENCE = _Kernels(_moments_reference, _fira_residual_reference, select_dct_indices)
+_FUSED = _Kernels(_moments_fused, _fira_residual_fused, _select_dct_indices_fused)
+
+
+def _refresh(
+    grad: Tensor,
+    projection: Subspace | DCTSelection,
+    scoring: str,
+    moments: tuple[Tensor, ...],
+    select_dct: Callable[[Tensor, int, Side, str], Tensor],
+) -> bool:
     """Recompute ``projection`` in place from ``grad``; ``moments`` are remapped where the projector
     defines how (DCT frequencies), else left as they are. ``False``: NaN/Inf, previous one kept."""
     if isinstance(projection, DCTSelection):
-        return refresh_dct_selection_(grad, projection, scoring, moments)
+        return refresh_dct_selection_(grad, projection, scoring, moments, select=select_dct)
     return refresh_svd_basis_(grad, projection)
 
 
@@ -419,6 +544,7 @@ def _project_gradient(
     scoring: str,
     moment_policy: str,
     on_nonfinite_refresh: Callable[[], None],
+    kernels: _Kernels,
 ) -> tuple[Tensor, Subspace | None] | None:
     """Refresh the projection when due, then return ``R`` in the moments' dtype and the subspace to
     project back with (``None``: skip this param, it has no projection yet)."""
@@ -427,7 +553,7 @@ def _project_gradient(
     if step % update_proj_gap == 0:
         # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
         carried = (exp_avg, exp_avg_sq) if step > 0 and moment_policy == "keep" else ()
-        if not _refresh(grad, projection, scoring, carried):
+        if not _refresh(grad, projection, scoring, carried, kernels.select_dct):
             on_nonfinite_refresh()
             if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
                 return None
@@ -453,6 +579,7 @@ def _apply_update(
     fira: FiraTerm | None,
     residual_norm: Tensor | None,
     first: bool,
+    kernels: _Kernels,
 ) -> None:
     """``W -= step_size · update`` for one parameter: ``N``, ``scale · back(N)``, or with Fira
     ``scale · back(N) + residual_scale · limited(S)``. The one place both implementations update."""
@@ -461,10 +588,7 @@ def _apply_update(
     elif fira is None:
         add_project_back_(param, normalized, subspace, alpha=-step_size * scale)
     else:
-        residual = fira_residual(grad, lowrank, normalized, subspace, subtract=fira.subtract)
-        limit_norm_growth_(residual, residual_norm, gamma=fira.gamma, first=first)
-        if fira.residual_scale != 1.0:
-            residual.mul_(fira.residual_scale)
+        residual = kernels.fira_residual(grad, lowrank, normalized, subspace, residual_norm, fira, first)
         # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
         update = add_project_back_(residual, normalized, subspace, alpha=scale)
         param.add_(update, alpha=-step_size)
@@ -490,6 +614,7 @@ def _single_tensor_galore_adamw(
     moment_policy: str,
     on_nonfinite_refresh: Callable[[], None],
     fira: FiraTerm | None,
+    kernels: _Kernels,
 ) -> None:
     for index, (param, grad, exp_avg, exp_avg_sq, step_t, projection) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, subspaces)
@@ -505,16 +630,13 @@ def _single_tensor_galore_adamw(
             scoring=scoring,
             moment_policy=moment_policy,
             on_nonfinite_refresh=on_nonfinite_refresh,
+            kernels=kernels,
         )
         if projected is None:
             continue
         lowrank, subspace = projected
         step_t += 1
-        exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
-        # N = M / (sqrt(V) + eps), written into the denominator's buffer to save a temporary.
-        normalized = exp_avg_sq.sqrt().add_(eps)
-        torch.div(exp_avg, normalized, out=normalized)
+        normalized = kernels.moments(lowrank, exp_avg, exp_avg_sq, beta1, beta2, eps)
         _apply_update(
             param,
             grad,
@@ -526,6 +648,7 @@ def _single_tensor_galore_adamw(
             fira=fira,
             residual_norm=None if fira is None else fira.residual_norms[index],
             first=step == 0,
+            kernels=kernels,
         )
         if weight_decay > 0.0:
             param.add_(param, alpha=-lr * weight_decay)
@@ -551,11 +674,13 @@ def _multi_tensor_galore_adamw(
     moment_policy: str,
     on_nonfinite_refresh: Callable[[], None],
     fira: FiraTerm | None,
+    kernels: _Kernels,
 ) -> None:
     """The same step with the elementwise moment arithmetic batched into ``torch._foreach_*`` calls.
 
     Projection and back-projection stay per parameter (they are matmuls); the moment update and the
-    normalization run once over all the (low-rank) moments of the group.
+    normalization run once over all the (low-rank) moments of the group (``kernels.moments`` is unused:
+    ``foreach`` is never fused).
     """
     active: list[int] = []
     lowranks: list[Tensor] = []
@@ -573,6 +698,7 @@ def _multi_tensor_galore_adamw(
             scoring=scoring,
             moment_policy=moment_policy,
             on_nonfinite_refresh=on_nonfinite_refresh,
+            kernels=kernels,
         )
         if projected is not None:
             active.append(index)
@@ -606,6 +732,7 @@ def _multi_tensor_galore_adamw(
             fira=fira,
             residual_norm=None if fira is None else fira.residual_norms[index],
             first=step == 1,
+            kernels=kernels,
         )
     if weight_decay > 0.0:
         decayed = [params[i] for i in active]

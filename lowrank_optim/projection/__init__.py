@@ -10,6 +10,8 @@ from .dct import (
     dct_scores,
     dct_subspace,
     refresh_dct_selection_,
+    resolve_scoring,
+    scoring_input,
     select_dct_indices,
 )
 from .fira import FIRA_GAMMA, FIRA_RESIDUALS, fira_coefficients, fira_residual, fira_scaling, limit_norm_growth_
@@ -58,6 +60,8 @@ __all__ = [
     "project",
     "project_back",
     "refresh_dct_selection_",
+    "resolve_scoring",
+    "scoring_input",
     "refresh_svd_basis_",
     "resolve_side",
     "select_dct_indices",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +37,8 @@ __all__ = [
     "dct_scores",
     "dct_subspace",
     "refresh_dct_selection_",
+    "resolve_scoring",
+    "scoring_input",
     "select_dct_indices",
 ]
 
@@ -120,7 +122,7 @@ def dct_ii(x: Tensor) -> Tensor:
     return torch.cat([lower, upper.flip(-1)], dim=-1)
 
 
-def _scoring_input(grad: Tensor) -> Tensor:
+def scoring_input(grad: Tensor) -> Tensor:
     # bf16/fp16 have no FFT on CPU and score too coarsely; score in fp32 (fp64 stays fp64).
     return grad if grad.dtype == torch.float64 else grad.float()
 
@@ -131,12 +133,10 @@ def dct_scores(grad: Tensor, side: Side, scoring: str = "auto") -> Tensor:
     Right: the columns of ``G Qᵀ`` (``n`` scores); left: the rows of ``Q G`` (``m`` scores). Both are
     ``X Qᵀ`` column sums with ``X = G`` or ``Gᵀ``, i.e. DCT-IIs of the rows of ``X``.
     """
-    x = _scoring_input(grad)
+    x = scoring_input(grad)
     x = x if side is Side.RIGHT else x.T
     size = x.shape[1]
-    if scoring == "auto":
-        scoring = "fft" if size >= FFT_SCORING_MIN_SIZE else "matmul"
-    if scoring == "fft":
+    if resolve_scoring(scoring, size) == "fft":
         # Blocks of rows keep the FFT's temporaries in cache (2-3x faster at d >= 2048 than one pass) and
         # bound their memory; each half is scored where it is computed, never copied into order.
         rows = max(1, _FFT_BLOCK_ELEMENTS // size)
@@ -150,8 +150,15 @@ def dct_scores(grad: Tensor, side: Side, scoring: str = "auto") -> Tensor:
                 lower_scores += lower
                 upper_scores += upper
         return torch.cat([lower_scores, upper_scores.flip(0)])
-    if scoring == "matmul":
-        return (x @ dct_matrix(size, x.dtype, x.device).T).abs_().sum(dim=0)
+    return (x @ dct_matrix(size, x.dtype, x.device).T).abs_().sum(dim=0)
+
+
+def resolve_scoring(scoring: str, size: int) -> str:
+    """``"matmul"`` or ``"fft"``: how a ``size``-point transform is scored (``"auto"`` picks by size)."""
+    if scoring == "auto":
+        return "fft" if size >= FFT_SCORING_MIN_SIZE else "matmul"
+    if scoring in DCT_SCORING:
+        return scoring
     raise ValueError(f"Invalid scoring: {scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
 
 
@@ -196,12 +203,17 @@ def carry_moment_(moment: Tensor, old: Tensor, new: Tensor, dim: int) -> Tensor:
 
 
 def refresh_dct_selection_(
-    grad: Tensor, selection: DCTSelection, scoring: str = "auto", moments: tuple[Tensor, ...] = ()
+    grad: Tensor,
+    selection: DCTSelection,
+    scoring: str = "auto",
+    moments: tuple[Tensor, ...] = (),
+    select: Callable[[Tensor, int, Side, str], Tensor] = select_dct_indices,
 ) -> bool:
     """Re-select ``selection``'s indices in place from ``grad``; return whether they were replaced.
 
     ``moments`` (kept in the projected coordinates) follow their frequencies (:func:`carry_moment_`).
     A gradient with NaN/Inf keeps the previous indices and returns ``False``, as for the SVD basis.
+    ``select`` computes the new indices (the optimizers pass a compiled-kernel variant of the default).
     """
     if not all_finite(grad):
         return False
@@ -209,7 +221,7 @@ def refresh_dct_selection_(
     for indices, one_side, dim in ((left, Side.LEFT, 0), (right, Side.RIGHT, -1)):
         if indices is None:
             continue
-        new = select_dct_indices(grad, indices.numel(), one_side, scoring)
+        new = select(grad, indices.numel(), one_side, scoring)
         for moment in moments:
             carry_moment_(moment, indices, new, dim)
         indices.copy_(new)
