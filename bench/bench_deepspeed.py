@@ -3,10 +3,12 @@
 Compares GaLoreAdamW (rank 128, std projection) bound to ZeRO-2 and ZeRO-3 (sharded and replicated
 low-rank moments) with single-process GaLoreAdamW and with DeepSpeed running torch's AdamW at the same
 stage. State bytes exclude DeepSpeed's fp32 master partition (the same for every optimizer). The
-communication column counts the elements this rank passed to the optimizer's own collectives at a
-refresh step (step 1) and at a normal step (step 2); DeepSpeed's gradient reduction comes on top and is
-the same for every optimizer. Run: ``python bench/bench_deepspeed.py`` (relaunches itself with torchrun,
-``DS_ACCELERATOR=cpu``).
+communication column counts the elements this rank sends in the optimizer's own collectives at a
+refresh step (step 1) and at a normal step (step 2), as bandwidth-optimal algorithms send them: an
+all-reduce of ``x`` elements ``2(W-1)/W·x``, an all-gather or reduce-scatter ``(W-1)·chunk`` (so a
+full-gradient all-reduce, the reference, counts as ``Σ m·n`` at 2 ranks). DeepSpeed's gradient reduction
+comes on top and is the same for every optimizer. Run: ``python bench/bench_deepspeed.py`` (relaunches
+itself with torchrun, ``DS_ACCELERATOR=cpu``).
 """
 
 from __future__ import annotations

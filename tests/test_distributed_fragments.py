@@ -1,6 +1,6 @@
 """The fragment layout against the dense optimizer, with DeepSpeed's partitioning simulated in-process.
 
-Every rank's step runs in its own thread with a fake all-reduce, on flat partitions built the way ZeRO-1/2
+Every rank's step runs in its own thread with fake collectives, on flat partitions built the way ZeRO-1/2
 (alignment padding, round-robin order, equal cuts) and ZeRO-3 (per-parameter cuts) build them. No
 DeepSpeed needed.
 """
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim.distributed.comm import all_reduce_sent, chunk_sent
 from lowrank_optim.distributed.fragment import FragmentLayout
 from lowrank_optim.distributed.plan import PartitionPlan, zero3_plans, zero12_plans
 
@@ -34,22 +35,44 @@ class _FakeGroup:
 
 
 class _FakeComm:
+    """The collectives of :class:`lowrank_optim.distributed.comm.Communicator`, between threads; counts
+    sent elements as :class:`~lowrank_optim.distributed.comm.TorchCommunicator` does."""
+
     def __init__(self, group: _FakeGroup, rank: int) -> None:
         self.group, self.rank, self.world_size, self.elements = group, rank, group.world_size, 0
 
-    def all_reduce(self, tensor: Tensor) -> None:
-        self.elements += tensor.numel()
+    def _collect(self, tensor: Tensor, combine: Callable[[list[Tensor]], Tensor]) -> Tensor:
         group = self.group
         group.slots[self.rank] = tensor
         group.barrier.wait()
         if self.rank == 0:
-            total = group.slots[0].clone()
-            for other in group.slots[1:]:
-                total += other
-            group.result = total
+            group.result = combine(group.slots)
         group.barrier.wait()
-        tensor.copy_(group.result)
+        result = group.result
         group.barrier.wait()
+        return result
+
+    @staticmethod
+    def _sum(slots: list[Tensor]) -> Tensor:
+        total = slots[0].clone()
+        for other in slots[1:]:
+            total += other
+        return total
+
+    def all_reduce(self, tensor: Tensor) -> None:
+        self.elements += all_reduce_sent(tensor.numel(), self.world_size)
+        tensor.copy_(self._collect(tensor, self._sum))
+
+    def all_gather(self, output: Tensor, input: Tensor) -> None:
+        assert output.numel() == input.numel() * self.world_size
+        self.elements += chunk_sent(input.numel(), self.world_size)
+        output.copy_(self._collect(input, lambda slots: torch.cat([slot.clone() for slot in slots])))
+
+    def reduce_scatter(self, output: Tensor, input: Tensor) -> None:
+        assert input.numel() == output.numel() * self.world_size
+        self.elements += chunk_sent(output.numel(), self.world_size)
+        total = self._collect(input, self._sum)
+        output.copy_(total[self.rank * output.numel() : (self.rank + 1) * output.numel()])
 
 
 def _run_ranks(world_size: int, body: Callable[[int], None]) -> None:
@@ -221,11 +244,45 @@ def test_sharded_state_is_smaller() -> None:
     _, replicated = _run_case(OPTIMIZERS["galore"], shapes, 2, zero3=True, shard=False)
     _, sharded = _run_case(OPTIMIZERS["galore"], shapes, 2, zero3=True, shard=True)
 
-    def moment_elements(optimizer) -> int:
+    def state_elements(optimizer, keys=("exp_avg", "exp_avg_sq", "basis_left", "basis_right")) -> int:
         (state,) = optimizer.state.values()
-        return sum(m["exp_avg"].numel() + m["exp_avg_sq"].numel() for m in state["matrices"].values())
+        return sum(m[key].numel() for m in state["matrices"].values() for key in keys if key in m)
 
-    assert moment_elements(sharded[0]) * 2 == moment_elements(replicated[0])
+    # Moments and bases: each rank keeps half.
+    for rank in range(2):
+        assert state_elements(sharded[rank]) * 2 == state_elements(replicated[rank])
+        assert state_elements(sharded[rank], ("basis_left", "basis_right")) == (3 * 24 + 24 * 3) // 2
+
+
+@pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
+@pytest.mark.parametrize("name", ["galore", "dct", "fira"])
+def test_sharded_normal_step_communication(name: str) -> None:
+    """A normal step's own traffic at ZeRO-3: the right-side basis share (all-gather), the left-side R
+    (reduce-scatter) and N (all-gather), no more; replicated moments all-reduce the whole R."""
+    shapes = [(40, 24), (24, 40)]  # cut at row boundaries at two ranks: no row crosses
+    lowrank_gradient = 40 * 3 + 3 * 40
+
+    def sent(shard: bool) -> list[int]:
+        _, optimizers = _run_case(OPTIMIZERS[name], shapes, 2, zero3=True, shard=shard)
+        before = [optimizer.layout.communicators[0].elements for optimizer in optimizers]
+        generator = torch.Generator().manual_seed(5)
+        grads = [torch.randn(optimizers[0].param_groups[0]["params"][0].numel(), generator=generator) for _ in range(2)]
+
+        def body(rank: int) -> None:  # step 7: not a refresh (gap 3)
+            flat = optimizers[rank].param_groups[0]["params"][0]
+            flat.grad = grads[rank]
+            optimizers[rank].step()
+
+        _run_ranks(2, body)
+        return [optimizer.layout.communicators[0].elements - b for optimizer, b in zip(optimizers, before)]
+
+    basis_share = 0 if name == "dct" else 3 * 24 // 2
+    left_columns = 3 * 40 // 2 * (3 if name == "fira" else 2)  # R reduce-scattered, N (and R for Fira) gathered
+    fira_norms = 1 if name == "fira" else 0  # the limiter's sums of squares (one per split matrix, all-reduced)
+    assert sent(True) == [basis_share + left_columns + 2 * fira_norms] * 2
+    assert sent(False) == [lowrank_gradient + 2 * fira_norms] * 2
+    if name == "galore":
+        assert basis_share + left_columns <= lowrank_gradient
 
 
 def test_unbound_optimizer_refuses_flat_partitions() -> None:

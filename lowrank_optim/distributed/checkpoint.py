@@ -4,8 +4,8 @@ DeepSpeed's own checkpoints are rigid (per-rank files, refused at another data-p
 universal checkpoints only know flat Adam state. :func:`save_lowrank_state` writes, per parameter name,
 exactly the state a single-process optimizer keeps for that parameter:
 
-* projected matrices: ``step``, the low-rank moments (reassembled when sharded among ranks), the bases
-  or DCT indices, and Fira's ``residual_norm``;
+* projected matrices: ``step``, the low-rank moments and the bases (both reassembled when sharded
+  among ranks) or DCT indices, and Fira's ``residual_norm``;
 * full-rank parameters: ``step`` and Adam's moments with the parameter's shape (reassembled from the
   pieces of the flat partitions).
 
@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..optim.galore import EXP_AVG, EXP_AVG_SQ, STEP, GaLoreAdamW
-from ..projection import Side, effective_rank, lowrank_shape, resolve_side
-from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _Partition
+from ..optim.galore import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP, GaLoreAdamW
+from ..projection import Side, basis_shapes, effective_rank, lowrank_shape, resolve_side
+from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _my_shard, _Partition, _sharded
 from .plan import MatrixPlan
 
 __all__ = ["load_lowrank_state", "save_lowrank_state"]
@@ -86,11 +86,6 @@ def _dense_params(
             yield group, param, names[id(param)]
 
 
-def _sharded(part: _Partition, mp: MatrixPlan, side: Side) -> bool:
-    """Whether the matrix's moments are split among its holders (the same rule as the step's)."""
-    return part.shard_moments and mp.split and side is not Side.FULL
-
-
 def _writer(mp: MatrixPlan, index: int) -> int:
     """The rank that writes a parameter: its holders take turns (at ZeRO-3 every rank holds a piece of
     everything, and the lowest holder would write it all)."""
@@ -113,9 +108,11 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
             mp.name: lowrank_shape(mp.shape, effective_rank(group["rank"], mp.shape), sides[mp.name])
             for mp in part.plan.matrices
         }
-        # Sharded moments: holders write their chunks into zero-padded full moments; one all-reduce.
+        # Sharded state: holders write their shares into zero-padded whole moments (and SVD bases; each
+        # element written by exactly one holder); one all-reduce per dtype.
         sharded = [mp for mp in part.plan.matrices if _sharded(part, mp, sides[mp.name])]
         full_moments: dict[str, list[Tensor]] = {}
+        full_bases: dict[str, Tensor] = {}
         if sharded:
             dtype = group["moment_dtype"] or flat.dtype
             sizes = [math.prod(shapes[mp.name]) for mp in sharded]
@@ -131,12 +128,16 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
                 full_moments[mp.name] = views
                 offset += 2 * size
             part.comm.all_reduce(buffer)
+            if group["projector"] != "dct":
+                full_bases = _gather_bases(part, group, matrices, sharded, sides, flat)
         for index, mp in enumerate(part.plan.matrices):
             if _writer(mp, index) != rank:
                 continue
             entry = {key: value.clone() for key, value in matrices[mp.name].items() if key != SHARD}
             if mp.name in full_moments:
                 entry[EXP_AVG], entry[EXP_AVG_SQ] = (t.clone() for t in full_moments[mp.name])
+            if mp.name in full_bases:
+                entry[BASIS_RIGHT if sides[mp.name] is Side.RIGHT else BASIS_LEFT] = full_bases[mp.name].clone()
             entry[STEP] = state[STEP].clone()
             entries[mp.name] = entry
     for flat, part in layout.full_rank_partitions():
@@ -165,6 +166,40 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
                 exp_avg, exp_avg_sq = (view.view(mp.shape).clone() for view in views[mp.name])
                 entries[mp.name] = {STEP: state[STEP].clone(), EXP_AVG: exp_avg, EXP_AVG_SQ: exp_avg_sq}
     return entries
+
+
+def _gather_bases(
+    part: _Partition,
+    group: dict[str, Any],
+    matrices: dict[str, dict[str, Tensor]],
+    sharded: list[MatrixPlan],
+    sides: dict[str, Side],
+    flat: Tensor,
+) -> dict[str, Tensor]:
+    """The whole SVD bases of sharded matrices: right side from the holders' even shares of the flattened
+    basis, left side from the rows whose first element each holder holds (its kept rows overlap its
+    neighbours' at cut rows). Collective."""
+    shapes = {}
+    for mp in sharded:
+        left, right = basis_shapes(mp.shape, effective_rank(group["rank"], mp.shape), sides[mp.name])
+        shapes[mp.name] = right if sides[mp.name] is Side.RIGHT else left
+    buffer = flat.new_zeros(sum(math.prod(shape) for shape in shapes.values()))
+    views, offset = {}, 0
+    for mp in sharded:
+        size = math.prod(shapes[mp.name])
+        views[mp.name] = buffer[offset : offset + size]
+        offset += size
+        if mp.piece is None:
+            continue
+        rank_r = effective_rank(group["rank"], mp.shape)
+        mine = _my_shard(mp, part.comm.rank, sides[mp.name], rank_r)
+        if sides[mp.name] is Side.RIGHT:
+            views[mp.name][mine.basis[0] : mine.basis[1]] = matrices[mp.name][BASIS_RIGHT]
+        else:
+            (f0, f1), t0 = mine.first, mine.basis[0]
+            views[mp.name].view(shapes[mp.name])[f0:f1] = matrices[mp.name][BASIS_LEFT][f0 - t0 : f1 - t0]
+    part.comm.all_reduce(buffer)
+    return {mp.name: views[mp.name].view(shapes[mp.name]) for mp in sharded}
 
 
 def save_lowrank_state(target: Any, directory: str | os.PathLike, *, model: nn.Module | None = None) -> None:
@@ -248,12 +283,24 @@ def _load_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, entries: dic
             matrix = _init_matrix_state(group, flat, mp, part.comm.rank, part.shard_moments)
             bounds = tuple(matrix[SHARD].tolist()) if SHARD in matrix else None
             side = resolve_side(group["proj_type"], mp.shape)
+            rank_r = effective_rank(group["rank"], mp.shape)
+            basis = _my_shard(mp, part.comm.rank, side, rank_r).basis if bounds else None
             for key, value in matrix.items():
                 if key == SHARD:
                     continue
                 source = saved[key]
                 if bounds is not None and key in (EXP_AVG, EXP_AVG_SQ):
                     source = source[bounds[0] : bounds[1]] if side is Side.RIGHT else source[:, bounds[0] : bounds[1]]
+                if basis is not None and key in (BASIS_LEFT, BASIS_RIGHT):
+                    whole = basis_shapes(mp.shape, rank_r, side)[0 if key == BASIS_LEFT else 1]
+                    if tuple(source.shape) != whole:
+                        raise ValueError(
+                            f"load_lowrank_state: parameter {mp.name!r} {key} was saved with shape "
+                            f"{tuple(source.shape)} but this optimizer needs {whole} (different rank, proj_type "
+                            "or projector?)."
+                        )
+                    start, stop = basis
+                    source = source.reshape(-1)[start:stop] if side is Side.RIGHT else source[start:stop]
                 _fill(value, source, mp.name, key)
             state[MATRICES][mp.name] = matrix
     for flat, part in layout.full_rank_partitions():

@@ -1,4 +1,4 @@
-"""The one collective the fragment layouts need, behind a small interface (tests use an in-process fake)."""
+"""The collectives the fragment layouts need, behind a small interface (tests use an in-process fake)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,29 @@ from typing import Any, Protocol
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Communicator", "TorchCommunicator"]
+__all__ = ["Communicator", "TorchCommunicator", "all_reduce_sent", "chunk_sent"]
+
+
+def all_reduce_sent(numel: int, world_size: int) -> int:
+    """Elements one rank sends in a bandwidth-optimal (ring, or reduce-scatter + all-gather) all-reduce
+    of ``numel`` elements: ``2 (W - 1) / W · numel`` (``numel`` at two ranks)."""
+    return 2 * (world_size - 1) * numel // world_size
+
+
+def chunk_sent(chunk: int, world_size: int) -> int:
+    """Elements one rank sends in a ring all-gather or reduce-scatter with ``chunk`` elements per rank."""
+    return (world_size - 1) * chunk
 
 
 class Communicator(Protocol):
     """A process group as the fragment step sees it.
 
     ``all_reduce`` sums ``tensor`` in place over the group and must leave bit-identical results on every
-    rank (the ranks' projectors and moments must never drift apart). ``elements`` counts what this rank
-    passed to collectives, for the benchmark.
+    rank (the ranks' projectors and moments must never drift apart). ``all_gather`` fills ``output``
+    (``world_size`` equal chunks, rank order) with every rank's ``input``; ``reduce_scatter`` sums the
+    ranks' ``input`` (``world_size`` equal chunks) and leaves chunk ``rank`` in ``output``. ``elements``
+    counts the elements this rank sent, as the bandwidth-optimal algorithm would send them
+    (:func:`all_reduce_sent`, :func:`chunk_sent`), for the benchmark.
     """
 
     rank: int
@@ -24,9 +38,14 @@ class Communicator(Protocol):
 
     def all_reduce(self, tensor: Tensor) -> None: ...
 
+    def all_gather(self, output: Tensor, input: Tensor) -> None: ...
+
+    def reduce_scatter(self, output: Tensor, input: Tensor) -> None: ...
+
 
 class TorchCommunicator:
-    """``torch.distributed.all_reduce`` over ``group`` (``None``: the default group)."""
+    """``torch.distributed`` collectives over ``group`` (``None``: the default group). Gloo (CPU) and NCCL
+    both implement ``all_gather_into_tensor`` and ``reduce_scatter_tensor``."""
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
@@ -35,5 +54,13 @@ class TorchCommunicator:
         self.elements = 0
 
     def all_reduce(self, tensor: Tensor) -> None:
-        self.elements += tensor.numel()
+        self.elements += all_reduce_sent(tensor.numel(), self.world_size)
         dist.all_reduce(tensor, group=self.group)
+
+    def all_gather(self, output: Tensor, input: Tensor) -> None:
+        self.elements += chunk_sent(input.numel(), self.world_size)
+        dist.all_gather_into_tensor(output, input, group=self.group)
+
+    def reduce_scatter(self, output: Tensor, input: Tensor) -> None:
+        self.elements += chunk_sent(output.numel(), self.world_size)
+        dist.reduce_scatter_tensor(output, input, group=self.group)

@@ -12,11 +12,24 @@ and ``R = Σ_k R_k`` exactly (the pieces are disjoint). Per param group and step
 bucket of these ``r``-sized partial projections; the full gradient crosses the wire only at refresh
 steps, where the owner (lowest holder) computes the SVD basis or the DCT selection from the summed,
 zero-padded gradient and shares it by a second all-reduce (everyone else contributes zeros, so all
-holders get bit-identical projectors). Adam runs on ``R`` — duplicated on the holders, or with the
-moments sharded along the unprojected dimension (then the normalized update ``N`` is reassembled by
-one more all-reduce) — and each holder back-projects only its rows, ``W_k -= step · scale · back(N)_k``,
-then decays its piece. Fira's factor ``phi`` needs only ``N`` and ``R`` (known in full by every holder);
-its limiter takes the Frobenius norm of the whole residual from all-reduced partial sums of squares.
+holders get bit-identical projectors). Adam runs on ``R`` duplicated on the holders, and each holder
+back-projects only its rows, ``W_k -= step · scale · back(N)_k``, then decays its piece.
+
+Sharded (ZeRO-3's default, one-sided projections of split matrices): the low-rank state lives with the
+rows or columns it belongs to. A normal step then sends, per rank, ``(W-1)/W · r·n`` elements for a
+right-side matrix and ``2(W-1)/W · r·n`` (one all-reduce of ``R``'s worth) for a left-side one, plus
+``r``-sized rows at cuts: at most ``r/min(m, n)`` of an all-reduce of the full gradient.
+
+    right side: a row of ``R = G Pᵀ`` depends only on the same row of ``G``. A holder keeps the moments
+                of the rows whose first element it holds and an even share of the flattened basis ``P``,
+                which is all-gathered on every step (``r·n`` elements, like ZeRO-3 gathering a
+                parameter). ``R`` and ``N`` cross the wire only for the rows cut between two pieces.
+    left side:  a holder keeps the rows of ``P`` its piece touches and the moments of an even share of
+                ``R``'s columns: the partial ``R_k`` are reduce-scattered by columns and ``N`` (and ``R``
+                for Fira) all-gathered.
+
+Fira's factor ``phi`` needs only the rows (right) or all (left) of ``N`` and ``R``; its limiter takes
+the Frobenius norm of the whole residual from all-reduced partial sums of squares.
 
 A matrix held by one rank takes the same path with no communication.
 """
@@ -69,7 +82,7 @@ __all__ = ["FragmentLayout", "MATRICES"]
 
 #: Key of a flat partition's state holding the per-matrix state dicts, keyed by parameter name.
 MATRICES = "matrices"
-#: Key of a sharded matrix's state: ``[start, stop)`` of its moment chunk along the unprojected dim.
+#: Key of a sharded matrix's state: ``[start, stop)`` of its moment rows (right side) or columns (left).
 SHARD = "shard"
 
 
@@ -196,21 +209,57 @@ def _fragment(block: Tensor, plan: MatrixPlan) -> Tensor:
     return block.reshape(-1)[offset : offset + plan.piece.numel]
 
 
-def _shard_range(plan: MatrixPlan, rank: int, side: Side, lowrank: tuple[int, int]) -> tuple[int, int] | None:
-    """The moment chunk this holder keeps: an even share, among the holders, of the unprojected
-    dimension (rows of an ``m x r`` right-side ``R``, columns of a left-side ``r x n``); ``None`` when not
-    sharded (single holder, or a two-sided projection, whose DCT moments move along both dims)."""
-    if not plan.split or side is Side.FULL:
-        return None
-    size = lowrank[0] if side is Side.RIGHT else lowrank[1]
-    chunk = math.ceil(size / len(plan.holders))
-    index = plan.holders.index(rank)
+def _sharded(part: _Partition, mp: MatrixPlan, side: Side) -> bool:
+    """Whether a matrix's low-rank state is split among its holders (one-sided projections only)."""
+    return part.shard_moments and mp.split and side is not Side.FULL
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One holder's share of a sharded matrix (all ranges ``[start, stop)``).
+
+    ``rows``: the rows its piece touches. ``first``: the rows whose first element it holds (they
+    partition the matrix's rows among the holders). ``moments``: right side, its moment rows
+    (= ``first``); left side, its even share of ``R``'s columns. ``basis``: right side, its even share
+    of the flattened ``r x n`` basis; left side, the rows of the ``m x r`` basis it keeps (= ``rows``).
+    """
+
+    rows: tuple[int, int]
+    first: tuple[int, int]
+    moments: tuple[int, int]
+    basis: tuple[int, int]
+
+
+def _even(size: int, parts: int, index: int) -> tuple[int, int]:
+    chunk = math.ceil(size / parts)
     return min(index * chunk, size), min((index + 1) * chunk, size)
 
 
-def _chunk(tensor: Tensor, side: Side, bounds: tuple[int, int]) -> Tensor:
-    start, stop = bounds
-    return tensor[start:stop] if side is Side.RIGHT else tensor[:, start:stop]
+def _shard_of(mp: MatrixPlan, index: int, side: Side, rank_r: int) -> _Shard:
+    """The share of holder ``mp.holders[index]`` (every rank can compute every holder's)."""
+    n = mp.shape[1]
+    start, stop = mp.range_of(index)
+    rows = (start // n, -(-stop // n))
+    first = (-(-start // n), -(-stop // n))
+    if side is Side.RIGHT:
+        return _Shard(rows=rows, first=first, moments=first, basis=_even(rank_r * n, len(mp.holders), index))
+    return _Shard(rows=rows, first=first, moments=_even(n, len(mp.holders), index), basis=rows)
+
+
+def _my_shard(mp: MatrixPlan, rank: int, side: Side, rank_r: int) -> _Shard:
+    return _shard_of(mp, mp.holders.index(rank), side, rank_r)
+
+
+def _cut_rows(mp: MatrixPlan) -> list[tuple[int, int]]:
+    """``(row, owner)`` of the rows cut between holders; ``owner`` is the rank holding the row's first
+    element (it keeps the row's moments)."""
+    n = mp.shape[1]
+    rows = sorted({start // n for start in mp.starts[1:] if start % n})
+    result = []
+    for row in rows:
+        index = max(j for j, start in enumerate(mp.starts) if start <= row * n)
+        result.append((row, mp.holders[index]))
+    return result
 
 
 def _init_matrix_state(group: dict[str, Any], flat: Tensor, plan: MatrixPlan, rank: int, shard: bool) -> dict[str, Any]:
@@ -218,12 +267,14 @@ def _init_matrix_state(group: dict[str, Any], flat: Tensor, plan: MatrixPlan, ra
     rank_r = effective_rank(group["rank"], plan.shape)
     moment_shape = lowrank_shape(plan.shape, rank_r, side)
     state: dict[str, Any] = {}
-    bounds = _shard_range(plan, rank, side, moment_shape) if shard else None
-    if bounds is not None:
-        state[SHARD] = torch.tensor(bounds, dtype=torch.int64)
-        extent = bounds[1] - bounds[0]
-        moment_shape = (extent, moment_shape[1]) if side is Side.RIGHT else (moment_shape[0], extent)
     left_shape, right_shape = basis_shapes(plan.shape, rank_r, side)
+    if shard and plan.split and side is not Side.FULL:
+        mine = _my_shard(plan, rank, side, rank_r)
+        state[SHARD] = torch.tensor(mine.moments, dtype=torch.int64)
+        extent = mine.moments[1] - mine.moments[0]
+        moment_shape = (extent, rank_r) if side is Side.RIGHT else (rank_r, extent)
+        extent = mine.basis[1] - mine.basis[0]
+        left_shape, right_shape = ((extent, rank_r), None) if side is Side.LEFT else (None, (extent,))
     if group["projector"] == "dct":
         if left_shape is not None:
             state[DCT_INDICES_LEFT] = torch.arange(rank_r, device=flat.device)
@@ -246,17 +297,36 @@ def _projector_keys(group: dict[str, Any]) -> tuple[str, str]:
     return (DCT_INDICES_LEFT, DCT_INDICES_RIGHT) if group["projector"] == "dct" else (BASIS_LEFT, BASIS_RIGHT)
 
 
-def _new_projector(group: dict[str, Any], grad: Tensor, state: dict[str, Any], side: Side) -> list[Tensor]:
+def _new_projector(group: dict[str, Any], grad: Tensor, side: Side, rank_r: int) -> list[Tensor]:
     """The owner's new projector tensors from the full gradient, in the order of :func:`_projector_keys`."""
-    left_key, right_key = _projector_keys(group)
     if group["projector"] == "dct":
         return [
-            select_dct_indices(grad, state[key].numel(), one_side, group["scoring"])
-            for key, one_side in ((left_key, Side.LEFT), (right_key, Side.RIGHT))
-            if key in state
+            select_dct_indices(grad, rank_r, one_side, group["scoring"])
+            for one_side in (Side.LEFT, Side.RIGHT)
+            if side in (one_side, Side.FULL)
         ]
-    rank_r = (state[left_key] if left_key in state else state[right_key].T).shape[1]
     return [basis for basis in svd_basis(grad, rank_r, side) if basis is not None]
+
+
+def _projector_shapes(group: dict[str, Any], mp: MatrixPlan) -> list[tuple[int, ...]]:
+    """Shapes of the whole projector tensors of a matrix, in the order of :func:`_projector_keys`."""
+    side = resolve_side(group["proj_type"], mp.shape)
+    rank_r = effective_rank(group["rank"], mp.shape)
+    if group["projector"] == "dct":
+        return [(rank_r,)] * (2 if side is Side.FULL else 1)
+    return [shape for shape in basis_shapes(mp.shape, rank_r, side) if shape is not None]
+
+
+def _local_projector(
+    group: dict[str, Any], mp: MatrixPlan, part: _Partition, rank: int, whole: list[Tensor]
+) -> list[Tensor]:
+    """This holder's part of whole projector tensors: the slice of the basis a sharded matrix keeps."""
+    side = resolve_side(group["proj_type"], mp.shape)
+    if group["projector"] == "dct" or not _sharded(part, mp, side):
+        return whole
+    (basis,) = whole
+    start, stop = _my_shard(mp, rank, side, effective_rank(group["rank"], mp.shape)).basis
+    return [basis.reshape(-1)[start:stop] if side is Side.RIGHT else basis[start:stop]]
 
 
 def _install_projector(group: dict[str, Any], state: dict[str, Any], new: list[Tensor], step: int) -> None:
@@ -325,7 +395,7 @@ def _refresh(
     for mp in held:
         if mp.holders[0] == comm.rank and finite[mp.name]:
             side = resolve_side(group["proj_type"], mp.shape)
-            new[mp.name] = _new_projector(group, grads[mp.name], matrices[mp.name], side)
+            new[mp.name] = _new_projector(group, grads[mp.name], side, effective_rank(group["rank"], mp.shape))
     if split:
         # Share the owners' projectors: each slot is written by its owner only, so the sum is exact.
         sizes = [_projector_numel(group, mp) for mp in split]
@@ -339,27 +409,21 @@ def _refresh(
         offset = 0
         for mp, size in zip(split, sizes):
             if mp.piece is not None and finite[mp.name]:
-                state = matrices[mp.name]
                 pieces, start = [], offset
-                for key in _projector_keys(group):
-                    if key in state:
-                        pieces.append(shared[start : start + state[key].numel()].view(state[key].shape))
-                        start += state[key].numel()
+                for shape in _projector_shapes(group, mp):
+                    pieces.append(shared[start : start + math.prod(shape)].view(shape))
+                    start += math.prod(shape)
                 new[mp.name] = pieces
             offset += size
     for mp in held:
         if mp.name in new:
-            _install_projector(group, matrices[mp.name], new[mp.name], step)
+            local = _local_projector(group, mp, part, comm.rank, new[mp.name])
+            _install_projector(group, matrices[mp.name], local, step)
     return True
 
 
 def _projector_numel(group: dict[str, Any], mp: MatrixPlan) -> int:
-    side = resolve_side(group["proj_type"], mp.shape)
-    rank_r = effective_rank(group["rank"], mp.shape)
-    if group["projector"] == "dct":
-        return rank_r * (2 if side is Side.FULL else 1)
-    left, right = basis_shapes(mp.shape, rank_r, side)
-    return sum(math.prod(shape) for shape in (left, right) if shape is not None)
+    return sum(math.prod(shape) for shape in _projector_shapes(group, mp))
 
 
 def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor, part: _Partition) -> None:
@@ -377,73 +441,114 @@ def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor,
     if step % group["update_proj_gap"] == 0 and not _refresh(optimizer, group, flat, part, matrices, step):
         return
     moment_dtype = group["moment_dtype"] or flat.dtype
+    dct = group["projector"] == "dct"
     held = [mp for mp in plan.matrices if mp.piece is not None]
-    split = [mp for mp in plan.matrices if mp.split]
     sides = {mp.name: resolve_side(group["proj_type"], mp.shape) for mp in plan.matrices}
-    shapes = {
-        mp.name: lowrank_shape(mp.shape, effective_rank(group["rank"], mp.shape), sides[mp.name]) for mp in plan.matrices
-    }
+    ranks = {mp.name: effective_rank(group["rank"], mp.shape) for mp in plan.matrices}
+    shapes = {mp.name: lowrank_shape(mp.shape, ranks[mp.name], sides[mp.name]) for mp in plan.matrices}
+    # Global lists (the same on every rank, so that the collectives match up).
+    sharded = {mp.name for mp in plan.matrices if _sharded(part, mp, sides[mp.name])}
+    split = [mp for mp in plan.matrices if mp.split and mp.name not in sharded]
+    right = [mp for mp in plan.matrices if mp.name in sharded and sides[mp.name] is Side.RIGHT]
+    left = [mp for mp in plan.matrices if mp.name in sharded and sides[mp.name] is Side.LEFT]
+    shards = {mp.name: _my_shard(mp, comm.rank, sides[mp.name], ranks[mp.name]) for mp in held if mp.name in sharded}
     blocks = {mp.name: _block(flat.grad, mp) for mp in held}
-    subspaces = {mp.name: _subspace(group, matrices[mp.name], mp, sides[mp.name], flat) for mp in held}
 
-    # R: local partial projections, summed over the holders of split matrices in one bucket.
+    # The subspace each holder's row block sees; sharded right-side bases are all-gathered first.
+    gathered = {} if dct else _gather_right_bases(comm, right, matrices, ranks, flat)
+    subspaces: dict[str, Subspace] = {}
+    for mp in held:
+        r0, r1, _ = _rows(mp)
+        if mp.name in gathered:
+            subspaces[mp.name] = Subspace(Side.RIGHT, None, gathered[mp.name])
+        elif mp.name in sharded and sides[mp.name] is Side.LEFT and not dct:
+            subspaces[mp.name] = Subspace(Side.LEFT, matrices[mp.name][BASIS_LEFT], None)
+        else:
+            subspaces[mp.name] = _restrict(_subspace(group, matrices[mp.name], mp, sides[mp.name], flat), r0, r1)
+    partials = {mp.name: project(blocks[mp.name], subspaces[mp.name]) for mp in held}
+
+    # R. Replicated: partial projections summed over the holders of split matrices in one bucket.
+    # Sharded right: only the rows cut between holders are summed. Sharded left: reduce-scatter by columns.
     lowranks: dict[str, Tensor] = {}
     buffer = flat.new_zeros(sum(math.prod(shapes[mp.name]) for mp in split))
     split_views = _views(buffer, split, shapes)
     for mp in held:
+        if mp.name in sharded:
+            continue
         r0, r1, _ = _rows(mp)
-        partial = project(blocks[mp.name], _restrict(subspaces[mp.name], r0, r1))
         if not mp.split:
-            lowranks[mp.name] = partial.to(moment_dtype)
+            lowranks[mp.name] = partials[mp.name].to(moment_dtype)
         elif sides[mp.name] is Side.RIGHT:
-            split_views[mp.name][r0:r1] = partial
+            split_views[mp.name][r0:r1] = partials[mp.name]
         else:
-            split_views[mp.name].copy_(partial)
+            split_views[mp.name].copy_(partials[mp.name])
     if split:
         comm.all_reduce(buffer)
         for mp in split:
             if mp.piece is not None:
                 lowranks[mp.name] = split_views[mp.name].to(moment_dtype)
+    _exchange_cut_rows(comm, right, partials, ranks, flat.dtype, flat.device, owners_only=False)
+    row_lowranks = {mp.name: partials[mp.name].to(moment_dtype) for mp in right if mp.piece is not None}
+    column_lowranks = _reduce_scatter_columns(comm, left, partials, ranks, flat.dtype, flat.device)
 
-    # Adam in low-rank space, on the whole R or on this holder's chunk of it.
+    # Adam in low-rank space: on the whole R, or on this holder's rows / columns of it.
     beta1, beta2 = group["betas"]
     normalized: dict[str, Tensor] = {}
-    sharded = [mp for mp in split if mp.piece is not None and SHARD in matrices[mp.name]]
     for mp in held:
+        if mp.name in row_lowranks:
+            t0 = shards[mp.name].rows[0]
+            o0, o1 = shards[mp.name].moments
+            lowrank = row_lowranks[mp.name][o0 - t0 : o1 - t0]
+        elif mp.name in column_lowranks:
+            lowrank = column_lowranks[mp.name].to(moment_dtype)
+        else:
+            lowrank = lowranks[mp.name]
         mstate = matrices[mp.name]
-        lowrank = lowranks[mp.name]
-        if SHARD in mstate:
-            lowrank = _chunk(lowrank, sides[mp.name], tuple(mstate[SHARD].tolist()))
         exp_avg, exp_avg_sq = mstate[EXP_AVG], mstate[EXP_AVG_SQ]
         exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
         update = exp_avg_sq.sqrt().add_(group["eps"])
         normalized[mp.name] = torch.div(exp_avg, update, out=update)
-    # The same list on every rank: split one-sided matrices, when moments are sharded.
-    gathered = [mp for mp in split if part.shard_moments and sides[mp.name] is not Side.FULL]
-    if gathered:
-        # Reassemble N from the holders' chunks (each element written by exactly one holder).
-        buffer = torch.zeros(sum(math.prod(shapes[mp.name]) for mp in gathered), dtype=moment_dtype, device=flat.device)
-        views = _views(buffer, gathered, shapes)
-        for mp in sharded:
-            _chunk(views[mp.name], sides[mp.name], tuple(matrices[mp.name][SHARD].tolist())).copy_(normalized[mp.name])
-        comm.all_reduce(buffer)
-        for mp in sharded:
-            normalized[mp.name] = views[mp.name]
+
+    # R and N as each holder's row block needs them: rows r0..r1 (right side) or the whole (left side).
+    local_r: dict[str, Tensor] = {}
+    local_n: dict[str, Tensor] = {}
+    for mp in held:
+        if mp.name in sharded:
+            continue
+        r0, r1, _ = _rows(mp)
+        local_r[mp.name] = _rows_of(lowranks[mp.name], sides[mp.name], r0, r1)
+        local_n[mp.name] = _rows_of(normalized[mp.name], sides[mp.name], r0, r1)
+    for mp in right:
+        if mp.piece is None:
+            continue
+        t0, t1 = shards[mp.name].rows
+        o0, o1 = shards[mp.name].moments
+        rows = torch.zeros(t1 - t0, ranks[mp.name], dtype=moment_dtype, device=flat.device)
+        rows[o0 - t0 : o1 - t0] = normalized[mp.name]
+        local_n[mp.name] = rows
+        local_r[mp.name] = row_lowranks[mp.name]
+    _exchange_cut_rows(comm, right, local_n, ranks, moment_dtype, flat.device, owners_only=True)
+    fira = "residual" in group
+    columns = {mp.name: normalized[mp.name] for mp in left if mp.piece is not None}
+    if fira:  # Fira needs the whole R too: one gather of [N | R] per column share
+        columns = {name: torch.cat([chunk, column_lowranks[name].to(moment_dtype)]) for name, chunk in columns.items()}
+    whole = _gather_columns(comm, left, columns, ranks, 2 if fira else 1, moment_dtype, flat.device)
+    for name, both in whole.items():
+        local_n[name] = both[: both.shape[0] // (2 if fira else 1)]
+        if fira:
+            local_r[name] = both[both.shape[0] // 2 :]
 
     step_size = _step_size(group["lr"], beta1, beta2, step + 1, group["correct_bias"])
-    if "residual" in group:
-        _apply_fira(group, flat, part, matrices, held, split, sides, blocks, subspaces, lowranks, normalized, step, step_size)
+    if fira:
+        _apply_fira(group, flat, part, matrices, held, plan, sides, blocks, subspaces, local_r, local_n, step, step_size)
     else:
         for mp in held:
             piece = mp.piece
             values = flat[piece.flat_start : piece.flat_start + piece.numel]
-            r0, r1, _ = _rows(mp)
-            sub = _restrict(subspaces[mp.name], r0, r1)
-            rows = _rows_of(normalized[mp.name], sides[mp.name], r0, r1)
             # Update the row block that holds the piece, so that each element sees the same addmm as dense.
             target = _block(flat, mp)
-            add_project_back_(target, rows, sub, alpha=-step_size * group["scale"])
+            add_project_back_(target, local_n[mp.name], subspaces[mp.name], alpha=-step_size * group["scale"])
             if not _whole(mp):
                 values.copy_(_fragment(target, mp))
     if group["weight_decay"] > 0.0:
@@ -462,33 +567,179 @@ def _views(buffer: Tensor, plans: list[MatrixPlan], shapes: dict[str, tuple[int,
     return views
 
 
+def _gather_right_bases(
+    comm: Communicator, right: list[MatrixPlan], matrices: dict[str, Any], ranks: dict[str, int], flat: Tensor
+) -> dict[str, Tensor]:
+    """The whole ``r x n`` bases of the sharded right-side matrices this rank holds, from every holder's
+    even share (one all-gather for the partition)."""
+    if not right:
+        return {}
+    # Segment k of the gather: rank k's shares, in plan order; padded to the longest segment.
+    offsets: dict[tuple[str, int], int] = {}
+    sizes = [0] * comm.world_size
+    for mp in right:
+        for index, holder in enumerate(mp.holders):
+            start, stop = _shard_of(mp, index, Side.RIGHT, ranks[mp.name]).basis
+            offsets[mp.name, holder] = sizes[holder]
+            sizes[holder] += stop - start
+    width = max(sizes)
+    mine = flat.new_zeros(width)
+    for mp in right:
+        if mp.piece is not None:
+            share = matrices[mp.name][BASIS_RIGHT]
+            start = offsets[mp.name, comm.rank]
+            mine[start : start + share.numel()] = share
+    everything = flat.new_empty(width * comm.world_size)
+    comm.all_gather(everything, mine)
+    result = {}
+    for mp in right:
+        if mp.piece is None:
+            continue
+        basis = flat.new_empty(ranks[mp.name] * mp.shape[1])
+        for index, holder in enumerate(mp.holders):
+            start, stop = _shard_of(mp, index, Side.RIGHT, ranks[mp.name]).basis
+            source = holder * width + offsets[mp.name, holder]
+            basis[start:stop] = everything[source : source + stop - start]
+        result[mp.name] = basis.view(ranks[mp.name], mp.shape[1])
+    return result
+
+
+def _exchange_cut_rows(
+    comm: Communicator,
+    right: list[MatrixPlan],
+    rows: dict[str, Tensor],
+    ranks: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    owners_only: bool,
+) -> None:
+    """Complete, in place, the rows cut between holders of sharded right-side matrices in ``rows`` (each
+    holder's rows ``r0..r1``): summed over the holders touching them (``R``), or copied from the row's
+    owner (``N``, ``owners_only``). One all-reduce of ``r``-sized rows; nothing when no row is cut."""
+    cuts = [(mp, row, owner) for mp in right for row, owner in _cut_rows(mp)]
+    if not cuts:
+        return
+    buffer = torch.zeros(sum(ranks[mp.name] for mp, _, _ in cuts), dtype=dtype, device=device)
+    slots = []
+    offset = 0
+    for mp, row, owner in cuts:
+        size = ranks[mp.name]
+        if mp.piece is not None and (not owners_only or owner == comm.rank):
+            r0, r1, _ = _rows(mp)
+            if r0 <= row < r1:
+                buffer[offset : offset + size] = rows[mp.name][row - r0]
+        slots.append(offset)
+        offset += size
+    comm.all_reduce(buffer)
+    for (mp, row, _), offset in zip(cuts, slots):
+        if mp.piece is not None:
+            r0, r1, _ = _rows(mp)
+            if r0 <= row < r1:
+                rows[mp.name][row - r0] = buffer[offset : offset + ranks[mp.name]]
+
+
+def _column_layout(
+    comm: Communicator, left: list[MatrixPlan], ranks: dict[str, int], height: int
+) -> tuple[int, dict[tuple[str, int], tuple[int, int, int]]]:
+    """``(width, {(name, holder): (offset, c0, c1)})``: segment ``k`` of a reduce-scatter / all-gather
+    holds rank ``k``'s column shares ``[c0, c1)`` (``height · r`` rows each) in plan order."""
+    sizes = [0] * comm.world_size
+    places = {}
+    for mp in left:
+        for index, holder in enumerate(mp.holders):
+            c0, c1 = _shard_of(mp, index, Side.LEFT, ranks[mp.name]).moments
+            places[mp.name, holder] = (sizes[holder], c0, c1)
+            sizes[holder] += height * ranks[mp.name] * (c1 - c0)
+    return max(sizes, default=0), places
+
+
+def _reduce_scatter_columns(
+    comm: Communicator,
+    left: list[MatrixPlan],
+    partials: dict[str, Tensor],
+    ranks: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """This holder's columns of ``R = Σ_k R_k`` for the sharded left-side matrices (one reduce-scatter)."""
+    if not left:
+        return {}
+    width, places = _column_layout(comm, left, ranks, 1)
+    buffer = torch.zeros(width * comm.world_size, dtype=dtype, device=device)
+    for mp in left:
+        if mp.piece is None:
+            continue
+        for holder in mp.holders:
+            offset, c0, c1 = places[mp.name, holder]
+            start = holder * width + offset
+            buffer[start : start + ranks[mp.name] * (c1 - c0)] = partials[mp.name][:, c0:c1].reshape(-1)
+    mine = torch.empty(width, dtype=dtype, device=device)
+    comm.reduce_scatter(mine, buffer)
+    result = {}
+    for mp in left:
+        if mp.piece is not None:
+            offset, c0, c1 = places[mp.name, comm.rank]
+            result[mp.name] = mine[offset : offset + ranks[mp.name] * (c1 - c0)].view(ranks[mp.name], c1 - c0)
+    return result
+
+
+def _gather_columns(
+    comm: Communicator,
+    left: list[MatrixPlan],
+    columns: dict[str, Tensor],
+    ranks: dict[str, int],
+    height: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """The whole ``height·r x n`` tensors of the sharded left-side matrices this rank holds, from every
+    holder's columns (one all-gather)."""
+    if not left:
+        return {}
+    width, places = _column_layout(comm, left, ranks, height)
+    mine = torch.zeros(width, dtype=dtype, device=device)
+    for name, chunk in columns.items():
+        offset = places[name, comm.rank][0]
+        mine[offset : offset + chunk.numel()] = chunk.reshape(-1)
+    everything = torch.empty(width * comm.world_size, dtype=dtype, device=device)
+    comm.all_gather(everything, mine)
+    result = {}
+    for mp in left:
+        if mp.piece is None:
+            continue
+        rows = height * ranks[mp.name]
+        whole = torch.empty(rows, mp.shape[1], dtype=dtype, device=device)
+        for holder in mp.holders:
+            offset, c0, c1 = places[mp.name, holder]
+            start = holder * width + offset
+            whole[:, c0:c1] = everything[start : start + rows * (c1 - c0)].view(rows, c1 - c0)
+        result[mp.name] = whole
+    return result
+
+
 def _apply_fira(
     group: dict[str, Any],
     flat: Tensor,
     part: _Partition,
     matrices: dict[str, dict[str, Any]],
     held: list[MatrixPlan],
-    split: list[MatrixPlan],
+    plan: PartitionPlan,
     sides: dict[str, Side],
     blocks: dict[str, Tensor],
     subspaces: dict[str, Subspace],
-    lowranks: dict[str, Tensor],
-    normalized: dict[str, Tensor],
+    local_r: dict[str, Tensor],
+    local_n: dict[str, Tensor],
     step: int,
     step_size: float,
 ) -> None:
     """Fira's update on each piece: residual on the row block, limiter on the whole matrix's norm."""
     subtract, residual_scale = fira_coefficients(group["alpha"], group["residual"])
+    split = [mp for mp in plan.matrices if mp.split]
     residuals: dict[str, Tensor] = {}
     for mp in held:
-        r0, r1, _ = _rows(mp)
-        side = sides[mp.name]
         residuals[mp.name] = fira_residual(
-            blocks[mp.name],
-            _rows_of(lowranks[mp.name], side, r0, r1),
-            _rows_of(normalized[mp.name], side, r0, r1),
-            _restrict(subspaces[mp.name], r0, r1),
-            subtract=subtract,
+            blocks[mp.name], local_r[mp.name], local_n[mp.name], subspaces[mp.name], subtract=subtract
         )
     # ||S||_F of split matrices from the holders' partial sums of squares (own elements only).
     squares = torch.zeros(len(split), dtype=torch.float32, device=flat.device)
@@ -499,18 +750,12 @@ def _apply_fira(
         part.comm.all_reduce(squares)
     norms = {mp.name: squares[index].sqrt() for index, mp in enumerate(split)}
     for mp in held:
-        r0, r1, _ = _rows(mp)
         residual = residuals[mp.name]
         limit_norm_growth_(
             residual, matrices[mp.name][RESIDUAL_NORM], gamma=group["gamma"], first=step == 0, norm=norms.get(mp.name)
         )
         if residual_scale != 1.0:
             residual.mul_(residual_scale)
-        update = add_project_back_(
-            residual,
-            _rows_of(normalized[mp.name], sides[mp.name], r0, r1),
-            _restrict(subspaces[mp.name], r0, r1),
-            alpha=group["alpha"],
-        )
+        update = add_project_back_(residual, local_n[mp.name], subspaces[mp.name], alpha=group["alpha"])
         values = flat[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
         values.add_(_fragment(update, mp), alpha=-step_size)

@@ -29,12 +29,15 @@ class Piece:
 class MatrixPlan:
     """One parameter (a projected matrix, or any full-rank tensor) as seen from one rank: its name and full shape, the ranks that hold a
     non-empty piece of it (ascending; the first is the owner that computes the projector), and this
-    rank's piece (``None`` when it holds none)."""
+    rank's piece (``None`` when it holds none). Holder ``holders[j]`` holds ``[starts[j], starts[j + 1])``
+    (the last one up to ``numel``)."""
 
     name: str
     shape: tuple[int, ...]
     holders: tuple[int, ...]
     piece: Piece | None
+    #: Where each holder's piece starts in the row-major matrix (aligned with ``holders``; ascending).
+    starts: tuple[int, ...]
 
     @property
     def split(self) -> bool:
@@ -44,6 +47,11 @@ class MatrixPlan:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def range_of(self, index: int) -> tuple[int, int]:
+        """``[start, stop)`` of holder ``holders[index]``'s piece in the row-major matrix."""
+        stop = self.starts[index + 1] if index + 1 < len(self.starts) else self.numel
+        return self.starts[index], stop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +94,8 @@ def zero12_plans(
         piece = None
         if mine is not None:
             piece = Piece(param_start=mine[0] - offset, numel=mine[1] - mine[0], flat_start=mine[0] - rank * partition_size)
-        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece))
+        starts = tuple(max(k * partition_size - offset, 0) for k in holders)
+        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece, starts=starts))
         offset += numel + padding
     return PartitionPlan(matrices=tuple(matrices))
 
@@ -111,6 +120,7 @@ def zero3_plans(
         holders = tuple(k for k in range(world_size) if _intersect(0, numel, k * pn, (k + 1) * pn))
         mine = _intersect(0, numel, rank * pn, (rank + 1) * pn)
         piece = None if mine is None else Piece(param_start=mine[0], numel=mine[1] - mine[0], flat_start=flat_offset)
-        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece))
+        starts = tuple(k * pn for k in holders)
+        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece, starts=starts))
         flat_offset += pn
     return PartitionPlan(matrices=tuple(matrices))

@@ -40,8 +40,8 @@ class LowRankSection:
 
     ``target_modules``: a module whose qualified name contains one of these strings has its direct
     ``weight`` projected (it must be 2-D); all other trainable parameters get full-rank Adam.
-    ``zero3_moments``: at ZeRO-3, ``sharded`` splits each matrix's low-rank moments among the ranks
-    holding it, ``replicated`` keeps a full copy on each.
+    ``zero3_moments``: at ZeRO-3, ``sharded`` splits each one-sided matrix's low-rank moments and SVD
+    basis among the ranks holding it, ``replicated`` keeps a full copy on each.
     """
 
     optimizer: str = "galore_adamw"

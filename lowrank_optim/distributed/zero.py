@@ -103,7 +103,8 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
     Stage 0 keeps whole tensors (the dense layout); with fp16/bf16 the zero-gradient step DeepSpeed's
     wrapper took at construction is undone (:func:`_undo_state_warmup`). At ZeRO-1/2 the low-rank state of a matrix split
     between ranks is duplicated on its holders; at ZeRO-3 ``shard_moments`` (default) splits the
-    moments of every split matrix among its holders instead.
+    moments and SVD bases of every split one-sided matrix among its holders instead (see
+    :mod:`lowrank_optim.distributed.fragment`).
     """
     base = _base_optimizer(engine)
     stage = engine.zero_optimization_stage()
