@@ -68,8 +68,10 @@ def run_comparison(
     runs = [(method, False, steps) for method in methods] + [(method, True, per_layer_steps) for method in per_layer_methods]
     results = []
     for method, per_layer, run_steps in runs:
+        # Four evaluations along the way, so the eval curve is a curve and not a line from start to end.
         settings = TrainSettings(
-            steps=run_steps, batch_size=batch_size, seq_len=seq_len, per_layer=per_layer, eval_batches=eval_batches, seed=seed
+            steps=run_steps, batch_size=batch_size, seq_len=seq_len, per_layer=per_layer, eval_batches=eval_batches,
+            seed=seed, eval_every=max(1, run_steps // 4),
         )
         result = pretrain(model_config, method_presets[method], stream, settings, log=log)
         step = measure_training_step(
