@@ -13,13 +13,15 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
+	# Kernels are compiled once, in place, by `ext` below (pip's editable build would compile them in a
+	# build directory of its own, and `ext` would then compile them a second time).
+	LOWRANK_OPTIM_NO_EXTENSIONS=1 $(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
 	# The reference GaLore package, for the parity tests; its own dependencies (transformers,
 	# bitsandbytes) are not needed by the optimizer we compare against and would pull in a lot.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "galore-torch==1.0"
 	touch $@
 
-# The editable install builds the C++ kernels once; `ext` rebuilds what csrc/ changes since (incremental).
+# Builds the C++ CPU kernels next to the package, where the loader finds them; incremental afterwards.
 ext: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
@@ -31,10 +33,10 @@ test: ext
 test-gpu:
 	PY=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/gpu/run.sh
 
-demo: $(STAMP)
+demo: ext
 	$(PY) -m lowrank_optim demo
 
-bench: $(STAMP)
+bench: ext
 	$(PY) bench/bench_galore_step.py
 
 bench-kernels: ext
