@@ -28,8 +28,9 @@ using cpu::round_to;
 using cpu::widen;
 
 constexpr int64_t kGrain = 32768;
-// Elements per stack buffer of the reduced-precision path: 4 float buffers of 4 KiB stay in L1.
-constexpr int64_t kBufferElements = 1024;
+// Elements per stack buffer of the reduced-precision path: 4 float buffers of 2 KiB stay in L1 (512
+// measured faster than 1024 with the AVX-512 variant).
+constexpr int64_t kBufferElements = 512;
 
 template <typename scalar_t>
 struct AdamCoefficients {
@@ -96,6 +97,23 @@ LOWRANK_OPTIM_FMA_TARGET void adam_range_fused(const scalar_t* lowrank, scalar_t
   adam_range<true>(lowrank, exp_avg, exp_avg_sq, normalized, begin, end, c);
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same fused update compiled for AVX-512 (16 lanes): halves the loads, stores and conversions per
+// element of the bf16/fp16 path. Identical arithmetic (fma is fma), so identical results.
+#define LOWRANK_OPTIM_HAVE_AVX512_VARIANT 1
+template <typename scalar_t>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void adam_range_fused512(
+    const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* normalized, int64_t begin,
+    int64_t end, const AdamCoefficients<scalar_t>& c) {
+  adam_range<true>(lowrank, exp_avg, exp_avg_sq, normalized, begin, end, c);
+}
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+#endif
+
 void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor normalized,
                       double beta1, double beta2, double eps) {
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &normalized}) {
@@ -112,6 +130,9 @@ void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor 
   at::Tensor v = exp_avg_sq.contiguous();
   at::Tensor n = normalized.is_contiguous() ? normalized : at::empty_like(normalized, at::MemoryFormat::Contiguous);
   const bool fused = cpu::aten_fuses_multiply_add();
+#ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
+  const bool avx512 = cpu_has_avx512();
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lowrank.scalar_type(), "lowrank_adam_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The reference's scalars reach its kernels in the opmath type, with 1 - beta formed in double
@@ -125,6 +146,12 @@ void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor 
     scalar_t* v_ptr = v.data_ptr<scalar_t>();
     scalar_t* n_ptr = n.data_ptr<scalar_t>();
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+#ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
+      if (fused && avx512) {
+        adam_range_fused512(r_ptr, m_ptr, v_ptr, n_ptr, begin, end, c);
+        return;
+      }
+#endif
       if (fused) {
         adam_range_fused(r_ptr, m_ptr, v_ptr, n_ptr, begin, end, c);
       } else {
