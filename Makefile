@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup ext test test-gpu demo bench bench-gpu bench-kernels clean
+.PHONY: setup ext test test-gpu cuda-build-check demo bench bench-gpu bench-kernels clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: ext
 # GPU tests and the kernel benchmark, writes bench/results/gpu-<date>-<commit>/. Uses the current python.
 test-gpu:
 	PY=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/gpu/run.sh
+
+# Without a GPU: builds the CUDA extension against a CUDA torch (about 5.5 GB, in /tmp) and checks that
+# it loads and registers every op. Not part of `make test` (too large for CI); about 10 minutes.
+cuda-build-check:
+	bash bench/gpu/build_check.sh
 
 demo: ext
 	$(PY) -m lowrank_optim demo

@@ -2,7 +2,8 @@
 
 The ``.cu`` files include CUDA headers only (csrc/README.md), so this works on a CPU-only machine whose
 torch has no CUDA headers; the torch bindings (``bindings.cpp``) are compiled by ``make test-gpu``.
-Uses the same flags as ``setup.py``.
+Uses the flags of the real build: ``setup.py``'s plus the ones torch's ``CUDAExtension`` adds (which
+remove the implicit half/bfloat16 conversions, so a cast that compiles alone can fail there).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 NVCC = shutil.which("nvcc")
 ARCHITECTURES = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-NVCC_FLAGS = ["-O3", "-fmad=false", "--expt-relaxed-constexpr", "-std=c++17"]
+NVCC_FLAGS = [*COMMON_NVCC_FLAGS, "-O3", "-fmad=false", "--expt-relaxed-constexpr", "-std=c++17"]
 
 
 def test_cuda_sources_exist() -> None:

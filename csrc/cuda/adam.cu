@@ -71,8 +71,9 @@ cudaError_t lowrank_adam(const void* lowrank, void* exp_avg, void* exp_avg_sq, v
     using T = decltype(zero);
     using acc_t = typename Acc<T>::type;
     constexpr int kVec = 16 / sizeof(T);
-    // add_'s alpha reaches ATen's kernel rounded to the tensor's dtype (matters for bf16/fp16 only).
-    const AdamScalars<T> s{static_cast<acc_t>(beta1), static_cast<acc_t>(static_cast<T>(1.0 - beta1)),
+    // add_'s alpha reaches ATen's kernel rounded to the tensor's dtype (matters for bf16/fp16 only), via
+    // float as c10::BFloat16/Half convert a double.
+    const AdamScalars<T> s{static_cast<acc_t>(beta1), to_acc(from_acc<T>(static_cast<acc_t>(1.0 - beta1))),
                            static_cast<acc_t>(beta2), static_cast<acc_t>(1.0 - beta2), static_cast<acc_t>(eps)};
     const auto* r = static_cast<const T*>(lowrank);
     auto* m = static_cast<T*>(exp_avg);

@@ -12,6 +12,9 @@
 namespace lowrank_optim::cuda {
 
 // Reduced precision computes in float (ATen's opmath type) and rounds to nearest-even on store.
+// Conversions go through these functions only: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit casts. Host-callable too, for scalars
+// that the reference rounds to the tensor's dtype before the kernel sees them.
 template <typename T>
 struct Acc {
   using type = T;
@@ -25,21 +28,21 @@ struct Acc<__nv_bfloat16> {
   using type = float;
 };
 
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
+__host__ __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ __forceinline__ float to_acc(float x) { return x; }
+__host__ __device__ __forceinline__ double to_acc(double x) { return x; }
 
 template <typename T>
-__device__ __forceinline__ T from_acc(typename Acc<T>::type x) {
+__host__ __device__ __forceinline__ T from_acc(typename Acc<T>::type x) {
   return static_cast<T>(x);
 }
 template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) {
+__host__ __device__ __forceinline__ __half from_acc<__half>(float x) {
   return __float2half_rn(x);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+__host__ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 

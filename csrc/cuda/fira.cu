@@ -118,6 +118,10 @@ __global__ void rescale_kernel(T* __restrict__ b, int64_t numel, const double* _
                                typename Acc<T>::type scale, bool multiply) {
   using acc_t = typename Acc<T>::type;
   const acc_t lim = static_cast<acc_t>(*limiter);
+  // An inactive limiter is exactly 1 and x / 1 == x: with scale 1 there is nothing to write, and
+  // every thread returns before touching b (the limiter lives on the device; no host sync to decide).
+  divide = divide && lim != acc_t(1);
+  if (!divide && !multiply) return;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     T value = b[i];
@@ -163,7 +167,7 @@ cudaError_t fira_residual(const void* grad, void* back, ElementType element_type
     auto* b = static_cast<T*>(back);
     const int blocks = residual_blocks(rows);
     // add()'s alpha reaches the reference's kernel rounded to the tensor's dtype (bf16 only).
-    const acc_t alpha = to_acc(static_cast<T>(static_cast<acc_t>(-subtract)));
+    const acc_t alpha = to_acc(from_acc<T>(static_cast<acc_t>(-subtract)));
     residual_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(grad), b, rows, cols, alpha, phi,
                                                          dim == 1, partial);
     // The norm's dtype is promote(T, state dtype): double when either is double.
