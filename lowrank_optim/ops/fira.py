@@ -16,8 +16,8 @@ so overwriting it costs no extra buffer.
 
 ``residual_norm`` is the limiter's 0-dim state (fp32, or fp64), on ``grad``'s device; ``first`` comes from
 the host-side step counter. ``normalized``/``lowrank`` have ``grad``'s dtype or fp32 (fp32 moments of
-bf16 weights). The default kernel calls :func:`~lowrank_optim.projection.fira.fira_scaling` and
-:func:`~lowrank_optim.projection.fira.limit_norm_growth_` and rounds as they do; compiled kernels
+bf16 weights). The default kernel subtracts, then calls
+:func:`~lowrank_optim.projection.fira.scale_and_limit_residual_` as the reference step does; compiled kernels
 override it as :mod:`lowrank_optim.ops.sparse` describes.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..projection.fira import fira_scaling, limit_norm_growth_
+from ..projection.fira import scale_and_limit_residual_
 from ..projection.subspace import Side
 from ._library import LIBRARY, qualified_name
 
@@ -92,10 +92,8 @@ def _fira_default(
 ) -> None:
     _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)
     torch.add(grad, back, alpha=-subtract, out=back)
-    back.mul_(fira_scaling(normalized, lowrank, Side.RIGHT if dim == 1 else Side.LEFT))
-    limit_norm_growth_(back, residual_norm, gamma=gamma, first=first)
-    if scale != 1.0:
-        back.mul_(scale)
+    side = Side.RIGHT if dim == 1 else Side.LEFT
+    scale_and_limit_residual_(back, normalized, lowrank, side, residual_norm, gamma=gamma, first=first, scale=scale)
 
 
 def _fira_fake(

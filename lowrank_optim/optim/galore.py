@@ -42,8 +42,6 @@ from ..projection import (
     dct_matrix,
     dct_subspace,
     effective_rank,
-    fira_residual,
-    limit_norm_growth_,
     lowrank_shape,
     project,
     project_back,
@@ -51,6 +49,7 @@ from ..projection import (
     refresh_svd_basis_,
     resolve_scoring,
     resolve_side,
+    scale_and_limit_residual_,
     scoring_input,
     select_dct_indices,
 )
@@ -459,11 +458,11 @@ def _fira_residual_reference(
 ) -> Tensor:
     """``residual_scale · limited((G - subtract · back(R)) · phi)``, a new ``m x n`` tensor; the limiter's
     state ``residual_norm`` is updated in place."""
-    residual = fira_residual(grad, lowrank, normalized, subspace, subtract=fira.subtract)
-    limit_norm_growth_(residual, residual_norm, gamma=fira.gamma, first=first)
-    if fira.residual_scale != 1.0:
-        residual.mul_(fira.residual_scale)
-    return residual
+    difference = add_project_back_(grad.clone(), lowrank, subspace, alpha=-fira.subtract)
+    return scale_and_limit_residual_(
+        difference, normalized, lowrank, subspace.side, residual_norm,
+        gamma=fira.gamma, first=first, scale=fira.residual_scale,
+    )
 
 
 def _fira_residual_fused(

@@ -14,7 +14,15 @@ from .dct import (
     scoring_input,
     select_dct_indices,
 )
-from .fira import FIRA_GAMMA, FIRA_RESIDUALS, fira_coefficients, fira_residual, fira_scaling, limit_norm_growth_
+from .fira import (
+    FIRA_GAMMA,
+    FIRA_RESIDUALS,
+    fira_coefficients,
+    fira_residual,
+    fira_scaling,
+    limit_norm_growth_,
+    scale_and_limit_residual_,
+)
 from .subspace import (
     PROJ_TYPES,
     Side,
@@ -64,6 +72,7 @@ __all__ = [
     "scoring_input",
     "refresh_svd_basis_",
     "resolve_side",
+    "scale_and_limit_residual_",
     "select_dct_indices",
     "svd_basis",
 ]

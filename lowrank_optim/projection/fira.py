@@ -25,7 +25,15 @@ from torch import Tensor
 
 from .subspace import Side, Subspace, add_project_back_
 
-__all__ = ["FIRA_GAMMA", "FIRA_RESIDUALS", "fira_coefficients", "fira_residual", "fira_scaling", "limit_norm_growth_"]
+__all__ = [
+    "FIRA_GAMMA",
+    "FIRA_RESIDUALS",
+    "fira_coefficients",
+    "fira_residual",
+    "fira_scaling",
+    "limit_norm_growth_",
+    "scale_and_limit_residual_",
+]
 
 #: The limiter's growth bound; hard-coded in the reference and used for every experiment of the paper.
 FIRA_GAMMA = 1.01
@@ -87,3 +95,27 @@ def limit_norm_growth_(
     limiter = torch.clamp_min(norm / (previous_norm + _LIMITER_EPS), gamma).div_(gamma)
     previous_norm.copy_(norm / limiter)
     return residual.div_(limiter)
+
+
+def scale_and_limit_residual_(
+    difference: Tensor,
+    normalized: Tensor,
+    lowrank: Tensor,
+    side: Side,
+    previous_norm: Tensor,
+    *,
+    gamma: float,
+    first: bool,
+    scale: float = 1.0,
+) -> Tensor:
+    """Fira after the subtraction, in place on ``D = G - subtract · back(R)`` (a whole matrix):
+    ``scale · limited(D · phi)``; ``previous_norm`` is the limiter's state.
+
+    The one statement of this sequence: the reference step (which forms ``D`` with ``addmm``) and the
+    pure-PyTorch ``fira_residual_`` op (which gets ``back(R)`` and subtracts) both end with it.
+    """
+    difference.mul_(fira_scaling(normalized, lowrank, side))
+    limit_norm_growth_(difference, previous_norm, gamma=gamma, first=first)
+    if scale != 1.0:
+        difference.mul_(scale)
+    return difference
