@@ -92,21 +92,30 @@ def _cases(device: torch.device) -> list[Case]:
                     lowrank.numel() * lowrank.element_size() * 6,  # R read, M and V read + write, N write
                 )
             )
-    for (rows, cols), dim, dtype in (((HIDDEN, INTERMEDIATE), 0, torch.float32), ((INTERMEDIATE, HIDDEN), 1, torch.float32),
-                                     ((HIDDEN, INTERMEDIATE), 0, torch.bfloat16)):
+    # Limiter "on": the stored norm starts at 1, far below the residual's, so every call is limited (the
+    # kernel's second pass divides). "off": it starts huge, so the limiter is exactly 1 on every call
+    # (the residual's norm does not grow between repeats) and the kernel skips its second pass.
+    for (rows, cols), dim, dtype, limiter in (
+        ((HIDDEN, INTERMEDIATE), 0, torch.float32, "on"),
+        ((INTERMEDIATE, HIDDEN), 1, torch.float32, "on"),
+        ((HIDDEN, INTERMEDIATE), 0, torch.bfloat16, "on"),
+        ((INTERMEDIATE, HIDDEN), 1, torch.float32, "off"),
+    ):
         grad, back = (torch.randn(rows, cols, generator=generator).to(device, dtype) for _ in range(2))
         lowrank_shape = (RANK, cols) if dim == 0 else (rows, RANK)
         lowrank, normalized = (torch.randn(lowrank_shape, generator=generator).to(device) for _ in range(2))
-        states = [torch.ones((), device=device) for _ in range(2)]
+        start = 1.0 if limiter == "on" else 1e30
+        states = [torch.full((), start, device=device) for _ in range(2)]
         # Each call overwrites `back` with a residual of the same scale, so repeats see like values.
         args = [(grad, back, normalized, lowrank, state, dim, 0.25, 1.01, False, 1.0) for state in states]
         element = grad.element_size()
+        passes = 5 if limiter == "on" else 3  # G, B read + S write; S read + write (limited only)
         cases.append(
             Case(
-                f"fira_residual_ {rows}x{cols} r={RANK} dim={dim} {str(dtype).removeprefix('torch.')}",
+                f"fira_residual_ {rows}x{cols} r={RANK} dim={dim} {str(dtype).removeprefix('torch.')} lim {limiter}",
                 lambda args=args[0]: ops.fira_residual_(*args),
                 lambda args=args[1]: _fira_default(*args),
-                rows * cols * element * 5 + lowrank.numel() * 4 * 2,  # G, B read + S write; S read + write; N, R
+                rows * cols * element * passes + lowrank.numel() * 4 * 2,  # ... and N, R
             )
         )
     transformed = torch.randn(HIDDEN, INTERMEDIATE, generator=generator).to(device)
@@ -173,7 +182,7 @@ def main() -> int:
     print(f"device: {device_name}; torch {torch.__version__}; median of {args.repeats} interleaved repeats")
     if device.type == "cuda":
         print(f"peak bandwidth assumed: {peak_label}")
-    header = f"{'case':<52} {'kernel ms':>10} {'reference ms':>13} {'speed-up':>9}"
+    header = f"{'case':<60} {'kernel ms':>10} {'reference ms':>13} {'speed-up':>9}"
     if device.type == "cuda":
         header += f" {'GB/s':>8} {'of peak':>8}"
     print(header)
@@ -183,7 +192,7 @@ def main() -> int:
         reference_s = statistics.median(samples[case.name][1])
         row = dict(case=case.name, kernel_ms=kernel_s * 1e3, reference_ms=reference_s * 1e3,
                    speedup=reference_s / kernel_s, bytes_moved=case.bytes_moved)
-        line = f"{case.name:<52} {row['kernel_ms']:>10.3f} {row['reference_ms']:>13.3f} {row['speedup']:>8.2f}x"
+        line = f"{case.name:<60} {row['kernel_ms']:>10.3f} {row['reference_ms']:>13.3f} {row['speedup']:>8.2f}x"
         if device.type == "cuda":
             row["bandwidth_gbs"] = case.bytes_moved / kernel_s / 1e9
             line += f" {row['bandwidth_gbs']:>8.0f}"

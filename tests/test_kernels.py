@@ -21,6 +21,8 @@ Without compiled kernels for a device the kernel tests skip with the load error 
 
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -175,9 +177,14 @@ def test_fira_kernel_matches_reference(
     if layout == "transposed":  # non-contiguous inputs and in-place output
         grad, back, normalized, lowrank = (t.t().contiguous().t() for t in (grad, back, normalized, lowrank))
     state, expected_state = (torch.zeros((), device=device) for _ in range(2))
-    for step, (scale, grows) in enumerate([(1.0, 1.0), (0.25, 3.0)]):  # first step, then a limited one
+    # The first step, a limited one, then two with the limiter inactive (exactly 1), with and without scale.
+    for step, (scale, grows) in enumerate([(1.0, 1.0), (0.25, 3.0), (1.0, 0.5), (0.25, 0.25)]):
         expected, actual = back.clone(), back.clone()
+        previous = expected_state.item()
         _fira_default(grad * grows, expected, normalized, lowrank, expected_state, dim, 0.5, 1.01, step == 0, scale)
+        if step > 0 and expected.numel() > 0:  # a limited step stores exactly gamma · previous, a free one less
+            limited = math.isclose(expected_state.item(), 1.01 * previous, rel_tol=1e-5)
+            assert limited == (grows > 1.0), (step, expected_state.item(), previous)
         OPS.fira_residual_(grad * grows, actual, normalized, lowrank, state, dim, 0.5, 1.01, step == 0, scale)
         if dtype == torch.bfloat16:
             tolerance = dict(rtol=2**-7 if device == "cpu" else 2**-6, atol=0.0)

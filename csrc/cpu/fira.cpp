@@ -1,7 +1,8 @@
 // CPU kernel of lowrank_optim::fira_residual_ (schema and math: lowrank_optim/ops/fira.py). Two passes
 // over the m x n residual instead of the reference's seven: pass 1 writes S = (G - subtract·B)·phi
 // and sums its squares per block of rows; the limiter is computed from the ordered block sums (so the
-// result does not depend on the thread count); pass 2 divides by it and applies `scale`.
+// result does not depend on the thread count); pass 2 divides by it and applies `scale`. (A read-only
+// pass 1 with S recomputed in pass 2 moves the same bytes; measured 15-20 % slower.)
 //
 // Rounding follows the reference op by op (csrc/README.md): G - subtract·B is ATen's vectorized
 // add(alpha) (fma, alpha rounded to the tensor's dtype), each product/quotient is rounded to the
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -21,6 +24,7 @@ namespace lowrank_optim {
 namespace {
 
 using cpu::narrow;
+using cpu::round_to;
 using cpu::widen;
 
 // The reference's constants (lowrank_optim/projection/fira.py).
@@ -30,10 +34,118 @@ constexpr double kLimiterEps = 1e-8;
 // a block's output is still in cache when its squares are summed.
 constexpr int64_t kBlockElements = 32768;
 
+// Sums of squares in double over kLanes independent partial sums (element k + i goes to lane i): one
+// running sum would be bound by the latency of each addition, and a strict (unreassociated) reduction
+// never vectorizes. Lanes are combined in a fixed order, so results do not depend on the thread count
+// or on which variant (plain or AVX2) runs.
+constexpr int kLanes = 8;
+using Lanes = double[kLanes];
+
+#if defined(__GNUC__) || defined(__clang__)
+// The helpers below are always inlined, so the ABI note GCC gives for 32-byte vector arguments is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// GCC/clang vector types: the auto-vectorizer leaves the 8 lanes scalar (convert, multiply, add per
+// element); written as 4-wide vectors they become packed instructions (two SSE2 halves each in the
+// plain variant, one AVX register in the AVX2 one).
+using Double4 = double __attribute__((vector_size(32)));
+using Float4 = float __attribute__((vector_size(16)));
+using Bits4 = uint32_t __attribute__((vector_size(16)));
+using Half4 = uint16_t __attribute__((vector_size(8)));
+
+LOWRANK_OPTIM_ALWAYS_INLINE Double4 load4(const double* x) {
+  Double4 v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+LOWRANK_OPTIM_ALWAYS_INLINE Double4 load4(const float* x) {
+  Float4 v;
+  std::memcpy(&v, x, sizeof(v));
+  return __builtin_convertvector(v, Double4);
+}
+LOWRANK_OPTIM_ALWAYS_INLINE Double4 load4(const c10::BFloat16* x) {
+  Half4 v;
+  std::memcpy(&v, x, sizeof(v));
+  const Bits4 bits = __builtin_convertvector(v, Bits4) << 16;  // bf16 is the high half of a float
+  Float4 f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return __builtin_convertvector(f, Double4);
+}
+
+template <typename U>
+LOWRANK_OPTIM_ALWAYS_INLINE void add_squares(const U* __restrict__ row, int64_t length, Lanes& lanes) {
+  Double4 low = load4(lanes), high = load4(lanes + 4);
+  int64_t k = 0;
+  for (; k + kLanes <= length; k += kLanes) {
+    const Double4 a = load4(row + k), b = load4(row + k + 4);
+    low += a * a;
+    high += b * b;
+  }
+  std::memcpy(lanes, &low, sizeof(low));
+  std::memcpy(lanes + 4, &high, sizeof(high));
+  for (; k < length; ++k) {
+    const double x = widen(row[k]);
+    lanes[0] += x * x;
+  }
+}
+#else
+template <typename U>
+LOWRANK_OPTIM_ALWAYS_INLINE void add_squares(const U* __restrict__ row, int64_t length, Lanes& lanes) {
+  int64_t k = 0;
+  for (; k + kLanes <= length; k += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const double x = widen(row[k + lane]);
+      lanes[lane] += x * x;
+    }
+  }
+  for (; k < length; ++k) {
+    const double x = widen(row[k]);
+    lanes[0] += x * x;
+  }
+}
+#endif
+
+LOWRANK_OPTIM_ALWAYS_INLINE double combine(const Lanes& lanes) {
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// Σ x² per channel of a row-major rows x cols tensor, for rows [begin, end) (per_row: one sum per row) or
+// for columns [begin, end) over all rows. Compiled twice (plain and AVX2, below) like the residual pass.
+template <typename U>
+LOWRANK_OPTIM_ALWAYS_INLINE void channel_squares(const U* __restrict__ x, int64_t rows, int64_t cols, bool per_row,
+                                                 int64_t begin, int64_t end, double* __restrict__ out) {
+  if (per_row) {
+    for (int64_t i = begin; i < end; ++i) {
+      Lanes lanes = {};
+      add_squares(x + i * cols, cols, lanes);
+      out[i] = combine(lanes);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < rows; ++k) {
+    const U* row = x + k * cols;
+    for (int64_t j = begin; j < end; ++j) {
+      const double a = widen(row[j]);
+      out[j] += a * a;
+    }
+  }
+}
+
+template <typename U>
+void channel_squares_plain(const U* x, int64_t rows, int64_t cols, bool per_row, int64_t begin, int64_t end,
+                           double* out) {
+  channel_squares(x, rows, cols, per_row, begin, end, out);
+}
+
+template <typename U>
+LOWRANK_OPTIM_FMA_TARGET void channel_squares_avx2(const U* x, int64_t rows, int64_t cols, bool per_row,
+                                                   int64_t begin, int64_t end, double* out) {
+  channel_squares(x, rows, cols, per_row, begin, end, out);
+}
+
 // phi per channel: ||N||₂ / (||R||₂ + 1e-8), each step rounded to the moments' dtype U as the reference's
 // vector_norm / add_ / div_ store it. dim=1: channels are rows of the m x r tensors, dim=0: columns of r x n.
 template <typename U, typename acc_t>
-std::vector<acc_t> fira_phi(const at::Tensor& normalized, const at::Tensor& lowrank, int64_t dim) {
+std::vector<acc_t> fira_phi(const at::Tensor& normalized, const at::Tensor& lowrank, int64_t dim, bool simd) {
   using u_acc = at::opmath_type<U>;
   const at::Tensor n_c = normalized.contiguous();
   const at::Tensor r_c = lowrank.contiguous();
@@ -41,36 +153,16 @@ std::vector<acc_t> fira_phi(const at::Tensor& normalized, const at::Tensor& lowr
   const U* r_ptr = r_c.const_data_ptr<U>();
   const int64_t rows = n_c.size(0);
   const int64_t cols = n_c.size(1);
-  const int64_t channels = dim == 1 ? rows : cols;
+  const bool per_row = dim == 1;
+  const int64_t channels = per_row ? rows : cols;
   std::vector<double> n_sq(channels, 0.0), r_sq(channels, 0.0);
-  if (dim == 1) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t i = begin; i < end; ++i) {
-                         double sn = 0.0, sr = 0.0;
-                         for (int64_t k = 0; k < cols; ++k) {
-                           const double a = widen(n_ptr[i * cols + k]);
-                           const double b = widen(r_ptr[i * cols + k]);
-                           sn += a * a;
-                           sr += b * b;
-                         }
-                         n_sq[i] = sn;
-                         r_sq[i] = sr;
-                       }
-                     });
-  } else {
-    // Column sums of a row-major r x n tensor: each task owns a range of columns and walks the rows.
-    at::parallel_for(0, cols, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t k = 0; k < rows; ++k) {
-        for (int64_t j = begin; j < end; ++j) {
-          const double a = widen(n_ptr[k * cols + j]);
-          const double b = widen(r_ptr[k * cols + j]);
-          n_sq[j] += a * a;
-          r_sq[j] += b * b;
-        }
-      }
-    });
-  }
+  // Tasks own whole channels (rows, or column ranges that walk every row), so no sums are shared.
+  const int64_t grain = per_row ? std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1)) : 1024;
+  at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    const auto squares = simd ? channel_squares_avx2<U> : channel_squares_plain<U>;
+    squares(n_ptr, rows, cols, per_row, begin, end, n_sq.data());
+    squares(r_ptr, rows, cols, per_row, begin, end, r_sq.data());
+  });
   std::vector<acc_t> phi(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const U numerator = static_cast<U>(static_cast<u_acc>(std::sqrt(n_sq[c])));
@@ -81,70 +173,101 @@ std::vector<acc_t> fira_phi(const at::Tensor& normalized, const at::Tensor& lowr
   return phi;
 }
 
-// Pass 1 on rows [row_begin, row_end): b = (g + alpha·b)·phi in place; returns Σ b² of the new values.
+// S's element at (i, j): (g + alpha·b) rounded to T (ATen's add with alpha: fma where ATen fuses), times
+// its channel's phi, rounded to T (kept in the opmath type).
 template <bool Fused, typename T>
-inline double residual_rows(const T* __restrict__ g, T* __restrict__ b, int64_t row_begin, int64_t row_end,
-                            int64_t cols, at::opmath_type<T> alpha, const at::opmath_type<T>* __restrict__ phi,
-                            bool per_row) {
-  using acc_t = at::opmath_type<T>;
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent partial sums: the reduction pipelines
+LOWRANK_OPTIM_ALWAYS_INLINE at::opmath_type<T> residual_value(T g, T b, at::opmath_type<T> alpha,
+                                                              at::opmath_type<T> phi) {
+  const at::opmath_type<T> d = round_to<T>(Fused ? std::fma(widen(b), alpha, widen(g)) : widen(g) + widen(b) * alpha);
+  return round_to<T>(d * phi);
+}
+
+// Pass 1 on rows [row_begin, row_end): b = S in place; returns Σ S². Each row goes in chunks whose
+// squares are summed right after they are written (from L1), so the conversions and adds overlap the
+// next chunk's loads (summing a whole row afterwards stalled them). kChunk is a multiple of kLanes:
+// every element lands in the same lane wherever the chunks start. PerRow: phi per row (dim=1), else
+// per column.
+constexpr int64_t kChunk = 256;
+static_assert(kChunk % kLanes == 0);
+
+template <bool Fused, bool PerRow, typename T>
+LOWRANK_OPTIM_ALWAYS_INLINE double residual_rows(const T* __restrict__ g, T* __restrict__ b, int64_t row_begin,
+                                                 int64_t row_end, int64_t cols, at::opmath_type<T> alpha,
+                                                 const at::opmath_type<T>* __restrict__ phi) {
+  Lanes lanes = {};
   for (int64_t i = row_begin; i < row_end; ++i) {
-    const T* gi = g + i * cols;
-    T* bi = b + i * cols;
-    if (per_row) {
-      const acc_t p = phi[i];
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t d = widen(narrow<T>(Fused ? std::fma(widen(bi[j]), alpha, widen(gi[j]))
-                                              : widen(gi[j]) + widen(bi[j]) * alpha));
-        bi[j] = narrow<T>(d * p);
+    for (int64_t chunk = 0; chunk < cols; chunk += kChunk) {
+      const int64_t length = std::min(kChunk, cols - chunk);
+      const T* gc = g + i * cols + chunk;
+      T* bc = b + i * cols + chunk;
+      const at::opmath_type<T>* pc = PerRow ? phi + i : phi + chunk;
+      for (int64_t j = 0; j < length; ++j) {
+        bc[j] = narrow<T>(residual_value<Fused>(gc[j], bc[j], alpha, PerRow ? pc[0] : pc[j]));
       }
-    } else {
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t d = widen(narrow<T>(Fused ? std::fma(widen(bi[j]), alpha, widen(gi[j]))
-                                              : widen(gi[j]) + widen(bi[j]) * alpha));
-        bi[j] = narrow<T>(d * phi[j]);
-      }
-    }
-    int64_t j = 0;
-    for (; j + 8 <= cols; j += 8) {
-      for (int k = 0; k < 8; ++k) {
-        const double s = widen(bi[j + k]);
-        lanes[k] += s * s;
-      }
-    }
-    for (; j < cols; ++j) {
-      const double s = widen(bi[j]);
-      lanes[0] += s * s;
+      add_squares(bc, length, lanes);
     }
   }
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  return combine(lanes);
+}
+
+// Pass 2 on [begin, end): b = b / limiter (Divide) · scale (Multiply), each step rounded to T as the
+// reference's div_ and mul_ store it (a division: a reciprocal multiply would round otherwise).
+template <bool Divide, bool Multiply, typename T>
+LOWRANK_OPTIM_ALWAYS_INLINE void rescale_range(T* __restrict__ b, int64_t begin, int64_t end,
+                                               at::opmath_type<T> limiter, at::opmath_type<T> scale) {
+  for (int64_t i = begin; i < end; ++i) {
+    at::opmath_type<T> value = widen(b[i]);
+    if constexpr (Divide) value = round_to<T>(value / limiter);
+    if constexpr (Multiply) value = value * scale;
+    b[i] = narrow<T>(value);
+  }
+}
+
+// The two passes' range functions with their loop-invariant choices made outside the loops; compiled
+// twice below: plain, and for AVX2+FMA (ATen's fused rounding; picked when ATen fuses).
+template <bool Fused, typename T>
+LOWRANK_OPTIM_ALWAYS_INLINE double residual_block(const T* g, T* b, int64_t row_begin, int64_t row_end, int64_t cols,
+                                                  at::opmath_type<T> alpha, const at::opmath_type<T>* phi,
+                                                  bool per_row) {
+  return per_row ? residual_rows<Fused, true>(g, b, row_begin, row_end, cols, alpha, phi)
+                 : residual_rows<Fused, false>(g, b, row_begin, row_end, cols, alpha, phi);
 }
 
 template <typename T>
-double residual_rows_plain(const T* g, T* b, int64_t row_begin, int64_t row_end, int64_t cols,
-                           at::opmath_type<T> alpha, const at::opmath_type<T>* phi, bool per_row) {
-  return residual_rows<false>(g, b, row_begin, row_end, cols, alpha, phi, per_row);
+LOWRANK_OPTIM_ALWAYS_INLINE void rescale_block(T* b, int64_t begin, int64_t end, at::opmath_type<T> limiter,
+                                               bool divide, at::opmath_type<T> scale, bool multiply) {
+  if (divide) {
+    multiply ? rescale_range<true, true>(b, begin, end, limiter, scale)
+             : rescale_range<true, false>(b, begin, end, limiter, scale);
+  } else if (multiply) {
+    rescale_range<false, true>(b, begin, end, limiter, scale);
+  }
 }
 
 template <typename T>
-LOWRANK_OPTIM_FMA_TARGET double residual_rows_fused(const T* g, T* b, int64_t row_begin, int64_t row_end,
-                                                    int64_t cols, at::opmath_type<T> alpha,
-                                                    const at::opmath_type<T>* phi, bool per_row) {
-  return residual_rows<true>(g, b, row_begin, row_end, cols, alpha, phi, per_row);
+double residual_block_plain(const T* g, T* b, int64_t row_begin, int64_t row_end, int64_t cols,
+                            at::opmath_type<T> alpha, const at::opmath_type<T>* phi, bool per_row) {
+  return residual_block<false>(g, b, row_begin, row_end, cols, alpha, phi, per_row);
 }
 
-// Pass 2: b = b / limiter (skipped on the first step, as the reference returns early), then b·scale.
 template <typename T>
-void rescale(T* __restrict__ b, int64_t numel, at::opmath_type<T> limiter, bool divide, at::opmath_type<T> scale,
-             bool multiply) {
-  at::parallel_for(0, numel, kBlockElements, [&](int64_t begin, int64_t end) {
-    if (divide) {
-      for (int64_t i = begin; i < end; ++i) b[i] = narrow<T>(widen(b[i]) / limiter);
-    }
-    if (multiply) {
-      for (int64_t i = begin; i < end; ++i) b[i] = narrow<T>(widen(b[i]) * scale);
-    }
-  });
+LOWRANK_OPTIM_FMA_TARGET double residual_block_fused(const T* g, T* b, int64_t row_begin, int64_t row_end,
+                                                     int64_t cols, at::opmath_type<T> alpha,
+                                                     const at::opmath_type<T>* phi, bool per_row) {
+  return residual_block<true>(g, b, row_begin, row_end, cols, alpha, phi, per_row);
+}
+
+template <typename T>
+void rescale_block_plain(T* b, int64_t begin, int64_t end, at::opmath_type<T> limiter, bool divide,
+                         at::opmath_type<T> scale, bool multiply) {
+  rescale_block(b, begin, end, limiter, divide, scale, multiply);
+}
+
+// No multiply-adds here: AVX2 only widens the divisions, the slowest part of this pass 4 wide.
+template <typename T>
+LOWRANK_OPTIM_FMA_TARGET void rescale_block_avx2(T* b, int64_t begin, int64_t end, at::opmath_type<T> limiter,
+                                                 bool divide, at::opmath_type<T> scale, bool multiply) {
+  rescale_block(b, begin, end, limiter, divide, scale, multiply);
 }
 
 // The limiter on the state `residual_norm` (dtype P) in the norm's dtype ND = promote(T, P), op for op as
@@ -189,24 +312,25 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
     const std::vector<acc_t> phi = lowrank.scalar_type() == grad.scalar_type()
-                                       ? fira_phi<T, acc_t>(normalized, lowrank, dim)
-                                       : fira_phi<float, acc_t>(normalized, lowrank, dim);
+                                       ? fira_phi<T, acc_t>(normalized, lowrank, dim, fused)
+                                       : fira_phi<float, acc_t>(normalized, lowrank, dim, fused);
     // add()'s alpha reaches ATen's kernel rounded to the tensor's dtype (visible for bf16 only).
     const acc_t alpha = static_cast<acc_t>(static_cast<T>(-subtract));
     const T* g_ptr = g.const_data_ptr<T>();
     T* b_ptr = b.data_ptr<T>();
     const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+    const bool per_row = dim == 1;
     std::vector<double> partial(blocks, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t row_begin = block * rows_per_block;
         const int64_t row_end = std::min(rows, row_begin + rows_per_block);
-        partial[block] = fused ? residual_rows_fused(g_ptr, b_ptr, row_begin, row_end, cols, alpha, phi.data(), dim == 1)
-                               : residual_rows_plain(g_ptr, b_ptr, row_begin, row_end, cols, alpha, phi.data(), dim == 1);
+        partial[block] = (fused ? residual_block_fused<T> : residual_block_plain<T>)(g_ptr, b_ptr, row_begin, row_end,
+                                                                                   cols, alpha, phi.data(), per_row);
       }
     });
-    double sum_of_squares = 0.0;
+    double sum_of_squares = 0.0;  // in block order: the same for any thread count
     for (const double value : partial) sum_of_squares += value;
     acc_t limiter;
     const bool wide = grad.scalar_type() == at::kDouble || residual_norm.scalar_type() == at::kDouble;
@@ -217,7 +341,17 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     } else {
       limiter = static_cast<acc_t>(update_limiter<float>(sum_of_squares, residual_norm.data_ptr<float>(), gamma, first));
     }
-    if (!first || scale != 1.0) rescale(b_ptr, b.numel(), limiter, !first, static_cast<acc_t>(scale), scale != 1.0);
+    // The reference divides only after its first step (it returns early there), then multiplies by scale.
+    // An inactive limiter is exactly 1 (max(ratio, gamma) / gamma = gamma / gamma), and x / 1 == x, so
+    // then the division, and when scale is 1 the whole second pass, changes nothing and is skipped.
+    const bool divide = !first && limiter != acc_t(1);
+    const bool multiply = scale != 1.0;
+    if (divide || multiply) {
+      at::parallel_for(0, b.numel(), kBlockElements, [&](int64_t begin, int64_t end) {
+        (fused ? rescale_block_avx2<T> : rescale_block_plain<T>)(b_ptr, begin, end, limiter, divide,
+                                                                static_cast<acc_t>(scale), multiply);
+      });
+    }
   });
   if (!b.is_same(back)) back.copy_(b);
 }
