@@ -97,20 +97,14 @@ LOWRANK_OPTIM_FMA_TARGET void adam_range_fused(const scalar_t* lowrank, scalar_t
   adam_range<true>(lowrank, exp_avg, exp_avg_sq, normalized, begin, end, c);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
 // The same fused update compiled for AVX-512 (16 lanes): halves the loads, stores and conversions per
 // element of the bf16/fp16 path. Identical arithmetic (fma is fma), so identical results.
-#define LOWRANK_OPTIM_HAVE_AVX512_VARIANT 1
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void adam_range_fused512(
-    const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq, scalar_t* normalized, int64_t begin,
-    int64_t end, const AdamCoefficients<scalar_t>& c) {
+LOWRANK_OPTIM_AVX512_TARGET void adam_range_fused512(const scalar_t* lowrank, scalar_t* exp_avg, scalar_t* exp_avg_sq,
+                                                     scalar_t* normalized, int64_t begin, int64_t end,
+                                                     const AdamCoefficients<scalar_t>& c) {
   adam_range<true>(lowrank, exp_avg, exp_avg_sq, normalized, begin, end, c);
-}
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
 }
 #endif
 
@@ -131,7 +125,7 @@ void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor 
   at::Tensor n = normalized.is_contiguous() ? normalized : at::empty_like(normalized, at::MemoryFormat::Contiguous);
   const bool fused = cpu::aten_fuses_multiply_add();
 #ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
-  const bool avx512 = cpu_has_avx512();
+  const bool avx512 = cpu::cpu_has_avx512();
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lowrank.scalar_type(), "lowrank_adam_", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -71,6 +71,15 @@ inline bool aten_fuses_multiply_add() {
   static const bool fused = at::get_cpu_capability() != "DEFAULT";
   return fused;
 }
+// The same code compiled for AVX-512 (16 float lanes): a third variant where it pays, chosen at run
+// time (cpu_has_avx512) whatever ATen's own capability; fma is fma, so results are identical.
+#define LOWRANK_OPTIM_HAVE_AVX512_VARIANT 1
+#define LOWRANK_OPTIM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
 #else
 // Other architectures' ATen vector kernels (NEON, VSX, SVE) fuse too; std::fma is native there.
 #define LOWRANK_OPTIM_FMA_TARGET

@@ -34,54 +34,71 @@ constexpr double kLimiterEps = 1e-8;
 // a block's output is still in cache when its squares are summed.
 constexpr int64_t kBlockElements = 32768;
 
-// Sums of squares in double over kLanes independent partial sums (element k + i goes to lane i): one
-// running sum would be bound by the latency of each addition, and a strict (unreassociated) reduction
-// never vectorizes. Lanes are combined in a fixed order, so results do not depend on the thread count
-// or on which variant (plain or AVX2) runs.
+// Sums of squares over kLanes independent double partial sums: one running sum would be bound by the
+// latency of each addition, and a strict (unreassociated) reduction never vectorizes. Lanes are combined
+// in a fixed order, so results do not depend on the thread count or on which variant (plain, AVX2,
+// AVX-512) runs: every variant performs the same operations per lane.
 constexpr int kLanes = 8;
 using Lanes = double[kLanes];
 
 #if defined(__GNUC__) || defined(__clang__)
-// The helpers below are always inlined, so the ABI note GCC gives for 32-byte vector arguments is moot.
+// The helpers below are always inlined, so the ABI note GCC gives for wide vector arguments is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
-// GCC/clang vector types: the auto-vectorizer leaves the 8 lanes scalar (convert, multiply, add per
-// element); written as 4-wide vectors they become packed instructions (two SSE2 halves each in the
-// plain variant, one AVX register in the AVX2 one).
+// GCC/clang vector types, because the auto-vectorizer leaves such lanes scalar. fp32/bf16 values are
+// squared and summed in 16 float lanes over runs of at most kFloatRun elements (16 terms per lane:
+// error ~16 ulp of float, far below what the limiter can resolve), and each run's lanes are added into
+// the double lanes: no float-to-double conversion per element. One 16-lane vector is one AVX-512
+// register, or two AVX2 / four SSE2 registers in the other variants; the same sums either way.
 using Double4 = double __attribute__((vector_size(32)));
-using Float4 = float __attribute__((vector_size(16)));
-using Bits4 = uint32_t __attribute__((vector_size(16)));
-using Half4 = uint16_t __attribute__((vector_size(8)));
+using Float16 = float __attribute__((vector_size(64)));
+using Bits16 = uint32_t __attribute__((vector_size(64)));
+using Half16 = uint16_t __attribute__((vector_size(32)));
+constexpr int64_t kFloatLanes = 16;
+constexpr int64_t kFloatRun = 256;
 
-LOWRANK_OPTIM_ALWAYS_INLINE Double4 load4(const double* x) {
-  Double4 v;
+LOWRANK_OPTIM_ALWAYS_INLINE Float16 load16(const float* x) {
+  Float16 v;
   std::memcpy(&v, x, sizeof(v));
   return v;
 }
-LOWRANK_OPTIM_ALWAYS_INLINE Double4 load4(const float* x) {
-  Float4 v;
+LOWRANK_OPTIM_ALWAYS_INLINE Float16 load16(const c10::BFloat16* x) {
+  Half16 v;
   std::memcpy(&v, x, sizeof(v));
-  return __builtin_convertvector(v, Double4);
-}
-LOWRANK_OPTIM_ALWAYS_INLINE Double4 load4(const c10::BFloat16* x) {
-  Half4 v;
-  std::memcpy(&v, x, sizeof(v));
-  const Bits4 bits = __builtin_convertvector(v, Bits4) << 16;  // bf16 is the high half of a float
-  Float4 f;
+  const Bits16 bits = __builtin_convertvector(v, Bits16) << 16;  // bf16 is the high half of a float
+  Float16 f;
   std::memcpy(&f, &bits, sizeof(f));
-  return __builtin_convertvector(f, Double4);
+  return f;
 }
 
 template <typename U>
 LOWRANK_OPTIM_ALWAYS_INLINE void add_squares(const U* __restrict__ row, int64_t length, Lanes& lanes) {
-  Double4 low = load4(lanes), high = load4(lanes + 4);
   int64_t k = 0;
-  for (; k + kLanes <= length; k += kLanes) {
-    const Double4 a = load4(row + k), b = load4(row + k + 4);
-    low += a * a;
-    high += b * b;
+  if constexpr (std::is_same_v<U, double>) {
+    Double4 low, high;
+    std::memcpy(&low, lanes, sizeof(low));
+    std::memcpy(&high, lanes + 4, sizeof(high));
+    for (; k + kLanes <= length; k += kLanes) {
+      Double4 a, b;
+      std::memcpy(&a, row + k, sizeof(a));
+      std::memcpy(&b, row + k + 4, sizeof(b));
+      low += a * a;
+      high += b * b;
+    }
+    std::memcpy(lanes, &low, sizeof(low));
+    std::memcpy(lanes + 4, &high, sizeof(high));
+  } else {
+    while (k + kFloatLanes <= length) {
+      const int64_t run_end = std::min(length, k + kFloatRun);
+      Float16 sums = {};
+      for (; k + kFloatLanes <= run_end; k += kFloatLanes) {
+        const Float16 x = load16(row + k);
+        sums += x * x;
+      }
+      for (int lane = 0; lane < kLanes; ++lane) {
+        lanes[lane] += static_cast<double>(sums[lane]) + static_cast<double>(sums[lane + kLanes]);
+      }
+    }
   }
-  std::memcpy(lanes, &low, sizeof(low));
-  std::memcpy(lanes + 4, &high, sizeof(high));
   for (; k < length; ++k) {
     const double x = widen(row[k]);
     lanes[0] += x * x;
@@ -184,11 +201,10 @@ LOWRANK_OPTIM_ALWAYS_INLINE at::opmath_type<T> residual_value(T g, T b, at::opma
 
 // Pass 1 on rows [row_begin, row_end): b = S in place; returns Σ S². Each row goes in chunks whose
 // squares are summed right after they are written (from L1), so the conversions and adds overlap the
-// next chunk's loads (summing a whole row afterwards stalled them). kChunk is a multiple of kLanes:
-// every element lands in the same lane wherever the chunks start. PerRow: phi per row (dim=1), else
-// per column.
+// next chunk's loads (summing a whole row afterwards stalled them). Chunks start at fixed offsets of
+// each row, so the sums do not depend on how rows are split among threads. PerRow: phi per row
+// (dim=1), else per column.
 constexpr int64_t kChunk = 256;
-static_assert(kChunk % kLanes == 0);
 
 template <bool Fused, bool PerRow, typename T>
 LOWRANK_OPTIM_ALWAYS_INLINE double residual_rows(const T* __restrict__ g, T* __restrict__ b, int64_t row_begin,
@@ -257,6 +273,21 @@ LOWRANK_OPTIM_FMA_TARGET double residual_block_fused(const T* g, T* b, int64_t r
   return residual_block<true>(g, b, row_begin, row_end, cols, alpha, phi, per_row);
 }
 
+#ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
+template <typename T>
+LOWRANK_OPTIM_AVX512_TARGET double residual_block_fused512(const T* g, T* b, int64_t row_begin, int64_t row_end,
+                                                           int64_t cols, at::opmath_type<T> alpha,
+                                                           const at::opmath_type<T>* phi, bool per_row) {
+  return residual_block<true>(g, b, row_begin, row_end, cols, alpha, phi, per_row);
+}
+
+template <typename T>
+LOWRANK_OPTIM_AVX512_TARGET void rescale_block_avx512(T* b, int64_t begin, int64_t end, at::opmath_type<T> limiter,
+                                                      bool divide, at::opmath_type<T> scale, bool multiply) {
+  rescale_block(b, begin, end, limiter, divide, scale, multiply);
+}
+#endif
+
 template <typename T>
 void rescale_block_plain(T* b, int64_t begin, int64_t end, at::opmath_type<T> limiter, bool divide,
                          at::opmath_type<T> scale, bool multiply) {
@@ -321,13 +352,21 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     const bool per_row = dim == 1;
+    // The widest variant the CPU runs; the fused ones only where ATen fuses (same rounding).
+    auto residual_pass = fused ? residual_block_fused<T> : residual_block_plain<T>;
+    auto rescale_pass = fused ? rescale_block_avx2<T> : rescale_block_plain<T>;
+#ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
+    if (fused && cpu::cpu_has_avx512()) {
+      residual_pass = residual_block_fused512<T>;
+      rescale_pass = rescale_block_avx512<T>;
+    }
+#endif
     std::vector<double> partial(blocks, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t row_begin = block * rows_per_block;
         const int64_t row_end = std::min(rows, row_begin + rows_per_block);
-        partial[block] = (fused ? residual_block_fused<T> : residual_block_plain<T>)(g_ptr, b_ptr, row_begin, row_end,
-                                                                                   cols, alpha, phi.data(), per_row);
+        partial[block] = residual_pass(g_ptr, b_ptr, row_begin, row_end, cols, alpha, phi.data(), per_row);
       }
     });
     double sum_of_squares = 0.0;  // in block order: the same for any thread count
@@ -348,8 +387,7 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     const bool multiply = scale != 1.0;
     if (divide || multiply) {
       at::parallel_for(0, b.numel(), kBlockElements, [&](int64_t begin, int64_t end) {
-        (fused ? rescale_block_avx2<T> : rescale_block_plain<T>)(b_ptr, begin, end, limiter, divide,
-                                                                static_cast<acc_t>(scale), multiply);
+        rescale_pass(b_ptr, begin, end, limiter, divide, static_cast<acc_t>(scale), multiply);
       });
     }
   });
