@@ -195,6 +195,33 @@ def test_fira_kernel_matches_reference(
         assert actual.stride() == back.stride()
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_reductions_do_not_depend_on_thread_count(dim: int, dtype: torch.dtype) -> None:
+    """The CPU kernels' sums (Fira's norms, DCT's scores) are added in a fixed order: bit-identical results
+    with 1 and 2 threads."""
+    _require_kernels("cpu")
+    grad, back, normalized, lowrank = _fira_inputs((300, 777, 24), dim, dtype, torch.float32, "cpu")
+    transformed = _randn(300, 777, dtype=torch.float32, device="cpu", seed=15)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            state = torch.ones(())
+            outputs = []
+            for first, grows in ((True, 1.0), (False, 4.0)):
+                out = back.clone()
+                OPS.fira_residual_(grad * grows, out, normalized, lowrank, state, dim, 0.5, 1.01, first, 0.5)
+                outputs += [out, state.clone()]
+            outputs.append(OPS.dct_topk(transformed, 100, dim))
+            results.append(outputs)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 7), (1, 97), (7, 1), (33, 5461), (300, 64)])
 @pytest.mark.parametrize("dim", [0, 1])
