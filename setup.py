@@ -35,12 +35,36 @@ def _relative(paths: list[Path]) -> list[str]:
     return sorted(str(path.relative_to(ROOT)) for path in paths)
 
 
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root: ``CUDA_HOME``/``CUDA_PATH`` if set, else the one whose ``include/`` has
+    ``cuda_runtime.h`` among nvcc's grandparent (links resolved) and ``/usr/local/cuda``.
+
+    torch's own guess is nvcc's grandparent unresolved, which is wrong when ``nvcc`` on PATH is a
+    wrapper script (``/usr/local/bin/nvcc`` gives ``/usr/local``, without the CUDA headers).
+    """
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for candidate in candidates:
+        if (candidate / "include" / "cuda_runtime.h").is_file():
+            return str(candidate)
+    return None
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("LOWRANK_OPTIM_NO_EXTENSIONS", "0") not in ("", "0"):
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         print("lowrank_optim: no C++ compiler found; installing without compiled kernels")
         return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it is imported
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     import torch
 

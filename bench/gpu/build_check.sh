@@ -10,14 +10,8 @@ PYTHON="${PYTHON:-python3}"
 VENV="${CUDA_VENV:-/tmp/lowrank_optim-cuda-venv}"
 # On the build machines this CUDA wheel lies on disk (torch 2.13.0 there is the CPU build only).
 TORCH_CUDA_SPEC="${TORCH_CUDA_SPEC:-torch==2.14.1}"
-# The toolkit root: the one whose include/ has cuda_runtime.h (nvcc on PATH may be a wrapper script).
-if [ -z "${CUDA_HOME:-}" ]; then
-  for candidate in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
-    if [ -f "$candidate/include/cuda_runtime.h" ]; then CUDA_HOME="$candidate"; break; fi
-  done
-fi
-test -n "${CUDA_HOME:-}" || { echo "no CUDA toolkit found (set CUDA_HOME)" >&2; exit 1; }
-export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
+# setup.py finds the toolkit (CUDA_HOME, else nvcc's real location, else /usr/local/cuda).
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "$TORCH_CUDA_SPEC" numpy setuptools
