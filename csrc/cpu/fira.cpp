@@ -50,22 +50,24 @@ using Lanes = double[kLanes];
 // the double lanes: no float-to-double conversion per element. One 16-lane vector is one AVX-512
 // register, or two AVX2 / four SSE2 registers in the other variants; the same sums either way.
 using Double4 = double __attribute__((vector_size(32)));
-using Float16 = float __attribute__((vector_size(64)));
-using Bits16 = uint32_t __attribute__((vector_size(64)));
-using Half16 = uint16_t __attribute__((vector_size(32)));
+// 8-float halves, not one 16-float type: GCC keeps a 64-byte vector in memory when it has no 64-byte
+// registers (the AVX2 variant), with a store and reload per iteration.
+using Float8 = float __attribute__((vector_size(32)));
+using Bits8 = uint32_t __attribute__((vector_size(32)));
+using Half8 = uint16_t __attribute__((vector_size(16)));
 constexpr int64_t kFloatLanes = 16;
 constexpr int64_t kFloatRun = 256;
 
-LOWRANK_OPTIM_ALWAYS_INLINE Float16 load16(const float* x) {
-  Float16 v;
+LOWRANK_OPTIM_ALWAYS_INLINE Float8 load8(const float* x) {
+  Float8 v;
   std::memcpy(&v, x, sizeof(v));
   return v;
 }
-LOWRANK_OPTIM_ALWAYS_INLINE Float16 load16(const c10::BFloat16* x) {
-  Half16 v;
+LOWRANK_OPTIM_ALWAYS_INLINE Float8 load8(const c10::BFloat16* x) {
+  Half8 v;
   std::memcpy(&v, x, sizeof(v));
-  const Bits16 bits = __builtin_convertvector(v, Bits16) << 16;  // bf16 is the high half of a float
-  Float16 f;
+  const Bits8 bits = __builtin_convertvector(v, Bits8) << 16;  // bf16 is the high half of a float
+  Float8 f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
@@ -89,13 +91,14 @@ LOWRANK_OPTIM_ALWAYS_INLINE void add_squares(const U* __restrict__ row, int64_t 
   } else {
     while (k + kFloatLanes <= length) {
       const int64_t run_end = std::min(length, k + kFloatRun);
-      Float16 sums = {};
+      Float8 low = {}, high = {};  // float lanes 0-7 and 8-15
       for (; k + kFloatLanes <= run_end; k += kFloatLanes) {
-        const Float16 x = load16(row + k);
-        sums += x * x;
+        const Float8 x = load8(row + k), y = load8(row + k + 8);
+        low += x * x;
+        high += y * y;
       }
       for (int lane = 0; lane < kLanes; ++lane) {
-        lanes[lane] += static_cast<double>(sums[lane]) + static_cast<double>(sums[lane + kLanes]);
+        lanes[lane] += static_cast<double>(low[lane]) + static_cast<double>(high[lane]);
       }
     }
   }
@@ -161,34 +164,47 @@ LOWRANK_OPTIM_FMA_TARGET void channel_squares_avx2(const U* x, int64_t rows, int
 
 // phi per channel: ||N||₂ / (||R||₂ + 1e-8), each step rounded to the moments' dtype U as the reference's
 // vector_norm / add_ / div_ store it. dim=1: channels are rows of the m x r tensors, dim=0: columns of r x n.
+// compute(begin, end) fills phi[begin, end) (channels); for dim=1 the residual pass calls it per row block,
+// just before those rows need it, so N and R are read interleaved with G and B instead of in a pass of
+// their own; for dim=0 every row needs every column's phi, so it runs once, parallel, up front.
 template <typename U, typename acc_t>
-std::vector<acc_t> fira_phi(const at::Tensor& normalized, const at::Tensor& lowrank, int64_t dim, bool simd) {
-  using u_acc = at::opmath_type<U>;
-  const at::Tensor n_c = normalized.contiguous();
-  const at::Tensor r_c = lowrank.contiguous();
-  const U* n_ptr = n_c.const_data_ptr<U>();
-  const U* r_ptr = r_c.const_data_ptr<U>();
-  const int64_t rows = n_c.size(0);
-  const int64_t cols = n_c.size(1);
-  const bool per_row = dim == 1;
-  const int64_t channels = per_row ? rows : cols;
-  std::vector<double> n_sq(channels, 0.0), r_sq(channels, 0.0);
-  // Tasks own whole channels (rows, or column ranges that walk every row), so no sums are shared.
-  const int64_t grain = per_row ? std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1)) : 1024;
-  at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
-    const auto squares = simd ? channel_squares_avx2<U> : channel_squares_plain<U>;
-    squares(n_ptr, rows, cols, per_row, begin, end, n_sq.data());
-    squares(r_ptr, rows, cols, per_row, begin, end, r_sq.data());
-  });
-  std::vector<acc_t> phi(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    const U numerator = static_cast<U>(static_cast<u_acc>(std::sqrt(n_sq[c])));
-    const U norm_r = static_cast<U>(static_cast<u_acc>(std::sqrt(r_sq[c])));
-    const U denominator = static_cast<U>(static_cast<u_acc>(norm_r) + static_cast<u_acc>(kPhiEps));
-    phi[c] = static_cast<acc_t>(static_cast<U>(static_cast<u_acc>(numerator) / static_cast<u_acc>(denominator)));
+class FiraPhi {
+ public:
+  FiraPhi(const at::Tensor& normalized, const at::Tensor& lowrank, int64_t dim, bool simd)
+      : n_(normalized.contiguous()),
+        r_(lowrank.contiguous()),
+        rows_(n_.size(0)),
+        cols_(n_.size(1)),
+        per_row_(dim == 1),
+        simd_(simd),
+        n_sq_(per_row_ ? rows_ : cols_, 0.0),
+        r_sq_(per_row_ ? rows_ : cols_, 0.0),
+        phi_(per_row_ ? rows_ : cols_) {}
+
+  int64_t channels() const { return static_cast<int64_t>(phi_.size()); }
+  const acc_t* data() const { return phi_.data(); }
+
+  // Channels [begin, end); tasks own whole channels (rows, or column ranges that walk every row).
+  void compute(int64_t begin, int64_t end) {
+    using u_acc = at::opmath_type<U>;
+    const auto squares = simd_ ? channel_squares_avx2<U> : channel_squares_plain<U>;
+    squares(n_.const_data_ptr<U>(), rows_, cols_, per_row_, begin, end, n_sq_.data());
+    squares(r_.const_data_ptr<U>(), rows_, cols_, per_row_, begin, end, r_sq_.data());
+    for (int64_t c = begin; c < end; ++c) {
+      const U numerator = static_cast<U>(static_cast<u_acc>(std::sqrt(n_sq_[c])));
+      const U norm_r = static_cast<U>(static_cast<u_acc>(std::sqrt(r_sq_[c])));
+      const U denominator = static_cast<U>(static_cast<u_acc>(norm_r) + static_cast<u_acc>(kPhiEps));
+      phi_[c] = static_cast<acc_t>(static_cast<U>(static_cast<u_acc>(numerator) / static_cast<u_acc>(denominator)));
+    }
   }
-  return phi;
-}
+
+ private:
+  const at::Tensor n_, r_;
+  const int64_t rows_, cols_;
+  const bool per_row_, simd_;
+  std::vector<double> n_sq_, r_sq_;
+  std::vector<acc_t> phi_;
+};
 
 // S's element at (i, j): (g + alpha·b) rounded to T (ATen's add with alpha: fma where ATen fuses), times
 // its channel's phi, rounded to T (kept in the opmath type).
@@ -342,9 +358,6 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "fira_residual_", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
-    const std::vector<acc_t> phi = lowrank.scalar_type() == grad.scalar_type()
-                                       ? fira_phi<T, acc_t>(normalized, lowrank, dim, fused)
-                                       : fira_phi<float, acc_t>(normalized, lowrank, dim, fused);
     // add()'s alpha reaches ATen's kernel rounded to the tensor's dtype (visible for bf16 only).
     const acc_t alpha = static_cast<acc_t>(static_cast<T>(-subtract));
     const T* g_ptr = g.const_data_ptr<T>();
@@ -362,13 +375,24 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     }
 #endif
     std::vector<double> partial(blocks, 0.0);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t row_begin = block * rows_per_block;
-        const int64_t row_end = std::min(rows, row_begin + rows_per_block);
-        partial[block] = residual_pass(g_ptr, b_ptr, row_begin, row_end, cols, alpha, phi.data(), per_row);
-      }
-    });
+    const auto first_pass = [&](auto& phi) {
+      if (!per_row) at::parallel_for(0, phi.channels(), 1024, [&](int64_t begin, int64_t end) { phi.compute(begin, end); });
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t row_begin = block * rows_per_block;
+          const int64_t row_end = std::min(rows, row_begin + rows_per_block);
+          if (per_row) phi.compute(row_begin, row_end);
+          partial[block] = residual_pass(g_ptr, b_ptr, row_begin, row_end, cols, alpha, phi.data(), per_row);
+        }
+      });
+    };
+    if (lowrank.scalar_type() == grad.scalar_type()) {
+      FiraPhi<T, acc_t> phi(normalized, lowrank, dim, fused);
+      first_pass(phi);
+    } else {
+      FiraPhi<float, acc_t> phi(normalized, lowrank, dim, fused);
+      first_pass(phi);
+    }
     double sum_of_squares = 0.0;  // in block order: the same for any thread count
     for (const double value : partial) sum_of_squares += value;
     acc_t limiter;
