@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -310,3 +311,31 @@ def test_package_runs_its_ops_without_compiled_code() -> None:
         [sys.executable, "-c", script], env=env, cwd=tests_dir, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+# ATen's capability picks the CPU kernels' variant (csrc/cpu/common.h, kernel_variant): "default" runs
+# the unfused one (products rounded as ATen's DEFAULT build rounds them), "avx2" the AVX2+FMA one; this
+# machine's own capability (AVX512 here) runs in the main test process. The reference runs under the
+# same capability, so each variant is held to the reference it must match.
+_VARIANT_CAPABILITIES = ["default", "avx2"]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the narrower variants exist on x86 only")
+@pytest.mark.parametrize("capability", _VARIANT_CAPABILITIES)
+def test_cpu_kernel_variants_match_reference(capability: str) -> None:
+    _require_kernels("cpu")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    if check.stdout.strip() != capability.upper():
+        pytest.skip(f"this CPU cannot run ATen at {capability!r} (got {check.stdout.strip()!r})")
+    tests_dir = os.path.dirname(__file__)
+    selection = "cpu and (adam or fira or dct or scatter or gather or thread_count) and not variants"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "test_kernels.py", "-k", selection],
+        env=env, cwd=tests_dir, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout, result.stdout[-2000:]

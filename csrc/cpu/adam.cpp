@@ -50,8 +50,10 @@ LOWRANK_OPTIM_ALWAYS_INLINE void adam_arrays(const at::opmath_type<scalar_t>* __
     const acc_t m_decayed = round_to<scalar_t>(m[i] * c.beta1);
     const acc_t v_decayed = round_to<scalar_t>(v[i] * c.beta2);
     const acc_t weighted_r = c.one_minus_beta2 * ri;
+    // ATen's DEFAULT build computes add(alpha) on bf16/fp16 vectors as a + round(alpha·b): the product is
+    // rounded to the tensor's dtype first (a no-op for fp32/fp64).
     const acc_t mi = round_to<scalar_t>(Fused ? std::fma(ri, c.one_minus_beta1, m_decayed)
-                                              : m_decayed + ri * c.one_minus_beta1);
+                                              : m_decayed + round_to<scalar_t>(ri * c.one_minus_beta1));
     const acc_t vi = round_to<scalar_t>(Fused ? std::fma(weighted_r, ri, v_decayed) : v_decayed + weighted_r * ri);
     m[i] = mi;
     v[i] = vi;
@@ -123,10 +125,7 @@ void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor 
   at::Tensor m = exp_avg.contiguous();
   at::Tensor v = exp_avg_sq.contiguous();
   at::Tensor n = normalized.is_contiguous() ? normalized : at::empty_like(normalized, at::MemoryFormat::Contiguous);
-  const bool fused = cpu::aten_fuses_multiply_add();
-#ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
-  const bool avx512 = cpu::cpu_has_avx512();
-#endif
+  const cpu::Variant variant = cpu::kernel_variant();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lowrank.scalar_type(), "lowrank_adam_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // The reference's scalars reach its kernels in the opmath type, with 1 - beta formed in double
@@ -141,12 +140,12 @@ void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor 
     scalar_t* n_ptr = n.data_ptr<scalar_t>();
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
 #ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
-      if (fused && avx512) {
+      if (variant == cpu::Variant::kFused512) {
         adam_range_fused512(r_ptr, m_ptr, v_ptr, n_ptr, begin, end, c);
         return;
       }
 #endif
-      if (fused) {
+      if (variant != cpu::Variant::kPlain) {
         adam_range_fused(r_ptr, m_ptr, v_ptr, n_ptr, begin, end, c);
       } else {
         adam_range_plain(r_ptr, m_ptr, v_ptr, n_ptr, begin, end, c);

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 namespace lowrank_optim::cpu {
 
@@ -56,34 +57,43 @@ inline float round_to<c10::BFloat16>(float x) {
 
 // ATen's AVX2/AVX512 kernels fuse `add(x, alpha=a)` into fma(x, a, self); its DEFAULT (no-SIMD) build
 // rounds the product first. Kernels that reproduce such an op compile a fused variant for AVX2+FMA
-// (LOWRANK_OPTIM_FMA_TARGET) and pick it when aten_fuses_multiply_add().
+// (LOWRANK_OPTIM_FMA_TARGET), some also one for AVX-512 (LOWRANK_OPTIM_AVX512_TARGET: 16 float lanes,
+// the same arithmetic, so the same bits), and run the one kernel_variant() names.
 //
-// Code that a LOWRANK_OPTIM_FMA_TARGET function calls must be inlined into it to be compiled for that
-// target (else std::fma becomes a libm call): LOWRANK_OPTIM_ALWAYS_INLINE forces that.
+// Code that such a function calls must be inlined into it to be compiled for its target (else std::fma
+// becomes a libm call): LOWRANK_OPTIM_ALWAYS_INLINE forces that.
 #if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_OPTIM_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define LOWRANK_OPTIM_ALWAYS_INLINE inline
 #endif
+
+// kPlain: rounds every product (ATen DEFAULT); kFused: fused multiply-adds (AVX2+FMA on x86, native
+// elsewhere); kFused512: kFused compiled for AVX-512.
+enum class Variant { kPlain, kFused, kFused512 };
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LOWRANK_OPTIM_FMA_TARGET __attribute__((target("avx2,fma")))
-inline bool aten_fuses_multiply_add() {
-  static const bool fused = at::get_cpu_capability() != "DEFAULT";
-  return fused;
-}
-// The same code compiled for AVX-512 (16 float lanes): a third variant where it pays, chosen at run
-// time (cpu_has_avx512) whatever ATen's own capability; fma is fma, so results are identical.
 #define LOWRANK_OPTIM_HAVE_AVX512_VARIANT 1
 #define LOWRANK_OPTIM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
+// Follows ATen's own capability, so ATEN_CPU_CAPABILITY=avx2|default selects the narrower variants too
+// (which is how the tests run all three on one machine).
+inline Variant kernel_variant() {
+  static const Variant variant = [] {
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "DEFAULT") return Variant::kPlain;
+    const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return capability == "AVX512" && has_avx512 ? Variant::kFused512 : Variant::kFused;
+  }();
+  return variant;
 }
 #else
 // Other architectures' ATen vector kernels (NEON, VSX, SVE) fuse too; std::fma is native there.
 #define LOWRANK_OPTIM_FMA_TARGET
-inline bool aten_fuses_multiply_add() { return true; }
+inline Variant kernel_variant() { return Variant::kFused; }
 #endif
+
+inline bool aten_fuses_multiply_add() { return kernel_variant() != Variant::kPlain; }
 
 }  // namespace lowrank_optim::cpu

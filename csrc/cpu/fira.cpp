@@ -211,7 +211,9 @@ class FiraPhi {
 template <bool Fused, typename T>
 LOWRANK_OPTIM_ALWAYS_INLINE at::opmath_type<T> residual_value(T g, T b, at::opmath_type<T> alpha,
                                                               at::opmath_type<T> phi) {
-  const at::opmath_type<T> d = round_to<T>(Fused ? std::fma(widen(b), alpha, widen(g)) : widen(g) + widen(b) * alpha);
+  // ATen's DEFAULT build rounds alpha·b to T before adding (bf16; a no-op for fp32/fp64), as in adam.cpp.
+  const at::opmath_type<T> d =
+      round_to<T>(Fused ? std::fma(widen(b), alpha, widen(g)) : widen(g) + round_to<T>(widen(b) * alpha));
   return round_to<T>(d * phi);
 }
 
@@ -365,11 +367,11 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     const bool per_row = dim == 1;
-    // The widest variant the CPU runs; the fused ones only where ATen fuses (same rounding).
+    // The variant matching ATen's capability (cpu::kernel_variant): same rounding as the reference.
     auto residual_pass = fused ? residual_block_fused<T> : residual_block_plain<T>;
     auto rescale_pass = fused ? rescale_block_avx2<T> : rescale_block_plain<T>;
 #ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
-    if (fused && cpu::cpu_has_avx512()) {
+    if (cpu::kernel_variant() == cpu::Variant::kFused512) {
       residual_pass = residual_block_fused512<T>;
       rescale_pass = rescale_block_avx512<T>;
     }
