@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test-gpu`: on a machine with an NVIDIA GPU, a CUDA build of torch and nvcc (no DeepSpeed needed).
 # Builds both extensions in place, runs the GPU tests and the kernel tests on CUDA, then the kernel
-# benchmark on CUDA, and writes everything to bench/results/gpu-<date>-<commit>/. About 3-5 minutes.
+# benchmark and the optimizer-step benchmark on CUDA, and writes everything to
+# bench/results/gpu-<date>-<commit>/. About 3-5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PY:-python3}"
@@ -33,5 +34,7 @@ status=0
 "$PY" -m pytest -q -rs tests/test_kernels.py 2>&1 | tee "$out/pytest-kernels.txt" || status=1
 "$PY" bench/bench_kernels.py --device cuda --repeats 30 --json "$out/bench_kernels_cuda.json" 2>&1 \
   | tee "$out/bench_kernels_cuda.txt" || status=1
+# A whole optimizer step (56 LLaMA-60M matrices): GaLore and Fira with the kernels vs fused=False.
+"$PY" bench/bench_galore_step.py --device cuda --repeats 20 2>&1 | tee "$out/bench_galore_step_cuda.txt" || status=1
 echo "results in $out"
 exit $status
