@@ -121,17 +121,18 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .data import TokenStream, load_text_files, stdlib_corpus
     from .models import LlamaConfig
     from .train.methods import load_presets
-    from .train.pretrain import TrainSettings, pretrain
+    from .train.pretrain import TrainSettings, check_window_fits, pretrain
 
     if args.tokenizer is not None and not args.text:
         raise ValueError(f"--tokenizer ({args.tokenizer!r}) applies to --text files; none were given")
+    config = LlamaConfig.from_name_or_path(args.config)
+    check_window_fits(args.seq_len, config, args.config)  # before reading any text
     if args.tokens is not None:
         tokens = torch.from_numpy(np.load(args.tokens).astype(np.int64).reshape(-1))
     elif args.text:
         tokens = load_text_files(args.text, tokenizer_file=args.tokenizer)
     else:
         tokens = stdlib_corpus()
-    config = LlamaConfig.from_name_or_path(args.config)
     if int(tokens.max()) >= config.vocab_size:
         raise ValueError(f"token id {int(tokens.max())} is outside the config's vocab_size ({config.vocab_size})")
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,

@@ -25,7 +25,7 @@ from .data import ByteTokenizer, TokenStream, load_text_files, stdlib_corpus
 from .models import LlamaConfig
 from .train.measure import measure_training_step
 from .train.methods import METHODS, load_presets
-from .train.pretrain import TrainSettings, pretrain
+from .train.pretrain import TrainSettings, check_window_fits, pretrain
 
 __all__ = ["format_table", "run_comparison", "write_plots"]
 
@@ -56,8 +56,7 @@ def run_comparison(
             f"vocab_size ({model_config.vocab_size}) of config {config!r} must be >= {ByteTokenizer.vocab_size}, "
             "the byte tokenizer's vocabulary"
         )
-    if seq_len + 1 > model_config.max_seq_len:
-        raise ValueError(f"seq_len ({seq_len}) must be < max_seq_len ({model_config.max_seq_len}) of config {config!r}")
+    check_window_fits(seq_len, model_config, config)
     method_presets = load_presets(presets or config)
     tokens = load_text_files(text_files) if text_files else stdlib_corpus()
     stream = TokenStream(tokens, seq_len)

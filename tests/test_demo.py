@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -84,6 +85,11 @@ def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["compare", "--config", "test", "--seq-len", "64"])
     assert "seq_len (64) must be < max_seq_len (64) of config 'test'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", "test", "--seq-len", "64"])
+    assert "seq_len (64) must be < max_seq_len (64) of config 'test': a training window is seq_len + 1" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_estimate_and_pretrain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,6 +103,24 @@ def test_cli_estimate_and_pretrain(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["pretrain", "--config", "test", "--method", "dct", "--tokens", str(tokens), "--steps", "2",
                  "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["method"] == "dct"
+
+
+@pytest.mark.parametrize("method", ["galore", "fira", "dct", "sltrain"])
+def test_cli_pretrains_in_bfloat16(method: str, tmp_path: Path) -> None:
+    """bf16 weights and gradients end to end on CPU (fp32 low-rank moments by default), finite losses."""
+    import numpy as np
+
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.arange(3000) % 200)
+    out = tmp_path / "result.json"
+    assert main(["pretrain", "--config", "test", "--method", method, "--tokens", str(tokens), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--dtype", "bfloat16",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["dtype"] == "bfloat16"
+    assert result["gradient_bytes"] == 2 * result["parameters"]  # bf16 gradients
+    losses = [result["initial_eval_loss"], result["final_eval_loss"]] + [point[-1] for point in result["train_curve"]]
+    assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses), losses
 
 
 def test_meta_build_matches_device_and_dtype() -> None:

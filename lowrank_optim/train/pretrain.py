@@ -66,6 +66,17 @@ class TrainSettings:
         return _DTYPES[self.dtype]
 
 
+def check_window_fits(seq_len: int, model_config: LlamaConfig, config_name: str | None = None) -> None:
+    """A training window is ``seq_len + 1`` tokens (inputs plus their next-token targets, shifted inside
+    the model), so ``seq_len`` must be below the model's ``max_seq_len``."""
+    if seq_len + 1 > model_config.max_seq_len:
+        where = f" of config {config_name!r}" if config_name is not None else ""
+        raise ValueError(
+            f"seq_len ({seq_len}) must be < max_seq_len ({model_config.max_seq_len}){where}: a training window "
+            "is seq_len + 1 tokens (the inputs and their next-token targets)"
+        )
+
+
 @torch.no_grad()
 def evaluate(model: LlamaForCausalLM, stream: TokenStream, batch_size: int, max_batches: int) -> float:
     """Mean next-token loss over the first ``max_batches`` validation batches (the same every call)."""
@@ -108,6 +119,7 @@ def pretrain(
     """
     if settings.seq_len != stream.seq_len:
         raise ValueError(f"settings.seq_len ({settings.seq_len}) must equal the stream's seq_len ({stream.seq_len})")
+    check_window_fits(settings.seq_len, model_config)
     name = preset.method + ("+per-layer" if settings.per_layer else "")
     device = torch.device(settings.device)
     model = build_model(
