@@ -4,10 +4,11 @@
 // result does not depend on the thread count); pass 2 divides by it and applies `scale`. (A read-only
 // pass 1 with S recomputed in pass 2 moves the same bytes; measured 15-20 % slower.)
 //
-// Rounding follows the reference op by op (csrc/README.md): G - subtract·B is ATen's vectorized
-// add(alpha) (fma, alpha rounded to the tensor's dtype), each product/quotient is rounded to the
-// residual's dtype where the reference stores it, and phi to the moments' dtype. Norms accumulate in
-// double, so they are at least as accurate as ATen's (which may differ in the last bits).
+// Rounding follows the reference op by op (csrc/README.md): G - subtract·B is ATen's add(alpha) (fma
+// on a vectorized ATen, g + round(alpha·b) on a DEFAULT one; alpha rounded to the tensor's dtype), each
+// product/quotient is rounded to the residual's dtype where the reference stores it, and phi to the
+// moments' dtype. Sums of squares run in float lanes over runs of 256 elements and in double across
+// runs: at least as accurate as ATen's norms, which may differ from them in the last bits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -129,7 +130,8 @@ LOWRANK_OPTIM_ALWAYS_INLINE double combine(const Lanes& lanes) {
 }
 
 // Σ x² per channel of a row-major rows x cols tensor, for rows [begin, end) (per_row: one sum per row) or
-// for columns [begin, end) over all rows. Compiled twice (plain and AVX2, below) like the residual pass.
+// for columns [begin, end) over all rows. Compiled plain and for AVX2 (below); a memory-bound read, so
+// no AVX-512 variant.
 template <typename U>
 LOWRANK_OPTIM_ALWAYS_INLINE void channel_squares(const U* __restrict__ x, int64_t rows, int64_t cols, bool per_row,
                                                  int64_t begin, int64_t end, double* __restrict__ out) {
