@@ -460,8 +460,14 @@ def _fira_residual_reference(
     state ``residual_norm`` is updated in place."""
     difference = add_project_back_(grad.clone(), lowrank, subspace, alpha=-fira.subtract)
     return scale_and_limit_residual_(
-        difference, normalized, lowrank, subspace.side, residual_norm,
-        gamma=fira.gamma, first=first, scale=fira.residual_scale,
+        difference,
+        normalized,
+        lowrank,
+        subspace.side,
+        residual_norm,
+        gamma=fira.gamma,
+        first=first,
+        scale=fira.residual_scale,
     )
 
 
