@@ -41,28 +41,45 @@ needs_kernels = pytest.mark.skipif(
 
 
 def _trajectory(
-    name: str, shape: tuple[int, int], dtype: torch.dtype, steps: int = 7, **kwargs: Any
+    name: str, shape: tuple[int, int], dtype: torch.dtype, steps: int = 7, device: str = "cpu", **kwargs: Any
 ) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    weight = nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
-    bias = nn.Parameter(torch.randn(shape[0], generator=generator).to(dtype))
+    generator = torch.Generator().manual_seed(0)  # on the CPU: the same numbers for every device
+    weight = nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype))
+    bias = nn.Parameter(torch.randn(shape[0], generator=generator).to(device, dtype))
     optimizer = OPTIMIZERS[name](
         [{"params": [bias]}, {"params": [weight], "rank": 6, "update_proj_gap": 3}], **kwargs
     )
     for _ in range(steps):
-        weight.grad = torch.randn(shape, generator=generator).to(dtype)
-        bias.grad = torch.randn(shape[0], generator=generator).to(dtype)
+        weight.grad = torch.randn(shape, generator=generator).to(device, dtype)
+        bias.grad = torch.randn(shape[0], generator=generator).to(device, dtype)
         optimizer.step()
-    return [weight.detach().clone(), bias.detach().clone()]
+    return [weight.detach().cpu().clone(), bias.detach().cpu().clone()]
 
 
-@needs_kernels
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available here"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["right", "left"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_fused_trajectory_matches_reference(name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
-    fused = _trajectory(name, shape, dtype, fused=True)
-    reference = _trajectory(name, shape, dtype, fused=False)
+def test_fused_trajectory_matches_reference(
+    name: str, shape: tuple[int, int], dtype: torch.dtype, device: str
+) -> None:
+    """On CUDA the reference side runs ``foreach`` (``fused=False`` with ``foreach=None`` picks it there)."""
+    if not kernels_available(device):
+        pytest.skip(f"no compiled kernels for {device}: {kernel_load_error(device)}")
+    fused = _trajectory(name, shape, dtype, device=device, fused=True)
+    reference = _trajectory(name, shape, dtype, device=device, fused=False)
     start = _trajectory(name, shape, dtype, steps=0)
     for got, expected, initial in zip(fused, reference, start):
         torch.testing.assert_close(got, expected, **TOLERANCES[dtype])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test-gpu`: on a machine with an NVIDIA GPU, a CUDA build of torch and nvcc (no DeepSpeed needed).
-# Builds both extensions in place, runs the GPU tests and the kernel tests on CUDA, then the kernel
+# Builds both extensions in place, runs the GPU-marked tests, then the kernel
 # benchmark and the optimizer-step benchmark on CUDA, and writes everything to
 # bench/results/gpu-<date>-<commit>/. About 3-5 minutes.
 set -euo pipefail
@@ -30,8 +30,10 @@ export MAX_JOBS="${MAX_JOBS:-8}"
 "$PY" -c 'import lowrank_optim.ops as o; assert o.kernels_available("cuda"), o.kernel_load_error("cuda"); print("CUDA kernels loaded")'
 
 status=0
+# Every CUDA case is marked `gpu`: the kernels against their references (tests/test_kernels.py), fused vs
+# reference optimizer trajectories (tests/test_fused.py), CPU/CUDA state round trips (tests/test_gpu.py).
+# The CPU cases run in CI; device time is short.
 "$PY" -m pytest -q -rs -m gpu tests 2>&1 | tee "$out/pytest-gpu.txt" || status=1
-"$PY" -m pytest -q -rs tests/test_kernels.py 2>&1 | tee "$out/pytest-kernels.txt" || status=1
 "$PY" bench/bench_kernels.py --device cuda --repeats 30 --json "$out/bench_kernels_cuda.json" 2>&1 \
   | tee "$out/bench_kernels_cuda.txt" || status=1
 # A whole optimizer step (56 LLaMA-60M matrices): GaLore and Fira with the kernels vs fused=False.
