@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from devices import DEVICES
 from torch import nn
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
@@ -54,18 +55,6 @@ def _trajectory(
         bias.grad = torch.randn(shape[0], generator=generator).to(device, dtype)
         optimizer.step()
     return [weight.detach().cpu().clone(), bias.detach().cpu().clone()]
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available here"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

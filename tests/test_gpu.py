@@ -6,14 +6,12 @@ import io
 
 import pytest
 import torch
+from devices import CUDA_MARKS
 from torch import nn
 
 from lowrank_optim import GaLoreAdamW
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available here"),
-]
+pytestmark = CUDA_MARKS
 
 
 @pytest.mark.parametrize("moment_dtype", [None, torch.float32])

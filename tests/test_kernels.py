@@ -30,6 +30,7 @@ import sys
 
 import pytest
 import torch
+from devices import DEVICES
 
 from lowrank_optim.ops import kernel_load_error, kernels_available
 from lowrank_optim.ops.adam import _adam_default
@@ -38,16 +39,6 @@ from lowrank_optim.ops.fira import _fira_default
 from lowrank_optim.ops.sparse import _gather_default, _scatter_add_default
 
 OPS = torch.ops.lowrank_optim
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available here"),
-        ],
-    ),
-]
 INDEX_DTYPES = [torch.int32, torch.int64]
 VALUE_DTYPES = [torch.float32, torch.bfloat16]
 # (rows, cols): empty, single row, ragged (5461 = LLaMA-1B's intermediate size), square.
