@@ -94,6 +94,4 @@ inline Variant kernel_variant() {
 inline Variant kernel_variant() { return Variant::kFused; }
 #endif
 
-inline bool aten_fuses_multiply_add() { return kernel_variant() != Variant::kPlain; }
-
 }  // namespace lowrank_optim::cpu

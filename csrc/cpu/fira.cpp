@@ -358,7 +358,9 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
   const int64_t cols = grad.size(1);
   const at::Tensor g = grad.contiguous();
   at::Tensor b = back.is_contiguous() ? back : back.contiguous();
-  const bool fused = cpu::aten_fuses_multiply_add();
+  // The variant matching ATen's capability (cpu::kernel_variant): the same rounding as the reference.
+  const cpu::Variant variant = cpu::kernel_variant();
+  const bool simd = variant != cpu::Variant::kPlain;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "fira_residual_", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
@@ -369,11 +371,10 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
     const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     const bool per_row = dim == 1;
-    // The variant matching ATen's capability (cpu::kernel_variant): same rounding as the reference.
-    auto residual_pass = fused ? residual_block_fused<T> : residual_block_plain<T>;
-    auto rescale_pass = fused ? rescale_block_avx2<T> : rescale_block_plain<T>;
+    auto residual_pass = simd ? residual_block_fused<T> : residual_block_plain<T>;
+    auto rescale_pass = simd ? rescale_block_avx2<T> : rescale_block_plain<T>;
 #ifdef LOWRANK_OPTIM_HAVE_AVX512_VARIANT
-    if (cpu::kernel_variant() == cpu::Variant::kFused512) {
+    if (variant == cpu::Variant::kFused512) {
       residual_pass = residual_block_fused512<T>;
       rescale_pass = rescale_block_avx512<T>;
     }
@@ -391,10 +392,10 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
       });
     };
     if (lowrank.scalar_type() == grad.scalar_type()) {
-      FiraPhi<T, acc_t> phi(normalized, lowrank, dim, fused);
+      FiraPhi<T, acc_t> phi(normalized, lowrank, dim, simd);
       first_pass(phi);
     } else {
-      FiraPhi<float, acc_t> phi(normalized, lowrank, dim, fused);
+      FiraPhi<float, acc_t> phi(normalized, lowrank, dim, simd);
       first_pass(phi);
     }
     double sum_of_squares = 0.0;  // in block order: the same for any thread count
