@@ -270,6 +270,11 @@ def main() -> None:
         outcome = run_case(case)
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(outcome), flush=True)
+    # Tear the process group down before the interpreter does: left to exit, gloo's threads were once
+    # destroyed while joinable ("terminate called without an active exception", rank 0 aborted after
+    # every case had passed), which failed the whole launch.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
