@@ -263,10 +263,13 @@ class GaLoreAdamW(Optimizer):
                 if right_shape is not None:
                     state[DCT_INDICES_RIGHT] = torch.arange(rank, device=param.device)
             else:
+                # Column-major, the layout of LAPACK's U and Vh that the reference keeps its bases in: a
+                # GEMM's rounding can depend on its operands' layout (MKL's AVX-512 kernels do), and with
+                # the same layout the projections are bit-identical to galore-torch's.
                 if left_shape is not None:
-                    state[BASIS_LEFT] = torch.zeros(left_shape, dtype=param.dtype, device=param.device)
+                    state[BASIS_LEFT] = torch.zeros(left_shape[::-1], dtype=param.dtype, device=param.device).T
                 if right_shape is not None:
-                    state[BASIS_RIGHT] = torch.zeros(right_shape, dtype=param.dtype, device=param.device)
+                    state[BASIS_RIGHT] = torch.zeros(right_shape[::-1], dtype=param.dtype, device=param.device).T
         else:
             moment_shape = param.shape
         state[EXP_AVG] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
