@@ -1,7 +1,15 @@
 // CPU kernels of lowrank_optim::sparse_scatter_add_ and lowrank_optim::sparse_gather
-// (schemas: lowrank_optim/ops/sparse.py). The support is sorted and unique, so every thread owns a
-// contiguous range of it and writes elements no other thread touches: no atomics, and each thread
-// walks the dense tensor forwards (prefetch-friendly).
+// (schemas: lowrank_optim/ops/sparse.py).
+//
+// Safety first: one read-only pass over the support checks every index against dense before anything
+// is read from or written to dense (an out-of-range index raises IndexError naming it, as the default
+// kernel does), and finds out whether the support is strictly increasing. A strictly increasing (sorted,
+// unique) support lets every thread own a contiguous range of it and write elements no other thread
+// touches: no atomics, and each thread walks the dense tensor forwards (prefetch-friendly). Any other
+// support (unsorted, or with duplicates, which must accumulate) goes to ATen's index_add_, the default
+// kernel's own arithmetic. The check reads the 4 or 8 index bytes per nonzero once more; the scatter
+// itself touches a cache line of dense per nonzero, so the check costs a small fraction of it
+// (bench/bench_kernels.py measures both).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +17,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common/sparse_checks.h"
 
 namespace lowrank_optim {
 namespace {
@@ -31,26 +43,54 @@ inline void prefetch(const T* address, bool write) {
 #endif
 }
 
-void check_support(const char* op, const at::Tensor& dense, const at::Tensor& flat_indices) {
-  TORCH_CHECK(flat_indices.scalar_type() == at::kInt || flat_indices.scalar_type() == at::kLong, op,
-              ": flat_indices.dtype=", flat_indices.scalar_type(), "; allowed: int32, int64");
-  TORCH_CHECK(flat_indices.dim() == 1, op, ": flat_indices.dim()=", flat_indices.dim(), "; must be 1");
-  TORCH_CHECK(dense.device() == flat_indices.device(), op, ": flat_indices.device=", flat_indices.device(),
-              " differs from dense.device=", dense.device());
+// Checks that every index addresses an element of a `numel`-element tensor (raises IndexError at the
+// first one that does not) and returns whether the support is strictly increasing. Chunks are scanned in
+// parallel with branch-free loops (they vectorize); only an error is located by a second, serial scan.
+template <typename index_t>
+bool validate_support(const char* op, const index_t* idx, int64_t nnz, const at::Tensor& dense) {
+  const int64_t numel = dense.numel();
+  const int64_t chunks = (nnz + kGrain - 1) / kGrain;
+  std::vector<uint8_t> out_of_range(chunks, 0), unordered(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t lo = chunk * kGrain;
+      const int64_t hi = std::min(nnz, lo + kGrain);
+      bool bad = false;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t value = static_cast<int64_t>(idx[i]);
+        bad |= (value < 0) | (value >= numel);
+      }
+      bool broken = false;
+      for (int64_t i = std::max<int64_t>(lo, 1); i < hi; ++i) broken |= idx[i - 1] >= idx[i];
+      out_of_range[chunk] = bad;
+      unordered[chunk] = broken;
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    if (!out_of_range[chunk]) continue;
+    for (int64_t i = chunk * kGrain; i < nnz; ++i) {
+      const int64_t value = static_cast<int64_t>(idx[i]);
+      if (value < 0 || value >= numel) sparse::throw_out_of_range(op, i, value, dense);
+    }
+  }
+  return std::none_of(unordered.begin(), unordered.end(), [](uint8_t flag) { return flag != 0; });
 }
 
 void sparse_scatter_add_cpu(at::Tensor dense, const at::Tensor& flat_indices, const at::Tensor& values,
                             double alpha) {
-  check_support("sparse_scatter_add_", dense, flat_indices);
-  TORCH_CHECK(dense.is_contiguous(), "sparse_scatter_add_: dense (shape ", dense.sizes(),
-              ") must be contiguous to be updated in place");
-  TORCH_CHECK(values.sizes() == flat_indices.sizes(), "sparse_scatter_add_: values.shape=", values.sizes(),
-              " must equal flat_indices.shape=", flat_indices.sizes());
-  TORCH_CHECK(values.scalar_type() == dense.scalar_type(), "sparse_scatter_add_: values.dtype=",
-              values.scalar_type(), " must equal dense.dtype=", dense.scalar_type());
+  sparse::check_scatter_args(dense, flat_indices, values);
   const int64_t nnz = flat_indices.numel();
   if (nnz == 0) return;
   const at::Tensor indices = flat_indices.contiguous();
+  bool strictly_increasing = false;
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_scatter_add_", [&] {
+    strictly_increasing = validate_support("sparse_scatter_add_", indices.const_data_ptr<index_t>(), nnz, dense);
+  });
+  if (!strictly_increasing) {
+    // Repeated or unordered indices would race between threads below; index_add_ accumulates them.
+    dense.view(-1).index_add_(0, indices, values, alpha);
+    return;
+  }
   const at::Tensor source = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dense.scalar_type(), "sparse_scatter_add_", [&] {
     // Reduced precision adds in float and rounds once, as index_add_ does.
@@ -73,11 +113,15 @@ void sparse_scatter_add_cpu(at::Tensor dense, const at::Tensor& flat_indices, co
 }
 
 at::Tensor sparse_gather_cpu(const at::Tensor& dense, const at::Tensor& flat_indices) {
-  check_support("sparse_gather", dense, flat_indices);
+  sparse::check_support("sparse_gather", dense, flat_indices);
   const int64_t nnz = flat_indices.numel();
   at::Tensor result = at::empty({nnz}, dense.options());
   if (nnz == 0) return result;
   const at::Tensor indices = flat_indices.contiguous();
+  // Reads need no order: any in-range support is gathered correctly.
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_gather", [&] {
+    validate_support("sparse_gather", indices.const_data_ptr<index_t>(), nnz, dense);
+  });
   const int64_t ndim = dense.dim();
   const bool contiguous = dense.is_contiguous();
   // Strided reads: a flat row-major index is unravelled into an offset with the input's own strides,

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/sparse_checks.h"
 #include "launchers.h"
 
 namespace lowrank_optim {
@@ -26,9 +27,7 @@ cuda::ElementType element_type(const at::Tensor& tensor, const char* op, const c
   }
 }
 
-cuda::IndexType index_type(const at::Tensor& flat_indices, const char* op) {
-  TORCH_CHECK(flat_indices.scalar_type() == at::kInt || flat_indices.scalar_type() == at::kLong, op,
-              ": flat_indices.dtype=", flat_indices.scalar_type(), "; allowed: int32, int64");
+cuda::IndexType index_type(const at::Tensor& flat_indices) {
   return flat_indices.scalar_type() == at::kInt ? cuda::IndexType::kInt32 : cuda::IndexType::kInt64;
 }
 
@@ -36,25 +35,37 @@ void check_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
 
-void check_support(const char* op, const at::Tensor& dense, const at::Tensor& flat_indices) {
-  TORCH_CHECK(flat_indices.dim() == 1, op, ": flat_indices.dim()=", flat_indices.dim(), "; must be 1");
-  TORCH_CHECK(dense.device() == flat_indices.device(), op, ": flat_indices.device=", flat_indices.device(),
-              " differs from dense.device=", dense.device());
+// Runs the validation kernel and reads its two results back (one small device-to-host copy, which
+// synchronizes: an error must be raised before the scatter or gather touches memory). Raises IndexError
+// at the first out-of-range index; returns whether the support is strictly increasing.
+bool validate_support(const char* op, const at::Tensor& indices, const at::Tensor& dense) {
+  const int64_t nnz = indices.numel();
+  at::Tensor result = at::full({2}, 0, indices.options().dtype(at::kLong));
+  result[0].fill_(nnz);
+  check_launch(cuda::validate_support(indices.const_data_ptr(), index_type(indices), nnz, dense.numel(),
+                                      reinterpret_cast<unsigned long long*>(result.data_ptr<int64_t>()),
+                                      c10::cuda::getCurrentCUDAStream()),
+               op);
+  const at::Tensor host = result.cpu();
+  const int64_t first_bad = host[0].item<int64_t>();
+  if (first_bad < nnz) sparse::throw_out_of_range(op, first_bad, indices[first_bad].item<int64_t>(), dense);
+  return host[1].item<int64_t>() == 0;
 }
 
 void sparse_scatter_add_cuda(at::Tensor dense, const at::Tensor& flat_indices, const at::Tensor& values,
                              double alpha) {
   const char* op = "sparse_scatter_add_";
-  check_support(op, dense, flat_indices);
-  TORCH_CHECK(dense.is_contiguous(), op, ": dense (shape ", dense.sizes(), ") must be contiguous to be updated in place");
-  TORCH_CHECK(values.sizes() == flat_indices.sizes(), op, ": values.shape=", values.sizes(),
-              " must equal flat_indices.shape=", flat_indices.sizes());
-  TORCH_CHECK(values.scalar_type() == dense.scalar_type(), op, ": values.dtype=", values.scalar_type(),
-              " must equal dense.dtype=", dense.scalar_type());
+  sparse::check_scatter_args(dense, flat_indices, values);
+  if (flat_indices.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(dense.device());
   const at::Tensor indices = flat_indices.contiguous();
+  if (!validate_support(op, indices, dense)) {
+    // Repeated or unordered indices would race in the kernel; index_add_ accumulates them with atomics.
+    dense.view(-1).index_add_(0, indices, values, alpha);
+    return;
+  }
   const at::Tensor source = values.contiguous();
-  check_launch(cuda::sparse_scatter_add(dense.data_ptr(), indices.const_data_ptr(), index_type(indices, op),
+  check_launch(cuda::sparse_scatter_add(dense.data_ptr(), indices.const_data_ptr(), index_type(indices),
                                         source.const_data_ptr(), element_type(dense, op, "dense"), indices.numel(),
                                         alpha, c10::cuda::getCurrentCUDAStream()),
                op);
@@ -62,11 +73,13 @@ void sparse_scatter_add_cuda(at::Tensor dense, const at::Tensor& flat_indices, c
 
 at::Tensor sparse_gather_cuda(const at::Tensor& dense, const at::Tensor& flat_indices) {
   const char* op = "sparse_gather";
-  check_support(op, dense, flat_indices);
-  TORCH_CHECK(dense.dim() <= cuda::kMaxDims, op, ": dense.dim()=", dense.dim(), "; at most ", cuda::kMaxDims);
+  sparse::check_support(op, dense, flat_indices);
+  TORCH_CHECK_VALUE(dense.dim() <= cuda::kMaxDims, op, ": dense.dim()=", dense.dim(), "; at most ", cuda::kMaxDims);
   const c10::cuda::CUDAGuard guard(dense.device());
   const at::Tensor indices = flat_indices.contiguous();
   at::Tensor result = at::empty({indices.numel()}, dense.options());
+  if (indices.numel() == 0) return result;
+  validate_support(op, indices, dense);  // reads need no order
   cuda::StridedLayout layout{};
   layout.ndim = static_cast<int>(dense.dim());
   for (int64_t d = 0; d < dense.dim(); ++d) {
@@ -74,7 +87,7 @@ at::Tensor sparse_gather_cuda(const at::Tensor& dense, const at::Tensor& flat_in
     layout.strides[d] = dense.stride(d);
   }
   check_launch(cuda::sparse_gather(dense.const_data_ptr(), layout, dense.is_contiguous(), indices.const_data_ptr(),
-                                   index_type(indices, op), result.data_ptr(), element_type(dense, op, "dense"),
+                                   index_type(indices), result.data_ptr(), element_type(dense, op, "dense"),
                                    indices.numel(), c10::cuda::getCurrentCUDAStream()),
                op);
   return result;

@@ -21,11 +21,18 @@ struct StridedLayout {
   int64_t strides[kMaxDims];  // in elements
 };
 
-// dense.view(-1)[indices[i]] += alpha * values[i]; indices sorted and unique (no atomics needed).
+// Checks a support of nnz indices against a dense tensor of numel elements. `result` (device, two values,
+// set to {nnz, 0} by the caller) receives the lowest position of an out-of-range index (nnz if none) and a
+// nonzero flag when the support is not strictly increasing.
+cudaError_t validate_support(const void* indices, IndexType index_type, int64_t nnz, int64_t numel,
+                             unsigned long long* result, cudaStream_t stream);
+
+// dense.view(-1)[indices[i]] += alpha * values[i]; indices validated and strictly increasing (no atomics).
 cudaError_t sparse_scatter_add(void* dense, const void* indices, IndexType index_type, const void* values,
                                ElementType element_type, int64_t nnz, double alpha, cudaStream_t stream);
 
-// out[i] = dense[unravel(indices[i])]; `layout` describes dense (contiguous: strides row-major).
+// out[i] = dense[unravel(indices[i])]; indices validated; `layout` describes dense (contiguous: strides
+// row-major).
 cudaError_t sparse_gather(const void* dense, const StridedLayout& layout, bool contiguous, const void* indices,
                           IndexType index_type, void* out, ElementType element_type, int64_t nnz,
                           cudaStream_t stream);

@@ -25,6 +25,7 @@ __all__ = [
     "ConversionReport",
     "SLTrainLinear",
     "balanced_factors",
+    "check_support",
     "convert_to_sltrain",
     "derive_seed",
     "index_dtype_for",
@@ -83,6 +84,44 @@ def sample_support(
     nnz = int(delta * total)
     permutation = torch.randperm(total, generator=generator, dtype=index_dtype_for(total))
     return permutation[:nnz].sort().values
+
+
+def check_support(indices: Any, out_features: int, in_features: int, nnz: int, where: str = "support") -> None:
+    """Refuse ``indices`` unless it is a support :func:`sample_support` could have drawn for this shape.
+
+    That is: a 1-D ``int32``/``int64`` tensor of exactly ``nnz`` strictly increasing (sorted, unique)
+    flat indices in ``[0, out_features · in_features)``. Raises ``ValueError`` naming ``where``, the
+    first offending entry and what is allowed. One pass over the indices, on their device.
+    """
+    total = out_features * in_features
+    if not isinstance(indices, Tensor):
+        raise ValueError(f"{where}: expected a tensor of flat indices, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{where}: dtype {indices.dtype}; allowed: torch.int32, torch.int64")
+    if indices.dim() != 1:
+        raise ValueError(f"{where}: shape {tuple(indices.shape)}; must be 1-D")
+    if indices.numel() != nnz:
+        raise ValueError(
+            f"{where}: {indices.numel()} entries; this layer has nnz={nnz} "
+            f"(int(delta · out_features · in_features) for {out_features} x {in_features})"
+        )
+    if nnz == 0 or indices.is_meta:  # a meta tensor has no values to check
+        return
+    wide = indices.long()
+    outside = (wide < 0) | (wide >= total)
+    if bool(outside.any()):
+        position = int(outside.nonzero()[0, 0])
+        raise ValueError(
+            f"{where}: entry {position} is {int(wide[position])}, outside the allowed range [0, {total}) "
+            f"of a {out_features} x {in_features} weight"
+        )
+    not_increasing = wide[1:] <= wide[:-1]
+    if bool(not_increasing.any()):
+        position = int(not_increasing.nonzero()[0, 0]) + 1
+        raise ValueError(
+            f"{where}: entry {position} is {int(wide[position])} after {int(wide[position - 1])}; a support "
+            "must be strictly increasing (sorted, without repeats)"
+        )
 
 
 def derive_seed(base_seed: int, name: str) -> int:
@@ -248,6 +287,28 @@ class SLTrainLinear(nn.Module):
             return torch.tanh(self.scale_raw)
         assert self.alpha is not None  # set by __init__ whenever the scale is fixed
         return self.alpha / self.rank
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The support is a buffer, so torch would copy any integer tensor of the right length into it;
+        # a bad one would make every forward raise (or, unsorted, silently run slower). Refuse it here,
+        # before this layer's tensors are touched.
+        key = prefix + "indices"
+        if key in state_dict:
+            check_support(
+                state_dict[key], self.out_features, self.in_features, self.values.numel(), where=f"state_dict[{key!r}]"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return _SparsePlusLowRankLinear.apply(x, self.B, self.A, self.values, self.indices, self.scale, self.bias)

@@ -1,12 +1,20 @@
 """Sparse scatter/gather at a fixed flat support: the two kernels behind SLTrain (arXiv 2406.02214).
 
-A support is a 1-D tensor of *sorted, unique* flat row-major indices into a dense tensor
-(``int32`` or ``int64``; ``int32`` suffices below 2³¹ elements and saves 4 bytes per entry).
+A support is a 1-D tensor of flat row-major indices into a dense tensor (``int32`` or ``int64``;
+``int32`` suffices below 2³¹ elements and saves 4 bytes per entry).
 
 - ``lowrank_optim::sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha) -> ()``
-  ``dense.view(-1)[flat_indices] += alpha * values`` in place (``dense`` must be contiguous).
+  ``dense.view(-1)[flat_indices] += alpha * values`` in place (``dense`` must be contiguous); repeated
+  indices accumulate.
 - ``lowrank_optim::sparse_gather(Tensor dense, Tensor flat_indices) -> Tensor``
   ``dense.reshape(-1)[flat_indices]`` without copying a non-contiguous ``dense``.
+
+Every kernel checks every index before it reads or writes ``dense``: an index outside
+``[0, dense.numel())`` raises ``IndexError`` naming its position and value, and ``dense`` is left as it
+was. SLTrain's supports are *sorted and unique* (strictly increasing); compiled kernels scatter such a
+support in parallel without atomics and hand any other one to ``index_add_`` (the default kernel), so
+the result is correct for every support and only the speed differs. The check is one extra read of the
+indices (and, on CUDA, one device-to-host copy of two integers: a synchronization).
 
 How compiled kernels override these defaults
 --------------------------------------------
@@ -20,8 +28,8 @@ No Python change is needed, the dispatcher prefers the backend kernel, and the r
 before or after this module is imported (the dispatcher joins a schema and its kernels whenever both
 exist). The extension must not ``def`` the schemas again: they live here. The fake (meta) kernels,
 which ``torch.compile`` and meta-device code use, and the autograd formula of ``sparse_gather`` stay
-in Python and apply to every backend. Sortedness and uniqueness are a precondition (not checked,
-because checking costs a pass and a host sync); kernels may rely on it, e.g. to add without atomics.
+in Python and apply to every backend. The compiled kernels raise the same exceptions with the same
+messages as the checks here (``csrc/common/sparse_checks.h``; a test compares them).
 """
 
 from __future__ import annotations
@@ -63,12 +71,30 @@ def _check_scatter_args(dense: Tensor, flat_indices: Tensor, values: Tensor) -> 
         )
     if values.dtype != dense.dtype:
         raise TypeError(f"{op_name}: values.dtype={values.dtype} must equal dense.dtype={dense.dtype}")
+    if values.device != dense.device:
+        raise ValueError(f"{op_name}: values.device={values.device} differs from dense.device={dense.device}")
     if not dense.is_contiguous():
         raise ValueError(f"{op_name}: dense (shape {tuple(dense.shape)}) must be contiguous to be updated in place")
 
 
+def _check_in_range(op_name: str, dense: Tensor, flat_indices: Tensor) -> None:
+    """Raise ``IndexError`` at the first index outside ``[0, dense.numel())``; one pass and one host read."""
+    if flat_indices.numel() == 0:
+        return
+    numel = dense.numel()
+    low, high = (int(bound) for bound in torch.aminmax(flat_indices))
+    if low >= 0 and high < numel:
+        return
+    position = int(((flat_indices < 0) | (flat_indices >= numel)).nonzero()[0, 0])
+    raise IndexError(
+        f"{op_name}: flat_indices[{position}]={int(flat_indices[position])} is out of range for dense of shape "
+        f"{tuple(dense.shape)} ({numel} elements); allowed: 0 <= index < {numel}"
+    )
+
+
 def _scatter_add_default(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float) -> None:
     _check_scatter_args(dense, flat_indices, values)
+    _check_in_range("sparse_scatter_add_", dense, flat_indices)
     # index_add_ takes int32 or int64 indices directly, so no int64 copy of the support is made.
     dense.view(-1).index_add_(0, flat_indices, values, alpha=alpha)
 
@@ -79,6 +105,7 @@ def _scatter_add_fake(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha
 
 def _gather_default(dense: Tensor, flat_indices: Tensor) -> Tensor:
     _check_support("sparse_gather", dense, flat_indices)
+    _check_in_range("sparse_gather", dense, flat_indices)
     if dense.is_contiguous():
         return dense.view(-1).index_select(0, flat_indices)
     # reshape(-1) would copy the whole dense tensor; indexing by coordinates reads only the support.
@@ -113,9 +140,10 @@ torch.library.register_autograd(
 
 
 def sparse_scatter_add_(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:
-    """``dense.view(-1)[flat_indices] += alpha * values`` in place, at a sorted unique flat support.
+    """``dense.view(-1)[flat_indices] += alpha * values`` in place (repeated indices accumulate).
 
-    ``dense`` must be contiguous; ``values`` has ``dense``'s dtype and ``flat_indices``'s length.
+    ``dense`` must be contiguous; ``values`` has ``dense``'s dtype and ``flat_indices``'s length; every
+    index must lie in ``[0, dense.numel())`` (else ``IndexError``, ``dense`` untouched).
     Not differentiable (it mutates); SLTrain's autograd function calls it with gradients off.
     """
     # Checked here too, so that errors have the same type and text whichever kernel runs.
