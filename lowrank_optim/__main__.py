@@ -7,8 +7,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .train.methods import METHODS
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _DTYPE_NAMES = ("float32", "bfloat16")
 
@@ -114,21 +118,74 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _load_tokens(path: str, vocab_size: int, config_name: str) -> Tensor:
+    """The ``--tokens`` file as flat int64 ids, refused unless it is a .npy integer array with every id
+    in ``[0, vocab_size)``: a float array would be truncated silently, a bool array read as ids 0 and 1,
+    and an id outside the embedding table either crashes the first forward (too large) or indexes it
+    from the end (negative)."""
     import numpy as np
     import torch
 
+    try:
+        with open(path, "rb") as file:
+            # The header first: it names the dtype even of an object array, which np.load refuses to read.
+            version = np.lib.format.read_magic(file)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            dtype = read_header[version](file)[2] if version in read_header else None
+    except FileNotFoundError:
+        raise ValueError(f"--tokens ({path!r}) does not exist") from None
+    except ValueError as error:  # not a .npy file (numpy: "the magic string is not correct", ...)
+        raise ValueError(f"--tokens ({path!r}) is not a .npy array of integer token ids ({error})") from error
+    if dtype is not None and dtype.kind not in "iu":
+        raise ValueError(
+            f"--tokens ({path!r}) holds a {dtype} array; token ids must be an integer array "
+            "(int8-int64 or uint8-uint64)"
+        )
+    array = np.load(path, allow_pickle=False)  # no pickle: nothing in the file is executed
+    if array.dtype.kind not in "iu":  # a .npy format version without a header reader above
+        raise ValueError(f"--tokens ({path!r}) holds a {array.dtype} array; token ids must be an integer array")
+    flat = array.reshape(-1)
+    outside = np.flatnonzero((flat < 0) | (flat >= vocab_size))
+    if outside.size:
+        index = int(outside[0])
+        where = f"position {index}"
+        if array.ndim > 1:
+            where += f" (index {tuple(int(i) for i in np.unravel_index(index, array.shape))} of shape {array.shape})"
+        raise ValueError(
+            f"--tokens ({path!r}): token id {int(flat[index])} at {where} is outside [0, {vocab_size}), the "
+            f"vocab_size of config {config_name!r} ({outside.size} of {flat.size} ids are outside)"
+        )
+    return torch.from_numpy(flat.astype(np.int64))
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from ._io import atomic_write_text, check_writable_file
     from .data import TokenStream, load_text_files, stdlib_corpus
     from .models import LlamaConfig
     from .train.methods import load_presets
-    from .train.pretrain import TrainSettings, check_window_fits, pretrain
+    from .train.pretrain import TrainSettings, check_checkpoint_target, check_window_fits, pretrain
 
+    if args.tokens is not None and args.text:
+        raise ValueError(
+            f"--tokens ({args.tokens!r}) and --text ({' '.join(args.text)}) both give the training data; pass one"
+        )
+    if args.tokens is not None and args.tokenizer is not None:
+        raise ValueError(
+            f"--tokenizer ({args.tokenizer!r}) applies to --text files; --tokens ({args.tokens!r}) are already ids"
+        )
     if args.tokenizer is not None and not args.text:
         raise ValueError(f"--tokenizer ({args.tokenizer!r}) applies to --text files; none were given")
+    # Every output path before anything slow (reading text, training): a mistake must not cost a run.
+    check_checkpoint_target(args.checkpoint, resume=args.resume, overwrite=args.overwrite,
+                            names=("--checkpoint", "--resume", "--overwrite"))
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
+        if args.checkpoint is not None and Path(args.json).resolve() == Path(args.checkpoint).resolve():
+            raise ValueError(f"--json ({args.json!r}) and --checkpoint ({args.checkpoint!r}) name the same file")
     config = LlamaConfig.from_name_or_path(args.config)
     check_window_fits(args.seq_len, config, args.config)  # before reading any text
     if args.tokens is not None:
-        tokens = torch.from_numpy(np.load(args.tokens).astype(np.int64).reshape(-1))
+        tokens = _load_tokens(args.tokens, config.vocab_size, args.config)
     elif args.text:
         tokens = load_text_files(args.text, tokenizer_file=args.tokenizer)
     else:
@@ -141,9 +198,9 @@ def _pretrain(args: argparse.Namespace) -> int:
                              gradient_checkpointing=args.checkpointing, measure_memory=False)
     preset = load_presets(args.presets or args.config)[args.method]
     result = pretrain(config, preset, TokenStream(tokens, args.seq_len), settings, checkpoint=args.checkpoint,
-                      checkpoint_every=args.checkpoint_every, resume=args.resume)
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite)
     if args.json is not None:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -225,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, metavar="S", help="(default: %(default)s)")
     sub.add_argument("--checkpoint", metavar="FILE", help="checkpoint file (written every --checkpoint-every and at the end)")
     sub.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="(default: only at the end)")
-    sub.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    sub.add_argument("--resume", action="store_true",
+                     help="continue from --checkpoint, after verifying it (checksum, method, presets, model, settings)")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --checkpoint with a new run (without it, or --resume, an existing "
+                     "checkpoint is an error)")
     sub.add_argument("--json", metavar="FILE", help="write the results (curves included) here")
     sub.set_defaults(handler=_pretrain)
     return parser

@@ -21,13 +21,17 @@ from typing import Any
 
 import torch
 
+from ._io import atomic_write, atomic_write_text, check_writable_directory
 from .data import ByteTokenizer, TokenStream, load_text_files, stdlib_corpus
 from .models import LlamaConfig
 from .train.measure import measure_training_step
 from .train.methods import METHODS, load_presets
 from .train.pretrain import TrainSettings, check_window_fits, pretrain
 
-__all__ = ["format_table", "run_comparison", "write_plots"]
+__all__ = ["OUTPUT_FILES", "format_table", "run_comparison", "write_plots"]
+
+#: What ``main`` writes into ``--out`` (each atomically: a killed run leaves the previous file or none).
+OUTPUT_FILES = ("results.json", "loss_curves.png", "memory.png")
 
 
 def run_comparison(
@@ -162,7 +166,7 @@ def write_plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     axis.set_title("Pretraining loss per method")
     axis.legend(fontsize=8)
     loss_path = out_dir / "loss_curves.png"
-    figure.savefig(loss_path, dpi=120, bbox_inches="tight")
+    _save_figure(figure, loss_path)
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(9, 5))
@@ -185,14 +189,21 @@ def write_plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     axis.tick_params(axis="x", rotation=30)
     axis.legend(fontsize=8)
     memory_path = out_dir / "memory.png"
-    figure.savefig(memory_path, dpi=120, bbox_inches="tight")
+    _save_figure(figure, memory_path)
     plt.close(figure)
     return [loss_path, memory_path]
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    # Into the atomic writer's file object: format named, since there is no file name to infer it from.
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120, bbox_inches="tight"))
 
 
 def main(args: Any) -> int:
     """The ``compare``/``demo`` command: run, print the table, write JSON and plots, then the estimates."""
     start = time.perf_counter()
+    # The trainings take minutes: an --out that cannot be written must fail now, not after them.
+    check_writable_directory(args.out, "--out", files=OUTPUT_FILES)
     report = run_comparison(
         config=args.config,
         presets=args.presets,
@@ -211,7 +222,7 @@ def main(args: Any) -> int:
     print(format_table(report["results"]))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
     paths = write_plots(report["results"], out_dir)
     print(f"\nwrote {out_dir / 'results.json'}, " + ", ".join(str(path) for path in paths))
     if args.estimate:

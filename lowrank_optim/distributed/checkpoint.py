@@ -10,18 +10,24 @@ exactly the state a single-process optimizer keeps for that parameter:
   pieces of the flat partitions).
 
 Each parameter is written by one rank only (one of the ranks holding a piece of it, in turns) into
-``lowrank_state_rank{k}.pt``; files hold only tensors and strings, so ``torch.load(weights_only=True)``
-reads them. :func:`load_lowrank_state` reads every file and gives each rank's optimizer the slices its
-own layout needs, whatever the number of ranks or the ZeRO stage (a plain optimizer in one process
-included). The model weights (the fp32 masters) are not part of it: save them with the model's
-``state_dict`` (at ZeRO-3 gathered, e.g. with ``deepspeed.zero.GatheredParameters``) and load them into
-the model before ``initialize``.
+``lowrank_state_rank{k}.{generation}.pt``, and rank 0 then writes the manifest ``lowrank_state.json``
+(generation, world size, every file with its size and SHA-256): a save replaces the previous one only
+as a whole (see :func:`save_lowrank_state`). Files hold only tensors and strings, so
+``torch.load(weights_only=True)`` reads them. :func:`load_lowrank_state` verifies and reads every file the
+manifest names and gives each rank's optimizer the slices its own layout needs, whatever the number of
+ranks or the ZeRO stage (a plain optimizer in one process included); it also reads directories saved
+before manifests existed (``lowrank_state_rank{k:05d}.pt``, no manifest). The model weights (the fp32
+masters) are not part of it: save them with the model's ``state_dict`` (at ZeRO-3 gathered, e.g. with
+``deepspeed.zero.GatheredParameters``) and load them into the model before ``initialize``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._io import atomic_save, atomic_write_text, file_sha256
 from ..optim.galore import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP, GaLoreAdamW
 from ..projection import Side, basis_shapes, effective_rank, lowrank_shape, resolve_side
 from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _my_shard, _Partition, _sharded
@@ -37,7 +44,11 @@ from .plan import MatrixPlan
 __all__ = ["load_lowrank_state", "save_lowrank_state"]
 
 FILE_PREFIX = "lowrank_state_rank"
+#: The content of each per-rank file (unchanged since before the manifest): ``{"format", "params"}``.
 FORMAT = "lowrank_optim.named_state.v1"
+#: The manifest of a save: which files (by rank), their sizes and SHA-256s; rank 0 writes it last.
+MANIFEST = "lowrank_state.json"
+MANIFEST_FORMAT = "lowrank_optim.named_state.manifest.v1"
 
 
 def _is_engine(target: Any) -> bool:
@@ -202,38 +213,146 @@ def _gather_bases(
     return {mp.name: views[mp.name].view(shapes[mp.name]) for mp in sharded}
 
 
-def save_lowrank_state(target: Any, directory: str | os.PathLike, *, model: nn.Module | None = None) -> None:
-    """Write the optimizer state of ``target`` (a DeepSpeed engine, or a plain optimizer with its ``model``)
-    into ``directory``, keyed by parameter name. Collective under DeepSpeed: call it on every rank."""
-    optimizer, names, rank = _resolve(target, model, "save_lowrank_state")
-    directory = Path(directory)
-    distributed = _is_engine(target) and dist.is_initialized()
-    if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        # A save at more ranks may have left more files: they would be read back as part of this one.
-        for stale in directory.glob(f"{FILE_PREFIX}*.pt"):
-            stale.unlink()
-    if distributed:
-        dist.barrier()
+def _collect(optimizer: GaLoreAdamW, names: dict[int, str], rank: int) -> dict[str, dict[str, Tensor]]:
+    """What this rank writes, per parameter name (collective under DeepSpeed)."""
     if isinstance(optimizer.layout, FragmentLayout):
-        entries = _collect_fragments(optimizer, optimizer.layout, rank)
-    elif rank == 0:  # whole tensors: every rank holds the same state
-        entries = {}
+        return _collect_fragments(optimizer, optimizer.layout, rank)
+    entries: dict[str, dict[str, Tensor]] = {}
+    if rank == 0:  # whole tensors: every rank holds the same state
         for _, param, name in _dense_params(optimizer, names, "save_lowrank_state"):
             if optimizer.state.get(param):
                 entries[name] = {key: value.clone() for key, value in optimizer.state[param].items()}
-    else:
-        entries = {}
-    if entries:
-        torch.save({"format": FORMAT, "params": entries}, directory / f"{FILE_PREFIX}{rank:05d}.pt")
+    return entries
+
+
+def _all_gather(value: Any, distributed: bool) -> list[Any]:
+    """Every rank's ``value`` (a small picklable object), on every rank."""
+    if not distributed:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _remove(paths: Any) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def save_lowrank_state(target: Any, directory: str | os.PathLike, *, model: nn.Module | None = None) -> None:
+    """Write the optimizer state of ``target`` (a DeepSpeed engine, or a plain optimizer with its ``model``)
+    into ``directory``, keyed by parameter name. Collective under DeepSpeed: call it on every rank.
+
+    Atomic as a set: the files of this save get a fresh generation id in their names and are written
+    atomically (``.._io.atomic_save``); only when every rank's file is in place does rank 0 replace the
+    manifest ``lowrank_state.json`` (atomically too), and only then are the files of earlier saves
+    removed. A save that fails or is killed at any point leaves the previous save loadable: its
+    manifest still names its files. A failure on any rank is raised on every rank (no rank waits forever).
+    """
+    optimizer, names, rank = _resolve(target, model, "save_lowrank_state")
+    directory = Path(directory)
+    distributed = _is_engine(target) and dist.is_initialized()
+    generation = [secrets.token_hex(8) if rank == 0 else None]
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
     if distributed:
-        dist.barrier()
+        dist.broadcast_object_list(generation, src=0)  # also the barrier after the mkdir
+    entries = _collect(optimizer, names, rank)
+    mine: dict[str, Any] | None = None
+    local_error: Exception | None = None  # raised as it is on the rank where it happened
+    if entries:
+        name = f"{FILE_PREFIX}{rank:05d}.{generation[0]}.pt"
+        try:
+            written = atomic_save({"format": FORMAT, "params": entries}, directory / name, checksum=True)
+            mine = {"name": name, "rank": rank, "bytes": written.size, "sha256": written.sha256}
+        except Exception as error:  # told to every rank below, then raised everywhere
+            local_error = error
+            mine = {"name": name, "rank": rank, "error": f"{type(error).__name__}: {error}"}
+    reports = [report for report in _all_gather(mine, distributed) if report is not None]
+    failed = [report for report in reports if "error" in report]
+    new_files = [directory / report["name"] for report in reports]
+    outcome: list[str | None] = [None]
+    if failed:
+        outcome[0] = "; ".join(f"rank {report['rank']}: {report['error']}" for report in failed)
+    elif rank == 0:
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "generation": generation[0],
+            "world_size": dist.get_world_size() if distributed else 1,
+            "file_format": FORMAT,
+            "files": [{key: report[key] for key in ("name", "rank", "bytes", "sha256")} for report in reports],
+        }
+        try:
+            atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        except Exception as error:
+            local_error = error
+            outcome[0] = f"rank 0: {type(error).__name__}: {error}"
+        else:
+            # The new set is the one loaded now; earlier generations (and a pre-manifest save's files) go.
+            _remove(path for path in directory.glob(f"{FILE_PREFIX}*.pt") if path not in new_files)
+    if distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        if rank == 0:  # this save's files are named by no manifest: remove them
+            _remove(new_files)
+        if local_error is not None:
+            raise local_error
+        raise OSError(
+            f"save_lowrank_state: saving into {str(directory)!r} failed ({outcome[0]}); the previous save there "
+            "(if any) is unchanged"
+        )
+
+
+def _legacy_files(directory: Path) -> list[Path]:
+    """The files of a save made before the manifest existed: exactly ``lowrank_state_rankNNNNN.pt``. Files
+    with a generation id in their name belong to a manifest (or to a save killed before it wrote one) and
+    are never read as part of a legacy set."""
+    pattern = re.compile(rf"^{FILE_PREFIX}\d+\.pt$")
+    return sorted(path for path in directory.glob(f"{FILE_PREFIX}*.pt") if pattern.match(path.name))
+
+
+def _manifest_files(directory: Path, manifest_path: Path) -> list[Path]:
+    """The files the manifest names, each verified (present, its size, its SHA-256) before it is read."""
+    shown = str(manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"load_lowrank_state: manifest {shown!r} cannot be read ({error}).") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"load_lowrank_state: manifest {shown!r} has format {found!r}, not {MANIFEST_FORMAT!r}.")
+    files = []
+    for item in manifest.get("files", []):
+        path = directory / item["name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"load_lowrank_state: {str(path)!r}, named by manifest {shown!r}, is missing.")
+        size = path.stat().st_size
+        if size != item["bytes"]:
+            raise ValueError(
+                f"load_lowrank_state: {str(path)!r} has {size} bytes, the manifest recorded {item['bytes']} "
+                "(truncated or replaced)."
+            )
+        digest = file_sha256(path)
+        if digest != item["sha256"]:
+            raise ValueError(
+                f"load_lowrank_state: {str(path)!r} is corrupted: SHA-256 {digest[:16]}..., the manifest recorded "
+                f"{item['sha256'][:16]}...."
+            )
+        files.append(path)
+    return files
 
 
 def _read(directory: Path) -> dict[str, dict[str, Tensor]]:
-    files = sorted(directory.glob(f"{FILE_PREFIX}*.pt"))
+    manifest_path = directory / MANIFEST
+    files = _manifest_files(directory, manifest_path) if manifest_path.exists() else _legacy_files(directory)
     if not files:
-        raise FileNotFoundError(f"load_lowrank_state: directory {str(directory)!r} holds no {FILE_PREFIX}*.pt files.")
+        raise FileNotFoundError(
+            f"load_lowrank_state: directory {str(directory)!r} holds no {FILE_PREFIX}*.pt files "
+            f"(and no {MANIFEST} manifest naming any)."
+        )
     entries: dict[str, dict[str, Tensor]] = {}
     for file in files:
         content = torch.load(file, map_location="cpu", weights_only=True)
@@ -269,13 +388,20 @@ def _partition_step(entries: dict[str, dict[str, Tensor]], part: _Partition) -> 
     return torch.tensor(float(steps.pop()), dtype=torch.float32)
 
 
-def _load_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, entries: dict[str, dict[str, Tensor]]) -> None:
+# The loaders below build every parameter's (or flat partition's) new state in fresh dicts and touch
+# nothing of the optimizer; load_lowrank_state assigns them only once all were built. So a missing entry
+# or a shape mismatch, even at the last parameter, leaves the optimizer's state exactly as it was. The
+# price: old and new state coexist for the duration of the load.
+_NewStates = list[tuple[Tensor, dict[str, Any]]]
+
+
+def _build_fragments(
+    optimizer: GaLoreAdamW, layout: FragmentLayout, entries: dict[str, dict[str, Tensor]]
+) -> _NewStates:
+    built: _NewStates = []
     for flat, part in layout.projected_partitions():
         group = optimizer.param_groups[part.group_index]
-        state = optimizer.state[flat]
-        state.clear()
-        state[STEP] = _partition_step(entries, part)
-        state[MATRICES] = {}
+        state: dict[str, Any] = {STEP: _partition_step(entries, part), MATRICES: {}}
         for mp in part.plan.matrices:
             if mp.piece is None:
                 continue
@@ -303,10 +429,10 @@ def _load_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, entries: dic
                     source = source.reshape(-1)[start:stop] if side is Side.RIGHT else source[start:stop]
                 _fill(value, source, mp.name, key)
             state[MATRICES][mp.name] = matrix
+        built.append((flat, state))
     for flat, part in layout.full_rank_partitions():
         group = optimizer.param_groups[part.group_index]
-        state = optimizer.state[flat]
-        state.clear()
+        state = {}
         optimizer._init_state(group, flat, state)
         state[STEP] = _partition_step(entries, part)
         for mp in part.plan.matrices:
@@ -323,27 +449,39 @@ def _load_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, entries: dic
                 state[key][piece.flat_start : piece.flat_start + piece.numel] = saved[key].reshape(-1)[
                     piece.param_start : piece.param_start + piece.numel
                 ]
+        built.append((flat, state))
+    return built
 
 
-def _load_dense(optimizer: GaLoreAdamW, names: dict[int, str], entries: dict[str, dict[str, Tensor]]) -> None:
+def _build_dense(optimizer: GaLoreAdamW, names: dict[int, str], entries: dict[str, dict[str, Tensor]]) -> _NewStates:
+    built: _NewStates = []
     for group, param, name in _dense_params(optimizer, names, "load_lowrank_state"):
         saved = _entry(entries, name)
-        state = optimizer.state[param]
-        state.clear()
+        state: dict[str, Any] = {}
         optimizer._init_state(group, param, state)
         for key, value in state.items():
             if key not in saved:
                 raise KeyError(f"load_lowrank_state: the saved state of parameter {name!r} has no {key!r}.")
             _fill(value, saved[key], name, key)
+        built.append((param, state))
+    return built
 
 
 def load_lowrank_state(target: Any, directory: str | os.PathLike, *, model: nn.Module | None = None) -> None:
     """Give ``target`` (a bound DeepSpeed engine, or a plain optimizer with its ``model``) the state saved by
     :func:`save_lowrank_state` in ``directory``, at any number of ranks. Call it after ``initialize`` (and
-    after DeepSpeed's ``load_checkpoint``, if any), before the next step."""
+    after DeepSpeed's ``load_checkpoint``, if any), before the next step.
+
+    The manifest's files are verified (sizes, SHA-256) before they are read; a directory written before
+    manifests existed (``lowrank_state_rankNNNNN.pt`` only) is read as it was. If anything fails (a
+    damaged file, a missing parameter, a shape mismatch) the optimizer's state is left as it was."""
     optimizer, names, _ = _resolve(target, model, "load_lowrank_state")
     entries = _read(Path(directory))
     if isinstance(optimizer.layout, FragmentLayout):
-        _load_fragments(optimizer, optimizer.layout, entries)
+        built = _build_fragments(optimizer, optimizer.layout, entries)
     else:
-        _load_dense(optimizer, names, entries)
+        built = _build_dense(optimizer, names, entries)
+    for tensor, state in built:  # nothing below can fail: the assignment is all or nothing
+        current = optimizer.state[tensor]
+        current.clear()
+        current.update(state)

@@ -5,10 +5,15 @@ Per update: ``accumulation`` micro-batches of ``batch_size`` random windows (los
 scheduler step (cosine, 10% warmup, to 10% of the peak lr). Throughput is tokens of the training
 batches per second of wall time, evaluation and checkpointing included (the papers' convention), except
 the one update profiled for its memory peak.
+
+Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) are written atomically (``.._io``) and
+carry what a resume needs to verify them: a format name and version, a description of the run (method,
+preset, model config, settings, a fingerprint of the tokens) and a SHA-256 over everything else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._io import atomic_save, check_writable_file
 from ..data import TokenStream
 from ..memory import peak_extra_memory
 from ..models import LlamaConfig, LlamaForCausalLM
@@ -28,7 +34,18 @@ from .measure import tensor_bytes
 from .methods import MethodPreset, build_model, build_optimizer, cosine_with_warmup
 from .per_layer import PerLayerUpdates
 
-__all__ = ["TrainSettings", "evaluate", "pretrain"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "RESUME_SETTINGS",
+    "TrainSettings",
+    "check_checkpoint_target",
+    "check_resumable",
+    "evaluate",
+    "load_checkpoint",
+    "pretrain",
+    "save_checkpoint",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -100,6 +117,220 @@ def _sample(stream: TokenStream, generator: torch.Generator, batch_size: int) ->
     return stream.train_tokens[starts[:, None] + torch.arange(stream.window)]
 
 
+CHECKPOINT_FORMAT = "lowrank_optim.pretrain_checkpoint"
+#: 2: the first versioned format. The unversioned dicts written before (version "1", no ``format`` key)
+#: carry nothing to verify a resume against, and are refused.
+CHECKPOINT_VERSION = 2
+#: TrainSettings fields a resume must request with the saved values: they change what is computed (the
+#: schedule's length, the batches, the initial weights, the arithmetic's precision) or what a curve means
+#: (eval_batches: the held-out set of every evaluation). The others only change how the same updates
+#: are run or reported (device, per_layer and gradient_checkpointing give the same arithmetic,
+#: eval_every/log_every/measure_memory what is measured) and may differ.
+RESUME_SETTINGS = ("steps", "batch_size", "seq_len", "accumulation", "seed", "dtype", "eval_batches")
+
+# What torch.load (2.13) itself detects in a damaged file, measured on a small torch.save archive:
+# * a flipped byte inside a tensor record (``archive/data/0``): nothing. The zip records have CRC-32s,
+#   but PyTorchStreamReader does not check them on read; the tensor silently loads with a wrong value.
+# * a flipped bit in the pickle (``data.pkl``, 232 bytes, every bit position 0 tried): 22 positions
+#   harmless, 29 load a silently different value (a digit, a letter, a key), the other 181 raise
+#   assorted errors (UnpicklingError, UnicodeDecodeError, IndexError, TypeError, RuntimeError).
+# * a truncated file: RuntimeError "failed finding central directory" (the zip directory is at the end).
+# So the checkpoint carries its own checksum: SHA-256 over a canonical encoding of every entry
+# (:func:`_digest`), tensors' bytes included. It is computed from the objects being saved and, on load,
+# from the loaded objects; the tensors are hashed one at a time in place (a transient copy only for a
+# non-contiguous one), so a checkpoint is never held twice in memory, and no second pass over the file
+# is needed.
+_CHECKSUM = "checksum"
+
+
+def _put(hasher: Any, tag: bytes, payload: bytes) -> None:
+    # Tag and length prefix: ["ab", "c"] and ["a", "bc"] must not hash alike.
+    hasher.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+
+def _digest(value: Any, hasher: Any) -> None:
+    """Feed a canonical encoding of ``value`` (what ``torch.load(weights_only=True)`` gives back: dicts,
+    lists/tuples, strings, numbers, None, dtypes, strided tensors) into ``hasher``. Lists and tuples
+    encode alike (a container type is not the data); anything else is refused, so that no entry of a
+    checkpoint could escape the checksum."""
+    if isinstance(value, Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"cannot checksum a tensor with layout {value.layout}")
+        tensor = value.detach().cpu().resolve_conj().resolve_neg().reshape(-1)  # reshape: a copy if not contiguous
+        _put(hasher, b"T", f"{tensor.dtype}{tuple(value.shape)}".encode())
+        _put(hasher, b"t", tensor.view(torch.uint8).numpy().data)  # type: ignore[arg-type]
+    elif isinstance(value, dict):
+        _put(hasher, b"D", str(len(value)).encode())
+        for key, item in value.items():
+            _digest(key, hasher)
+            _digest(item, hasher)
+    elif isinstance(value, (list, tuple)):
+        _put(hasher, b"L", str(len(value)).encode())
+        for item in value:
+            _digest(item, hasher)
+    elif isinstance(value, str):
+        _put(hasher, b"S", value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, bool):  # before int: bool is an int
+        _put(hasher, b"B", b"1" if value else b"0")
+    elif isinstance(value, int):
+        _put(hasher, b"I", str(value).encode())
+    elif isinstance(value, float):
+        _put(hasher, b"F", value.hex().encode())
+    elif value is None:
+        _put(hasher, b"N", b"")
+    elif isinstance(value, torch.dtype):
+        _put(hasher, b"Y", str(value).encode())
+    else:
+        raise TypeError(f"cannot checksum a value of type {type(value).__name__}")
+
+
+def _content_digest(content: dict[str, Any]) -> str:
+    hasher = hashlib.sha256()
+    _digest({key: value for key, value in content.items() if key != _CHECKSUM}, hasher)
+    return hasher.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write ``state`` (plain containers and tensors; by :func:`pretrain`: ``run``, ``step``, model,
+    optimizer, scheduler, RNG states, curves) to ``path`` atomically, with the format name, version and
+    a SHA-256 checksum added, so that :func:`load_checkpoint` can detect any damage."""
+    content = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
+    content.update((key, value) for key, value in state.items() if key not in content)
+    content[_CHECKSUM] = {"algorithm": "sha256", "digest": _content_digest(content)}
+    atomic_save(content, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``torch.load(weights_only=True)``, on the
+    CPU) and verify it: format, version and checksum. Raises ``ValueError`` saying what is wrong (not
+    readable: truncated or damaged; not a checkpoint of this format; an unsupported version; checksum
+    mismatch: damaged)."""
+    shown = str(path)
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint ({shown!r}) does not exist or is not a file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises a different type for each kind of damage (see above)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"checkpoint ({shown!r}) cannot be read: it is truncated or corrupted, or not a checkpoint "
+            f"({type(error).__name__}: {first_line})"
+        ) from error
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(content, dict) and "model" in content and "optimizer" in content and "format" not in content:
+            raise ValueError(
+                f"checkpoint ({shown!r}) has no format version: it was written by an older lowrank_optim, without "
+                "the checksum and run description a resume is verified against; start a new run instead"
+            )
+        found = content.get("format") if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"checkpoint ({shown!r}) is not a {CHECKPOINT_FORMAT!r} file (found format {found!r})")
+    if content.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint ({shown!r}) has format version {content.get('version')!r}; this lowrank_optim reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    checksum = content.get(_CHECKSUM)
+    if not (
+        isinstance(checksum, dict) and checksum.get("algorithm") == "sha256" and isinstance(checksum.get("digest"), str)
+    ):
+        raise ValueError(
+            f"checkpoint ({shown!r}) is corrupted: its checksum entry is missing or malformed ({checksum!r})"
+        )
+    try:
+        actual = _content_digest(content)
+    except TypeError as error:  # damage that unpickled into an unexpected type
+        raise ValueError(f"checkpoint ({shown!r}) is corrupted: {error}") from error
+    if actual != checksum["digest"]:
+        raise ValueError(
+            f"checkpoint ({shown!r}) is corrupted: SHA-256 of its contents is {actual[:16]}..., the checkpoint "
+            f"recorded {checksum['digest'][:16]}..."
+        )
+    return content
+
+
+def _data_fingerprint(stream: TokenStream) -> dict[str, Any]:
+    """Sizes and SHA-256 of the token stream: the saved data-sampler state only means the same batches on
+    the same tokens. Hashing is about 1 GB/s, a small fraction of even one update per token."""
+    hasher = hashlib.sha256()
+    _digest([stream.train_tokens, stream.val_tokens], hasher)
+    return {
+        "train_tokens": len(stream.train_tokens),
+        "val_tokens": len(stream.val_tokens),
+        "sha256": hasher.hexdigest(),
+    }
+
+
+def _run_description(
+    model_config: LlamaConfig, preset: MethodPreset, settings: TrainSettings, stream: TokenStream
+) -> dict[str, Any]:
+    return {
+        "method": preset.method,
+        "preset": preset.to_dict(),
+        "model_config": model_config.to_dict(),
+        "settings": asdict(settings),
+        "data": _data_fingerprint(stream),
+    }
+
+
+def check_resumable(saved: Any, requested: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse (``ValueError``) to resume the run described by ``requested`` from a checkpoint whose run
+    description ``saved`` differs in the method, a preset field, a model config field, one of
+    :data:`RESUME_SETTINGS` or the tokens; the message lists every difference, saved vs requested."""
+    shown = str(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint ({shown!r}) has no run description to verify the resume against")
+    if saved.get("method") != requested["method"]:
+        raise ValueError(
+            f"checkpoint ({shown!r}) was written by method {saved.get('method')!r}; this run asks for method "
+            f"{requested['method']!r}"
+        )
+    unset = "(unset)"
+    differences = []
+    for section, label, keys in (
+        ("preset", "preset field", None),
+        ("model_config", "model config field", None),
+        ("settings", "setting", RESUME_SETTINGS),
+        ("data", "tokens", None),
+    ):
+        old, new = saved.get(section) or {}, requested[section]
+        for key in keys or sorted(set(old) | set(new)):
+            if old.get(key, unset) != new.get(key, unset):
+                differences.append(f"{label} {key!r}: saved {old.get(key, unset)!r}, requested {new.get(key, unset)!r}")
+    if differences:
+        raise ValueError(
+            f"checkpoint ({shown!r}) does not match this run, so it is not resumed: " + "; ".join(differences)
+        )
+
+
+def check_checkpoint_target(
+    checkpoint: str | os.PathLike[str] | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    names: tuple[str, str, str] = ("checkpoint", "resume=True", "overwrite=True"),
+) -> None:
+    """Before any training: ``checkpoint`` can be written later (see ``_io.check_writable_file``), exists
+    if ``resume``, and, if it exists, is replaced only with ``overwrite`` (a new run must not destroy
+    another run's checkpoint by accident). ``names``: how the caller calls the checkpoint path, resume
+    and overwrite (the CLI: ``--checkpoint``, ``--resume``, ``--overwrite``)."""
+    what, resume_name, overwrite_name = names
+    if resume and overwrite:
+        raise ValueError(f"{resume_name} continues the checkpoint and {overwrite_name} replaces it: choose one")
+    if checkpoint is None:
+        if resume:
+            raise ValueError(f"{resume_name} needs an existing checkpoint file, got {what}=None")
+        return
+    check_writable_file(checkpoint, what)
+    exists = Path(checkpoint).exists()
+    if resume and not exists:
+        raise ValueError(f"{resume_name} needs an existing checkpoint file, got {what}={str(checkpoint)!r}")
+    if exists and not resume and not overwrite:
+        raise ValueError(
+            f"{what} ({str(checkpoint)!r}) already exists; pass {resume_name} to continue that run or "
+            f"{overwrite_name} to replace it"
+        )
+
+
 def pretrain(
     model_config: LlamaConfig,
     preset: MethodPreset,
@@ -109,17 +340,31 @@ def pretrain(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``model_config`` with ``preset`` on ``stream``; returns curves and summary figures.
 
-    ``checkpoint``: file written every ``checkpoint_every`` updates and at the end (model, optimizer,
-    scheduler, update count, data-sampler and global RNG states); with ``resume=True`` training continues
-    from it bit-identically (loaded with ``torch.load(weights_only=True)``).
+    ``checkpoint``: file written atomically every ``checkpoint_every`` updates and at the end (model,
+    optimizer, scheduler, update count, data-sampler and global RNG states, the run's description and a
+    checksum; see :func:`save_checkpoint`). With ``resume=True`` training continues from it
+    bit-identically (loaded with ``torch.load(weights_only=True)``), after it has been verified against
+    this run (:func:`load_checkpoint`, :func:`check_resumable`). Without ``resume`` an existing
+    ``checkpoint`` is replaced only with ``overwrite=True``. All of this is checked before the model is
+    built, so a mistake costs seconds, not a run.
     """
     if settings.seq_len != stream.seq_len:
         raise ValueError(f"settings.seq_len ({settings.seq_len}) must equal the stream's seq_len ({stream.seq_len})")
     check_window_fits(settings.seq_len, model_config)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every ({checkpoint_every}) must be >= 0 (0: only at the end)")
+    check_checkpoint_target(checkpoint, resume=resume, overwrite=overwrite)
+    run = _run_description(model_config, preset, settings, stream)
+    saved: dict[str, Any] | None = None
+    if resume:
+        assert checkpoint is not None  # check_checkpoint_target refuses resume without one
+        saved = load_checkpoint(checkpoint)
+        check_resumable(saved.get("run"), run, checkpoint)
     name = preset.method + ("+per-layer" if settings.per_layer else "")
     device = torch.device(settings.device)
     model = build_model(
@@ -137,10 +382,9 @@ def pretrain(
     data_generator = torch.Generator().manual_seed(settings.seed)
     start_step = 0
     history: dict[str, list] = {"train": [], "eval": []}
-    if resume:
-        if checkpoint is None or not Path(checkpoint).exists():
-            raise ValueError(f"resume=True needs an existing checkpoint file, got checkpoint={checkpoint!r}")
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+    if saved is not None:
+        # Loaded on the CPU: the RNG states must be CPU tensors; load_state_dict moves the rest to the
+        # parameters' device.
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -155,8 +399,10 @@ def pretrain(
         log(f"[{name}] update 0/{settings.steps}  eval loss {initial:.4f}")
 
     def save() -> None:
-        torch.save(
+        save_checkpoint(
+            checkpoint,
             {
+                "run": run,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -166,7 +412,6 @@ def pretrain(
                 "train_curve": history["train"],
                 "eval_curve": history["eval"],
             },
-            checkpoint,
         )
 
     def update() -> float:
