@@ -15,10 +15,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import torch.distributed as dist
 from torch import nn
 
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW
-from ..optim._validation import matrix_shape
+from ..optim._validation import MOMENT_POLICIES, check_finite_number, matrix_shape
+from ..projection import FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
 from .zero import bind
 
 __all__ = ["SECTION", "LowRankSection", "initialize", "optimizer_factory", "param_groups_for", "read_config"]
@@ -32,6 +34,29 @@ OPTIMIZERS: dict[str, type[GaLoreAdamW]] = {
     "dct_adamw": DCTAdamW,
 }
 ZERO3_MOMENTS: tuple[str, ...] = ("sharded", "replicated")
+#: How a value that is not a JSON object is called in the error (the section is written in JSON).
+_JSON_TYPES: dict[type, str] = {
+    list: "an array",
+    tuple: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _invalid(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"Invalid '{SECTION}.{key}': {value!r}. Must be {allowed}.")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise _invalid(key, value, f"one of {', '.join(choices)}")
+
+
+def _allowed_keys() -> list[str]:
+    return [field.name for field in dataclasses.fields(LowRankSection)] + ["alpha"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,36 +86,70 @@ class LowRankSection:
     gamma: float = 1.01
     zero3_moments: str = "sharded"
 
+    def __post_init__(self) -> None:
+        """Check the type of every field, naming the key: the section comes from JSON, where any key can
+        hold anything. The ranges (``lr >= 0``, ``betas`` in ``[0, 1)``, Fira's ``gamma >= 1``) are the
+        optimizers' own checks, run when ``deepspeed.initialize`` builds the optimizer."""
+        _check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        for key in ("rank", "update_proj_gap"):
+            value = getattr(self, key)
+            # JSON has one integer type; a bool is an int to Python but never meant as a rank.
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise _invalid(key, value, "a positive integer")
+        for key in ("scale", "lr", "eps", "weight_decay", "gamma"):
+            check_finite_number(f"'{SECTION}.{key}'", getattr(self, key))
+        betas = self.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise _invalid("betas", betas, "a list of two numbers [beta1, beta2]")
+        for index, beta in enumerate(betas):
+            check_finite_number(f"'{SECTION}.betas' at index {index}", beta)
+        modules = self.target_modules
+        if (
+            not isinstance(modules, (list, tuple))
+            or not modules
+            or not all(isinstance(name, str) and name for name in modules)
+        ):
+            raise _invalid(
+                "target_modules",
+                modules,
+                "a non-empty list of non-empty strings (substrings of module names; '' would match every module)",
+            )
+        if not isinstance(self.correct_bias, bool):
+            raise _invalid("correct_bias", self.correct_bias, "true or false")
+        _check_choice("proj_type", self.proj_type, PROJ_TYPES)
+        if self.projector is not None and self.projector not in PROJECTORS:
+            raise _invalid("projector", self.projector, f"null (the optimizer's default) or one of {', '.join(PROJECTORS)}")
+        _check_choice("moment_policy", self.moment_policy, MOMENT_POLICIES)
+        _check_choice("residual", self.residual, FIRA_RESIDUALS)
+        _check_choice("zero3_moments", self.zero3_moments, ZERO3_MOMENTS)
+        # JSON arrays arrive as lists; the frozen section keeps tuples (hashable, not shared with the caller).
+        object.__setattr__(self, "betas", tuple(betas))
+        object.__setattr__(self, "target_modules", tuple(modules))
+
     @classmethod
-    def from_dict(cls, section: Mapping[str, Any]) -> LowRankSection:
-        """Validate the keys and the choices; numbers are validated by the optimizer itself."""
+    def from_dict(cls, section: Any) -> LowRankSection:
+        """The section from its JSON object: refuses anything but an object, unknown keys and a ``scale``
+        that contradicts its alias ``alpha``; the values are checked by :meth:`__post_init__`."""
+        if not isinstance(section, Mapping):
+            kind = _JSON_TYPES.get(type(section), type(section).__name__)
+            raise ValueError(
+                f"The '{SECTION}' section must be a JSON object of settings (for example {{\"rank\": 128}}), not "
+                f"{kind}: {section!r}. Allowed keys: {', '.join(_allowed_keys())}."
+            )
         values = dict(section)
         if "alpha" in values:
             alpha = values.pop("alpha")
+            check_finite_number(f"'{SECTION}.alpha'", alpha)  # named as written, before it becomes scale
             if "scale" in values and values["scale"] != alpha:
                 raise ValueError(
                     f"The '{SECTION}' section sets scale={values['scale']!r} and alpha={alpha!r}: they are the same "
                     "setting (Fira calls it alpha). Set only one."
                 )
             values["scale"] = alpha
-        allowed = [field.name for field in dataclasses.fields(cls)] + ["alpha"]
-        unknown = sorted(set(values) - set(allowed))
+        allowed = _allowed_keys()
+        unknown = sorted(set(values) - set(allowed), key=str)
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in the '{SECTION}' section. Allowed keys: {', '.join(allowed)}.")
-        if values.get("optimizer", cls.optimizer) not in OPTIMIZERS:
-            raise ValueError(
-                f"Invalid '{SECTION}.optimizer': {values['optimizer']!r}. Must be one of {', '.join(OPTIMIZERS)}."
-            )
-        if values.get("zero3_moments", cls.zero3_moments) not in ZERO3_MOMENTS:
-            raise ValueError(
-                f"Invalid '{SECTION}.zero3_moments': {values['zero3_moments']!r}. Must be one of "
-                f"{', '.join(ZERO3_MOMENTS)}."
-            )
-        if isinstance(values.get("target_modules"), str):
-            raise ValueError(f"'{SECTION}.target_modules' must be a list of strings, not {values['target_modules']!r}.")
-        for key in ("target_modules", "betas"):
-            if key in values:
-                values[key] = tuple(values[key])
         return cls(**values)
 
 
@@ -102,6 +161,9 @@ def read_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str
     else:
         with open(config) as file:
             config = json.load(file)
+        if not isinstance(config, dict):
+            kind = _JSON_TYPES.get(type(config), type(config).__name__)
+            raise ValueError(f"The DeepSpeed config must be a JSON object, not {kind}: {config!r}.")
     if SECTION not in config:
         raise ValueError(f"The DeepSpeed config has no top-level '{SECTION}' section; add one (see configs/deepspeed/).")
     section = LowRankSection.from_dict(config.pop(SECTION))
@@ -214,6 +276,64 @@ def optimizer_factory(section: LowRankSection | Mapping[str, Any]) -> Callable[[
     return build
 
 
+def _agree_across_ranks(
+    result: tuple[dict[str, Any], LowRankSection] | None, failure: Exception | None
+) -> tuple[dict[str, Any], LowRankSection]:
+    """This rank's :func:`read_config` outcome (``result`` or ``failure``), checked against every other rank's.
+
+    A rank whose config failed to read, or sections that differ between ranks, raise on *every* rank of
+    the default process group (after one ``all_gather_object``, no further collective): otherwise the other
+    ranks would go on into ``deepspeed.initialize`` and hang, or abort at the first step, waiting for
+    collectives of another shape. Without a process group of more than one rank: the outcome as it is.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if failure is not None:
+            raise failure
+        assert result is not None
+        return result
+    if failure is None:
+        assert result is not None
+        mine: dict[str, Any] = {"section": dataclasses.asdict(result[1])}
+    else:
+        mine = {"error": f"{type(failure).__name__}: {failure}"}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    # Objects travel as CPU tensors: gloo always takes them, whatever the default backend and device.
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    try:
+        dist.all_gather_object(everyone, json.dumps(mine, sort_keys=True), group=group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    outcomes = [json.loads(item) for item in everyone]
+    failed = {rank: outcome["error"] for rank, outcome in enumerate(outcomes) if "error" in outcome}
+    if failed:
+        raise ValueError(
+            f"The DeepSpeed config could not be read on rank(s) {sorted(failed)}, so no rank starts: "
+            + "; ".join(f"rank {rank}: {error}" for rank, error in failed.items())
+        )
+    sections = [outcome["section"] for outcome in outcomes]
+    differing = [key for key in sections[0] if any(section[key] != sections[0][key] for section in sections)]
+    if differing:
+        raise ValueError(
+            f"The '{SECTION}' section differs between the ranks: "
+            + "; ".join(f"'{SECTION}.{key}' is {_values_by_rank(sections, key)}" for key in differing)
+            + ". Every rank must get the same section (the ranks hold pieces of one optimizer state): pass "
+            "all ranks the same config."
+        )
+    assert result is not None
+    return result
+
+
+def _values_by_rank(sections: list[dict[str, Any]], key: str) -> str:
+    """``4 on rank(s) [0, 2], 8 on rank(s) [1]``: each value once, however many ranks there are."""
+    ranks: dict[str, list[int]] = {}
+    for rank, section in enumerate(sections):
+        ranks.setdefault(json.dumps(section[key]), []).append(rank)
+    return ", ".join(f"{value} on rank(s) {holders}" for value, holders in ranks.items())
+
+
 def initialize(
     model: nn.Module, config: str | os.PathLike | Mapping[str, Any], **deepspeed_kwargs: Any
 ) -> tuple[Any, ...]:
@@ -229,7 +349,24 @@ def initialize(
             )
     if deepspeed_kwargs.get("mpu") is not None:
         raise ValueError("initialize(..., mpu=...): model parallelism is not supported with the low-rank optimizers yet.")
-    config, section = read_config(config)
+    result: tuple[dict[str, Any], LowRankSection] | None = None
+    failure: Exception | None = None
+    try:
+        result = read_config(config)
+    except Exception as error:  # noqa: BLE001 - reported to the other ranks first, then raised
+        failure = error
+    # The process group deepspeed.initialize would create, created first by the same call (which makes
+    # DeepSpeed's own call a no-op), so that the ranks' outcomes can be compared before DeepSpeed starts.
+    from deepspeed.accelerator import get_accelerator
+
+    init_options = {key: deepspeed_kwargs[key] for key in ("distributed_port", "dist_init_required") if key in deepspeed_kwargs}
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **init_options)
+    except Exception:
+        if failure is not None:  # no process group to tell (a single process, no launcher): the config's error
+            raise failure from None
+        raise
+    config, section = _agree_across_ranks(result, failure)
     config["zero_allow_untested_optimizer"] = True
     if ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu":
         config["zero_force_ds_cpu_optimizer"] = False
