@@ -138,12 +138,12 @@ def _load_tokens(path: str, vocab_size: int, config_name: str) -> Tensor:
         raise ValueError(f"--tokens ({path!r}) is not a .npy array of integer token ids ({error})") from error
     if dtype is not None and dtype.kind not in "iu":
         raise ValueError(
-            f"--tokens ({path!r}) holds a {dtype} array; token ids must be an integer array "
+            f"--tokens ({path!r}) holds an array of dtype {dtype}; token ids must be an integer array "
             "(int8-int64 or uint8-uint64)"
         )
     array = np.load(path, allow_pickle=False)  # no pickle: nothing in the file is executed
     if array.dtype.kind not in "iu":  # a .npy format version without a header reader above
-        raise ValueError(f"--tokens ({path!r}) holds a {array.dtype} array; token ids must be an integer array")
+        raise ValueError(f"--tokens ({path!r}) holds an array of dtype {array.dtype}; token ids must be an integer array")
     flat = array.reshape(-1)
     outside = np.flatnonzero((flat < 0) | (flat >= vocab_size))
     if outside.size:

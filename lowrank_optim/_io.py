@@ -153,23 +153,28 @@ def atomic_write(
     """
     target = Path(path)
     directory = target.parent
-    temporary, file = _open_temporary(directory, target)
-    writer = _Writer(file, checksum)
+    temporary: Path | None = None
+    writer: _Writer | None = None
     try:
+        temporary, file = _open_temporary(directory, target)
+        writer = _Writer(file, checksum)
         with file:
             write(writer)  # type: ignore[arg-type]  # a file-like object: write() and flush()
             writer.flush()
             os.fsync(file.fileno())
         os.replace(temporary, target)
     except BaseException as error:
-        try:
-            temporary.unlink()
-        except FileNotFoundError:
-            pass
-        described = _describe(writer.error or error, target)
+        if temporary is not None:
+            try:
+                temporary.unlink()
+            except FileNotFoundError:
+                pass
+        cause = writer.error if writer is not None and writer.error is not None else error
+        described = _describe(cause, target)
         if described is not None:
-            raise described from (writer.error or error)
+            raise described from cause
         raise
+    assert writer is not None
     _fsync_directory(directory)
     return WrittenFile(target, writer.size, writer.hexdigest())
 
