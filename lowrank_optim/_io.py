@@ -101,6 +101,14 @@ class _Writer:
         return None if self._hash is None else self._hash.hexdigest()
 
 
+def _final_target(path: str | os.PathLike[str]) -> Path:
+    """Where the bytes for ``path`` go: through a symbolic link to the file it names (``os.replace`` of the
+    link itself would turn a ``latest.pt -> run/step-100.pt`` link into a plain file, and leave the file it
+    named unchanged), otherwise ``path``."""
+    target = Path(path)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
 def _open_temporary(directory: Path, target: Path) -> tuple[Path, BinaryIO]:
     """Create a new temporary file for ``target`` in ``directory``; ``O_EXCL`` so that two writers can
     never share one. Mode 0o666 minus the umask, like a file ``open`` creates (``mkstemp`` would make
@@ -151,7 +159,7 @@ def atomic_write(
     (ENOSPC: "no space left on device") and the target path. ``checksum=True``: the returned
     :class:`WrittenFile` carries the SHA-256 of the bytes written, computed while writing (no re-read).
     """
-    target = Path(path)
+    target = _final_target(path)
     directory = target.parent
     temporary: Path | None = None
     writer: _Writer | None = None
@@ -224,7 +232,7 @@ def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
     """Fail now, with a ``ValueError`` naming ``what`` (e.g. ``"--checkpoint"``), if :func:`atomic_write`
     could not write ``path`` later: it is a directory, its parent directory is missing (or not a
     directory), or no file can be created there. Leaves no file behind. Returns ``Path(path)``."""
-    target = Path(path)
+    target = _final_target(path)
     shown = str(path)
     if target.is_dir():
         raise ValueError(f"{what} ({shown!r}) is a directory; it must be a file path (a new or an existing file)")
@@ -234,7 +242,7 @@ def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
     if not parent.is_dir():
         raise ValueError(f"{what} ({shown!r}): {str(parent)!r} is not a directory")
     _probe(parent, what, shown)
-    return target
+    return Path(path)
 
 
 def check_writable_directory(path: str | os.PathLike[str], what: str, files: Sequence[str] = ()) -> Path:

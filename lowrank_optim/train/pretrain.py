@@ -392,6 +392,7 @@ def pretrain(
         torch.set_rng_state(saved["cpu_rng"])
         start_step = int(saved["step"])
         history = {"train": [tuple(x) for x in saved["train_curve"]], "eval": [tuple(x) for x in saved["eval_curve"]]}
+        saved = None  # the model and optimizer hold what they need: no second copy for the whole run
         log(f"[{name}] resumed from {checkpoint} at update {start_step}")
     else:
         initial = evaluate(model, stream, settings.batch_size, settings.eval_batches)

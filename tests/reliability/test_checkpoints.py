@@ -313,6 +313,21 @@ def test_full_disk_keeps_the_previous_checkpoint(
     assert _listing(tmp_path) == ["ckpt.pt"]  # the temporary file was removed
 
 
+def test_a_symlinked_checkpoint_stays_a_link(tmp_path: Path) -> None:
+    """``latest.pt -> runs/step.pt``: the new checkpoint replaces the file the link names, atomically in
+    that file's directory, and the link stays a link."""
+    from lowrank_optim.train.pretrain import load_checkpoint, save_checkpoint
+
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "step.pt"
+    save_checkpoint(real, {"step": 1})
+    link = tmp_path / "latest.pt"
+    link.symlink_to(real)
+    save_checkpoint(link, {"step": 2})
+    assert link.is_symlink() and load_checkpoint(real)["step"] == 2
+    assert _listing(tmp_path / "runs") == ["step.pt"]
+
+
 # --- verification before resume ----------------------------------------------------------------------
 
 def _flip(data: bytes, offset: int, mask: int = 0xFF) -> bytes:
