@@ -111,12 +111,18 @@ LOWRANK_OPTIM_AVX512_TARGET void adam_range_fused512(const scalar_t* lowrank, sc
 #endif
 
 void lowrank_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor normalized,
-                      double beta1, double beta2, double eps) {
+                      double beta1, double beta2, double eps, const std::optional<at::Tensor>& skip) {
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &normalized}) {
     TORCH_CHECK(t->sizes() == lowrank.sizes(), "lowrank_adam_: shape ", t->sizes(), " must equal lowrank.shape=",
                 lowrank.sizes());
     TORCH_CHECK(t->scalar_type() == lowrank.scalar_type(), "lowrank_adam_: dtype ", t->scalar_type(),
                 " must equal lowrank.dtype=", lowrank.scalar_type());
+  }
+  // A skipped update (the optimizer found a NaN/Inf): the moments keep their values and N is zero. On
+  // the CPU reading the flag costs nothing; the CUDA kernel reads it on the device.
+  if (cpu::skipped("lowrank_adam_", skip, lowrank.device())) {
+    normalized.zero_();
+    return;
   }
   const int64_t numel = lowrank.numel();
   if (numel == 0) return;

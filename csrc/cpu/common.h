@@ -7,8 +7,11 @@
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 
 namespace lowrank_optim::cpu {
@@ -93,5 +96,15 @@ inline Variant kernel_variant() {
 #define LOWRANK_OPTIM_FMA_TARGET
 inline Variant kernel_variant() { return Variant::kFused; }
 #endif
+
+// The optional `skip` argument of the optimizer ops (lowrank_optim/ops/_library.py, check_skip): a 0-dim
+// bool tensor on the op's device; whether it is set.
+inline bool skipped(const char* op, const std::optional<at::Tensor>& skip, const c10::Device& device) {
+  if (!skip.has_value()) return false;
+  TORCH_CHECK_VALUE(skip->dim() == 0 && skip->scalar_type() == at::kBool && skip->device() == device, op,
+                    ": skip is a ", skip->dim(), "-dim ", skip->scalar_type(), " tensor on ", skip->device(),
+                    "; allowed: None or a 0-dim torch.bool tensor on ", device);
+  return skip->item<bool>();
+}
 
 }  // namespace lowrank_optim::cpu

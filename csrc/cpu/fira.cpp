@@ -322,7 +322,8 @@ LOWRANK_OPTIM_FMA_TARGET void rescale_block_avx2(T* b, int64_t begin, int64_t en
 }
 
 // The limiter on the state `residual_norm` (dtype P) in the norm's dtype ND = promote(T, P), op for op as
-// limit_norm_growth_: returns 1/limiter's divisor and whether to divide at all.
+// limit_norm_growth_ (history rules included: no history yet, prev == 0 (or NaN), stores unlimited; a zero
+// residual keeps prev): returns the divisor (1: nothing to divide).
 template <typename ND, typename P>
 ND update_limiter(double sum_of_squares, P* previous, double gamma, bool first) {
   const ND norm = static_cast<ND>(std::sqrt(sum_of_squares));
@@ -332,14 +333,15 @@ ND update_limiter(double sum_of_squares, P* previous, double gamma, bool first) 
   }
   const P denominator = static_cast<P>(*previous + static_cast<P>(kLimiterEps));
   const ND ratio = norm / static_cast<ND>(denominator);
-  const ND limiter = std::max(ratio, static_cast<ND>(gamma)) / static_cast<ND>(gamma);
-  *previous = static_cast<P>(norm / limiter);
+  ND limiter = std::max(ratio, static_cast<ND>(gamma)) / static_cast<ND>(gamma);
+  if (!(*previous > P(0))) limiter = ND(1);
+  if (!(norm == ND(0))) *previous = static_cast<P>(norm / limiter);
   return limiter;
 }
 
 void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor& normalized,
                        const at::Tensor& lowrank, at::Tensor residual_norm, int64_t dim, double subtract,
-                       double gamma, bool first, double scale) {
+                       double gamma, bool first, double scale, const std::optional<at::Tensor>& skip) {
   const char* op = "fira_residual_";
   TORCH_CHECK(grad.dim() == 2, op, ": grad.shape=", grad.sizes(), "; must be 2-D");
   TORCH_CHECK(dim == 0 || dim == 1, op, ": dim=", dim, "; allowed: 0, 1");
@@ -354,6 +356,11 @@ void fira_residual_cpu(const at::Tensor& grad, at::Tensor back, const at::Tensor
   TORCH_CHECK(residual_norm.dim() == 0 &&
                   (residual_norm.scalar_type() == at::kFloat || residual_norm.scalar_type() == at::kDouble),
               op, ": residual_norm must be a 0-dim float32 or float64 tensor");
+  // A skipped update: no residual, and the limiter's state stays as it was.
+  if (cpu::skipped(op, skip, grad.device())) {
+    back.zero_();
+    return;
+  }
   const int64_t rows = grad.size(0);
   const int64_t cols = grad.size(1);
   const at::Tensor g = grad.contiguous();

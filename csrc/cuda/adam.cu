@@ -34,13 +34,22 @@ struct alignas(sizeof(T) * Vec) Pack {
   T values[Vec];
 };
 
-// Vec elements per thread per iteration (16 bytes when all four pointers are 16-byte aligned).
+// Vec elements per thread per iteration (16 bytes when all four pointers are 16-byte aligned). `skip`
+// (nullable, a device bool): when set, the moments keep their values and N is zero, decided here on the
+// device so that the host never waits for the flag.
 template <typename T, int Vec>
 __global__ void adam_kernel(const T* __restrict__ lowrank, T* __restrict__ exp_avg, T* __restrict__ exp_avg_sq,
-                            T* __restrict__ normalized, int64_t numel, AdamScalars<T> s) {
+                            T* __restrict__ normalized, int64_t numel, AdamScalars<T> s,
+                            const bool* __restrict__ skip) {
   using P = Pack<T, Vec>;
   const int64_t packs = numel / Vec;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (skip != nullptr && *skip) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+      normalized[i] = from_acc<T>(typename Acc<T>::type(0));
+    }
+    return;
+  }
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
     const P r = reinterpret_cast<const P*>(lowrank)[p];
     P m = reinterpret_cast<const P*>(exp_avg)[p];
@@ -65,7 +74,7 @@ bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer
 
 cudaError_t lowrank_adam(const void* lowrank, void* exp_avg, void* exp_avg_sq, void* normalized,
                          ElementType element_type, int64_t numel, double beta1, double beta2, double eps,
-                         cudaStream_t stream) {
+                         const bool* skip, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
   return dispatch_element(element_type, [&](auto zero) {
     using T = decltype(zero);
@@ -80,9 +89,9 @@ cudaError_t lowrank_adam(const void* lowrank, void* exp_avg, void* exp_avg_sq, v
     auto* v = static_cast<T*>(exp_avg_sq);
     auto* n = static_cast<T*>(normalized);
     if (aligned16(r) && aligned16(m) && aligned16(v) && aligned16(n)) {
-      adam_kernel<T, kVec><<<grid_size(numel / kVec + 1), kThreads, 0, stream>>>(r, m, v, n, numel, s);
+      adam_kernel<T, kVec><<<grid_size(numel / kVec + 1), kThreads, 0, stream>>>(r, m, v, n, numel, s, skip);
     } else {
-      adam_kernel<T, 1><<<grid_size(numel), kThreads, 0, stream>>>(r, m, v, n, numel, s);
+      adam_kernel<T, 1><<<grid_size(numel), kThreads, 0, stream>>>(r, m, v, n, numel, s, skip);
     }
     return cudaGetLastError();
   });

@@ -93,8 +93,18 @@ at::Tensor sparse_gather_cuda(const at::Tensor& dense, const at::Tensor& flat_in
   return result;
 }
 
+// The optional `skip` argument (lowrank_optim/ops/_library.py, check_skip) as a device pointer for the
+// kernels, which read it on the device (nullptr: none).
+const bool* skip_pointer(const char* op, const std::optional<at::Tensor>& skip, const c10::Device& device) {
+  if (!skip.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(skip->dim() == 0 && skip->scalar_type() == at::kBool && skip->device() == device, op,
+                    ": skip is a ", skip->dim(), "-dim ", skip->scalar_type(), " tensor on ", skip->device(),
+                    "; allowed: None or a 0-dim torch.bool tensor on ", device);
+  return skip->const_data_ptr<bool>();
+}
+
 void lowrank_adam_cuda(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor normalized,
-                       double beta1, double beta2, double eps) {
+                       double beta1, double beta2, double eps, const std::optional<at::Tensor>& skip) {
   const char* op = "lowrank_adam_";
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &normalized}) {
     TORCH_CHECK(t->sizes() == lowrank.sizes(), op, ": shape ", t->sizes(), " must equal lowrank.shape=", lowrank.sizes());
@@ -111,7 +121,7 @@ void lowrank_adam_cuda(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor
   at::Tensor n = normalized.is_contiguous() ? normalized : at::empty_like(normalized, at::MemoryFormat::Contiguous);
   check_launch(cuda::lowrank_adam(r.const_data_ptr(), m.data_ptr(), v.data_ptr(), n.data_ptr(),
                                   element_type(lowrank, op, "lowrank"), r.numel(), beta1, beta2, eps,
-                                  c10::cuda::getCurrentCUDAStream()),
+                                  skip_pointer(op, skip, lowrank.device()), c10::cuda::getCurrentCUDAStream()),
                op);
   if (!m.is_same(exp_avg)) exp_avg.copy_(m);
   if (!v.is_same(exp_avg_sq)) exp_avg_sq.copy_(v);
@@ -120,7 +130,7 @@ void lowrank_adam_cuda(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tensor
 
 void fira_residual_cuda(const at::Tensor& grad, at::Tensor back, const at::Tensor& normalized,
                         const at::Tensor& lowrank, at::Tensor residual_norm, int64_t dim, double subtract,
-                        double gamma, bool first, double scale) {
+                        double gamma, bool first, double scale, const std::optional<at::Tensor>& skip) {
   const char* op = "fira_residual_";
   TORCH_CHECK(grad.dim() == 2, op, ": grad.shape=", grad.sizes(), "; must be 2-D");
   TORCH_CHECK(dim == 0 || dim == 1, op, ": dim=", dim, "; allowed: 0, 1");
@@ -152,7 +162,7 @@ void fira_residual_cuda(const at::Tensor& grad, at::Tensor back, const at::Tenso
                                    lowrank.size(static_cast<int64_t>(dim)), static_cast<int>(dim),
                                    residual_norm.data_ptr(), residual_norm.scalar_type() == at::kDouble,
                                    workspace.data_ptr<double>(), subtract, gamma, first, scale,
-                                   c10::cuda::getCurrentCUDAStream()),
+                                   skip_pointer(op, skip, grad.device()), c10::cuda::getCurrentCUDAStream()),
                op);
   if (!b.is_same(back)) back.copy_(b);
 }

@@ -92,13 +92,20 @@ __global__ void residual_kernel(const T* __restrict__ g, T* __restrict__ b, int6
 
 // One block: the ordered partials → ||S||, the limiter (op for op as limit_norm_growth_, in the norm's
 // dtype ND), the new state; the divisor goes to *limiter.
+// History rules as limit_norm_growth_: no history yet (prev == 0, or NaN) stores unlimited; a zero
+// residual keeps prev. `skip` (nullable device bool): keep prev and write 0 into *limiter, which tells
+// rescale_kernel to zero the residual.
 template <typename ND, typename P>
 __global__ void limiter_kernel(const double* __restrict__ partial, int blocks, P* __restrict__ previous,
-                               double gamma, bool first, double* __restrict__ limiter) {
+                               double gamma, bool first, const bool* __restrict__ skip, double* __restrict__ limiter) {
   double sum = 0.0;
   for (int k = threadIdx.x; k < blocks; k += blockDim.x) sum += partial[k];
   sum = block_sum(sum);
   if (threadIdx.x != 0) return;
+  if (skip != nullptr && *skip) {
+    *limiter = 0.0;
+    return;
+  }
   const ND norm = static_cast<ND>(sqrt(sum));
   if (first) {
     *previous = static_cast<P>(norm);
@@ -108,8 +115,9 @@ __global__ void limiter_kernel(const double* __restrict__ partial, int blocks, P
   const P denominator = *previous + static_cast<P>(kLimiterEps);
   const ND ratio = norm / static_cast<ND>(denominator);
   const ND bound = static_cast<ND>(gamma);
-  const ND lim = (ratio > bound ? ratio : bound) / bound;
-  *previous = static_cast<P>(norm / lim);
+  ND lim = (ratio > bound ? ratio : bound) / bound;
+  if (!(*previous > P(0))) lim = ND(1);
+  if (!(norm == ND(0))) *previous = static_cast<P>(norm / lim);
   *limiter = static_cast<double>(lim);
 }
 
@@ -118,6 +126,13 @@ __global__ void rescale_kernel(T* __restrict__ b, int64_t numel, const double* _
                                typename Acc<T>::type scale, bool multiply) {
   using acc_t = typename Acc<T>::type;
   const acc_t lim = static_cast<acc_t>(*limiter);
+  if (lim == acc_t(0)) {  // a skipped update (limiter_kernel's sentinel): no residual
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      b[i] = from_acc<T>(acc_t(0));
+    }
+    return;
+  }
   // An inactive limiter is exactly 1 and x / 1 == x: with scale 1 there is nothing to write, and
   // every thread returns before touching b (the limiter lives on the device; no host sync to decide).
   divide = divide && lim != acc_t(1);
@@ -142,7 +157,7 @@ int64_t fira_workspace_doubles(int64_t rows, int64_t cols, int dim) {
 cudaError_t fira_residual(const void* grad, void* back, ElementType element_type, int64_t rows, int64_t cols,
                           const void* normalized, const void* lowrank, ElementType lowrank_type, int64_t rank,
                           int dim, void* residual_norm, bool norm_is_double, double* workspace, double subtract,
-                          double gamma, bool first, double scale, cudaStream_t stream) {
+                          double gamma, bool first, double scale, const bool* skip, cudaStream_t stream) {
   const int64_t channels = dim == 1 ? rows : cols;
   double* phi = workspace;
   double* partial = workspace + channels;
@@ -174,16 +189,17 @@ cudaError_t fira_residual(const void* grad, void* back, ElementType element_type
     const bool wide = norm_is_double || sizeof(acc_t) == sizeof(double);
     if (norm_is_double) {
       limiter_kernel<double><<<1, kThreads, 0, stream>>>(partial, blocks, static_cast<double*>(residual_norm), gamma,
-                                                         first, limiter);
+                                                         first, skip, limiter);
     } else if (wide) {
       limiter_kernel<double><<<1, kThreads, 0, stream>>>(partial, blocks, static_cast<float*>(residual_norm), gamma,
-                                                         first, limiter);
+                                                         first, skip, limiter);
     } else {
       limiter_kernel<float><<<1, kThreads, 0, stream>>>(partial, blocks, static_cast<float*>(residual_norm), gamma,
-                                                        first, limiter);
+                                                        first, skip, limiter);
     }
     const int64_t numel = rows * cols;
-    if (numel > 0 && (!first || scale != 1.0)) {
+    // With a skip flag the rescale kernel runs whatever the other conditions: it zeroes a skipped residual.
+    if (numel > 0 && (!first || scale != 1.0 || skip != nullptr)) {
       rescale_kernel<T><<<grid_size(numel), kThreads, 0, stream>>>(b, numel, limiter, !first,
                                                                    static_cast<acc_t>(scale), scale != 1.0);
     }

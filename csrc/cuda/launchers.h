@@ -38,18 +38,20 @@ cudaError_t sparse_gather(const void* dense, const StridedLayout& layout, bool c
                           cudaStream_t stream);
 
 // M = b1 M + (1-b1) R; V = b2 V + (1-b2) R²; N = M / (sqrt(V) + eps), all contiguous, `numel` each.
+// `skip`: nullptr, or a device bool that, when set, keeps M and V and makes N zero.
 cudaError_t lowrank_adam(const void* lowrank, void* exp_avg, void* exp_avg_sq, void* normalized,
                          ElementType element_type, int64_t numel, double beta1, double beta2, double eps,
-                         cudaStream_t stream);
+                         const bool* skip, cudaStream_t stream);
 
 // Fira's residual (lowrank_optim/ops/fira.py): back = scale · limited((grad - subtract·back) · phi), phi from
 // the row (dim=1, m x r) or column (dim=0, r x n) norms of normalized/lowrank; residual_norm (0-dim, float
 // or double) is the limiter's state. All contiguous; `workspace` holds fira_workspace_doubles(...) doubles.
+// `skip`: nullptr, or a device bool that, when set, makes back zero and keeps residual_norm.
 int64_t fira_workspace_doubles(int64_t rows, int64_t cols, int dim);
 cudaError_t fira_residual(const void* grad, void* back, ElementType element_type, int64_t rows, int64_t cols,
                           const void* normalized, const void* lowrank, ElementType lowrank_type, int64_t rank,
                           int dim, void* residual_norm, bool norm_is_double, double* workspace, double subtract,
-                          double gamma, bool first, double scale, cudaStream_t stream);
+                          double gamma, bool first, double scale, const bool* skip, cudaStream_t stream);
 
 // DCT scores (lowrank_optim/ops/dct.py): scores[k] = Σ |x| over dimension `reduce_dim` of the contiguous
 // rows x cols matrix x, written as float (or double when scores_are_double); `workspace` holds

@@ -1,10 +1,14 @@
 """The low-rank Adam moment update and normalization as one op (GaLore / DCT / Fira inner loop).
 
 ``lowrank_optim::lowrank_adam_(Tensor lowrank, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq,
-Tensor(c!) normalized, float beta1, float beta2, float eps) -> ()``, elementwise over equal-shape,
-equal-dtype tensors (``R``, ``M``, ``V``, ``N``)::
+Tensor(c!) normalized, float beta1, float beta2, float eps, Tensor? skip=None) -> ()``, elementwise over
+equal-shape, equal-dtype tensors (``R``, ``M``, ``V``, ``N``)::
 
     M = b1 M + (1 - b1) R ;  V = b2 V + (1 - b2) R² ;  N = M / (sqrt(V) + eps)
+
+``skip`` (a 0-dim bool tensor on the tensors' device, e.g. "``R`` holds a NaN") makes the update a no-op
+decided on the device: ``M`` and ``V`` keep their values and ``N`` is zero, so nothing reads the flag
+back to the host.
 
 The default kernel is the optimizer's reference arithmetic, op for op (so that its rounding is the
 optimizer's); compiled kernels do the same in one pass over the four tensors instead of six. ``N`` must
@@ -17,20 +21,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import LIBRARY, qualified_name
+from ._library import LIBRARY, check_skip, qualified_name
 
 __all__ = ["lowrank_adam_"]
 
 LIBRARY.define(
     "lowrank_adam_(Tensor lowrank, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) normalized, "
-    "float beta1, float beta2, float eps) -> ()"
+    "float beta1, float beta2, float eps, Tensor? skip=None) -> ()"
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check_adam_args(lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor) -> None:
+def _check_adam_args(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, skip: Tensor | None = None
+) -> None:
     op_name = "lowrank_adam_"
+    check_skip(op_name, skip, lowrank.device)
     for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("normalized", normalized)):
         if tensor.shape != lowrank.shape:
             raise ValueError(
@@ -45,19 +52,43 @@ def _check_adam_args(lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, norma
 
 
 def _adam_default(
-    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, beta1: float, beta2: float, eps: float
+    lowrank: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    normalized: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    skip: Tensor | None = None,
 ) -> None:
-    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized)
-    exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
+    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized, skip)
+    if skip is None:
+        exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
+    else:
+        # The same ops out of place (the same rounding), kept only where the update is not skipped.
+        for moment, update in (
+            (exp_avg, exp_avg.mul(beta1).add_(lowrank, alpha=1.0 - beta1)),
+            (exp_avg_sq, exp_avg_sq.mul(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)),
+        ):
+            moment.copy_(torch.where(skip, moment, update, out=update))
     torch.sqrt(exp_avg_sq, out=normalized).add_(eps)
     torch.div(exp_avg, normalized, out=normalized)
+    if skip is not None:
+        normalized.masked_fill_(skip, 0.0)
 
 
 def _adam_fake(
-    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, beta1: float, beta2: float, eps: float
+    lowrank: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    normalized: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    skip: Tensor | None = None,
 ) -> None:
-    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized)
+    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized, skip)
 
 
 LIBRARY.impl("lowrank_adam_", _adam_default, "CompositeExplicitAutograd")
@@ -65,11 +96,21 @@ torch.library.register_fake(qualified_name("lowrank_adam_"), _adam_fake, lib=LIB
 
 
 def lowrank_adam_(
-    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, normalized: Tensor, beta1: float, beta2: float, eps: float
+    lowrank: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    normalized: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    skip: Tensor | None = None,
 ) -> Tensor:
-    """Update the moments in place and write ``N = M / (sqrt(V) + eps)`` into ``normalized``; returns it."""
-    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized)  # same errors whichever kernel runs
+    """Update the moments in place and write ``N = M / (sqrt(V) + eps)`` into ``normalized``; returns it.
+
+    With ``skip`` true (a 0-dim bool tensor, read on the device) the moments are kept and ``N`` is zero.
+    """
+    _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized, skip)  # same errors whichever kernel runs
     torch.ops.lowrank_optim.lowrank_adam_(
-        lowrank, exp_avg, exp_avg_sq, normalized, float(beta1), float(beta2), float(eps)
+        lowrank, exp_avg, exp_avg_sq, normalized, float(beta1), float(beta2), float(eps), skip
     )
     return normalized

@@ -1,12 +1,17 @@
 """Fira's scaled, norm-limited residual as one op (see :mod:`lowrank_optim.projection.fira` for the math).
 
 ``lowrank_optim::fira_residual_(Tensor grad, Tensor(a!) back, Tensor normalized, Tensor lowrank,
-Tensor(b!) residual_norm, int dim, float subtract, float gamma, bool first, float scale) -> ()``::
+Tensor(b!) residual_norm, int dim, float subtract, float gamma, bool first, float scale, Tensor? skip=None) -> ()``::
 
     phi  = ||N||₂ / (||R||₂ + 1e-8)   along ``dim`` of N, R (1: R is m x r, phi per row; 0: r x n, per column)
     S    = (G - subtract · B) · phi   # B = back(R), given in ``back``, overwritten with the result
-    lim  = max(||S||_F / (prev + 1e-8), gamma) / gamma ;  prev = ||S||_F / lim   (first step: prev = ||S||_F, lim = 1)
+    lim  = max(||S||_F / (prev + 1e-8), gamma) / gamma ;  prev = ||S||_F / lim
     back = scale · S / lim
+
+with the limiter's history rules of :func:`~lowrank_optim.projection.fira.limit_norm_growth_` (first step,
+or no history yet: ``prev = ||S||_F``, ``lim = 1``; a zero residual leaves ``prev`` as it was). With
+``skip`` true (a 0-dim bool tensor, read on the device) ``back`` becomes zero and ``residual_norm`` is
+left as it was.
 
 Why this boundary: the reference makes seven ``m x n`` passes after the back-projection (clone,
 ``addmm_``, ``mul_(phi)``, the norm, ``div_``, ``mul_(scale)``) plus the ``r``-sized norm ops; a kernel
@@ -28,27 +33,40 @@ from torch import Tensor
 
 from ..projection.fira import scale_and_limit_residual_
 from ..projection.subspace import Side
-from ._library import LIBRARY, qualified_name
+from ._library import LIBRARY, check_skip, qualified_name
 
-__all__ = ["fira_residual_"]
+__all__ = ["FIRA_RESIDUAL_DTYPES", "fira_residual_", "fira_residual_accepts"]
 
 LIBRARY.define(
     "fira_residual_(Tensor grad, Tensor(a!) back, Tensor normalized, Tensor lowrank, Tensor(b!) residual_norm, "
-    "int dim, float subtract, float gamma, bool first, float scale) -> ()"
+    "int dim, float subtract, float gamma, bool first, float scale, Tensor? skip=None) -> ()"
 )
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+#: The dtypes of ``grad`` (and ``back``) the op takes; ``normalized``/``lowrank`` have ``grad``'s or fp32.
+FIRA_RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _NORM_DTYPES = (torch.float32, torch.float64)
 
 
+def fira_residual_accepts(grad_dtype: torch.dtype, lowrank_dtype: torch.dtype) -> bool:
+    """Whether :func:`fira_residual_` takes a gradient of ``grad_dtype`` with moments of ``lowrank_dtype``
+    (the optimizers fall back to the reference arithmetic, or refuse ``fused=True``, when it does not)."""
+    return grad_dtype in FIRA_RESIDUAL_DTYPES and lowrank_dtype in (grad_dtype, torch.float32)
+
+
 def _check_fira_args(
-    grad: Tensor, back: Tensor, normalized: Tensor, lowrank: Tensor, residual_norm: Tensor, dim: int
+    grad: Tensor,
+    back: Tensor,
+    normalized: Tensor,
+    lowrank: Tensor,
+    residual_norm: Tensor,
+    dim: int,
+    skip: Tensor | None = None,
 ) -> None:
     op_name = "fira_residual_"
     if grad.dim() != 2:
         raise ValueError(f"{op_name}: grad.shape={tuple(grad.shape)}; must be 2-D")
-    if grad.dtype not in _DTYPES:
-        raise TypeError(f"{op_name}: grad.dtype={grad.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
+    if grad.dtype not in FIRA_RESIDUAL_DTYPES:
+        raise TypeError(f"{op_name}: grad.dtype={grad.dtype}; allowed: {', '.join(map(str, FIRA_RESIDUAL_DTYPES))}")
     if dim not in (0, 1):
         raise ValueError(f"{op_name}: dim={dim}; allowed: 0 (lowrank is r x n), 1 (lowrank is m x r)")
     if back.shape != grad.shape or back.dtype != grad.dtype:
@@ -66,7 +84,7 @@ def _check_fira_args(
             f"{op_name}: normalized (shape {tuple(normalized.shape)}, {normalized.dtype}) must match lowrank "
             f"(shape {tuple(lowrank.shape)}, {lowrank.dtype})"
         )
-    if lowrank.dtype not in (grad.dtype, torch.float32):
+    if not fira_residual_accepts(grad.dtype, lowrank.dtype):
         raise TypeError(f"{op_name}: lowrank.dtype={lowrank.dtype}; allowed: grad.dtype ({grad.dtype}) or torch.float32")
     if residual_norm.dim() != 0 or residual_norm.dtype not in _NORM_DTYPES:
         raise ValueError(
@@ -76,6 +94,7 @@ def _check_fira_args(
     for name, tensor in (("back", back), ("normalized", normalized), ("lowrank", lowrank), ("residual_norm", residual_norm)):
         if tensor.device != grad.device:
             raise ValueError(f"{op_name}: {name}.device={tensor.device} must equal grad.device={grad.device}")
+    check_skip(op_name, skip, grad.device)
 
 
 def _fira_default(
@@ -89,11 +108,14 @@ def _fira_default(
     gamma: float,
     first: bool,
     scale: float,
+    skip: Tensor | None = None,
 ) -> None:
-    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)
+    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim, skip)
     torch.add(grad, back, alpha=-subtract, out=back)
     side = Side.RIGHT if dim == 1 else Side.LEFT
-    scale_and_limit_residual_(back, normalized, lowrank, side, residual_norm, gamma=gamma, first=first, scale=scale)
+    scale_and_limit_residual_(
+        back, normalized, lowrank, side, residual_norm, gamma=gamma, first=first, scale=scale, skip=skip
+    )
 
 
 def _fira_fake(
@@ -107,8 +129,9 @@ def _fira_fake(
     gamma: float,
     first: bool,
     scale: float,
+    skip: Tensor | None = None,
 ) -> None:
-    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)
+    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim, skip)
 
 
 LIBRARY.impl("fira_residual_", _fira_default, "CompositeExplicitAutograd")
@@ -127,13 +150,25 @@ def fira_residual_(
     gamma: float,
     first: bool,
     scale: float = 1.0,
+    skip: Tensor | None = None,
 ) -> Tensor:
     """Overwrite ``back`` (holding ``back(R)``) with ``scale · limited((G - subtract · back) · phi)``; returns it.
 
-    ``residual_norm`` (the limiter's state) is updated in place; see the module docstring.
+    ``residual_norm`` (the limiter's state) is updated in place; with ``skip`` true ``back`` becomes zero
+    and the state is kept. See the module docstring.
     """
-    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim)  # same errors whichever kernel runs
+    _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim, skip)  # same errors whichever kernel runs
     torch.ops.lowrank_optim.fira_residual_(
-        grad, back, normalized, lowrank, residual_norm, int(dim), float(subtract), float(gamma), bool(first), float(scale)
+        grad,
+        back,
+        normalized,
+        lowrank,
+        residual_norm,
+        int(dim),
+        float(subtract),
+        float(gamma),
+        bool(first),
+        float(scale),
+        skip,
     )
     return back

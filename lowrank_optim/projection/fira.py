@@ -16,6 +16,13 @@ because the published numbers come from it.
 Norm-growth limiter (gamma = 1.01), on ``||S||_F`` per matrix with one stored scalar: the first step stores
 ``||S||``; afterwards ``lim = max(||S|| / (prev + 1e-8), gamma) / gamma``, ``S /= lim``, ``prev = ||S|| / lim``
 (the post-limit norm). Growth faster than gamma per step is cut to exactly gamma; shrinking passes.
+
+Two history rules the reference lacks, both decided on the device: a residual with ``||S|| = 0`` (an
+all-zero gradient) leaves ``prev`` as it was, and ``prev = 0`` means "no history yet", so the next
+residual is stored unlimited, as on the first step. In the reference one all-zero gradient sets
+``prev = 0`` and every later residual is then cut to ``1e-8 · gamma^k`` after ``k`` steps: about 1850
+steps to grow back to a norm of 1. Everywhere else (``prev > 0``, ``||S|| > 0``) the arithmetic is the
+reference's. A skipped update (non-finite gradient) leaves ``prev`` untouched too.
 """
 
 from __future__ import annotations
@@ -77,23 +84,34 @@ def fira_residual(grad: Tensor, lowrank: Tensor, normalized: Tensor, subspace: S
 
 
 def limit_norm_growth_(
-    residual: Tensor, previous_norm: Tensor, *, gamma: float, first: bool, norm: Tensor | None = None
+    residual: Tensor,
+    previous_norm: Tensor,
+    *,
+    gamma: float,
+    first: bool,
+    norm: Tensor | None = None,
+    skip: Tensor | None = None,
 ) -> Tensor:
     """Cap the growth of ``||residual||_F`` to ``gamma`` per step, in place; ``previous_norm`` is updated.
 
     ``previous_norm`` is a 0-dim tensor on the residual's device and ``first`` a Python bool (from the
     step counter), so nothing here reads a device value back to the host: the clamp replaces the
-    reference's ``max(tensor, float)``, which synchronizes every step on a GPU. ``norm`` is the
-    Frobenius norm of the whole matrix when ``residual`` is only a piece of it (computed from it if
-    ``None``).
+    reference's ``max(tensor, float)``, which synchronizes every step on a GPU, and the history rules of
+    the module docstring are ``torch.where`` calls. ``norm`` is the Frobenius norm of the whole matrix when
+    ``residual`` is only a piece of it (computed from it if ``None``). ``skip`` (0-dim bool): leave
+    ``previous_norm`` as it is (the caller discards the residual).
     """
     if norm is None:
         norm = torch.linalg.vector_norm(residual, dtype=torch.promote_types(residual.dtype, previous_norm.dtype))
     if first:
-        previous_norm.copy_(norm)
+        kept = norm if skip is None else torch.where(skip, previous_norm, norm)
+        previous_norm.copy_(kept)
         return residual
     limiter = torch.clamp_min(norm / (previous_norm + _LIMITER_EPS), gamma).div_(gamma)
-    previous_norm.copy_(norm / limiter)
+    limiter = torch.where(previous_norm > 0, limiter, 1.0)  # no history yet: store, do not limit
+    limited = norm / limiter
+    keep = norm == 0 if skip is None else (norm == 0) | skip  # a zero residual tells nothing about growth
+    previous_norm.copy_(torch.where(keep, previous_norm, limited))
     return residual.div_(limiter)
 
 
@@ -107,15 +125,19 @@ def scale_and_limit_residual_(
     gamma: float,
     first: bool,
     scale: float = 1.0,
+    skip: Tensor | None = None,
 ) -> Tensor:
     """Fira after the subtraction, in place on ``D = G - subtract · back(R)`` (a whole matrix):
-    ``scale · limited(D · phi)``; ``previous_norm`` is the limiter's state.
+    ``scale · limited(D · phi)``; ``previous_norm`` is the limiter's state. ``skip`` (0-dim bool): the
+    result is zero and the state is kept (decided on the device).
 
     The one statement of this sequence: the reference step (which forms ``D`` with ``addmm``) and the
     pure-PyTorch ``fira_residual_`` op (which gets ``back(R)`` and subtracts) both end with it.
     """
     difference.mul_(fira_scaling(normalized, lowrank, side))
-    limit_norm_growth_(difference, previous_norm, gamma=gamma, first=first)
+    limit_norm_growth_(difference, previous_norm, gamma=gamma, first=first, skip=skip)
     if scale != 1.0:
         difference.mul_(scale)
+    if skip is not None:
+        difference.masked_fill_(skip, 0.0)
     return difference
