@@ -279,8 +279,9 @@ def test_sharded_normal_step_communication(name: str) -> None:
     basis_share = 0 if name == "dct" else 3 * 24 // 2
     left_columns = 3 * 40 // 2 * (3 if name == "fira" else 2)  # R reduce-scattered, N (and R for Fira) gathered
     fira_norms = 1 if name == "fira" else 0  # the limiter's sums of squares (one per split matrix, all-reduced)
-    assert sent(True) == [basis_share + left_columns + 2 * fira_norms] * 2
-    assert sent(False) == [lowrank_gradient + 2 * fira_norms] * 2
+    nonfinite = 1  # the step's shared NaN/Inf flag: one number all-reduced (FragmentLayout.begin_step)
+    assert sent(True) == [basis_share + left_columns + 2 * fira_norms + nonfinite] * 2
+    assert sent(False) == [lowrank_gradient + 2 * fira_norms + nonfinite] * 2
     if name == "galore":
         assert basis_share + left_columns <= lowrank_gradient
 

@@ -53,7 +53,10 @@ from ..optim.galore import (
     EXP_AVG_SQ,
     STEP,
     GaLoreAdamW,
+    _decay_,
+    _moments_reference,
     _step_size,
+    nonfinite_flag,
 )
 from ..optim.layout import DenseLayout
 from ..projection import (
@@ -109,6 +112,8 @@ class FragmentLayout:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
         self._full_rank: dict[int, tuple[Tensor, _Partition]] = {}
         self._dense = DenseLayout()
+        #: This step's shared "skip every update" flag (``nonfinite="skip"`` groups), from begin_step.
+        self._found_inf: Tensor | None = None
 
     def add_partition(
         self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int, shard_moments: bool
@@ -162,20 +167,46 @@ class FragmentLayout:
                 for key in (EXP_AVG, EXP_AVG_SQ):
                     matrix[key] = matrix[key].to(moment_dtype or torch.float32)
 
-    def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
+    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
+        """Every tensor of a projected group must be a partition this layout was bound to."""
         if "rank" not in group:
-            self._dense.step_group(optimizer, group)
             return
         for position, flat in enumerate(group["params"]):
-            entry = self._partitions.get(id(flat))
-            if entry is None:
+            if id(flat) not in self._partitions:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}: tensor {position} (shape {tuple(flat.shape)}) of a projected param "
                     "group is not a partition this optimizer was bound to. Bind after deepspeed.initialize "
                     "(lowrank_optim.deepspeed.bind(engine)) and do not rebuild the optimizer's groups afterwards."
                 )
+
+    def begin_step(self, optimizer: GaLoreAdamW) -> None:
+        """Decide, alike on every rank, whether this step meets a NaN/Inf gradient (groups with
+        ``nonfinite="skip"``): then no rank updates anything of those groups, as DeepSpeed itself skips a
+        step on fp16 overflow. Matrices are cut between ranks, so a per-matrix decision would need the
+        flags of all their pieces; one flag for the step costs one pass over the gradient partitions and
+        one all-reduce of a single number per process group."""
+        self._found_inf = None
+        bound = [*self._partitions.values(), *self._full_rank.values()]
+        skipping = [group for group in optimizer.param_groups if group["nonfinite"] == "skip"]
+        if not skipping or not bound:
+            return
+        count = torch.zeros((), dtype=torch.float32, device=bound[0][0].device)
+        for group in skipping:
+            for flat in group["params"]:
+                if flat.grad is not None:
+                    count += nonfinite_flag(flat.grad)
+        for comm in {id(part.comm): part.comm for _, part in bound}.values():  # binding order: alike on all ranks
+            comm.all_reduce(count)
+        self._found_inf = count > 0
+
+    def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
+        found_inf = self._found_inf if group["nonfinite"] == "skip" else None
+        if "rank" not in group:
+            self._dense.step_group(optimizer, group, found_inf)
+            return
+        for flat in group["params"]:
             if flat.grad is not None:
-                _step_partition(optimizer, group, flat, entry[1])
+                _step_partition(optimizer, group, flat, self._partitions[id(flat)][1], found_inf)
 
 
 def _rows(plan: MatrixPlan) -> tuple[int, int, int]:
@@ -388,8 +419,10 @@ def _refresh(
     for mp in split:
         finite[mp.name] = all_finite(grads[mp.name])
     if buffer[-1].item() > 0 or not all(finite[mp.name] for mp in split):
-        optimizer._warn_nonfinite_once()
-        if step == 0:
+        outcome = "deferred" if step == 0 else "skipped" if group["nonfinite"] == "skip" else "applied"
+        names = ", ".join(mp.name for mp in plan.matrices)
+        optimizer._warn_nonfinite(f"a DeepSpeed partition holding {names}", step + 1, outcome)
+        if outcome != "applied":
             return False
     new: dict[str, list[Tensor]] = {}
     for mp in held:
@@ -426,7 +459,11 @@ def _projector_numel(group: dict[str, Any], mp: MatrixPlan) -> int:
     return sum(math.prod(shape) for shape in _projector_shapes(group, mp))
 
 
-def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor, part: _Partition) -> None:
+def _step_partition(
+    optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor, part: _Partition, skip: Tensor | None
+) -> None:
+    """One step of a projected flat partition; ``skip`` (0-dim bool, the same on every rank) leaves every
+    piece and its state as they were, decided on the device (the step counter advances)."""
     plan, comm = part.plan, part.comm
     state = optimizer.state[flat]
     if not state:
@@ -439,7 +476,10 @@ def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor,
     matrices: dict[str, dict[str, Any]] = state[MATRICES]
     step = int(state[STEP].item())
     if step % group["update_proj_gap"] == 0 and not _refresh(optimizer, group, flat, part, matrices, step):
+        optimizer._skip_counts.setdefault(flat, torch.zeros((), dtype=torch.int64, device=flat.device)).add_(1)
         return
+    if skip is not None:
+        optimizer._skip_counts.setdefault(flat, torch.zeros((), dtype=torch.int64, device=flat.device)).add_(skip)
     moment_dtype = group["moment_dtype"] or flat.dtype
     dct = group["projector"] == "dct"
     held = [mp for mp in plan.matrices if mp.piece is not None]
@@ -504,11 +544,9 @@ def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor,
         else:
             lowrank = lowranks[mp.name]
         mstate = matrices[mp.name]
-        exp_avg, exp_avg_sq = mstate[EXP_AVG], mstate[EXP_AVG_SQ]
-        exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
-        update = exp_avg_sq.sqrt().add_(group["eps"])
-        normalized[mp.name] = torch.div(exp_avg, update, out=update)
+        normalized[mp.name] = _moments_reference(
+            lowrank, mstate[EXP_AVG], mstate[EXP_AVG_SQ], beta1, beta2, group["eps"], skip
+        )
 
     # R and N as each holder's row block needs them: rows r0..r1 (right side) or the whole (left side).
     local_r: dict[str, Tensor] = {}
@@ -541,7 +579,9 @@ def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor,
 
     step_size = _step_size(group["lr"], beta1, beta2, step + 1, group["correct_bias"])
     if fira:
-        _apply_fira(group, flat, part, matrices, held, plan, sides, blocks, subspaces, local_r, local_n, step, step_size)
+        _apply_fira(
+            group, flat, part, matrices, held, plan, sides, blocks, subspaces, local_r, local_n, step, step_size, skip
+        )
     else:
         for mp in held:
             piece = mp.piece
@@ -554,7 +594,7 @@ def _step_partition(optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor,
     if group["weight_decay"] > 0.0:
         for mp in held:
             values = flat[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
-            values.add_(values, alpha=-group["lr"] * group["weight_decay"])
+            _decay_(values, group["lr"], group["weight_decay"], skip)
     state[STEP] += 1
 
 
@@ -732,8 +772,10 @@ def _apply_fira(
     local_n: dict[str, Tensor],
     step: int,
     step_size: float,
+    skip: Tensor | None,
 ) -> None:
-    """Fira's update on each piece: residual on the row block, limiter on the whole matrix's norm."""
+    """Fira's update on each piece: residual on the row block, limiter on the whole matrix's norm; a
+    skipped step adds nothing and keeps the limiter's state."""
     subtract, residual_scale = fira_coefficients(group["alpha"], group["residual"])
     split = [mp for mp in plan.matrices if mp.split]
     residuals: dict[str, Tensor] = {}
@@ -752,10 +794,17 @@ def _apply_fira(
     for mp in held:
         residual = residuals[mp.name]
         limit_norm_growth_(
-            residual, matrices[mp.name][RESIDUAL_NORM], gamma=group["gamma"], first=step == 0, norm=norms.get(mp.name)
+            residual,
+            matrices[mp.name][RESIDUAL_NORM],
+            gamma=group["gamma"],
+            first=step == 0,
+            norm=norms.get(mp.name),
+            skip=skip,
         )
         if residual_scale != 1.0:
             residual.mul_(residual_scale)
+        if skip is not None:
+            residual.masked_fill_(skip, 0.0)
         update = add_project_back_(residual, local_n[mp.name], subspaces[mp.name], alpha=group["alpha"])
         values = flat[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
         values.add_(_fragment(update, mp), alpha=-step_size)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -13,6 +15,11 @@ from ..projection import DCT_SCORING, FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
 
 __all__ = [
     "MOMENT_POLICIES",
+    "NONFINITE_POLICIES",
+    "check_group_keys",
+    "check_nonfinite_policy",
+    "check_param_tensors",
+    "normalize_scalars",
     "check_adam_hyperparameters",
     "check_finite_number",
     "check_fira_options",
@@ -27,6 +34,22 @@ __all__ = [
 #: What happens to the low-rank moments when the projector is refreshed: ``keep`` carries them into
 #: the new subspace unchanged (the reference behaviour), ``reset`` zeroes them.
 MOMENT_POLICIES: tuple[str, ...] = ("keep", "reset")
+
+#: What a step does with a parameter whose gradient holds a NaN/Inf: ``skip`` leaves the parameter and
+#: its state as they were (decided on the device, no host sync), ``propagate`` applies the update as
+#: ``torch.optim.AdamW`` would (NaN reaches the weights and the moments).
+NONFINITE_POLICIES: tuple[str, ...] = ("skip", "propagate")
+
+#: Options given as counts and as real numbers. numpy scalars and 0-dim tensors of them are accepted and
+#: stored as Python numbers (so that param groups and state dicts hold plain values).
+_INTEGER_OPTIONS = ("rank", "update_proj_gap")
+_REAL_OPTIONS = ("scale", "alpha", "gamma")
+
+#: Keys torch itself may put into a param group (named parameters, learning-rate schedulers), and the
+#: option values of torch's Adam family that are the only behaviour these optimizers have.
+_TORCH_GROUP_KEYS = ("param_names", "initial_lr")
+_TORCH_FIXED_OPTIONS = {"maximize": False, "amsgrad": False, "capturable": False, "differentiable": False,
+                        "decoupled_weight_decay": True}
 
 
 def check_adam_hyperparameters(
@@ -147,3 +170,67 @@ def check_no_duplicates(params: list[Tensor], existing: list[dict[str, Any]]) ->
                 "once in the optimizer. Each parameter must be in exactly one group, once."
             )
         seen.add(id(param))
+
+
+def normalize_scalars(options: dict[str, Any]) -> None:
+    """Turn numpy scalars and 0-dim tensors given for count or real options into Python numbers, in place.
+
+    Anything else is left for the option's own check to refuse (with its value in the message); a real
+    value given for a count (``rank=2.0``) stays as it is and is refused there.
+    """
+    for key in _INTEGER_OPTIONS + _REAL_OPTIONS:
+        if key not in options:
+            continue
+        value = options[key]
+        if isinstance(value, Tensor):
+            if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+                continue
+            value = value.item()
+        elif isinstance(value, np.generic) and not isinstance(value, np.bool_):
+            value = value.item()
+        else:
+            continue
+        if key in _INTEGER_OPTIONS and isinstance(value, float):
+            continue
+        options[key] = float(value) if key in _REAL_OPTIONS else value
+
+
+def check_group_keys(group: dict[str, Any], allowed: Iterable[str], index: int) -> None:
+    """Refuse a key the optimizer would silently ignore (a typo such as ``rnak``), with a suggestion.
+
+    ``allowed`` are the optimizer's own options; torch's bookkeeping keys pass, and the options of torch's
+    Adam family (``amsgrad``, ``maximize``, ...) pass only at the value these optimizers implement.
+    """
+    known = set(allowed) | {"params"} | set(_TORCH_GROUP_KEYS)
+    for key, value in group.items():
+        if key in known:
+            continue
+        if key in _TORCH_FIXED_OPTIONS:
+            if value == _TORCH_FIXED_OPTIONS[key]:
+                continue
+            raise ValueError(
+                f"Invalid {key} in param group {index}: {value!r}. This optimizer only implements "
+                f"{key}={_TORCH_FIXED_OPTIONS[key]!r}."
+            )
+        close = difflib.get_close_matches(str(key), sorted(known - {"params"}), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown key {key!r} in param group {index}.{hint} Allowed keys: {', '.join(sorted(known))}."
+        )
+
+
+def check_nonfinite_policy(nonfinite: Any, where: str = "") -> None:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid nonfinite{where}: {nonfinite!r}. Must be one of {', '.join(NONFINITE_POLICIES)}.")
+
+
+def check_param_tensors(params: Iterable[Tensor], index: int) -> None:
+    """Refuse parameters no optimizer here can update: complex ones (Adam's second moment and the
+    projections are defined for real matrices only)."""
+    for position, param in enumerate(params):
+        if param.is_complex():
+            raise ValueError(
+                f"Param {position} of param group {index} is complex ({param.dtype}, shape {tuple(param.shape)}): "
+                "these optimizers update real floating-point parameters only. Optimize its real and imaginary "
+                "parts as separate real parameters (torch.view_as_real)."
+            )

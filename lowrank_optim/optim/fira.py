@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from ..ops.fira import FIRA_RESIDUAL_DTYPES, fira_residual_accepts
 from ..projection import FIRA_GAMMA, fira_coefficients
-from ._validation import check_fira_options, resolve_alpha_alias
+from ._validation import check_fira_options, normalize_scalars, resolve_alpha_alias
 from .galore import FiraTerm, GaLoreAdamW, Projection, _Batch, galore_adamw
 
 __all__ = ["FiraAdamW", "fira_adamw"]
@@ -67,29 +68,30 @@ class FiraAdamW(GaLoreAdamW):
         moment_policy: str = "keep",
         foreach: bool | None = None,
         fused: bool | None = None,
+        nonfinite: str = "skip",
     ) -> None:
-        check_fira_options(alpha=alpha, residual=residual, gamma=gamma)
-        self._setup(
-            params,
-            dict(
-                lr=lr,
-                betas=tuple(betas),
-                eps=eps,
-                weight_decay=weight_decay,
-                correct_bias=correct_bias,
-                update_proj_gap=update_proj_gap,
-                alpha=alpha,
-                residual=residual,
-                gamma=gamma,
-                proj_type=proj_type,
-                projector=projector,
-                scoring=scoring,
-                moment_dtype=moment_dtype,
-                moment_policy=moment_policy,
-                foreach=foreach,
-                fused=fused,
-            ),
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            update_proj_gap=update_proj_gap,
+            alpha=alpha,
+            residual=residual,
+            gamma=gamma,
+            proj_type=proj_type,
+            projector=projector,
+            scoring=scoring,
+            moment_dtype=moment_dtype,
+            moment_policy=moment_policy,
+            foreach=foreach,
+            fused=fused,
+            nonfinite=nonfinite,
         )
+        normalize_scalars(defaults)
+        check_fira_options(alpha=defaults["alpha"], residual=residual, gamma=defaults["gamma"])
+        self._setup(params, defaults)
 
     def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
         resolve_alpha_alias(param_group, index)
@@ -101,6 +103,21 @@ class FiraAdamW(GaLoreAdamW):
                 f"Invalid proj_type{where}: 'full'. FiraAdamW supports std, reverse_std, left, right: its "
                 "residual scaling needs one unprojected dimension."
             )
+
+    def _check_step_tensors(self, group: dict[str, Any], index: int, params: list[Tensor]) -> None:
+        """``fused=True`` demands the compiled residual kernel, which takes fp32/bf16/fp64 gradients with
+        moments in their dtype or fp32; ``fused=None`` runs the reference arithmetic for other dtypes."""
+        if group["fused"] is not True or "rank" not in group:
+            return
+        for position, param in enumerate(params):
+            moment_dtype = group["moment_dtype"] or param.dtype
+            if not fira_residual_accepts(param.dtype, moment_dtype):
+                raise ValueError(
+                    f"Invalid fused in param group {index}: True. Param {position} is {param.dtype} with "
+                    f"{moment_dtype} moments, which the compiled Fira residual kernel does not take (it takes "
+                    f"{', '.join(map(str, FIRA_RESIDUAL_DTYPES))} weights with moments of their dtype or "
+                    "torch.float32). Use fused=None (kernels where they apply) or fused=False."
+                )
 
     @staticmethod
     def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
@@ -114,7 +131,7 @@ class FiraAdamW(GaLoreAdamW):
         if "rank" in group:
             state[RESIDUAL_NORM] = torch.zeros((), dtype=torch.float32, device=param.device)
 
-    def _step_group(self, group: dict[str, Any], batch: _Batch) -> None:
+    def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
         beta1, beta2 = group["betas"]
         fira_adamw(
             batch.params,
@@ -136,9 +153,12 @@ class FiraAdamW(GaLoreAdamW):
             gamma=group["gamma"],
             scoring=group["scoring"],
             moment_policy=group["moment_policy"],
+            nonfinite=group["nonfinite"],
             foreach=group["foreach"],
             fused=group["fused"],
-            on_nonfinite_refresh=self._warn_nonfinite_once,
+            on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
+            skip_counts=batch.skip_counts,
+            found_inf=found_inf,
         )
 
 
@@ -163,15 +183,19 @@ def fira_adamw(
     gamma: float = FIRA_GAMMA,
     scoring: str = "auto",
     moment_policy: str = "keep",
+    nonfinite: str = "skip",
     foreach: bool | None = None,
     fused: bool | None = None,
-    on_nonfinite_refresh: Callable[[], None] | None = None,
+    on_nonfinite_refresh: Callable[[int, int, str], None] | None = None,
+    skip_counts: list[Tensor] | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional Fira-AdamW step: :func:`~lowrank_optim.optim.galore_adamw` with the residual term.
 
     ``residual_norms[i]`` is the limiter state (0-dim fp32 tensor) of projected parameter ``i``, updated
     in place; ``None`` for full-rank parameters. Its first step (``state_steps[i] == 0``) only stores the
-    norm.
+    norm. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts`` and ``found_inf`` as in
+    :func:`~lowrank_optim.optim.galore_adamw`.
     """
     subtract, residual_scale = fira_coefficients(alpha, residual)
     galore_adamw(
@@ -191,8 +215,11 @@ def fira_adamw(
         scale=alpha,
         scoring=scoring,
         moment_policy=moment_policy,
+        nonfinite=nonfinite,
         foreach=foreach,
         fused=fused,
         on_nonfinite_refresh=on_nonfinite_refresh,
+        skip_counts=skip_counts,
+        found_inf=found_inf,
         fira=FiraTerm(residual_norms, subtract, residual_scale, gamma),
     )

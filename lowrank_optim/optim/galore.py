@@ -33,6 +33,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops import dct_topk, fira_residual_, kernels_available, lowrank_adam_
+from ..ops.adam import _adam_default
+from ..ops.fira import fira_residual_accepts
 from ..projection import (
     DCTSelection,
     Side,
@@ -55,18 +57,23 @@ from ..projection import (
 )
 from ._state import StateDtypeKeeper
 from ._validation import (
+    NONFINITE_POLICIES,
     check_adam_hyperparameters,
     check_finite_number,
+    check_group_keys,
     check_implementation_options,
     check_moment_options,
     check_no_duplicates,
+    check_nonfinite_policy,
+    check_param_tensors,
     check_projection_group,
     check_projector_options,
     matrix_shape,
+    normalize_scalars,
 )
 from .layout import DenseLayout, Layout
 
-__all__ = ["GaLoreAdamW", "galore_adamw"]
+__all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
 # State keys. Bases (SVD) or frequency indices (DCT) exist only for the side(s) a projection uses.
 STEP = "step"
@@ -80,10 +87,19 @@ DCT_INDICES_RIGHT = "dct_indices_right"  # r sorted int64 frequencies of the n-p
 #: What the functional step gets per parameter: ``None`` (full rank), SVD bases or a DCT selection.
 Projection = Union[Subspace, DCTSelection, None]
 
+#: What happened to a parameter whose gradient held a NaN/Inf at a projector refresh (the projector is
+#: never built from it): ``deferred`` (no projector yet: update skipped, first refresh retried at the next
+#: step), ``skipped`` (``nonfinite="skip"``: update skipped, state kept, refresh retried at the next step),
+#: ``applied`` (``nonfinite="propagate"``: previous projector kept, the non-finite update applied).
+NONFINITE_REFRESH_OUTCOMES: dict[str, str] = {
+    "deferred": "it has no projector yet, so its update was skipped and the first refresh is retried at the next step",
+    "skipped": "its update was skipped, its moments and projector are kept, and the refresh is retried at the next step",
+    "applied": "the previous projector is kept and the non-finite update was applied (nonfinite='propagate')",
+}
+
 _NONFINITE_REFRESH = (
-    "{name}: a gradient with NaN/Inf arrived at a projector refresh; the previous projector is kept "
-    "(or, before the first one exists, that parameter's update is skipped and the refresh deferred). "
-    "This warning is shown once per optimizer."
+    "{name}: a gradient with NaN/Inf arrived at a projector refresh of {subject} at step {step}: {outcome}. "
+    "This warning is shown once per optimizer; skipped_updates() counts every skipped update."
 )
 
 
@@ -97,6 +113,7 @@ class _Batch(NamedTuple):
     steps: list[Tensor]
     projections: list[Projection]
     states: list[dict[str, Any]]
+    skip_counts: list[Tensor]
 
 
 class GaLoreAdamW(Optimizer):
@@ -133,6 +150,17 @@ class GaLoreAdamW(Optimizer):
             scoring); ``None`` uses them where they loaded for the parameters' device, ``True`` requires
             them (refused at construction with the load error when missing), ``False`` runs the
             pure-PyTorch reference. Cannot be ``True`` together with ``foreach``.
+        nonfinite: what a step does with a parameter whose gradient holds a NaN/Inf. ``skip`` (default):
+            that parameter is not updated and its moments, projector and limiter are kept; decided on the
+            device between refreshes (no host sync; its step counter still advances, so its bias
+            correction counts the skipped step) and on the host at a refresh (where its counter stays, so
+            the refresh is retried at the next step); :meth:`skipped_updates` counts them. ``propagate``:
+            apply the update as ``torch.optim.AdamW`` does (the NaN reaches the weights and the moments).
+            Either way a projector is never built from a non-finite gradient.
+
+    A step checks everything that can refuse it (sparse or meta gradients, dtypes the requested kernels do
+    not take, parameters that changed shape) for every group before it updates anything, so a step that
+    raises leaves the parameters and the state as they were.
     """
 
     def __init__(
@@ -153,27 +181,28 @@ class GaLoreAdamW(Optimizer):
         moment_policy: str = "keep",
         foreach: bool | None = None,
         fused: bool | None = None,
+        nonfinite: str = "skip",
     ) -> None:
-        check_finite_number("scale", scale)
-        self._setup(
-            params,
-            dict(
-                lr=lr,
-                betas=tuple(betas),
-                eps=eps,
-                weight_decay=weight_decay,
-                correct_bias=correct_bias,
-                update_proj_gap=update_proj_gap,
-                scale=scale,
-                proj_type=proj_type,
-                projector=projector,
-                scoring=scoring,
-                moment_dtype=moment_dtype,
-                moment_policy=moment_policy,
-                foreach=foreach,
-                fused=fused,
-            ),
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projector=projector,
+            scoring=scoring,
+            moment_dtype=moment_dtype,
+            moment_policy=moment_policy,
+            foreach=foreach,
+            fused=fused,
+            nonfinite=nonfinite,
         )
+        normalize_scalars(defaults)
+        check_finite_number("scale", defaults["scale"])
+        self._setup(params, defaults)
 
     def _setup(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         """Validate the defaults shared by every variant, then build the optimizer over ``params``."""
@@ -183,7 +212,13 @@ class GaLoreAdamW(Optimizer):
         check_moment_options(moment_dtype=defaults["moment_dtype"], moment_policy=defaults["moment_policy"])
         check_projector_options(projector=defaults["projector"], scoring=defaults["scoring"])
         check_implementation_options(fused=defaults["fused"], foreach=defaults["foreach"])
+        check_nonfinite_policy(defaults["nonfinite"])
         self._warned_nonfinite = False
+        #: Per parameter, how many of its updates were skipped for a non-finite gradient (0-dim int64
+        #: tensors on its device; counted since construction, not saved in state_dict()).
+        self._skip_counts: dict[Tensor, Tensor] = {}
+        #: id(param) -> (param group index, position), as the groups were built (for messages).
+        self._origin: dict[int, tuple[int, int]] = {}
         Optimizer.__init__(self, params, defaults)
         #: How ``param_groups`` map onto parameters; DeepSpeed binding replaces it (lowrank_optim.deepspeed.bind).
         self.layout: Layout = DenseLayout()
@@ -197,16 +232,21 @@ class GaLoreAdamW(Optimizer):
         elif not isinstance(params, set):  # torch raises its own error for sets
             params = list(params)
         param_group["params"] = params
-        check_no_duplicates([p[1] if isinstance(p, tuple) else p for p in params], self.param_groups)
-        self._prepare_group(param_group, len(self.param_groups))
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        index = len(self.param_groups)
+        check_no_duplicates(tensors, self.param_groups)
+        self._prepare_group(param_group, index)
+        normalize_scalars(param_group)
+        check_group_keys(param_group, [*self.defaults, "rank"], index)
+        check_param_tensors(tensors, index)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
         try:
             self._check_group(group, index)
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+        self._origin.update({id(param): (index, position) for position, param in enumerate(tensors)})
 
     def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
         """Normalize a user's group before the defaults are filled in (Fira renames ``scale``)."""
@@ -221,7 +261,9 @@ class GaLoreAdamW(Optimizer):
         check_implementation_options(
             fused=group["fused"], foreach=group["foreach"], devices=[p.device for p in group["params"]], where=where
         )
+        check_nonfinite_policy(group["nonfinite"], where)
         self._check_method_options(group, where)
+        self._check_step_tensors(group, index, group["params"])
         if "rank" not in group:
             return
         check_projection_group(group, index)
@@ -237,6 +279,28 @@ class GaLoreAdamW(Optimizer):
     def _check_method_options(self, group: dict[str, Any], where: str) -> None:
         """The options of this optimizer's update rule (GaLore: ``scale``)."""
         check_finite_number("scale", group["scale"], where)
+
+    def _check_step_tensors(self, group: dict[str, Any], index: int, params: list[Tensor]) -> None:
+        """Checks of the tensors themselves that must pass before a step updates anything (run at
+        construction and again before every step, since a model can change dtype or device after the
+        optimizer is built). Subclasses add their kernels' requirements."""
+
+    def _check_step(self, group: dict[str, Any], index: int) -> None:
+        """Everything that can make a step of ``group`` raise, checked before any group is stepped."""
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        for position, param in enumerate(group["params"]):
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            if param.is_meta or param.grad.is_meta:
+                raise RuntimeError(
+                    f"{type(self).__name__}: param {position} of param group {index} (shape {tuple(param.shape)}) "
+                    "is on the meta device and has no data to update. Materialize the model first (e.g. "
+                    "module.to_empty(device=...) and initialize it), then step."
+                )
+        check_param_tensors(with_grad, index)
+        self._check_step_tensors(group, index, with_grad)
 
     @staticmethod
     def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
@@ -285,19 +349,56 @@ class GaLoreAdamW(Optimizer):
             return DCTSelection(side, state.get(DCT_INDICES_LEFT), state.get(DCT_INDICES_RIGHT))
         return Subspace(side, state.get(BASIS_LEFT), state.get(BASIS_RIGHT))
 
-    def _warn_nonfinite_once(self) -> None:
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(_NONFINITE_REFRESH.format(name=type(self).__name__), RuntimeWarning, stacklevel=5)
+    def _where(self, param: Tensor) -> tuple[int, int]:
+        """``(param group index, position)`` of ``param`` as the user built the groups (also while
+        :class:`~lowrank_optim.train.PerLayerUpdates` steps it through a one-parameter group)."""
+        if id(param) in self._origin:
+            return self._origin[id(param)]
+        for index, group in enumerate(self.param_groups):
+            for position, other in enumerate(group["params"]):
+                if other is param:
+                    return index, position
+        return -1, -1
+
+    def _warn_nonfinite(self, subject: str, step: int, outcome: str) -> None:
+        """The warning for a refresh that met a NaN/Inf gradient (once per optimizer): which tensor
+        (``subject``), at which optimizer step, and what was done (:data:`NONFINITE_REFRESH_OUTCOMES`)."""
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        message = _NONFINITE_REFRESH.format(
+            name=type(self).__name__, subject=subject, step=step, outcome=NONFINITE_REFRESH_OUTCOMES[outcome]
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=7)
+
+    def _nonfinite_refresh_callback(self, batch: _Batch) -> Callable[[int, int, str], None]:
+        """What the functional step calls when a refresh meets a NaN/Inf gradient."""
+
+        def report(index: int, step: int, outcome: str) -> None:
+            param = batch.params[index]
+            group, position = self._where(param)
+            self._warn_nonfinite(f"param {position} in param group {group} (shape {tuple(param.shape)})", step + 1, outcome)
+
+        return report
+
+    def skipped_updates(self) -> dict[tuple[int, int], int]:
+        """How many updates were skipped for a non-finite gradient (``nonfinite="skip"``), per
+        ``(param group index, position in the group)``, for the parameters with at least one; counted
+        since this optimizer was built (not part of ``state_dict()``). Reads each counter from its
+        device: call it when you log, not every step."""
+        counts = {}
+        for param, count in self._skip_counts.items():
+            value = int(count.item())
+            if value:
+                counts[self._where(param)] = value
+        return counts
 
     def _collect(self, group: dict[str, Any]) -> _Batch | None:
         """The group's parameters that have a gradient, with their state (initialized on first use)."""
-        batch = _Batch([], [], [], [], [], [], [])
+        batch = _Batch([], [], [], [], [], [], [], [])
         for param in group["params"]:
             if param.grad is None:
                 continue
-            if param.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
             state = self.state[param]
             if not state:
                 self._init_state(group, param, state)
@@ -308,9 +409,13 @@ class GaLoreAdamW(Optimizer):
             batch.steps.append(state[STEP])
             batch.projections.append(self._projection(group, param, state))
             batch.states.append(state)
+            count = self._skip_counts.get(param)
+            if count is None or count.device != param.device:
+                count = self._skip_counts[param] = torch.zeros((), dtype=torch.int64, device=param.device)
+            batch.skip_counts.append(count)
         return batch if batch.params else None
 
-    def _step_group(self, group: dict[str, Any], batch: _Batch) -> None:
+    def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
         beta1, beta2 = group["betas"]
         galore_adamw(
             batch.params,
@@ -329,18 +434,28 @@ class GaLoreAdamW(Optimizer):
             scale=group["scale"],
             scoring=group["scoring"],
             moment_policy=group["moment_policy"],
+            nonfinite=group["nonfinite"],
             foreach=group["foreach"],
             fused=group["fused"],
-            on_nonfinite_refresh=self._warn_nonfinite_once,
+            on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
+            skip_counts=batch.skip_counts,
+            found_inf=found_inf,
         )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        Every group is checked before any is stepped, so a step that raises changes nothing.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self.layout.check_group(self, group)
+            self._check_step(group, index)
+        self.layout.begin_step(self)
         for group in self.param_groups:
             self.layout.step_group(self, group)
         return loss
@@ -378,25 +493,41 @@ def galore_adamw(
     scale: float,
     scoring: str = "auto",
     moment_policy: str = "keep",
+    nonfinite: str = "skip",
     foreach: bool | None = None,
     fused: bool | None = None,
-    on_nonfinite_refresh: Callable[[], None] | None = None,
+    on_nonfinite_refresh: Callable[[int, int, str], None] | None = None,
+    skip_counts: list[Tensor] | None = None,
+    found_inf: Tensor | None = None,
     fira: FiraTerm | None = None,
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
 
     ``subspaces[i]`` is ``None`` for a full-rank parameter, the SVD bases of its projection
     (:class:`Subspace`) or its DCT selection (:class:`DCTSelection`, scored with ``scoring``); either is
-    refreshed in place at refresh steps. ``on_nonfinite_refresh`` is called when a refresh meets a
-    NaN/Inf gradient (the previous projection is kept). ``fira`` adds Fira's residual term
+    refreshed in place at refresh steps. ``fira`` adds Fira's residual term
     (:func:`lowrank_optim.optim.fira_adamw` is the entry point for that).
+
+    Non-finite gradients (``nonfinite``, see :data:`NONFINITE_POLICIES`): with ``"skip"`` a parameter whose
+    (projected) gradient holds a NaN/Inf is not updated and keeps its state, decided on the device between
+    refreshes (no host sync; its step counter still advances) and on the host at a refresh (which syncs
+    anyway; the counter then stays, so the refresh is retried at the next step); ``skip_counts[i]`` (0-dim
+    int64 tensors) count the skipped updates. ``"propagate"`` applies the update as ``torch.optim.AdamW``
+    would. A refresh never builds a projector from a non-finite gradient: it keeps the previous one (or,
+    before the first exists, defers the update). ``on_nonfinite_refresh(i, step, outcome)`` is told of
+    each such refresh, ``outcome`` one of :data:`NONFINITE_REFRESH_OUTCOMES`. ``found_inf`` (a 0-dim bool
+    tensor on the parameters' device, like torch's fused Adam's) skips every update where set, whatever
+    ``nonfinite`` says: a decision made outside, e.g. over all ranks.
 
     ``fused`` (compiled kernels, see :class:`GaLoreAdamW`) and ``foreach`` are resolved here, once per
     call: ``fused=None`` means fused when kernels loaded for every parameter's device and ``foreach`` is
-    not ``True``; a fused step runs the single-tensor loop with the kernels.
+    not ``True``; a fused step runs the single-tensor loop with the kernels (a kernel that does not take
+    a parameter's dtypes, e.g. Fira's residual for fp16, runs the reference arithmetic for it).
     """
     if fused and foreach:
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Must be one of {', '.join(NONFINITE_POLICIES)}.")
     if fused is None:
         fused = not foreach and bool(params) and all(kernels_available(p.device) for p in params)
     if foreach is None:
@@ -419,7 +550,10 @@ def galore_adamw(
         scale=scale,
         scoring=scoring,
         moment_policy=moment_policy,
-        on_nonfinite_refresh=on_nonfinite_refresh or (lambda: None),
+        skip_nonfinite=nonfinite == "skip",
+        on_nonfinite_refresh=on_nonfinite_refresh or (lambda index, step, outcome: None),
+        skip_counts=skip_counts,
+        found_inf=found_inf,
         fira=fira,
         kernels=_FUSED if fused else _REFERENCE,
     )
@@ -432,22 +566,58 @@ def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: b
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
+def nonfinite_flag(lowrank: Tensor) -> Tensor:
+    """A 0-dim bool tensor on ``lowrank``'s device: whether it holds a NaN or an Inf. No host sync.
+
+    Read off the sum, accumulated in at least fp32: one reduction pass and no temporary the size of the
+    input. A NaN or an Inf entry makes the sum NaN or infinite; a sum of finite entries overflows only
+    when they average about 3e38 / numel, far beyond any usable gradient. For a projected parameter
+    ``lowrank`` is ``R = project(G)``: IEEE arithmetic carries a NaN/Inf of ``G`` into ``R`` (Inf·0 is
+    NaN), so checking the ``r``-sized ``R`` checks ``G``.
+    """
+    return torch.isfinite(lowrank.sum(dtype=torch.promote_types(lowrank.dtype, torch.float32))).logical_not_()
+
+
+def _decay_(param: Tensor, lr: float, weight_decay: float, skip: Tensor | None) -> None:
+    """``W -= lr · weight_decay · W``, not applied where ``skip`` (0-dim bool) is set.
+
+    The masked form multiplies by a 0-dim fp64 coefficient (``0`` or ``-lr · wd``) built on the device
+    from the flag: ``addcmul_`` with it rounds exactly as ``add_(W, alpha=-lr · wd)`` does (ATen fuses
+    both into ``fma(W, c, W)``; tests check the bits).
+    """
+    if skip is None:
+        param.add_(param, alpha=-lr * weight_decay)
+    else:
+        param.addcmul_(param, skip.logical_not().to(torch.float64).mul_(-lr * weight_decay))
+
+
 def _moments_reference(
-    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float
+    lowrank: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    skip: Tensor | None,
 ) -> Tensor:
-    """Update ``M``, ``V`` in place and return ``N = M / (sqrt(V) + eps)`` (a new tensor), op by op."""
-    exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
-    # N is written into the denominator's buffer to save a temporary.
-    normalized = exp_avg_sq.sqrt().add_(eps)
-    return torch.div(exp_avg, normalized, out=normalized)
+    """Update ``M``, ``V`` in place and return ``N = M / (sqrt(V) + eps)`` (a new tensor), op by op: the
+    default kernel of :func:`lowrank_optim.ops.lowrank_adam_` (skipped: ``M``, ``V`` kept, ``N`` zero)."""
+    normalized = torch.empty_like(exp_avg)
+    _adam_default(lowrank, exp_avg, exp_avg_sq, normalized, beta1, beta2, eps, skip)
+    return normalized
 
 
 def _moments_fused(
-    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float
+    lowrank: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    skip: Tensor | None,
 ) -> Tensor:
     """:func:`_moments_reference` in one pass (:func:`lowrank_optim.ops.lowrank_adam_`)."""
-    return lowrank_adam_(lowrank, exp_avg, exp_avg_sq, torch.empty_like(exp_avg), beta1, beta2, eps)
+    return lowrank_adam_(lowrank, exp_avg, exp_avg_sq, torch.empty_like(exp_avg), beta1, beta2, eps, skip)
 
 
 def _fira_residual_reference(
@@ -458,9 +628,10 @@ def _fira_residual_reference(
     residual_norm: Tensor,
     fira: FiraTerm,
     first: bool,
+    skip: Tensor | None,
 ) -> Tensor:
     """``residual_scale · limited((G - subtract · back(R)) · phi)``, a new ``m x n`` tensor; the limiter's
-    state ``residual_norm`` is updated in place."""
+    state ``residual_norm`` is updated in place (skipped: zero, state kept)."""
     difference = add_project_back_(grad.clone(), lowrank, subspace, alpha=-fira.subtract)
     return scale_and_limit_residual_(
         difference,
@@ -471,6 +642,7 @@ def _fira_residual_reference(
         gamma=fira.gamma,
         first=first,
         scale=fira.residual_scale,
+        skip=skip,
     )
 
 
@@ -482,11 +654,14 @@ def _fira_residual_fused(
     residual_norm: Tensor,
     fira: FiraTerm,
     first: bool,
+    skip: Tensor | None,
 ) -> Tensor:
     """:func:`_fira_residual_reference` with everything after ``back(R)`` in one op
-    (:func:`lowrank_optim.ops.fira_residual_`), which overwrites the fresh ``back(R)``."""
-    if lowrank.dtype not in (grad.dtype, torch.float32):  # e.g. fp64 moments of fp32 weights: not an op dtype
-        return _fira_residual_reference(grad, lowrank, normalized, subspace, residual_norm, fira, first)
+    (:func:`lowrank_optim.ops.fira_residual_`), which overwrites the fresh ``back(R)``. Dtypes the op does
+    not take (fp16 weights, fp64 moments of fp32 weights) run the reference; ``fused=True`` refuses them
+    before the first step (:meth:`FiraAdamW._check_step_tensors`)."""
+    if not fira_residual_accepts(grad.dtype, lowrank.dtype):
+        return _fira_residual_reference(grad, lowrank, normalized, subspace, residual_norm, fira, first, skip)
     back = project_back(lowrank.to(grad.dtype), subspace)
     return fira_residual_(
         grad,
@@ -499,6 +674,7 @@ def _fira_residual_fused(
         gamma=fira.gamma,
         first=first,
         scale=fira.residual_scale,
+        skip=skip,
     )
 
 
@@ -518,8 +694,8 @@ def _select_dct_indices_fused(grad: Tensor, rank: int, side: Side, scoring: str)
 class _Kernels(NamedTuple):
     """The functions a step computes with: compiled ops or the reference arithmetic, chosen once per call."""
 
-    moments: Callable[[Tensor, Tensor, Tensor, float, float, float], Tensor]
-    fira_residual: Callable[[Tensor, Tensor, Tensor, Subspace, Tensor, FiraTerm, bool], Tensor]
+    moments: Callable[[Tensor, Tensor, Tensor, float, float, float, "Tensor | None"], Tensor]
+    fira_residual: Callable[[Tensor, Tensor, Tensor, Subspace, Tensor, FiraTerm, bool, "Tensor | None"], Tensor]
     select_dct: Callable[[Tensor, int, Side, str], Tensor]
 
 
@@ -551,20 +727,26 @@ def _project_gradient(
     update_proj_gap: int,
     scoring: str,
     moment_policy: str,
-    on_nonfinite_refresh: Callable[[], None],
+    skip_nonfinite: bool,
+    on_nonfinite_refresh: Callable[[int, int, str], None],
+    index: int,
     kernels: _Kernels,
 ) -> tuple[Tensor, Subspace | None] | None:
     """Refresh the projection when due, then return ``R`` in the moments' dtype and the subspace to
-    project back with (``None``: skip this param, it has no projection yet)."""
+    project back with (``None``: skip this param now, its counter stays: a refresh met a NaN/Inf)."""
     if projection is None:
         return (grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)), None
     if step % update_proj_gap == 0:
         # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
         carried = (exp_avg, exp_avg_sq) if step > 0 and moment_policy == "keep" else ()
         if not _refresh(grad, projection, scoring, carried, kernels.select_dct):
-            on_nonfinite_refresh()
             if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
+                on_nonfinite_refresh(index, step, "deferred")
                 return None
+            if skip_nonfinite:
+                on_nonfinite_refresh(index, step, "skipped")
+                return None
+            on_nonfinite_refresh(index, step, "applied")
         elif step > 0 and moment_policy == "reset":
             exp_avg.zero_()
             exp_avg_sq.zero_()
@@ -587,19 +769,34 @@ def _apply_update(
     fira: FiraTerm | None,
     residual_norm: Tensor | None,
     first: bool,
+    skip: Tensor | None,
     kernels: _Kernels,
 ) -> None:
     """``W -= step_size · update`` for one parameter: ``N``, ``scale · back(N)``, or with Fira
-    ``scale · back(N) + residual_scale · limited(S)``. The one place both implementations update."""
+    ``scale · back(N) + residual_scale · limited(S)``. The one place both implementations update. A
+    skipped update has ``N = 0`` and no residual, so ``W`` is left as it is."""
     if subspace is None:
         param.add_(normalized, alpha=-step_size)
     elif fira is None:
         add_project_back_(param, normalized, subspace, alpha=-step_size * scale)
     else:
-        residual = kernels.fira_residual(grad, lowrank, normalized, subspace, residual_norm, fira, first)
+        residual = kernels.fira_residual(grad, lowrank, normalized, subspace, residual_norm, fira, first, skip)
         # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
         update = add_project_back_(residual, normalized, subspace, alpha=scale)
         param.add_(update, alpha=-step_size)
+
+
+def _skip_flag(lowrank: Tensor, skip_nonfinite: bool, found_inf: Tensor | None) -> Tensor | None:
+    """The 0-dim bool "do not update" flag of one parameter (``None``: never skipped)."""
+    if not skip_nonfinite:
+        return found_inf
+    flag = nonfinite_flag(lowrank)
+    return flag if found_inf is None else flag.logical_or_(found_inf)
+
+
+def _count_skip(skip_counts: list[Tensor] | None, index: int, skip: Tensor | int | None) -> None:
+    if skip_counts is not None and skip is not None:
+        skip_counts[index].add_(skip)
 
 
 def _single_tensor_galore_adamw(
@@ -620,7 +817,10 @@ def _single_tensor_galore_adamw(
     scale: float,
     scoring: str,
     moment_policy: str,
-    on_nonfinite_refresh: Callable[[], None],
+    skip_nonfinite: bool,
+    on_nonfinite_refresh: Callable[[int, int, str], None],
+    skip_counts: list[Tensor] | None,
+    found_inf: Tensor | None,
     fira: FiraTerm | None,
     kernels: _Kernels,
 ) -> None:
@@ -637,14 +837,19 @@ def _single_tensor_galore_adamw(
             update_proj_gap=update_proj_gap,
             scoring=scoring,
             moment_policy=moment_policy,
+            skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
+            index=index,
             kernels=kernels,
         )
         if projected is None:
+            _count_skip(skip_counts, index, 1)
             continue
         lowrank, subspace = projected
+        skip = _skip_flag(lowrank, skip_nonfinite, found_inf)
+        _count_skip(skip_counts, index, skip)
         step_t += 1
-        normalized = kernels.moments(lowrank, exp_avg, exp_avg_sq, beta1, beta2, eps)
+        normalized = kernels.moments(lowrank, exp_avg, exp_avg_sq, beta1, beta2, eps, skip)
         _apply_update(
             param,
             grad,
@@ -656,10 +861,11 @@ def _single_tensor_galore_adamw(
             fira=fira,
             residual_norm=None if fira is None else fira.residual_norms[index],
             first=step == 0,
+            skip=skip,
             kernels=kernels,
         )
         if weight_decay > 0.0:
-            param.add_(param, alpha=-lr * weight_decay)
+            _decay_(param, lr, weight_decay, skip)
 
 
 def _multi_tensor_galore_adamw(
@@ -680,7 +886,10 @@ def _multi_tensor_galore_adamw(
     scale: float,
     scoring: str,
     moment_policy: str,
-    on_nonfinite_refresh: Callable[[], None],
+    skip_nonfinite: bool,
+    on_nonfinite_refresh: Callable[[int, int, str], None],
+    skip_counts: list[Tensor] | None,
+    found_inf: Tensor | None,
     fira: FiraTerm | None,
     kernels: _Kernels,
 ) -> None:
@@ -688,7 +897,8 @@ def _multi_tensor_galore_adamw(
 
     Projection and back-projection stay per parameter (they are matmuls); the moment update and the
     normalization run once over all the (low-rank) moments of the group (``kernels.moments`` is unused:
-    ``foreach`` is never fused).
+    ``foreach`` is never fused). Skipping non-finite updates computes the new moments into temporaries
+    and keeps them per tensor where the flag is not set.
     """
     active: list[int] = []
     lowranks: list[Tensor] = []
@@ -705,10 +915,14 @@ def _multi_tensor_galore_adamw(
             update_proj_gap=update_proj_gap,
             scoring=scoring,
             moment_policy=moment_policy,
+            skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
+            index=index,
             kernels=kernels,
         )
-        if projected is not None:
+        if projected is None:
+            _count_skip(skip_counts, index, 1)
+        else:
             active.append(index)
             lowranks.append(projected[0])
             used_subspaces.append(projected[1])
@@ -716,16 +930,33 @@ def _multi_tensor_galore_adamw(
         return
     exp_avgs = [exp_avgs[i] for i in active]
     exp_avg_sqs = [exp_avg_sqs[i] for i in active]
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, lowranks, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
+    skips = [_skip_flag(lowrank, skip_nonfinite, found_inf) for lowrank in lowranks]
+    for index, skip in zip(active, skips):
+        _count_skip(skip_counts, index, skip)
+    if skips[0] is not None:
+        new_avgs = torch._foreach_mul(exp_avgs, beta1)
+        torch._foreach_add_(new_avgs, lowranks, alpha=1.0 - beta1)
+        new_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(new_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
+        for moments, updates in ((exp_avgs, new_avgs), (exp_avg_sqs, new_avg_sqs)):
+            for moment, update, skip in zip(moments, updates, skips):
+                torch.where(skip, moment, update, out=update)
+            torch._foreach_copy_(moments, updates)
+        del new_avgs, new_avg_sqs
+    else:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, lowranks, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denominators, eps)
     for position, (index, exp_avg, update) in enumerate(zip(active, exp_avgs, denominators)):
         # Divide per tensor into the denominator's buffer: no second list of temporaries, and the
         # same rounding as the single-tensor path.
         torch.div(exp_avg, update, out=update)
+        skip = skips[position]
+        if skip is not None:
+            update.masked_fill_(skip, 0.0)
         step_t = state_steps[index]
         step_t += 1
         step = int(step_t.item())
@@ -740,8 +971,13 @@ def _multi_tensor_galore_adamw(
             fira=fira,
             residual_norm=None if fira is None else fira.residual_norms[index],
             first=step == 1,
+            skip=skip,
             kernels=kernels,
         )
     if weight_decay > 0.0:
         decayed = [params[i] for i in active]
-        torch._foreach_add_(decayed, decayed, alpha=-lr * weight_decay)
+        if skips[0] is not None:
+            for param, skip in zip(decayed, skips):
+                _decay_(param, lr, weight_decay, skip)
+        else:
+            torch._foreach_add_(decayed, decayed, alpha=-lr * weight_decay)

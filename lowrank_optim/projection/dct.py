@@ -75,6 +75,8 @@ def dct_matrix(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     values (the reference builds it in fp32, which is only 1e-6-accurate). Shared by every caller:
     treat it as read-only.
     """
+    if size == 0:  # a zero-size matrix's (empty) basis
+        return torch.zeros(0, 0, device=device, dtype=dtype)
     k = torch.arange(size, dtype=torch.float64)[:, None]
     j = torch.arange(size, dtype=torch.float64)[None, :]
     q = torch.cos(math.pi * k * (2 * j + 1) / (2 * size)) * math.sqrt(2.0 / size)
