@@ -359,3 +359,62 @@ def test_fira_recovers_at_once_after_an_all_zero_gradient(implementation: dict[s
         optimizer.step()
         updates.append(float((weight.detach() - before).norm()))
     assert updates[0] > 0.5 * updates[1]
+
+
+# --- under DeepSpeed's flat partitions (fragment layout, ranks in threads) ------------------------------
+
+
+@pytest.mark.parametrize("name", ["galore", "fira", "dct"])
+def test_a_bad_gradient_on_one_rank_skips_the_step_on_every_rank(name: str) -> None:
+    """Matrices are cut between ranks, so the decision is one shared flag: a NaN in rank 1's piece leaves
+    every rank's partition and state as it was, and the next finite step proceeds on all of them."""
+    from test_distributed_fragments import _FakeComm, _FakeGroup, _flatten12, _run_ranks, _zero12_layout
+
+    from lowrank_optim.distributed.fragment import FragmentLayout
+
+    shapes, world = [(12, 8), (8, 12)], 2
+    order, offsets, total, size, plans = _zero12_layout(shapes, world, round_robin=False, alignment=4)
+    weights = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+    full = _flatten12(weights, order, offsets, total)
+    flats = [full[k * size : (k + 1) * size].clone() for k in range(world)]
+    group = _FakeGroup(world)
+    optimizers = []
+    for rank in range(world):
+        optimizer = OPTIMIZERS[name]([{"params": [w.clone() for w in weights], "rank": 3, "update_proj_gap": GAP}])
+        optimizer.param_groups[0]["params"] = [flats[rank]]
+        layout = FragmentLayout()
+        layout.add_partition(flats[rank], plans[rank], _FakeComm(group, rank), group_index=0, shard_moments=False)
+        layout.attach(optimizer)
+        optimizers.append(optimizer)
+    grads = [
+        _flatten12([torch.randn(shape, generator=torch.Generator().manual_seed(10 + 3 * s + i)) for i, shape in enumerate(shapes)], order, offsets, total)
+        for s in range(4)
+    ]
+    grads[2][size + 5] = float("nan")  # step 3 (no refresh): in rank 1's piece only
+    snapshots: list = [None, None]
+
+    def body(rank: int) -> None:
+        for step in range(4):
+            if step == 2:
+                snapshots[rank] = (flats[rank].clone(), _nested_clone(optimizers[rank].state[flats[rank]]))
+            flats[rank].grad = grads[step][rank * size : (rank + 1) * size].clone()
+            optimizers[rank].step()
+            if step == 2:
+                assert torch.equal(flats[rank], snapshots[rank][0]), f"rank {rank} updated its piece"
+                _assert_nested_equal(snapshots[rank][1], optimizers[rank].state[flats[rank]])
+
+    _run_ranks(world, body)
+    assert all(torch.isfinite(flat).all() for flat in flats)
+    assert [optimizer.skipped_updates() for optimizer in optimizers] == [{(0, 0): 1}] * 2
+
+
+def _nested_clone(state: dict) -> dict:
+    return {k: _nested_clone(v) if isinstance(v, dict) else v.clone() for k, v in state.items() if k != "step"}
+
+
+def _assert_nested_equal(before: dict, after: dict) -> None:
+    for key, value in before.items():
+        if isinstance(value, dict):
+            _assert_nested_equal(value, after[key])
+        else:
+            assert torch.equal(value, after[key]), key
