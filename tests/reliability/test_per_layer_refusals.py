@@ -45,14 +45,17 @@ DEEPSPEED = {
 }
 
 
-def _results(completed: subprocess.CompletedProcess, what: str) -> dict[tuple[str, int], dict]:
-    if completed.returncode != 0:
-        raise AssertionError(f"{what} failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
+def _results(completed: subprocess.CompletedProcess, what: str, expected: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
     results = {}
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
             outcome = json.loads(line[len("RESULT ") :])
             results[outcome["case"], outcome["rank"]] = outcome
+    if completed.returncode != 0 or set(results) != expected:
+        raise AssertionError(
+            f"{what} failed (rc {completed.returncode}, missing {sorted(expected - set(results))}):\n"
+            f"{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+        )
     return results
 
 
@@ -63,6 +66,11 @@ def launches() -> dict[tuple[str, int], dict]:
     commands = {
         "torchrun (2 ranks)": [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER), "ranks"],
         "single process": [sys.executable, str(WORKER), "single"],
+    }
+    one_rank = ["world_size_1", *ONE_RANK, *(DEEPSPEED if importlib.util.find_spec("deepspeed") else ())]
+    expected = {
+        "torchrun (2 ranks)": {(case, rank) for case in [*TWO_RANKS, "ddp_normal_step"] for rank in (0, 1)},
+        "single process": {(case, 0) for case in one_rank},
     }
     running = {
         what: subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -75,7 +83,8 @@ def launches() -> dict[tuple[str, int], dict]:
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
-        results.update(_results(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), what))
+        completed = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        results.update(_results(completed, what, expected[what]))
     return results
 
 

@@ -80,7 +80,10 @@ def attempt(case: str, body: Callable[[], dict[str, Any]]) -> None:
         outcome = {"error": None, **body()}
     except Exception as error:  # noqa: BLE001 - every refusal (and every unexpected error) is reported
         outcome = {"error": f"{type(error).__name__}: {error}"}
-    print("RESULT " + json.dumps({"case": case, "rank": rank, **outcome}), flush=True)
+    # One write per line: the ranks share torchrun's stdout, and print() writes the newline separately,
+    # so two ranks' lines could run together.
+    sys.stdout.write("RESULT " + json.dumps({"case": case, "rank": rank, **outcome}) + "\n")
+    sys.stdout.flush()
 
 
 # --- 2 ranks ---------------------------------------------------------------------------------------------

@@ -73,7 +73,10 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 - the refusal is the case's result
             outcome = {"error": f"{type(error).__name__}: {error}"}
         outcome["seconds"] = round(time.perf_counter() - start, 2)
-        print("RESULT " + json.dumps({"case": case, "rank": rank, **outcome}), flush=True)
+        # One write per line: the ranks share torchrun's stdout, and print() writes the newline separately,
+        # so two ranks' lines could run together.
+        sys.stdout.write("RESULT " + json.dumps({"case": case, "rank": rank, **outcome}) + "\n")
+        sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
 
