@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._library import LIBRARY, check_skip, qualified_name
 
-__all__ = ["lowrank_adam_"]
+__all__ = ["lowrank_adam_", "update_moments_"]
 
 LIBRARY.define(
     "lowrank_adam_(Tensor lowrank, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) normalized, "
@@ -51,6 +51,24 @@ def _check_adam_args(
         raise TypeError(f"{op_name}: lowrank.dtype={lowrank.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
 
 
+def update_moments_(
+    lowrank: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, skip: Tensor | None = None
+) -> None:
+    """``M = b1 M + (1 - b1) R``, ``V = b2 V + (1 - b2) R²`` in place, op by op: the reference's arithmetic.
+
+    With ``skip`` the same ops run out of place (the same rounding) and the result is kept only where the
+    flag is not set, one moment at a time: one moment-sized temporary, and no host read of the flag.
+    """
+    if skip is None:
+        exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
+        return
+    update = exp_avg.mul(beta1).add_(lowrank, alpha=1.0 - beta1)
+    exp_avg.copy_(torch.where(skip, exp_avg, update, out=update))
+    update = exp_avg_sq.mul(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
+    exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, update, out=update))
+
+
 def _adam_default(
     lowrank: Tensor,
     exp_avg: Tensor,
@@ -62,16 +80,7 @@ def _adam_default(
     skip: Tensor | None = None,
 ) -> None:
     _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized, skip)
-    if skip is None:
-        exp_avg.mul_(beta1).add_(lowrank, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)
-    else:
-        # The same ops out of place (the same rounding), kept only where the update is not skipped.
-        for moment, update in (
-            (exp_avg, exp_avg.mul(beta1).add_(lowrank, alpha=1.0 - beta1)),
-            (exp_avg_sq, exp_avg_sq.mul(beta2).addcmul_(lowrank, lowrank, value=1.0 - beta2)),
-        ):
-            moment.copy_(torch.where(skip, moment, update, out=update))
+    update_moments_(lowrank, exp_avg, exp_avg_sq, beta1, beta2, skip)
     torch.sqrt(exp_avg_sq, out=normalized).add_(eps)
     torch.div(exp_avg, normalized, out=normalized)
     if skip is not None:

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops import dct_topk, fira_residual_, kernels_available, lowrank_adam_
-from ..ops.adam import _adam_default
+from ..ops.adam import _adam_default, update_moments_
 from ..ops.fira import fira_residual_accepts
 from ..projection import (
     DCTSelection,
@@ -897,8 +897,8 @@ def _multi_tensor_galore_adamw(
 
     Projection and back-projection stay per parameter (they are matmuls); the moment update and the
     normalization run once over all the (low-rank) moments of the group (``kernels.moments`` is unused:
-    ``foreach`` is never fused). Skipping non-finite updates computes the new moments into temporaries
-    and keeps them per tensor where the flag is not set.
+    ``foreach`` is never fused). With a skip flag the moment update runs per tensor (masked, see
+    :func:`lowrank_optim.ops.adam.update_moments_`); the normalization stays batched.
     """
     active: list[int] = []
     lowranks: list[Tensor] = []
@@ -934,15 +934,9 @@ def _multi_tensor_galore_adamw(
     for index, skip in zip(active, skips):
         _count_skip(skip_counts, index, skip)
     if skips[0] is not None:
-        new_avgs = torch._foreach_mul(exp_avgs, beta1)
-        torch._foreach_add_(new_avgs, lowranks, alpha=1.0 - beta1)
-        new_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(new_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
-        for moments, updates in ((exp_avgs, new_avgs), (exp_avg_sqs, new_avg_sqs)):
-            for moment, update, skip in zip(moments, updates, skips):
-                torch.where(skip, moment, update, out=update)
-            torch._foreach_copy_(moments, updates)
-        del new_avgs, new_avg_sqs
+        # Per tensor: batching the masked update would hold new moments for the whole group at once.
+        for lowrank, exp_avg, exp_avg_sq, skip in zip(lowranks, exp_avgs, exp_avg_sqs, skips):
+            update_moments_(lowrank, exp_avg, exp_avg_sq, beta1, beta2, skip)
     else:
         torch._foreach_mul_(exp_avgs, beta1)
         torch._foreach_add_(exp_avgs, lowranks, alpha=1.0 - beta1)
