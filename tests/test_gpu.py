@@ -54,3 +54,52 @@ def test_cuda_step_matches_cpu_step() -> None:
         results.append(weight.detach().cpu())
     # Different SVD and matmul kernels: equal to fp32 rounding, not bitwise.
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("name", ["galore", "fira", "dct"])
+def test_nonfinite_skip_between_refreshes_never_syncs(name: str, fused: bool | None) -> None:
+    """The skip decision stays on the device: a NaN at a non-refresh step under sync-debug "error"."""
+    from lowrank_optim import DCTAdamW, FiraAdamW
+
+    optimizer_class = {"galore": GaLoreAdamW, "fira": FiraAdamW, "dct": DCTAdamW}[name]
+    weight = nn.Parameter(torch.randn(64, 32, device="cuda"))
+    bias = nn.Parameter(torch.randn(64, device="cuda"))
+    optimizer = optimizer_class(
+        [{"params": [bias]}, {"params": [weight], "rank": 8, "update_proj_gap": 100}], lr=0.01, fused=fused
+    )
+    for _ in range(2):
+        weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
+        optimizer.step()
+    before = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+    weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
+    weight.grad[3, 3] = float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(weight, before[0])
+    for key, value in before[1].items():
+        if key != "step":
+            assert torch.equal(optimizer.state[weight][key], value), key
+    assert optimizer.skipped_updates() == {(1, 0): 1}
+
+
+@pytest.mark.parametrize("bad", [4096, -1, 2**40])
+def test_cuda_sparse_ops_raise_on_out_of_range_indices(bad: int) -> None:
+    from lowrank_optim.ops import kernels_available
+
+    if not kernels_available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    dense = torch.zeros(64, 64, device="cuda")
+    indices = torch.tensor([1, 2, bad], device="cuda")
+    with pytest.raises(IndexError, match=f"flat_indices\\[2\\]={bad} is out of range"):
+        torch.ops.lowrank_optim.sparse_scatter_add_(dense, indices, torch.ones(3, device="cuda"), 1.0)
+    with pytest.raises(IndexError, match=f"flat_indices\\[2\\]={bad} is out of range"):
+        torch.ops.lowrank_optim.sparse_gather(dense, indices)
+    assert not dense.any()
+    repeated = torch.tensor([5, 5, 3], device="cuda")
+    torch.ops.lowrank_optim.sparse_scatter_add_(dense, repeated, torch.ones(3, device="cuda"), 1.0)
+    assert dense.view(-1)[5].item() == 2.0 and dense.view(-1)[3].item() == 1.0
