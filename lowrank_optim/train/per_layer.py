@@ -145,11 +145,14 @@ class PerLayerUpdates:
         # The parameters stepped by the hooks during the current ``backward(step=True)``; None outside one.
         self._stepped: set[Tensor] | None = None
         self._handles: list[RemovableHandle] = []
+        # Each parameter's group as the optimizer holds it *now*: load_state_dict() replaces the group
+        # dicts (a resumed run's scheduler then sets the lr in the new ones) and add_param_group() adds
+        # parameters, so the map is rebuilt at every backward (_sync).
         self._group_of: dict[Tensor, dict[str, Any]] = {}
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                self._group_of[param] = group
-                self._handles.append(param.register_post_accumulate_grad_hook(self._hook))
+        # Every parameter ever hooked, in order: the data-parallel checks look at these too, since a
+        # wrapper (DeepSpeed) may have replaced the optimizer's parameters by its own flat partitions.
+        self._hooked: list[Tensor] = []
+        self._sync()
 
     def backward(self, loss: Tensor, *, step: bool = True) -> None:
         """``loss.backward()``; with ``step=True`` (the last micro-batch of an update) also update every
@@ -162,8 +165,9 @@ class PerLayerUpdates:
         construction, and after this backward's hooks when a gradient reappeared on a parameter they had
         already stepped (DDP's reducer): the rewritten gradients are not stepped a second time.
         """
-        hooked = list(self._group_of)  # what the hooks step, in the optimizer's order at construction
-        self._refuse_data_parallel(self.optimizer, hooked)
+        self._sync()
+        self._refuse_data_parallel(self.optimizer, self._hooked)
+        hooked = list(self._group_of)  # what the hooks step, in the optimizer's order
         if not step:
             loss.backward()
             return
@@ -187,6 +191,16 @@ class PerLayerUpdates:
             if param.grad is not None:
                 self._step_one(param)
 
+    def _sync(self) -> None:
+        """Map every parameter of the optimizer to its current group, hooking the ones not hooked yet."""
+        group_of = {param: group for group in self.optimizer.param_groups for param in group["params"]}
+        hooked = {id(param) for param in self._hooked}
+        for param in group_of:
+            if id(param) not in hooked and param.requires_grad:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook))
+                self._hooked.append(param)
+        self._group_of = group_of
+
     def remove(self) -> None:
         """Remove the hooks; the optimizer is left as it is."""
         for handle in self._handles:
@@ -200,7 +214,7 @@ class PerLayerUpdates:
             raise ValueError(f"PerLayerUpdates cannot be used here: {reason}. {_DATA_PARALLEL}")
 
     def _hook(self, param: Tensor) -> None:
-        if self._stepped is not None:
+        if self._stepped is not None and param in self._group_of:  # (a parameter no longer in the optimizer)
             self._step_one(param)
             self._stepped.add(param)
 
