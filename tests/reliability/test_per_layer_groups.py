@@ -54,3 +54,35 @@ def test_parameters_of_a_group_added_later_are_stepped() -> None:
     assert all(torch.equal(per_layer[name], value) for name, value in normal.items())
     untouched = _run(False, lambda model, optimizer: None)
     assert not torch.equal(per_layer["2.weight"], untouched["2.weight"])
+
+
+def test_pretrain_with_per_layer_updates_resumes_bit_identically(tmp_path) -> None:
+    """End to end: the resumed half of a per-layer run follows the schedule as the uninterrupted run does
+    (before, it kept the lr of the run's first update)."""
+    import pytest
+
+    from lowrank_optim.data import TokenStream, stdlib_corpus
+    from lowrank_optim.models import LlamaConfig
+    from lowrank_optim.train.methods import load_presets
+    from lowrank_optim.train.pretrain import TrainSettings, pretrain
+
+    config, preset = LlamaConfig.from_name_or_path("test"), load_presets("test")["galore"]
+    stream = TokenStream(stdlib_corpus(100_000), 16)
+    settings = TrainSettings(
+        steps=6, batch_size=2, seq_len=16, eval_batches=1, measure_memory=False, per_layer=True, log_every=1
+    )
+    whole = pretrain(config, preset, stream, settings, log=lambda line: None)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_update_4(line: str) -> None:
+        if "update 4/" in line:  # logged after update 4, i.e. after update 3's checkpoint was written
+            raise Interrupted
+
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(Interrupted):
+        pretrain(config, preset, stream, settings, checkpoint=path, checkpoint_every=3, log=stop_at_update_4)
+    resumed = pretrain(config, preset, stream, settings, checkpoint=path, resume=True, log=lambda line: None)
+    assert resumed["train_curve"] == whole["train_curve"]
+    assert resumed["final_eval_loss"] == whole["final_eval_loss"]
