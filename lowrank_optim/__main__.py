@@ -300,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         # Configuration mistakes (bad sizes, unknown names) read better without a traceback.
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    except OSError as error:
+        # A full disk or a vanished directory at a write (lowrank_optim._io names the path and says the
+        # previous file is intact): the message is what matters, not the traceback.
+        parser.exit(1, f"{parser.prog} {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

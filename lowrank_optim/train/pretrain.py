@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from .._io import atomic_save, check_writable_file
 from ..data import TokenStream
@@ -453,7 +454,9 @@ def pretrain(
         if step % log_every == 0 or step == settings.steps:
             elapsed = time.perf_counter() - start_time
             rate = (step - start_step) * tokens_per_update / elapsed
-            log(f"[{name}] update {step}/{settings.steps}  loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {rate:,.0f} tok/s")
+            skipped = _skipped_updates(optimizer)
+            note = f"  {skipped} parameter update(s) skipped so far (NaN/Inf gradients)" if skipped else ""
+            log(f"[{name}] update {step}/{settings.steps}  loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {rate:,.0f} tok/s{note}")
         if settings.eval_every and step % settings.eval_every == 0 and step != settings.steps:
             history["eval"].append((step, evaluate(model, stream, settings.batch_size, settings.eval_batches)))
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
@@ -483,4 +486,13 @@ def pretrain(
         "train_curve": history["train"],
         "eval_curve": history["eval"],
         "parameters": sum(p.numel() for p in model.parameters()),
+        # Parameter updates the low-rank optimizers skipped for a NaN/Inf gradient, since this process
+        # started (nonfinite="skip"); torch's AdamW does not skip, so always 0 for adamw and sltrain.
+        "skipped_updates": _skipped_updates(optimizer),
     }
+
+
+def _skipped_updates(optimizer: Optimizer) -> int:
+    """How many parameter updates ``optimizer`` skipped for non-finite gradients (0 for torch's optimizers)."""
+    counts = getattr(optimizer, "skipped_updates", None)
+    return sum(counts().values()) if callable(counts) else 0

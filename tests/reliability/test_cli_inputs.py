@@ -292,3 +292,25 @@ def test_json_is_written_atomically(tmp_path: Path, tokens: Path, monkeypatch: p
         _run(PRETRAIN + ["--tokens", str(tokens), "--json", str(result)])
     assert result.read_text() == '{"previous": true}\n'
     assert sorted(path.name for path in tmp_path.iterdir()) == ["result.json", "tokens.npy"]
+
+
+def test_the_command_line_reports_a_full_disk_without_a_traceback(
+    tmp_path: Path, tokens: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lowrank_optim._io as io_module
+    from lowrank_optim.__main__ import main
+
+    result = tmp_path / "result.json"
+    real = io_module._open_temporary
+
+    def open_temporary(directory: Path, target: Path) -> tuple[Path, Any]:
+        path, file = real(directory, target)
+        return (path, _NoSpace(file)) if target.name == "result.json" else (path, file)
+
+    monkeypatch.setattr(io_module, "_open_temporary", open_temporary)
+    with pytest.raises(SystemExit) as exit_info:
+        main(PRETRAIN + ["--tokens", str(tokens), "--json", str(result)])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"lowrank-optim pretrain: error: [Errno 28] no space left on device while writing '{result}'" in error
+    assert "Traceback" not in error

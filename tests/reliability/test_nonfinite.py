@@ -418,3 +418,18 @@ def _assert_nested_equal(before: dict, after: dict) -> None:
             _assert_nested_equal(value, after[key])
         else:
             assert torch.equal(value, after[key]), key
+
+
+def test_pretrain_counts_skipped_updates() -> None:
+    """What the pretraining loop logs and reports as ``skipped_updates``."""
+    from lowrank_optim.train.pretrain import _skipped_updates
+
+    optimizer, weight, bias = _setup("galore", (12, 8))
+    assert _skipped_updates(torch.optim.AdamW([nn.Parameter(torch.randn(3))])) == 0
+    weight.grad, bias.grad = _grads((12, 8), 0)
+    optimizer.step()
+    assert _skipped_updates(optimizer) == 0
+    weight.grad = _poison(_grads((12, 8), 1)[0], float("nan"), (1, 1))
+    bias.grad = _poison(_grads((12, 8), 1)[1], float("inf"), (2,))
+    optimizer.step()
+    assert _skipped_updates(optimizer) == 2 and optimizer.skipped_updates() == {(0, 0): 1, (1, 0): 1}
