@@ -57,7 +57,6 @@ from ..projection import (
 )
 from ._state import StateDtypeKeeper
 from ._validation import (
-    NONFINITE_POLICIES,
     check_adam_hyperparameters,
     check_finite_number,
     check_group_keys,
@@ -287,7 +286,6 @@ class GaLoreAdamW(Optimizer):
 
     def _check_step(self, group: dict[str, Any], index: int) -> None:
         """Everything that can make a step of ``group`` raise, checked before any group is stepped."""
-        with_grad = [p for p in group["params"] if p.grad is not None]
         for position, param in enumerate(group["params"]):
             if param.grad is None:
                 continue
@@ -299,8 +297,8 @@ class GaLoreAdamW(Optimizer):
                     "is on the meta device and has no data to update. Materialize the model first (e.g. "
                     "module.to_empty(device=...) and initialize it), then step."
                 )
-        check_param_tensors(with_grad, index)
-        self._check_step_tensors(group, index, with_grad)
+        check_param_tensors(group["params"], index)
+        self._check_step_tensors(group, index, group["params"])
 
     @staticmethod
     def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
@@ -508,8 +506,8 @@ def galore_adamw(
     refreshed in place at refresh steps. ``fira`` adds Fira's residual term
     (:func:`lowrank_optim.optim.fira_adamw` is the entry point for that).
 
-    Non-finite gradients (``nonfinite``, see :data:`NONFINITE_POLICIES`): with ``"skip"`` a parameter whose
-    (projected) gradient holds a NaN/Inf is not updated and keeps its state, decided on the device between
+    Non-finite gradients (``nonfinite``, one of ``optim._validation.NONFINITE_POLICIES``): with ``"skip"``
+    a parameter whose (projected) gradient holds a NaN/Inf is not updated and keeps its state, decided on the device between
     refreshes (no host sync; its step counter still advances) and on the host at a refresh (which syncs
     anyway; the counter then stays, so the refresh is retried at the next step); ``skip_counts[i]`` (0-dim
     int64 tensors) count the skipped updates. ``"propagate"`` applies the update as ``torch.optim.AdamW``
@@ -526,8 +524,7 @@ def galore_adamw(
     """
     if fused and foreach:
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Must be one of {', '.join(NONFINITE_POLICIES)}.")
+    check_nonfinite_policy(nonfinite)
     if fused is None:
         fused = not foreach and bool(params) and all(kernels_available(p.device) for p in params)
     if foreach is None:
