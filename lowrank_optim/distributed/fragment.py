@@ -180,11 +180,12 @@ class FragmentLayout:
                 )
 
     def begin_step(self, optimizer: GaLoreAdamW) -> None:
-        """Decide, alike on every rank, whether this step meets a NaN/Inf gradient (groups with
-        ``nonfinite="skip"``): then no rank updates anything of those groups, as DeepSpeed itself skips a
-        step on fp16 overflow. Matrices are cut between ranks, so a per-matrix decision would need the
-        flags of all their pieces; one flag for the step costs one pass over the gradient partitions and
-        one all-reduce of a single number per process group."""
+        """Decide, alike on every rank, whether this ``step()`` meets a NaN/Inf gradient (groups with
+        ``nonfinite="skip"``): then no rank updates anything of the groups it steps, as DeepSpeed itself
+        skips a step on fp16 overflow. DeepSpeed's ZeRO calls ``step()`` once per param group (sub-group at
+        ZeRO-3), so there the decision is per group. Matrices are cut between ranks, so a per-matrix
+        decision would need the flags of all their pieces; one flag costs one pass over the gradient
+        partitions and one all-reduce of a single number per process group."""
         self._found_inf = None
         bound = [*self._partitions.values(), *self._full_rank.values()]
         skipping = [group for group in optimizer.param_groups if group["nonfinite"] == "skip"]
@@ -195,7 +196,13 @@ class FragmentLayout:
             for flat in group["params"]:
                 if flat.grad is not None:
                     count += nonfinite_flag(flat.grad)
-        for comm in {id(part.comm): part.comm for _, part in bound}.values():  # binding order: alike on all ranks
+        # One all-reduce per process group (partitions of one group may have communicators of their own;
+        # the first bound one, a projected partition's where there is one, carries it), in binding order,
+        # which is the same on every rank.
+        groups: dict[int, Communicator] = {}
+        for _, part in bound:
+            groups.setdefault(id(getattr(part.comm, "group", part.comm)), part.comm)
+        for comm in groups.values():
             comm.all_reduce(count)
         self._found_inf = count > 0
 
