@@ -168,8 +168,10 @@ class FragmentLayout:
                     matrix[key] = matrix[key].to(moment_dtype or torch.float32)
 
     def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
-        """Every tensor of a projected group must be a partition this layout was bound to."""
+        """Every tensor of a projected group must be a partition this layout was bound to; a full-rank
+        group's flat partitions are checked as whole tensors."""
         if "rank" not in group:
+            self._dense.check_group(optimizer, group)
             return
         for position, flat in enumerate(group["params"]):
             if id(flat) not in self._partitions:
@@ -482,7 +484,14 @@ def _step_partition(
         }
     matrices: dict[str, dict[str, Any]] = state[MATRICES]
     step = int(state[STEP].item())
-    if step % group["update_proj_gap"] == 0 and not _refresh(optimizer, group, flat, part, matrices, step):
+    refresh = step % group["update_proj_gap"] == 0
+    if refresh and skip is not None and bool(skip):  # alike on every rank: no collective of _refresh starts
+        names = ", ".join(mp.name for mp in plan.matrices)
+        optimizer._warn_nonfinite(f"a DeepSpeed partition holding {names}", step + 1, "deferred" if step == 0 else "skipped")
+        refresh_skipped = True
+    else:
+        refresh_skipped = refresh and not _refresh(optimizer, group, flat, part, matrices, step)
+    if refresh_skipped:
         optimizer._skip_counts.setdefault(flat, torch.zeros((), dtype=torch.int64, device=flat.device)).add_(1)
         return
     if skip is not None:

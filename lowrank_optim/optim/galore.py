@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops import dct_topk, fira_residual_, kernels_available, lowrank_adam_
-from ..ops.adam import _adam_default, update_moments_
+from ..ops.adam import _adam_default
 from ..ops.fira import fira_residual_accepts
 from ..projection import (
     DCTSelection,
@@ -218,10 +218,35 @@ class GaLoreAdamW(Optimizer):
         self._skip_counts: dict[Tensor, Tensor] = {}
         #: id(param) -> (param group index, position), as the groups were built (for messages).
         self._origin: dict[int, tuple[int, int]] = {}
+        #: What _init_state builds per kind of parameter, for _check_state.
+        self._expected_states: dict[tuple, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         Optimizer.__init__(self, params, defaults)
         #: How ``param_groups`` map onto parameters; DeepSpeed binding replaces it (lowrank_optim.deepspeed.bind).
         self.layout: Layout = DenseLayout()
         StateDtypeKeeper(self, self._intended_state_dtype)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also what ``load_state_dict`` calls with the loaded groups: a group saved by an earlier version
+        lacks the options added since (e.g. ``nonfinite``), which take this optimizer's defaults, as
+        torch's optimizers do for theirs. Unpickling (``copy.deepcopy``, ``pickle``) restores only
+        ``defaults``, ``state`` and ``param_groups`` (``Optimizer.__getstate__``): the rest is rebuilt (a
+        DeepSpeed binding is not carried over)."""
+        unpickled = "defaults" in state
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        if unpickled:
+            self._warned_nonfinite = False
+            self._skip_counts = {}
+            self._expected_states = {}
+            self._origin = {
+                id(param): (index, position)
+                for index, group in enumerate(self.param_groups)
+                for position, param in enumerate(group["params"])
+            }
+            self.layout = DenseLayout()
+            StateDtypeKeeper(self, self._intended_state_dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating it here so that ``step()`` never meets a bad setting."""
@@ -299,6 +324,45 @@ class GaLoreAdamW(Optimizer):
                 )
         check_param_tensors(group["params"], index)
         self._check_step_tensors(group, index, group["params"])
+
+    def _check_state(self, group: dict[str, Any]) -> None:
+        """The state a parameter already has must still fit it: a model changed after the first step
+        (``model.to(dtype or device)``, a resized layer) would otherwise fail half-way through a step (a
+        matmul of mismatched dtypes) or mix devices. Compared with the state :meth:`_init_state` would
+        build now (on the meta device, once per kind of parameter)."""
+        for param in group["params"]:
+            state = self.state.get(param)
+            if param.grad is None or not state:
+                continue
+            for key, (shape, dtype) in self._expected_state(group, param).items():
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.shape == shape and value.dtype == dtype and value.device == param.device:
+                    continue
+                found = (
+                    f"is {value.dtype} on {value.device} with shape {tuple(value.shape)}"
+                    if isinstance(value, Tensor)
+                    else "is missing"
+                )
+                index, position = self._where(param)
+                raise RuntimeError(
+                    f"{type(self).__name__}: param {position} of param group {index} is {param.dtype} on "
+                    f"{param.device} with shape {tuple(param.shape)}, but its state {key!r} {found} (this "
+                    f"parameter needs {dtype} on {param.device} with shape {tuple(shape)}): the parameter changed "
+                    "after the optimizer's first step. Build the optimizer for the model as it is now (and load "
+                    "a state dict into it, which converts dtypes and devices)."
+                )
+
+    def _expected_state(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """``{key: (shape, dtype)}`` of the state :meth:`_init_state` builds for ``param`` (``step`` aside)."""
+        options = tuple(group.get(key) for key in ("rank", "proj_type", "projector", "moment_dtype"))
+        cache_key = (tuple(param.shape), param.dtype, "rank" in group, options)
+        expected = self._expected_states.get(cache_key)
+        if expected is None:
+            built: dict[str, Any] = {}
+            self._init_state(group, torch.empty(param.shape, dtype=param.dtype, device="meta"), built)
+            expected = {key: (value.shape, value.dtype) for key, value in built.items() if key != STEP}
+            self._expected_states[cache_key] = expected
+        return expected
 
     @staticmethod
     def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
@@ -578,14 +642,47 @@ def nonfinite_flag(lowrank: Tensor) -> Tensor:
 def _decay_(param: Tensor, lr: float, weight_decay: float, skip: Tensor | None) -> None:
     """``W -= lr · weight_decay · W``, not applied where ``skip`` (0-dim bool) is set.
 
-    The masked form multiplies by a 0-dim fp64 coefficient (``0`` or ``-lr · wd``) built on the device
-    from the flag: ``addcmul_`` with it rounds exactly as ``add_(W, alpha=-lr · wd)`` does (ATen fuses
-    both into ``fma(W, c, W)``; tests check the bits).
+    One op whatever the policy, ``addcmul_`` with a 0-dim fp64 coefficient on the parameter's device
+    (``-lr · wd``, or ``0`` where skipped, built from the flag without a host read), so that a step that
+    skips nothing rounds exactly as one without the flag. It equals the reference's
+    ``add_(W, alpha=-lr · wd)`` bit for bit in fp32/fp64 (tested); in bf16/fp16 ATen's scalar tail loops of
+    the two ops may round the last elements of a thread's range differently.
     """
     if skip is None:
-        param.add_(param, alpha=-lr * weight_decay)
+        coefficient = torch.full((), -lr * weight_decay, dtype=torch.float64, device=param.device)
     else:
-        param.addcmul_(param, skip.logical_not().to(torch.float64).mul_(-lr * weight_decay))
+        coefficient = skip.logical_not().to(torch.float64).mul_(-lr * weight_decay)
+    param.addcmul_(param, coefficient)
+
+
+def _update_moments_foreach_(
+    lowranks: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    beta1: float,
+    beta2: float,
+    skips: list[Tensor] | None,
+) -> None:
+    """The moment update of the ``foreach`` implementation (``torch._foreach_*``, whose CPU ops round a
+    scalar to the tensors' dtype first, unlike the single-tensor ops). With skip flags the same in-place
+    foreach ops run on a copy, one tensor at a time (one moment-sized temporary, as
+    :func:`lowrank_optim.ops.adam.update_moments_`), and the result is kept where no flag is set."""
+    if skips is None:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, lowranks, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
+        return
+    for lowrank, exp_avg, exp_avg_sq, skip in zip(lowranks, exp_avgs, exp_avg_sqs, skips):
+        # In place on a copy: the out-of-place foreach ops round their scalar differently.
+        update = exp_avg.clone()
+        torch._foreach_mul_([update], beta1)
+        torch._foreach_add_([update], [lowrank], alpha=1.0 - beta1)
+        exp_avg.copy_(torch.where(skip, exp_avg, update, out=update))
+        update = exp_avg_sq.clone()
+        torch._foreach_mul_([update], beta2)
+        torch._foreach_addcmul_([update], [lowrank], [lowrank], value=1.0 - beta2)
+        exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, update, out=update))
 
 
 def _moments_reference(
@@ -727,13 +824,18 @@ def _project_gradient(
     skip_nonfinite: bool,
     on_nonfinite_refresh: Callable[[int, int, str], None],
     index: int,
+    found_inf: Tensor | None,
     kernels: _Kernels,
 ) -> tuple[Tensor, Subspace | None] | None:
     """Refresh the projection when due, then return ``R`` in the moments' dtype and the subspace to
-    project back with (``None``: skip this param now, its counter stays: a refresh met a NaN/Inf)."""
+    project back with (``None``: skip this param now, its counter stays: a refresh met a NaN/Inf, or
+    ``found_inf`` was set, which a refresh reads on the host since it synchronizes anyway)."""
     if projection is None:
         return (grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)), None
     if step % update_proj_gap == 0:
+        if found_inf is not None and bool(found_inf):  # a skipped step must not refresh the state either
+            on_nonfinite_refresh(index, step, "deferred" if step == 0 else "skipped")
+            return None
         # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
         carried = (exp_avg, exp_avg_sq) if step > 0 and moment_policy == "keep" else ()
         if not _refresh(grad, projection, scoring, carried, kernels.select_dct):
@@ -837,6 +939,7 @@ def _single_tensor_galore_adamw(
             skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
             index=index,
+            found_inf=found_inf,
             kernels=kernels,
         )
         if projected is None:
@@ -894,8 +997,9 @@ def _multi_tensor_galore_adamw(
 
     Projection and back-projection stay per parameter (they are matmuls); the moment update and the
     normalization run once over all the (low-rank) moments of the group (``kernels.moments`` is unused:
-    ``foreach`` is never fused). With a skip flag the moment update runs per tensor (masked, see
-    :func:`lowrank_optim.ops.adam.update_moments_`); the normalization stays batched.
+    ``foreach`` is never fused). With skip flags the moment update runs per tensor
+    (:func:`_update_moments_foreach_`); the normalization stays batched; the decay is per tensor either way
+    (:func:`_decay_`).
     """
     active: list[int] = []
     lowranks: list[Tensor] = []
@@ -915,6 +1019,7 @@ def _multi_tensor_galore_adamw(
             skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
             index=index,
+            found_inf=found_inf,
             kernels=kernels,
         )
         if projected is None:
@@ -930,15 +1035,7 @@ def _multi_tensor_galore_adamw(
     skips = [_skip_flag(lowrank, skip_nonfinite, found_inf) for lowrank in lowranks]
     for index, skip in zip(active, skips):
         _count_skip(skip_counts, index, skip)
-    if skips[0] is not None:
-        # Per tensor: batching the masked update would hold new moments for the whole group at once.
-        for lowrank, exp_avg, exp_avg_sq, skip in zip(lowranks, exp_avgs, exp_avg_sqs, skips):
-            update_moments_(lowrank, exp_avg, exp_avg_sq, beta1, beta2, skip)
-    else:
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, lowranks, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, lowranks, lowranks, value=1.0 - beta2)
+    _update_moments_foreach_(lowranks, exp_avgs, exp_avg_sqs, beta1, beta2, None if skips[0] is None else skips)
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denominators, eps)
     for position, (index, exp_avg, update) in enumerate(zip(active, exp_avgs, denominators)):
@@ -966,9 +1063,5 @@ def _multi_tensor_galore_adamw(
             kernels=kernels,
         )
     if weight_decay > 0.0:
-        decayed = [params[i] for i in active]
-        if skips[0] is not None:
-            for param, skip in zip(decayed, skips):
-                _decay_(param, lr, weight_decay, skip)
-        else:
-            torch._foreach_add_(decayed, decayed, alpha=-lr * weight_decay)
+        for index, skip in zip(active, skips):
+            _decay_(params[index], lr, weight_decay, skip)

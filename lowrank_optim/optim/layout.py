@@ -38,9 +38,14 @@ class DenseLayout:
     """Every tensor in ``param_groups`` is a whole parameter with its real shape; no communication."""
 
     def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
-        """A projected group must still hold the 2-D matrices it was built with."""
-        if "rank" not in group:
-            return
+        """A projected group must still hold the 2-D matrices it was built with, and every parameter's
+        state must still fit it."""
+        if "rank" in group:
+            self._check_matrices(optimizer, group)
+        optimizer._check_state(group)
+
+    @staticmethod
+    def _check_matrices(optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
         for position, param in enumerate(group["params"]):
             if param.dim() != 2:
                 # DeepSpeed ZeRO replaces a group's parameters by one flat partition after the

@@ -433,3 +433,31 @@ def test_pretrain_counts_skipped_updates() -> None:
     bias.grad = _poison(_grads((12, 8), 1)[1], float("inf"), (2,))
     optimizer.step()
     assert _skipped_updates(optimizer) == 2 and optimizer.skipped_updates() == {(0, 0): 1, (1, 0): 1}
+
+
+@pytest.mark.parametrize("implementation", [{}, {"fused": False}, {"foreach": True}], ids=["default", "reference", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(37, 23), (23, 37)], ids=["right", "left"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_skip_equals_propagate_bitwise_for_finite_gradients(
+    name: str, shape: tuple[int, int], dtype: torch.dtype, implementation: dict[str, Any]
+) -> None:
+    """The flag must cost nothing in the arithmetic: with finite gradients both policies give the same
+    bits, reduced precision and ATen's scalar tail loops included (odd sizes, lr · wd = 0.01)."""
+    results = []
+    for policy in ("skip", "propagate"):
+        generator = torch.Generator().manual_seed(3)
+        weight = nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
+        bias = nn.Parameter(torch.randn(shape[0], generator=generator).to(dtype))
+        optimizer = OPTIMIZERS[name](
+            [{"params": [bias], "weight_decay": 1.0}, {"params": [weight], "rank": 5, "update_proj_gap": 2}],
+            nonfinite=policy,
+            **implementation,
+        )
+        for _ in range(5):
+            weight.grad = torch.randn(shape, generator=generator).to(dtype)
+            bias.grad = torch.randn(shape[0], generator=generator).to(dtype)
+            optimizer.step()
+        results.append([weight.detach(), bias.detach(), *optimizer.state[weight].values(), *optimizer.state[bias].values()])
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
