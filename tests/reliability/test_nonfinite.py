@@ -461,3 +461,23 @@ def test_skip_equals_propagate_bitwise_for_finite_gradients(
         results.append([weight.detach(), bias.detach(), *optimizer.state[weight].values(), *optimizer.state[bias].values()])
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("name", ["galore", "dct"])
+def test_found_inf_at_a_refresh_keeps_projector_and_moments(name: str) -> None:
+    """An outside "skip this step" (``found_inf``, e.g. another rank's NaN) must not refresh the state."""
+    optimizer, weight, bias = _setup(name, (12, 8), moment_policy="reset")
+    for seed in range(3):
+        weight.grad, bias.grad = _grads((12, 8), seed)
+        optimizer.step()
+    before = _snapshot(optimizer, weight, bias)
+    weight.grad, bias.grad = _grads((12, 8), 3)  # finite: only the outside flag says skip
+    found_inf = torch.tensor(True)
+    with torch.no_grad():  # what a layout does inside step(), with the flag it decided for all ranks
+        with pytest.warns(RuntimeWarning, match="its update was skipped, its moments and projector are kept"):
+            group = optimizer.param_groups[1]
+            optimizer._step_group(group, optimizer._collect(group), found_inf)
+        group = optimizer.param_groups[0]
+        optimizer._step_group(group, optimizer._collect(group), found_inf)
+    _assert_same(before, _snapshot(optimizer, weight, bias))
+    assert int(optimizer.state[weight]["step"]) == 3
