@@ -14,6 +14,7 @@ from ..ops import kernel_load_error, kernels_available
 from ..projection import DCT_SCORING, FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
 
 __all__ = [
+    "FOREIGN_GROUP_KEYS",
     "MOMENT_POLICIES",
     "NONFINITE_POLICIES",
     "check_group_keys",
@@ -45,9 +46,14 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "propagate")
 _INTEGER_OPTIONS = ("rank", "update_proj_gap")
 _REAL_OPTIONS = ("scale", "alpha", "gamma")
 
-#: Keys torch itself may put into a param group (named parameters, learning-rate schedulers), and the
-#: option values of torch's Adam family that are the only behaviour these optimizers have.
-_TORCH_GROUP_KEYS = ("param_names", "initial_lr")
+#: Keys other code puts into param groups and reads itself, accepted as they are: torch's named parameters
+#: and learning-rate schedulers (``OneCycleLR``, ``CyclicLR``, ``swa_utils.SWALR``), DeepSpeed's MoE groups
+#: (``name``, ``moe``) and timm's layer decay (``lr_scale``). Keys of your own: start them with ``_``.
+FOREIGN_GROUP_KEYS: tuple[str, ...] = (
+    "param_names", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr",
+    "name", "moe", "lr_scale",
+)
+#: The option values of torch's Adam family that are the only behaviour these optimizers have.
 _TORCH_FIXED_OPTIONS = {"maximize": False, "amsgrad": False, "capturable": False, "differentiable": False,
                         "decoupled_weight_decay": True}
 
@@ -198,12 +204,13 @@ def normalize_scalars(options: dict[str, Any]) -> None:
 def check_group_keys(group: dict[str, Any], allowed: Iterable[str], index: int) -> None:
     """Refuse a key the optimizer would silently ignore (a typo such as ``rnak``), with a suggestion.
 
-    ``allowed`` are the optimizer's own options; torch's bookkeeping keys pass, and the options of torch's
-    Adam family (``amsgrad``, ``maximize``, ...) pass only at the value these optimizers implement.
+    ``allowed`` are the optimizer's own options. :data:`FOREIGN_GROUP_KEYS` (keys that schedulers and
+    libraries write and read themselves) and keys starting with ``_`` (a user's own) pass; the options of
+    torch's Adam family (``amsgrad``, ``maximize``, ...) pass only at the value these optimizers implement.
     """
-    known = set(allowed) | {"params"} | set(_TORCH_GROUP_KEYS)
+    known = set(allowed) | {"params"} | set(FOREIGN_GROUP_KEYS)
     for key, value in group.items():
-        if key in known:
+        if key in known or (isinstance(key, str) and key.startswith("_")):
             continue
         if key in _TORCH_FIXED_OPTIONS:
             if value == _TORCH_FIXED_OPTIONS[key]:
@@ -212,10 +219,13 @@ def check_group_keys(group: dict[str, Any], allowed: Iterable[str], index: int) 
                 f"Invalid {key} in param group {index}: {value!r}. This optimizer only implements "
                 f"{key}={_TORCH_FIXED_OPTIONS[key]!r}."
             )
-        close = difflib.get_close_matches(str(key), sorted(known - {"params"}), n=1)
+        own = sorted(set(allowed) - {"params"})
+        close = difflib.get_close_matches(str(key), own, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown key {key!r} in param group {index}.{hint} Allowed keys: {', '.join(sorted(known))}."
+            f"Unknown key {key!r} in param group {index}.{hint} This optimizer reads: {', '.join(own)}; it also "
+            f"accepts {', '.join(FOREIGN_GROUP_KEYS)} (written and read by schedulers and libraries) and any key "
+            "starting with '_' (your own metadata). Other keys are refused so that a typo is not silently ignored."
         )
 
 

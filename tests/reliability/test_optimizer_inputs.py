@@ -34,6 +34,7 @@ REFUSED_GROUPS: dict[str, tuple[dict[str, Any], type, str]] = {
     ),
     "typo weight_decy": ({"weight_decy": 0.1}, ValueError, "Did you mean 'weight_decay'?"),
     "unrelated key": ({"momentum": 0.9}, ValueError, "Unknown key 'momentum' in param group 0."),
+    "metadata without underscore": ({"layer": 3}, ValueError, "and any key starting with '_' (your own metadata)"),
     "amsgrad": ({"amsgrad": True}, ValueError, "Invalid amsgrad in param group 0: True. This optimizer only implements amsgrad=False."),
     "maximize": ({"maximize": True}, ValueError, "Invalid maximize in param group 0: True."),
     "not decoupled": (
@@ -77,6 +78,12 @@ ACCEPTED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "0-d tensor scale": ({"rank": 2, "scale": torch.tensor(0.5)}, {"scale": 0.5}),
     "integer scale": ({"rank": 2, "scale": np.int64(1)}, {"scale": 1.0}),
     "torch's own keys": ({"initial_lr": 0.1, "amsgrad": False, "maximize": False, "capturable": False}, {}),
+    "scheduler and library keys": (
+        {"max_lr": 0.1, "min_lr": 1e-4, "base_momentum": 0.85, "max_momentum": 0.95, "swa_lr": 0.05,
+         "name": "decay", "moe": False, "lr_scale": 0.5},
+        {"name": "decay", "lr_scale": 0.5},
+    ),
+    "own metadata": ({"_layer": 3, "_tag": "mlp"}, {"_layer": 3}),
 }
 
 
@@ -271,3 +278,13 @@ def test_a_parameter_changed_after_its_first_step_is_refused_before_any_update(n
         optimizer.step()
     assert torch.equal(first, weight)
     assert all(torch.equal(optimizer.state[first][key], value) for key, value in state.items())
+
+
+def test_groups_rewritten_by_torch_schedulers_can_be_added_again() -> None:
+    """OneCycleLR and SWALR write keys into every group; a group copied from those is accepted."""
+    optimizer = GaLoreAdamW([{"params": [_matrix()], "rank": 2}], lr=0.01)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    torch.optim.swa_utils.SWALR(optimizer, swa_lr=0.05)
+    template = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
+    optimizer.add_param_group({**template, "params": [_matrix(6, 4)]})
+    assert len(optimizer.param_groups) == 2
