@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
 #include <sstream>
@@ -61,6 +62,9 @@ inline void check_scatter_args(const at::Tensor& dense, const at::Tensor& flat_i
                     " differs from dense.device=", dense.device());
   TORCH_CHECK_VALUE(dense.is_contiguous(), op, ": dense (shape ", shape_string(dense.sizes()),
                     ") must be contiguous to be updated in place");
+  // Written while read: index_add_ (the default kernel) refuses it with this same check and message.
+  at::assert_no_overlap(dense, values);
+  at::assert_no_overlap(dense, flat_indices);
 }
 
 // The first entry of the support that does not address an element of `dense`.

@@ -236,3 +236,17 @@ def test_load_state_dict_names_the_module_in_a_model() -> None:
     state["1.indices"] = state["1.indices"].flip(0)
     with pytest.raises(ValueError, match=r"state_dict\['1.indices'\]: entry 1"):
         model.load_state_dict(state)
+
+
+@needs_cpu_kernels
+def test_values_overlapping_dense_are_refused_by_every_kernel() -> None:
+    """Values read while dense is written (a view of dense): index_add_ refuses it; so does the kernel
+    (it used to compute with half-updated values)."""
+    outcomes = []
+    for scatter in (OPS.sparse_scatter_add_, _scatter_add_default):
+        dense = torch.arange(16.0).view(4, 4).contiguous()
+        before = dense.clone()
+        outcomes.append(_message(lambda: scatter(dense, torch.tensor([1, 2, 3]), dense.view(-1)[5:8], 1.0)))
+        assert torch.equal(dense, before)
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] is RuntimeError
+    assert "refer to a single memory location" in outcomes[0][1]
