@@ -218,6 +218,10 @@ def _collect(optimizer: GaLoreAdamW, names: dict[int, str], rank: int) -> dict[s
     if isinstance(optimizer.layout, FragmentLayout):
         return _collect_fragments(optimizer, optimizer.layout, rank)
     entries: dict[str, dict[str, Tensor]] = {}
+    # Decided alike on every rank (the state is replicated), before anything is written: an empty save
+    # would otherwise replace a good one by a manifest that names no file.
+    if not any(optimizer.state.get(param) for group in optimizer.param_groups for param in group["params"]):
+        raise RuntimeError("save_lowrank_state: the optimizer has not stepped yet (no state to save); save after a step.")
     if rank == 0:  # whole tensors: every rank holds the same state
         for _, param, name in _dense_params(optimizer, names, "save_lowrank_state"):
             if optimizer.state.get(param):
@@ -347,12 +351,17 @@ def _manifest_files(directory: Path, manifest_path: Path) -> list[Path]:
 
 def _read(directory: Path) -> dict[str, dict[str, Tensor]]:
     manifest_path = directory / MANIFEST
-    files = _manifest_files(directory, manifest_path) if manifest_path.exists() else _legacy_files(directory)
-    if not files:
-        raise FileNotFoundError(
-            f"load_lowrank_state: directory {str(directory)!r} holds no {FILE_PREFIX}*.pt files "
-            f"(and no {MANIFEST} manifest naming any)."
-        )
+    if manifest_path.exists():
+        files = _manifest_files(directory, manifest_path)
+        if not files:
+            raise FileNotFoundError(f"load_lowrank_state: manifest {str(manifest_path)!r} names no state file.")
+    else:
+        files = _legacy_files(directory)
+        if not files:
+            raise FileNotFoundError(
+                f"load_lowrank_state: directory {str(directory)!r} holds no {FILE_PREFIX}*.pt files "
+                f"(and no {MANIFEST} manifest)."
+            )
     entries: dict[str, dict[str, Tensor]] = {}
     for file in files:
         content = torch.load(file, map_location="cpu", weights_only=True)

@@ -602,3 +602,19 @@ def test_saved_set_is_readable_without_unpickling_code(tmp_path: Path) -> None:
     directory, _ = _saved_set(tmp_path)
     (file,) = directory.glob("lowrank_state_rank*.pt")
     assert set(torch.load(file, weights_only=True)["params"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_save_lowrank_state_before_any_step_is_refused_and_keeps_the_previous_save(tmp_path: Path) -> None:
+    """An optimizer with no state used to replace a good save by a manifest naming no file."""
+    model = nn.Linear(8, 6)
+    trained = GaLoreAdamW([{"params": [model.weight], "rank": 2}, {"params": [model.bias]}], lr=0.01)
+    model(torch.randn(3, 8)).sum().backward()
+    trained.step()
+    save_lowrank_state(trained, tmp_path, model=model)
+    listing = _listing(tmp_path)
+    fresh = GaLoreAdamW([{"params": [model.weight], "rank": 2}, {"params": [model.bias]}], lr=0.01)
+    with pytest.raises(RuntimeError, match=r"has not stepped yet \(no state to save\)"):
+        save_lowrank_state(fresh, tmp_path, model=model)
+    assert _listing(tmp_path) == listing
+    load_lowrank_state(fresh, tmp_path, model=model)
+    assert torch.equal(fresh.state[model.weight]["exp_avg"], trained.state[model.weight]["exp_avg"])
