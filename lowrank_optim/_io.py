@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,13 +113,20 @@ def _final_target(path: str | os.PathLike[str]) -> Path:
 def _open_temporary(directory: Path, target: Path) -> tuple[Path, BinaryIO]:
     """Create a new temporary file for ``target`` in ``directory``; ``O_EXCL`` so that two writers can
     never share one. Mode 0o666 minus the umask, like a file ``open`` creates (``mkstemp`` would make
-    it 0o600, and a checkpoint would become unreadable to the group that could read the previous one)."""
+    it 0o600, and a checkpoint would become unreadable to the group that could read the previous one);
+    when ``target`` exists, its permissions instead (replacing a file must not widen or narrow them)."""
     while True:
         path = directory / temporary_name(target)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:  # 64 random bits: practically never
             continue
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except OSError:  # no previous file
+            mode = None
+        if mode is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         return path, os.fdopen(fd, "wb")
 
 

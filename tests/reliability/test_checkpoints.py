@@ -618,3 +618,13 @@ def test_save_lowrank_state_before_any_step_is_refused_and_keeps_the_previous_sa
     assert _listing(tmp_path) == listing
     load_lowrank_state(fresh, tmp_path, model=model)
     assert torch.equal(fresh.state[model.weight]["exp_avg"], trained.state[model.weight]["exp_avg"])
+
+
+def test_replacing_a_file_keeps_its_permissions(tmp_path: Path) -> None:
+    from lowrank_optim._io import atomic_write_text
+
+    target = tmp_path / "results.json"
+    target.write_text("{}\n")
+    target.chmod(0o600)
+    atomic_write_text(target, '{"new": true}\n')
+    assert target.read_text() == '{"new": true}\n' and (target.stat().st_mode & 0o777) == 0o600
