@@ -190,6 +190,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         tokens = load_text_files(args.text, tokenizer_file=args.tokenizer)
     else:
         tokens = stdlib_corpus()
+    if tokens.numel() == 0:
+        source = f"--tokens ({args.tokens!r})" if args.tokens is not None else f"--text ({', '.join(args.text)})"
+        raise ValueError(f"{source} holds no tokens; the training data needs at least one window of seq_len + 1")
     if int(tokens.max()) >= config.vocab_size:
         raise ValueError(f"token id {int(tokens.max())} is outside the config's vocab_size ({config.vocab_size})")
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,

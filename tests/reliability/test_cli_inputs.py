@@ -314,3 +314,17 @@ def test_the_command_line_reports_a_full_disk_without_a_traceback(
     error = capsys.readouterr().err
     assert f"lowrank-optim pretrain: error: [Errno 28] no space left on device while writing '{result}'" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("kind", ["tokens", "text"])
+def test_empty_training_data_is_refused(tmp_path: Path, kind: str, no_training: None) -> None:
+    if kind == "tokens":
+        path = tmp_path / "empty.npy"
+        np.save(path, np.zeros(0, dtype=np.int32))
+        argv, message = ["--tokens", str(path)], f"--tokens ({str(path)!r}) holds no tokens"
+    else:
+        path = tmp_path / "empty.txt"
+        path.write_text("")
+        argv, message = ["--text", str(path)], "the training split has 1 tokens, fewer than seq_len + 1"  # its separator
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(PRETRAIN + argv)
