@@ -300,12 +300,17 @@ class SLTrainLinear(nn.Module):
     ) -> None:
         # The support is a buffer, so torch would copy any integer tensor of the right length into it;
         # a bad one would make every forward raise (or, unsorted, silently run slower). Refuse it here,
-        # before this layer's tensors are touched.
+        # before this layer's tensors are touched: reported as torch reports a shape mismatch (collected,
+        # then raised by load_state_dict as one RuntimeError), with this layer left as it was.
         key = prefix + "indices"
         if key in state_dict:
-            check_support(
-                state_dict[key], self.out_features, self.in_features, self.values.numel(), where=f"state_dict[{key!r}]"
-            )
+            try:
+                check_support(
+                    state_dict[key], self.out_features, self.in_features, self.values.numel(), where=f"state_dict[{key!r}]"
+                )
+            except ValueError as error:
+                error_msgs.append(str(error))
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
