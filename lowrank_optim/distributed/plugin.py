@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW
-from ..optim._validation import MOMENT_POLICIES, check_finite_number, matrix_shape
+from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number, matrix_shape
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
 from .zero import bind
 
@@ -82,6 +82,7 @@ class LowRankSection:
     weight_decay: float = 0.0
     correct_bias: bool = True
     moment_policy: str = "keep"
+    nonfinite: str = "skip"
     residual: str = "code"
     gamma: float = 1.01
     zero3_moments: str = "sharded"
@@ -120,6 +121,7 @@ class LowRankSection:
         if self.projector is not None and self.projector not in PROJECTORS:
             raise _invalid("projector", self.projector, f"null (the optimizer's default) or one of {', '.join(PROJECTORS)}")
         _check_choice("moment_policy", self.moment_policy, MOMENT_POLICIES)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("residual", self.residual, FIRA_RESIDUALS)
         _check_choice("zero3_moments", self.zero3_moments, ZERO3_MOMENTS)
         # JSON arrays arrive as lists; the frozen section keeps tuples (hashable, not shared with the caller).
@@ -262,6 +264,7 @@ def optimizer_factory(section: LowRankSection | Mapping[str, Any]) -> Callable[[
         update_proj_gap=section.update_proj_gap,
         proj_type=section.proj_type,
         moment_policy=section.moment_policy,
+        nonfinite=section.nonfinite,
     )
     if section.projector is not None:
         options["projector"] = section.projector

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from lowrank_optim.deepspeed import LowRankSection, optimizer_factory, param_groups_for, read_config
@@ -233,3 +234,13 @@ def test_single_process_without_a_launcher_reports_the_config_error() -> None:
         if kind == "ValueError":
             raise ValueError(message)
         raise AssertionError(reported[-1])
+
+
+def test_the_section_sets_the_non_finite_policy() -> None:
+    from lowrank_optim.deepspeed import LowRankSection, optimizer_factory
+
+    section = LowRankSection.from_dict({"nonfinite": "propagate"})
+    optimizer = optimizer_factory(section)([torch.nn.Parameter(torch.randn(4, 3))])
+    assert optimizer.param_groups[0]["nonfinite"] == "propagate"
+    with pytest.raises(ValueError, match=r"Invalid 'lowrank_optim.nonfinite': 'ignore'"):
+        LowRankSection.from_dict({"nonfinite": "ignore"})
