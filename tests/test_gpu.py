@@ -103,3 +103,18 @@ def test_cuda_sparse_ops_raise_on_out_of_range_indices(bad: int) -> None:
     repeated = torch.tensor([5, 5, 3], device="cuda")
     torch.ops.lowrank_optim.sparse_scatter_add_(dense, repeated, torch.ones(3, device="cuda"), 1.0)
     assert dense.view(-1)[5].item() == 2.0 and dense.view(-1)[3].item() == 1.0
+
+
+def test_sltrain_forward_and_backward_never_sync_once_the_support_is_checked() -> None:
+    from lowrank_optim.nn import SLTrainLinear
+
+    layer = SLTrainLinear(64, 48, rank=8, seed=0, device="cuda")
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    layer(x).sum().backward()  # the first forward checks the support on the device (one sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(layer.values.grad).all()

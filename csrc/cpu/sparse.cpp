@@ -78,15 +78,18 @@ bool validate_support(const char* op, const index_t* idx, int64_t nnz, const at:
 }
 
 void sparse_scatter_add_cpu(at::Tensor dense, const at::Tensor& flat_indices, const at::Tensor& values,
-                            double alpha) {
+                            double alpha, bool check_indices) {
   sparse::check_scatter_args(dense, flat_indices, values);
   const int64_t nnz = flat_indices.numel();
   if (nnz == 0) return;
   const at::Tensor indices = flat_indices.contiguous();
-  bool strictly_increasing = false;
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_scatter_add_", [&] {
-    strictly_increasing = validate_support("sparse_scatter_add_", indices.const_data_ptr<index_t>(), nnz, dense);
-  });
+  // check_indices=false: the caller vouches for a strictly increasing support within dense.
+  bool strictly_increasing = true;
+  if (check_indices) {
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_scatter_add_", [&] {
+      strictly_increasing = validate_support("sparse_scatter_add_", indices.const_data_ptr<index_t>(), nnz, dense);
+    });
+  }
   if (!strictly_increasing) {
     // Repeated or unordered indices would race between threads below; index_add_ accumulates them.
     dense.view(-1).index_add_(0, indices, values, alpha);
@@ -113,16 +116,18 @@ void sparse_scatter_add_cpu(at::Tensor dense, const at::Tensor& flat_indices, co
   });
 }
 
-at::Tensor sparse_gather_cpu(const at::Tensor& dense, const at::Tensor& flat_indices) {
+at::Tensor sparse_gather_cpu(const at::Tensor& dense, const at::Tensor& flat_indices, bool check_indices) {
   sparse::check_support("sparse_gather", dense, flat_indices);
   const int64_t nnz = flat_indices.numel();
   at::Tensor result = at::empty({nnz}, dense.options());
   if (nnz == 0) return result;
   const at::Tensor indices = flat_indices.contiguous();
   // Reads need no order: any in-range support is gathered correctly.
-  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_gather", [&] {
-    validate_support("sparse_gather", indices.const_data_ptr<index_t>(), nnz, dense);
-  });
+  if (check_indices) {
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "sparse_gather", [&] {
+      validate_support("sparse_gather", indices.const_data_ptr<index_t>(), nnz, dense);
+    });
+  }
   const int64_t ndim = dense.dim();
   const bool contiguous = dense.is_contiguous();
   // Strided reads: a flat row-major index is unravelled into an offset with the input's own strides,

@@ -53,13 +53,14 @@ bool validate_support(const char* op, const at::Tensor& indices, const at::Tenso
 }
 
 void sparse_scatter_add_cuda(at::Tensor dense, const at::Tensor& flat_indices, const at::Tensor& values,
-                             double alpha) {
+                             double alpha, bool check_indices) {
   const char* op = "sparse_scatter_add_";
   sparse::check_scatter_args(dense, flat_indices, values);
   if (flat_indices.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(dense.device());
   const at::Tensor indices = flat_indices.contiguous();
-  if (!validate_support(op, indices, dense)) {
+  // check_indices=false: the caller vouches for a strictly increasing support within dense (no sync).
+  if (check_indices && !validate_support(op, indices, dense)) {
     // Repeated or unordered indices would race in the kernel; index_add_ accumulates them with atomics.
     dense.view(-1).index_add_(0, indices, values, alpha);
     return;
@@ -71,7 +72,7 @@ void sparse_scatter_add_cuda(at::Tensor dense, const at::Tensor& flat_indices, c
                op);
 }
 
-at::Tensor sparse_gather_cuda(const at::Tensor& dense, const at::Tensor& flat_indices) {
+at::Tensor sparse_gather_cuda(const at::Tensor& dense, const at::Tensor& flat_indices, bool check_indices) {
   const char* op = "sparse_gather";
   sparse::check_support(op, dense, flat_indices);
   TORCH_CHECK_VALUE(dense.dim() <= cuda::kMaxDims, op, ": dense.dim()=", dense.dim(), "; at most ", cuda::kMaxDims);
@@ -79,7 +80,7 @@ at::Tensor sparse_gather_cuda(const at::Tensor& dense, const at::Tensor& flat_in
   const at::Tensor indices = flat_indices.contiguous();
   at::Tensor result = at::empty({indices.numel()}, dense.options());
   if (indices.numel() == 0) return result;
-  validate_support(op, indices, dense);  // reads need no order
+  if (check_indices) validate_support(op, indices, dense);  // reads need no order
   cuda::StridedLayout layout{};
   layout.ndim = static_cast<int>(dense.dim());
   for (int64_t d = 0; d < dense.dim(); ++d) {

@@ -131,9 +131,11 @@ def derive_seed(base_seed: int, name: str) -> int:
 
 
 def _dense_weight(B: Tensor, A: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor) -> Tensor:
+    """``s·B A + scatter(values)``; ``indices`` is a support the layer has checked (check_support), so the
+    kernels skip their own per-call check (on CUDA a host synchronization)."""
     # Scale the smaller factor rather than the out x in product: a temporary of min(out, in)·r entries.
     weight = torch.mm(B * scale, A) if B.shape[0] <= A.shape[1] else torch.mm(B, A * scale)
-    sparse_scatter_add_(weight, indices, values)
+    sparse_scatter_add_(weight, indices, values, check_indices=False)
     return weight
 
 
@@ -193,7 +195,7 @@ class _SparsePlusLowRankLinear(torch.autograd.Function):
                 if need_A:
                     grad_A = bt_grad_weight.mul_(scale)
             if need_values:
-                grad_values = sparse_gather(grad_weight, indices)
+                grad_values = sparse_gather(grad_weight, indices, check_indices=False)
             del grad_weight
 
         grad_bias = grad_out_2d.sum(0) if need_bias else None
@@ -254,6 +256,7 @@ class SLTrainLinear(nn.Module):
         self.delta = delta
         self.alpha = alpha
         self.register_buffer("indices", sample_support(out_features, in_features, delta, generator).to(device))
+        self._support_checked: tuple | None = None  # see _checked_indices
         self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.values = nn.Parameter(torch.empty(self.indices.numel(), **factory))
@@ -315,14 +318,28 @@ class SLTrainLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _checked_indices(self) -> Tensor:
+        """The support, checked (:func:`check_support`) whenever it is a tensor not seen before or was
+        changed in place since (its version counter moved): the sparse kernels then skip their per-call
+        check. A support drawn by :func:`sample_support` is valid by construction, and is checked once
+        on its device at the first forward anyway."""
+        indices = self.indices
+        seen = (id(indices), indices._version, indices.data_ptr(), indices.device)
+        if seen != self._support_checked:
+            check_support(indices, self.out_features, self.in_features, self.values.numel(), where="SLTrainLinear.indices")
+            self._support_checked = seen
+        return indices
+
     def forward(self, x: Tensor) -> Tensor:
-        return _SparsePlusLowRankLinear.apply(x, self.B, self.A, self.values, self.indices, self.scale, self.bias)
+        return _SparsePlusLowRankLinear.apply(
+            x, self.B, self.A, self.values, self._checked_indices(), self.scale, self.bias
+        )
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:
         """The current ``out x in`` weight ``s · B A + S`` (a new, detached tensor)."""
         scale = self.scale
-        return _dense_weight(self.B, self.A, self.values, self.indices, scale)
+        return _dense_weight(self.B, self.A, self.values, self._checked_indices(), scale)
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` holding exactly :meth:`dense_weight` (and a copy of the bias)."""

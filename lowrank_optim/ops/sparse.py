@@ -3,10 +3,11 @@
 A support is a 1-D tensor of flat row-major indices into a dense tensor (``int32`` or ``int64``;
 ``int32`` suffices below 2³¹ elements and saves 4 bytes per entry).
 
-- ``lowrank_optim::sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha) -> ()``
+- ``lowrank_optim::sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha,
+  bool check_indices=True) -> ()``
   ``dense.view(-1)[flat_indices] += alpha * values`` in place (``dense`` must be contiguous); repeated
   indices accumulate.
-- ``lowrank_optim::sparse_gather(Tensor dense, Tensor flat_indices) -> Tensor``
+- ``lowrank_optim::sparse_gather(Tensor dense, Tensor flat_indices, bool check_indices=True) -> Tensor``
   ``dense.reshape(-1)[flat_indices]`` without copying a non-contiguous ``dense``.
 
 Every kernel checks every index before it reads or writes ``dense``: an index outside
@@ -14,7 +15,9 @@ Every kernel checks every index before it reads or writes ``dense``: an index ou
 was. SLTrain's supports are *sorted and unique* (strictly increasing); compiled kernels scatter such a
 support in parallel without atomics and hand any other one to ``index_add_`` (the default kernel), so
 the result is correct for every support and only the speed differs. The check is one extra read of the
-indices (and, on CUDA, one device-to-host copy of two integers: a synchronization).
+indices (and, on CUDA, one device-to-host copy of two integers: a synchronization). ``check_indices=False``
+skips it for a caller that has checked its support itself (``SLTrainLinear``, once per support: its
+forward and backward then never synchronize).
 
 How compiled kernels override these defaults
 --------------------------------------------
@@ -46,9 +49,10 @@ __all__ = ["sparse_gather", "sparse_scatter_add_"]
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 LIBRARY.define(
-    "sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha) -> ()"
+    "sparse_scatter_add_(Tensor(a!) dense, Tensor flat_indices, Tensor values, float alpha, "
+    "bool check_indices=True) -> ()"
 )
-LIBRARY.define("sparse_gather(Tensor dense, Tensor flat_indices) -> Tensor")
+LIBRARY.define("sparse_gather(Tensor dense, Tensor flat_indices, bool check_indices=True) -> Tensor")
 
 
 def _check_support(op_name: str, dense: Tensor, flat_indices: Tensor) -> None:
@@ -92,42 +96,51 @@ def _check_in_range(op_name: str, dense: Tensor, flat_indices: Tensor) -> None:
     )
 
 
-def _scatter_add_default(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float) -> None:
+def _scatter_add_default(
+    dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float, check_indices: bool = True
+) -> None:
     _check_scatter_args(dense, flat_indices, values)
-    _check_in_range("sparse_scatter_add_", dense, flat_indices)
+    if check_indices:
+        _check_in_range("sparse_scatter_add_", dense, flat_indices)
     # index_add_ takes int32 or int64 indices directly, so no int64 copy of the support is made.
     dense.view(-1).index_add_(0, flat_indices, values, alpha=alpha)
 
 
-def _scatter_add_fake(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float) -> None:
+def _scatter_add_fake(
+    dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float, check_indices: bool = True
+) -> None:
     _check_scatter_args(dense, flat_indices, values)
 
 
-def _gather_default(dense: Tensor, flat_indices: Tensor) -> Tensor:
+def _gather_default(dense: Tensor, flat_indices: Tensor, check_indices: bool = True) -> Tensor:
     _check_support("sparse_gather", dense, flat_indices)
-    _check_in_range("sparse_gather", dense, flat_indices)
+    if check_indices:
+        _check_in_range("sparse_gather", dense, flat_indices)
     if dense.is_contiguous():
         return dense.view(-1).index_select(0, flat_indices)
     # reshape(-1) would copy the whole dense tensor; indexing by coordinates reads only the support.
     return dense[torch.unravel_index(flat_indices, dense.shape)]
 
 
-def _gather_fake(dense: Tensor, flat_indices: Tensor) -> Tensor:
+def _gather_fake(dense: Tensor, flat_indices: Tensor, check_indices: bool = True) -> Tensor:
     _check_support("sparse_gather", dense, flat_indices)
     return dense.new_empty(flat_indices.shape)
 
 
-def _gather_setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-    dense, flat_indices = inputs
+def _gather_setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, bool], output: Tensor) -> None:
+    dense, flat_indices, check_indices = inputs
     ctx.save_for_backward(flat_indices)
     ctx.dense_shape = dense.shape
+    ctx.check_indices = check_indices
 
 
-def _gather_backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor, None]:
+def _gather_backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor, None, None]:
     (flat_indices,) = ctx.saved_tensors
     grad_dense = grad_values.new_zeros(ctx.dense_shape)
-    torch.ops.lowrank_optim.sparse_scatter_add_(grad_dense, flat_indices, grad_values.contiguous(), 1.0)
-    return grad_dense, None
+    torch.ops.lowrank_optim.sparse_scatter_add_(
+        grad_dense, flat_indices, grad_values.contiguous(), 1.0, ctx.check_indices
+    )
+    return grad_dense, None, None
 
 
 LIBRARY.impl("sparse_scatter_add_", _scatter_add_default, "CompositeExplicitAutograd")
@@ -139,19 +152,25 @@ torch.library.register_autograd(
 )
 
 
-def sparse_scatter_add_(dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float = 1.0) -> None:
+def sparse_scatter_add_(
+    dense: Tensor, flat_indices: Tensor, values: Tensor, alpha: float = 1.0, *, check_indices: bool = True
+) -> None:
     """``dense.view(-1)[flat_indices] += alpha * values`` in place (repeated indices accumulate).
 
     ``dense`` must be contiguous; ``values`` has ``dense``'s dtype and ``flat_indices``'s length; every
     index must lie in ``[0, dense.numel())`` (else ``IndexError``, ``dense`` untouched).
+    ``check_indices=False`` skips that check (and, on CUDA, its host synchronization): only for a caller
+    that has itself checked that the support is strictly increasing and within ``dense`` (as
+    :class:`~lowrank_optim.nn.SLTrainLinear` does once per support); anything else is then undefined.
     Not differentiable (it mutates); SLTrain's autograd function calls it with gradients off.
     """
     # Checked here too, so that errors have the same type and text whichever kernel runs.
     _check_scatter_args(dense, flat_indices, values)
-    torch.ops.lowrank_optim.sparse_scatter_add_(dense, flat_indices, values, float(alpha))
+    torch.ops.lowrank_optim.sparse_scatter_add_(dense, flat_indices, values, float(alpha), bool(check_indices))
 
 
-def sparse_gather(dense: Tensor, flat_indices: Tensor) -> Tensor:
-    """``dense.reshape(-1)[flat_indices]`` (a new tensor); differentiable in ``dense``."""
+def sparse_gather(dense: Tensor, flat_indices: Tensor, *, check_indices: bool = True) -> Tensor:
+    """``dense.reshape(-1)[flat_indices]`` (a new tensor); differentiable in ``dense``.
+    ``check_indices`` as for :func:`sparse_scatter_add_`."""
     _check_support("sparse_gather", dense, flat_indices)
-    return torch.ops.lowrank_optim.sparse_gather(dense, flat_indices)
+    return torch.ops.lowrank_optim.sparse_gather(dense, flat_indices, bool(check_indices))

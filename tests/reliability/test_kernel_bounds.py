@@ -250,3 +250,21 @@ def test_values_overlapping_dense_are_refused_by_every_kernel() -> None:
         assert torch.equal(dense, before)
     assert outcomes[0] == outcomes[1] and outcomes[0][0] is RuntimeError
     assert "refer to a single memory location" in outcomes[0][1]
+
+
+@pytest.mark.parametrize("corrupt", ["in place", "replaced"])
+def test_a_support_changed_after_construction_is_checked_before_use(corrupt: str) -> None:
+    """The layer's kernels skip their per-call index check for the support the layer checked; a support
+    changed since (in place, or a new tensor) is checked again at the next forward."""
+    layer = _layer()
+    x = torch.randn(3, 8)
+    layer(x)
+    if corrupt == "in place":
+        layer.indices[3] = 10**6
+    else:
+        layer.indices = layer.indices.flip(0)
+    message = r"SLTrainLinear.indices: entry 3 is 1000000, outside" if corrupt == "in place" else r"strictly increasing"
+    with pytest.raises(ValueError, match=message):
+        layer(x)
+    with pytest.raises(ValueError, match=message):
+        layer.dense_weight()
