@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from host_reads import recorded_host_reads
 from reference import FiraReference
 from roundtrip import checkpoint_roundtrip
 from torch import nn
@@ -161,30 +162,16 @@ def test_no_host_sync_between_refreshes(projector: str, monkeypatch: pytest.Monk
     """Between refreshes, the only tensors read on the host are the CPU ``step`` counters."""
     weights = [nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(8, 12))]
     optimizer = FiraAdamW([{"params": weights, "rank": 3, "update_proj_gap": 4, "projector": projector}], lr=0.01)
-    read: list[torch.Tensor] = []
-
-    def recording(name: str) -> Any:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            read.append(self)
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
     for step in range(1, 8):
         for w in weights:
             w.grad = torch.randn(w.shape)
         if step % 4 == 1:  # refresh steps (1, 5) check the gradient for NaN/Inf on the host
             optimizer.step()
             continue
-        with monkeypatch.context() as patch:
-            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-                patch.setattr(torch.Tensor, name, recording(name))
+        with recorded_host_reads(monkeypatch) as read:
             optimizer.step()
         steps = [optimizer.state[w]["step"] for w in weights]
         assert read and all(any(t is s for s in steps) for t in read)
-        read.clear()
 
 
 def test_foreach_equals_single_tensor_bitwise() -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from host_reads import recorded_host_reads
 from torch import nn
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
@@ -216,22 +217,9 @@ def test_skipping_adds_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     for seed in range(2):
         weight.grad, bias.grad = _grads((12, 8), seed)
         optimizer.step()
-    read: list[torch.Tensor] = []
     steps = [optimizer.state[p]["step"] for p in (weight, bias)]
-
-    def recording(name: str) -> Any:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            read.append(self)
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
     weight.grad, bias.grad = _poison(_grads((12, 8), 2)[0], float("nan"), (0, 0)), _grads((12, 8), 2)[1]
-    with monkeypatch.context() as patch:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-            patch.setattr(torch.Tensor, name, recording(name))
+    with recorded_host_reads(monkeypatch) as read:
         optimizer.step()
     assert read and all(any(t is s for s in steps) for t in read)
 
