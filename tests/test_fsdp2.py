@@ -1,0 +1,254 @@
+"""FSDP2 (``fully_shard``) on 1, 2 and 3 CPU ranks against single-process runs; see tests/distributed/fsdp2_worker.py.
+
+One torchrun launch per world size runs every selected case of that size (start-up dominates): 2 ranks
+(every case, and the ``reshard`` saves), 3 ranks (every case but those saves, and the 2->3 resumes),
+1 rank (the 2->1 resumes). Only the cases of this file's selected, unskipped tests are launched
+(``-k galore`` launches only GaLore's cases, plus the 2-rank saves its resumes read).
+
+A case that raises on every rank is reported by the worker, which goes on with the next case; any other
+failure (a crash, a case that raised on some ranks only) ends the launch, and the cases after the failed
+one are relaunched. Either way the failed case's test fails with the case name, the world size and the
+failing ranks' tracebacks (or the worker's stderr tail).
+
+``adamw`` (torch.optim.AdamW) is the harness's own check: FSDP2 must give it the single-process
+parameters. The low-rank optimizers need the package's FSDP2 support and wait behind ``LOWRANK`` (to
+lift the gate: drop ``LOWRANK`` and its use in ``_params``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed
+
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("needs torch.distributed with gloo", allow_module_level=True)
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+except ImportError:
+    pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
+
+WORKER = Path(__file__).parent / "distributed" / "fsdp2_worker.py"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+TIMEOUT = 600  # seconds per world size, relaunches included
+FP32_TOLERANCE = 1e-6
+
+LOWRANK = pytest.mark.skipif(
+    importlib.util.find_spec("lowrank_optim.distributed.fsdp2") is None, reason="FSDP2 layout not landed yet"
+)
+OPTIMIZERS = ("adamw", "galore", "fira", "dct")
+
+
+def _case(optimizer: str, option: str) -> str:
+    return optimizer if option == "plain" else f"{optimizer}:{option}"
+
+
+def _params(worlds: tuple[int, ...], options: tuple[str, ...]) -> list:
+    return [
+        pytest.param(
+            world,
+            _case(optimizer, option),
+            id=f"{world}ranks-{_case(optimizer, option)}",
+            marks=() if optimizer == "adamw" else (LOWRANK,),
+        )
+        for world in worlds
+        for optimizer in OPTIMIZERS
+        for option in options
+    ]
+
+
+def _skipped(item: pytest.Item) -> bool:
+    if any(True for _ in item.iter_markers("skip")):
+        return True
+    for mark in item.iter_markers("skipif"):
+        condition = mark.args[0] if mark.args else mark.kwargs.get("condition", True)
+        if not isinstance(condition, str) and condition:
+            return True
+    return False
+
+
+def _selected(items: list[pytest.Item]) -> dict[int, list[str]]:
+    """Per world size, the cases of this module's selected, unskipped tests (in order, plus the saves
+    that the selected resumes read)."""
+    module = sys.modules[__name__]
+    chosen: dict[int, list[str]] = {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is not module or not {"world", "case"} <= params.keys() or _skipped(item):
+            continue
+        world, case = params["world"], params["case"]
+        if case.endswith(":resume"):
+            save = case.replace(":resume", ":reshard")
+            if save not in chosen.setdefault(2, []):
+                chosen[2].append(save)
+        if case not in chosen.setdefault(world, []):
+            chosen[world].append(case)
+    return chosen
+
+
+def _torchrun(world: int, cases: list[str], directory: Path, timeout: float) -> tuple[str, str, int, bool]:
+    env = {**os.environ, "CKPT_DIR": str(directory), "OMP_NUM_THREADS": "1"}
+    # --standalone: a free port, so that concurrent launches (other test sessions) cannot collide.
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(world), str(WORKER), *cases]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=max(timeout, 1))
+            return stdout, stderr, process.returncode, False
+        except subprocess.TimeoutExpired:
+            # SIGTERM lets torchrun stop its workers (each runs in its own session); then make sure.
+            process.send_signal(signal.SIGTERM)
+            try:
+                stdout, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            return stdout, stderr, process.returncode, True
+
+
+def _stderr_excerpt(stderr: str, case: str) -> str:
+    """The failing ranks' tracebacks of ``case`` (the worker's ``CASE FAILED`` blocks; a rank's traceback
+    that repeats an earlier one is only named), else the tail of ``stderr``."""
+    pattern = rf"^(CASE FAILED {re.escape(case)} \(.*?\)\n)(.*?)(?:^END CASE FAILED {re.escape(case)}$|\Z)"
+    blocks = re.findall(pattern, stderr, re.S | re.M)
+    if not blocks:
+        text = stderr
+    else:
+        seen: set[str] = set()
+        parts = []
+        for header, body in blocks:
+            parts.append(header.rstrip() + (": the same traceback" if body in seen else "\n" + body.rstrip()))
+            seen.add(body)
+        text = "\n".join(parts)
+    return text if len(text) <= 12000 else text[:9000] + "\n[...]\n" + text[-3000:]
+
+
+class Launches:
+    """Runs each world size's cases once, on first demand, and hands out their outcomes."""
+
+    def __init__(self, selected: dict[int, list[str]], directory: Path) -> None:
+        self.selected = selected
+        self.directory = directory
+        self.results: dict[tuple[int, str], dict] = {}
+        self.failures: dict[tuple[int, str], str] = {}
+        self.launched: set[int] = set()
+
+    def outcome(self, world: int, case: str) -> dict:
+        if world != 2 and any(c.endswith(":resume") for c in self.selected.get(world, [])):
+            self._launch(2)  # the resumes read the 2-rank saves
+        self._launch(world)
+        if (world, case) in self.results:
+            return self.results[world, case]
+        pytest.fail(self.failures.get((world, case), f"{case} at {world} ranks was not launched"), pytrace=False)
+
+    def _launch(self, world: int) -> None:
+        if world in self.launched:
+            return
+        self.launched.add(world)
+        remaining = list(self.selected.get(world, []))
+        deadline = time.monotonic() + TIMEOUT
+        while remaining:
+            stdout, stderr, rc, timed_out = _torchrun(world, remaining, self.directory, deadline - time.monotonic())
+            started = [line[len("START ") :] for line in stdout.splitlines() if line.startswith("START ")]
+            for line in stdout.splitlines():
+                if line.startswith("RESULT "):
+                    outcome = json.loads(line[len("RESULT ") :])
+                    self.results[world, outcome["case"]] = outcome
+            report = (
+                f"torchrun --nproc_per_node {world} (rc {rc}{', timed out' if timed_out else ''}) on cases {remaining}\n"
+                f"--- worker stdout, tail ---\n{stdout[-1500:]}\n--- worker stderr ---\n"
+            )
+            for case in remaining:
+                outcome = self.results.get((world, case))
+                if outcome is not None and "error" in outcome:  # raised on every rank; the launch went on
+                    del self.results[world, case]
+                    self.failures[world, case] = (
+                        f"case {case} failed at {world} ranks: {outcome['error']}\n{report}{_stderr_excerpt(stderr, case)}"
+                    )
+            missing = [c for c in remaining if (world, c) not in self.results and (world, c) not in self.failures]
+            if rc == 0 and not missing:
+                return
+            if not missing:  # every case reported, yet the launch failed (e.g. at teardown)
+                for case in [c for c in remaining if (world, c) in self.results]:
+                    del self.results[world, case]
+                    self.failures[world, case] = (
+                        f"{case} at {world} ranks: the launch failed after its result.\n{report}{stderr[-6000:]}"
+                    )
+                return
+            # Cases run in order: the first one without a result is the one that failed.
+            failed = missing[0]
+            self.failures[world, failed] = f"case {failed} failed at {world} ranks.\n{report}{_stderr_excerpt(stderr, failed)}"
+            rest = remaining[remaining.index(failed) + 1 :]
+            if timed_out or not started or time.monotonic() >= deadline:
+                # No relaunch after a timeout or a failure before the first case.
+                for case in rest:
+                    self.failures[world, case] = (
+                        f"{case} at {world} ranks was not run: case {failed} failed first.\n{report}{stderr[-6000:]}"
+                    )
+                return
+            remaining = rest
+
+
+@pytest.fixture(scope="module")
+def fsdp2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Launches:
+    return Launches(_selected(request.session.items), tmp_path_factory.mktemp("fsdp2"))
+
+
+def _check_common(outcome: dict, world: int) -> None:
+    assert outcome["moved"] > 1e-2, f"{outcome['case']}: parameters barely moved: {outcome}"
+    assert len(outcome["state_numel"]) == world, outcome
+
+
+@pytest.mark.parametrize(("world", "case"), [(2, "nondivisible"), (3, "nondivisible")], ids=["2ranks", "3ranks"])
+def test_projected_rows_split_unevenly(fsdp2: Launches, world: int, case: str) -> None:
+    # The worker asserts it; the driver checks the report as well.
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["uneven"], outcome
+    assert all(sum(rows) == outcome["global_shapes"][name][0] for name, rows in outcome["rows"].items()), outcome
+
+
+@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("plain", "accum", "clip")))
+def test_matches_single_process_fp32(fsdp2: Launches, world: int, case: str) -> None:
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["tolerance"] == FP32_TOLERANCE, outcome
+    assert outcome["max_diff"] <= outcome["tolerance"], outcome
+    if case.endswith(":clip"):
+        assert outcome["min_grad_norm"] > 0.5, f"the clipping never bit: {outcome}"
+    _check_common(outcome, world)
+
+
+@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("bf16",)))
+def test_bf16_policy_within_two_ulps(fsdp2: Launches, world: int, case: str) -> None:
+    # Tolerance 2 * 2**-8 * max|param| over the fp32 masters; see the worker's docstring for the reference.
+    outcome = fsdp2.outcome(world, case)
+    assert 0 < outcome["tolerance"] < 0.05, outcome
+    assert outcome["max_diff"] <= outcome["tolerance"], outcome
+    _check_common(outcome, world)
+
+
+@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("dcp",)))
+def test_dcp_resume_is_bitwise(fsdp2: Launches, world: int, case: str) -> None:
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["tolerance"] == 0.0 and outcome["max_diff"] == 0.0, outcome
+    assert outcome["reference_diff"] <= FP32_TOLERANCE, outcome
+    _check_common(outcome, world)
+
+
+@pytest.mark.parametrize(("world", "case"), _params((1, 3), ("resume",)))
+def test_reshard_from_two_ranks(fsdp2: Launches, world: int, case: str) -> None:
+    """Saved at 2 ranks after 4 steps (``X:reshard``, itself compared with one process), resumed at
+    ``world`` ranks for the last 3, compared with the uninterrupted single-process run."""
+    saved = fsdp2.outcome(2, case.replace(":resume", ":reshard"))
+    assert saved["max_diff"] <= FP32_TOLERANCE, saved
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["tolerance"] == FP32_TOLERANCE, outcome
+    assert outcome["max_diff"] <= outcome["tolerance"], outcome
+    _check_common(outcome, world)
