@@ -1,5 +1,6 @@
 """lowrank_optim: memory-efficient pretraining optimizers (GaLore, ...) as drop-ins for torch.optim.AdamW."""
 
+from . import _layouts  # noqa: F401  (registers the layouts found from parameters, e.g. FSDP2's)
 from .optim import DCTAdamW, FiraAdamW, GaLoreAdamW, fira_adamw, galore_adamw, optimizer_state_bytes, param_groups
 
 __version__ = "0.1.0"

@@ -11,13 +11,11 @@ one are relaunched. Either way the failed case's test fails with the case name, 
 failing ranks' tracebacks (or the worker's stderr tail).
 
 ``adamw`` (torch.optim.AdamW) is the harness's own check: FSDP2 must give it the single-process
-parameters. The low-rank optimizers need the package's FSDP2 support and wait behind ``LOWRANK`` (to
-lift the gate: drop ``LOWRANK`` and its use in ``_params``).
+parameters; the low-rank optimizers must then do the same (lowrank_optim.distributed.fsdp2).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -42,9 +40,6 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMEOUT = 600  # seconds per world size, relaunches included
 FP32_TOLERANCE = 1e-6
 
-LOWRANK = pytest.mark.skipif(
-    importlib.util.find_spec("lowrank_optim.distributed.fsdp2") is None, reason="FSDP2 layout not landed yet"
-)
 OPTIMIZERS = ("adamw", "galore", "fira", "dct")
 
 
@@ -58,7 +53,6 @@ def _params(worlds: tuple[int, ...], options: tuple[str, ...]) -> list:
             world,
             _case(optimizer, option),
             id=f"{world}ranks-{_case(optimizer, option)}",
-            marks=() if optimizer == "adamw" else (LOWRANK,),
         )
         for world in worlds
         for optimizer in OPTIMIZERS
@@ -205,6 +199,17 @@ def fsdp2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def _check_common(outcome: dict, world: int) -> None:
     assert outcome["moved"] > 1e-2, f"{outcome['case']}: parameters barely moved: {outcome}"
     assert len(outcome["state_numel"]) == world, outcome
+    if outcome["case"].startswith("adamw"):
+        return
+    # The low-rank state is sharded as the parameters are: every element is held by some rank, and no
+    # rank holds more than an even share (10% for chunk rounding, plus the replicated scalars and indices).
+    reference = outcome["reference_state_numel"]
+    assert sum(outcome["state_numel"]) >= reference, outcome
+    assert max(outcome["state_numel"]) <= 1.1 * reference / world + 16, outcome
+    # One per-matrix step for every layout: the sharded run and the single-process reference both ran it.
+    local = "lowrank_optim.optim.exchange.LocalExchange"
+    sharded = "lowrank_optim.distributed.fsdp2._Exchange" if world > 1 else local
+    assert local in outcome["exchanges"] and sharded in outcome["exchanges"], outcome
 
 
 @pytest.mark.parametrize(("world", "case"), [(2, "nondivisible"), (3, "nondivisible")], ids=["2ranks", "3ranks"])

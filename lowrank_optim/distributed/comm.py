@@ -43,6 +43,11 @@ class Communicator(Protocol):
     def reduce_scatter(self, output: Tensor, input: Tensor) -> None: ...
 
 
+# torch 2.13 renamed the tensor-in, tensor-out collectives (the old names warn).
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class TorchCommunicator:
     """``torch.distributed`` collectives over ``group`` (``None``: the default group). Gloo (CPU) and NCCL
     both implement ``all_gather_into_tensor`` and ``reduce_scatter_tensor``."""
@@ -59,8 +64,20 @@ class TorchCommunicator:
 
     def all_gather(self, output: Tensor, input: Tensor) -> None:
         self.elements += chunk_sent(input.numel(), self.world_size)
-        dist.all_gather_into_tensor(output, input, group=self.group)
+        _ALL_GATHER(output, input, group=self.group)
 
     def reduce_scatter(self, output: Tensor, input: Tensor) -> None:
         self.elements += chunk_sent(output.numel(), self.world_size)
-        dist.reduce_scatter_tensor(output, input, group=self.group)
+        _REDUCE_SCATTER(output, input, group=self.group)
+
+    def gather(self, outputs: list[Tensor] | None, input: Tensor, dst: int) -> None:
+        """Every rank's ``input`` into ``outputs`` (rank order) on group rank ``dst`` (``None`` elsewhere)."""
+        if self.rank != dst:
+            self.elements += input.numel()
+        dist.gather(input, gather_list=outputs, dst=dist.get_global_rank(self.group, dst) if self.group else dst, group=self.group)
+
+    def broadcast(self, tensor: Tensor, src: int) -> None:
+        """``tensor`` of group rank ``src`` on every rank (counted once, on ``src``)."""
+        if self.rank == src:
+            self.elements += tensor.numel()
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)

@@ -172,6 +172,7 @@ class FragmentLayout:
         group's flat partitions are checked as whole tensors."""
         if "rank" not in group:
             self._dense.check_group(optimizer, group)
+            optimizer._check_state(group)
             return
         for position, flat in enumerate(group["params"]):
             if id(flat) not in self._partitions:
@@ -208,10 +209,22 @@ class FragmentLayout:
             comm.all_reduce(count)
         self._found_inf = count > 0
 
+    # Full-rank groups hold whole flat tensors: the optimizer's own step, with the dense layout's pieces.
+    def local(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def new_state(self, param: Tensor, shape: Any, dtype: torch.dtype, sharding: str, *, column_major: bool = False) -> Tensor:
+        return self._dense.new_state(param, shape, dtype, sharding, column_major=column_major)
+
+    def exchange(self, group: dict[str, Any], params: list[Tensor]) -> Any:
+        return self._dense.exchange(group, params)
+
     def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
         found_inf = self._found_inf if group["nonfinite"] == "skip" else None
         if "rank" not in group:
-            self._dense.step_group(optimizer, group, found_inf)
+            batch = optimizer._collect(group)
+            if batch is not None:
+                optimizer._step_group(group, batch, found_inf)
             return
         for flat in group["params"]:
             if flat.grad is not None:
@@ -434,8 +447,9 @@ def _refresh(
         if outcome != "applied":
             return False
     new: dict[str, list[Tensor]] = {}
-    for mp in held:
-        if mp.holders[0] == comm.rank and finite[mp.name]:
+    owners = _refresh_owners(plan, comm.world_size)
+    for mp in plan.matrices:
+        if owners[mp.name] == comm.rank and finite[mp.name]:
             side = resolve_side(group["proj_type"], mp.shape)
             new[mp.name] = _new_projector(group, grads[mp.name], side, effective_rank(group["rank"], mp.shape))
     if split:
@@ -462,6 +476,25 @@ def _refresh(
             local = _local_projector(group, mp, part, comm.rank, new[mp.name])
             _install_projector(group, matrices[mp.name], local, step)
     return True
+
+
+def _refresh_owners(plan: PartitionPlan, world_size: int) -> dict[str, int]:
+    """Which rank computes each matrix's projector at a refresh (the same answer on every rank). A matrix
+    held whole by one rank is its holder's; a split one's gradient reaches every rank (the refresh's
+    all-reduce), so the split ones go, largest SVD first, to the least loaded rank (ZeRO-3 cuts every
+    matrix, and the lowest holder would be rank 0 for all of them)."""
+    loads = [0] * world_size
+    owners: dict[str, int] = {}
+    cost = {mp.name: mp.numel * min(mp.shape) for mp in plan.matrices}
+    for mp in plan.matrices:
+        if not mp.split:
+            owners[mp.name] = mp.holders[0]
+            loads[mp.holders[0]] += cost[mp.name]
+    for mp in sorted((mp for mp in plan.matrices if mp.split), key=lambda mp: (-cost[mp.name], mp.name)):
+        owner = min(range(world_size), key=lambda k: (loads[k], k))
+        owners[mp.name] = owner
+        loads[owner] += cost[mp.name]
+    return owners
 
 
 def _projector_numel(group: dict[str, Any], mp: MatrixPlan) -> int:

@@ -100,7 +100,10 @@ def check_projection_group(group: dict[str, Any], index: int) -> None:
         if len(matrix_shape(param)) != 2:
             raise ValueError(
                 f"Param {position} of param group {index} has shape {matrix_shape(param)}: only 2-D tensors can "
-                "be projected. Put it in a group without 'rank' (lowrank_optim.param_groups does this)."
+                "be projected. Put it in a group without 'rank' (lowrank_optim.param_groups does this). If it is "
+                "a flattened parameter (FSDP1 without use_orig_params=True, or another engine's flat buffer), "
+                "projecting it is impossible: wrap the model with FSDP2's fully_shard (or FSDP1 with "
+                "use_orig_params=True), or bind to DeepSpeed ZeRO with lowrank_optim.deepspeed."
             )
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..ops.fira import FIRA_RESIDUAL_DTYPES, fira_residual_accepts
 from ..projection import FIRA_GAMMA, fira_coefficients
 from ._validation import check_fira_options, normalize_scalars, resolve_alpha_alias
+from .exchange import Exchange
 from .galore import FiraTerm, GaLoreAdamW, Projection, _Batch, galore_adamw
 
 __all__ = ["FiraAdamW", "fira_adamw"]
@@ -159,6 +160,7 @@ class FiraAdamW(GaLoreAdamW):
             on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
             skip_counts=batch.skip_counts,
             found_inf=found_inf,
+            exchange=self.layout.exchange(group, batch.sources),
         )
 
 
@@ -189,12 +191,13 @@ def fira_adamw(
     on_nonfinite_refresh: Callable[[int, int, str], None] | None = None,
     skip_counts: list[Tensor] | None = None,
     found_inf: Tensor | None = None,
+    exchange: Exchange | None = None,
 ) -> None:
     """Functional Fira-AdamW step: :func:`~lowrank_optim.optim.galore_adamw` with the residual term.
 
     ``residual_norms[i]`` is the limiter state (0-dim fp32 tensor) of projected parameter ``i``, updated
     in place; ``None`` for full-rank parameters. Its first step (``state_steps[i] == 0``) only stores the
-    norm. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts`` and ``found_inf`` as in
+    norm. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts``, ``found_inf`` and ``exchange`` as in
     :func:`~lowrank_optim.optim.galore_adamw`.
     """
     subtract, residual_scale = fira_coefficients(alpha, residual)
@@ -221,5 +224,6 @@ def fira_adamw(
         on_nonfinite_refresh=on_nonfinite_refresh,
         skip_counts=skip_counts,
         found_inf=found_inf,
+        exchange=exchange,
         fira=FiraTerm(residual_norms, subtract, residual_scale, gamma),
     )

@@ -47,13 +47,15 @@ from ..projection import (
     lowrank_shape,
     project,
     project_back,
-    refresh_dct_selection_,
-    refresh_svd_basis_,
+    carry_moment_,
+    fira_residual,
+    limit_norm_growth_,
     resolve_scoring,
     resolve_side,
     scale_and_limit_residual_,
     scoring_input,
     select_dct_indices,
+    svd_basis,
 )
 from ._state import StateDtypeKeeper
 from ._validation import (
@@ -70,7 +72,8 @@ from ._validation import (
     matrix_shape,
     normalize_scalars,
 )
-from .layout import DenseLayout, Layout
+from .exchange import LOCAL, Exchange
+from .layout import DenseLayout, GroupStepper, Layout, layout_for
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
@@ -113,6 +116,8 @@ class _Batch(NamedTuple):
     projections: list[Projection]
     states: list[dict[str, Any]]
     skip_counts: list[Tensor]
+    #: The parameters as ``param_groups`` hold them (``params`` are their local blocks, see ``Layout.local``).
+    sources: list[Tensor]
 
 
 class GaLoreAdamW(Optimizer):
@@ -221,8 +226,10 @@ class GaLoreAdamW(Optimizer):
         #: What _init_state builds per kind of parameter, for _check_state.
         self._expected_states: dict[tuple, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         Optimizer.__init__(self, params, defaults)
-        #: How ``param_groups`` map onto parameters; DeepSpeed binding replaces it (lowrank_optim.deepspeed.bind).
-        self.layout: Layout = DenseLayout()
+        #: How ``param_groups`` map onto whole matrices: whole tensors, or FSDP2's DTensor shards (found
+        #: from the parameters, :func:`~lowrank_optim.optim.layout.layout_for`); DeepSpeed binding replaces
+        #: it (lowrank_optim.deepspeed.bind).
+        self.layout: Layout = layout_for([p for group in self.param_groups for p in group["params"]])
         StateDtypeKeeper(self, self._intended_state_dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -245,7 +252,7 @@ class GaLoreAdamW(Optimizer):
                 for index, group in enumerate(self.param_groups)
                 for position, param in enumerate(group["params"])
             }
-            self.layout = DenseLayout()
+            self.layout = layout_for([p for group in self.param_groups for p in group["params"]])
             StateDtypeKeeper(self, self._intended_state_dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -374,13 +381,18 @@ class GaLoreAdamW(Optimizer):
         return None
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        """The state of one parameter, every tensor made by the layout (:meth:`Layout.new_state`) from its
+        whole shape and how it lines up with the parameter: ``rows`` (dimension 0 runs along the
+        parameter's rows), ``columns`` (dimension 1 along its columns) or ``replicated``."""
         moment_dtype = group["moment_dtype"] or param.dtype
+        new = self.layout.new_state
         # A CPU scalar like torch's Adam: reading it for the refresh decision never syncs a device.
         state[STEP] = torch.tensor(0.0, dtype=torch.float32)
         if "rank" in group:
             side = resolve_side(group["proj_type"], param.shape)
             rank = effective_rank(group["rank"], param.shape)
             moment_shape = lowrank_shape(param.shape, rank, side)
+            moments = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
             left_shape, right_shape = basis_shapes(param.shape, rank, side)
             if group["projector"] == "dct":
                 # Placeholders until the first refresh (always at the first step) selects frequencies.
@@ -393,13 +405,13 @@ class GaLoreAdamW(Optimizer):
                 # GEMM's rounding can depend on its operands' layout (MKL's AVX-512 kernels do), and with
                 # the same layout the projections are bit-identical to galore-torch's.
                 if left_shape is not None:
-                    state[BASIS_LEFT] = torch.zeros(left_shape[::-1], dtype=param.dtype, device=param.device).T
+                    state[BASIS_LEFT] = new(param, left_shape, param.dtype, "rows", column_major=True)
                 if right_shape is not None:
-                    state[BASIS_RIGHT] = torch.zeros(right_shape[::-1], dtype=param.dtype, device=param.device).T
+                    state[BASIS_RIGHT] = new(param, right_shape, param.dtype, "columns", column_major=True)
         else:
-            moment_shape = param.shape
-        state[EXP_AVG] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
-        state[EXP_AVG_SQ] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
+            moment_shape, moments = param.shape, "rows"
+        state[EXP_AVG] = new(param, moment_shape, moment_dtype, moments)
+        state[EXP_AVG_SQ] = new(param, moment_shape, moment_dtype, moments)
 
     @staticmethod
     def _projection(group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> Projection:
@@ -437,7 +449,7 @@ class GaLoreAdamW(Optimizer):
         """What the functional step calls when a refresh meets a NaN/Inf gradient."""
 
         def report(index: int, step: int, outcome: str) -> None:
-            param = batch.params[index]
+            param = batch.sources[index]
             group, position = self._where(param)
             self._warn_nonfinite(f"param {position} in param group {group} (shape {tuple(param.shape)})", step + 1, outcome)
 
@@ -456,25 +468,29 @@ class GaLoreAdamW(Optimizer):
         return counts
 
     def _collect(self, group: dict[str, Any]) -> _Batch | None:
-        """The group's parameters that have a gradient, with their state (initialized on first use)."""
-        batch = _Batch([], [], [], [], [], [], [], [])
+        """The group's parameters that have a gradient, with their state (initialized on first use), as
+        the local blocks the functional step works on (:meth:`Layout.local`)."""
+        batch = _Batch([], [], [], [], [], [], [], [], [])
+        local = self.layout.local
         for param in group["params"]:
             if param.grad is None:
                 continue
             state = self.state[param]
             if not state:
                 self._init_state(group, param, state)
-            batch.params.append(param)
-            batch.grads.append(param.grad)
-            batch.exp_avgs.append(state[EXP_AVG])
-            batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
+            view = {key: local(value) for key, value in state.items()}
+            batch.params.append(local(param))
+            batch.grads.append(local(param.grad))
+            batch.exp_avgs.append(view[EXP_AVG])
+            batch.exp_avg_sqs.append(view[EXP_AVG_SQ])
             batch.steps.append(state[STEP])
-            batch.projections.append(self._projection(group, param, state))
-            batch.states.append(state)
+            batch.projections.append(self._projection(group, param, view))
+            batch.states.append(view)
             count = self._skip_counts.get(param)
-            if count is None or count.device != param.device:
-                count = self._skip_counts[param] = torch.zeros((), dtype=torch.int64, device=param.device)
+            if count is None or count.device != batch.params[-1].device:
+                count = self._skip_counts[param] = torch.zeros((), dtype=torch.int64, device=batch.params[-1].device)
             batch.skip_counts.append(count)
+            batch.sources.append(param)
         return batch if batch.params else None
 
     def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
@@ -502,6 +518,7 @@ class GaLoreAdamW(Optimizer):
             on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
             skip_counts=batch.skip_counts,
             found_inf=found_inf,
+            exchange=self.layout.exchange(group, batch.sources),
         )
 
     @torch.no_grad()
@@ -514,12 +531,25 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # The DeepSpeed fragment layout still steps its groups itself (it predates the shared step).
+        steps_itself = isinstance(self.layout, GroupStepper)
         for index, group in enumerate(self.param_groups):
             self.layout.check_group(self, group)
+            if not steps_itself:
+                self._check_state(group)
             self._check_step(group, index)
-        self.layout.begin_step(self)
+        if steps_itself:
+            self.layout.begin_step(self)
+            found_inf = None
+        else:
+            found_inf = self.layout.begin_step(self.param_groups)
         for group in self.param_groups:
-            self.layout.step_group(self, group)
+            if steps_itself:
+                self.layout.step_group(self, group)
+                continue
+            batch = self._collect(group)
+            if batch is not None:
+                self._step_group(group, batch, found_inf if group["nonfinite"] == "skip" else None)
         return loss
 
 
@@ -562,6 +592,7 @@ def galore_adamw(
     skip_counts: list[Tensor] | None = None,
     found_inf: Tensor | None = None,
     fira: FiraTerm | None = None,
+    exchange: Exchange | None = None,
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
 
@@ -585,6 +616,10 @@ def galore_adamw(
     call: ``fused=None`` means fused when kernels loaded for every parameter's device and ``foreach`` is
     not ``True``; a fused step runs the single-tensor loop with the kernels (a kernel that does not take
     a parameter's dtypes, e.g. Fira's residual for fp16, runs the reference arithmetic for it).
+
+    ``exchange`` (:mod:`lowrank_optim.optim.exchange`) says how the tensors map onto whole matrices:
+    ``None`` for whole tensors; a distributed layout passes local blocks (its rows of each matrix, the
+    local pieces of its state) with the collectives that combine them. The arithmetic is the same.
     """
     if fused and foreach:
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
@@ -593,8 +628,7 @@ def galore_adamw(
         fused = not foreach and bool(params) and all(kernels_available(p.device) for p in params)
     if foreach is None:
         foreach = not fused and bool(params) and all(p.device.type == "cuda" for p in params)
-    impl = _multi_tensor_galore_adamw if foreach else _single_tensor_galore_adamw
-    impl(
+    _galore_adamw_impl(
         params,
         grads,
         exp_avgs,
@@ -617,6 +651,8 @@ def galore_adamw(
         found_inf=found_inf,
         fira=fira,
         kernels=_FUSED if fused else _REFERENCE,
+        foreach=foreach,
+        exchange=LOCAL if exchange is None else exchange,
     )
 
 
@@ -797,100 +833,39 @@ _REFERENCE = _Kernels(_moments_reference, _fira_residual_reference, select_dct_i
 _FUSED = _Kernels(_moments_fused, _fira_residual_fused, _select_dct_indices_fused)
 
 
-def _refresh(
-    grad: Tensor,
-    projection: Subspace | DCTSelection,
-    scoring: str,
-    moments: tuple[Tensor, ...],
-    select_dct: Callable[[Tensor, int, Side, str], Tensor],
-) -> bool:
-    """Recompute ``projection`` in place from ``grad``; ``moments`` are remapped where the projector
-    defines how (DCT frequencies), else left as they are. ``False``: NaN/Inf, previous one kept."""
+def _basis_rank(subspace: Subspace) -> int:
+    """``r`` of a stored SVD projection, from the dimension no layout splits (``m x r`` left, ``r x n`` right)."""
+    return subspace.left.shape[1] if subspace.left is not None else subspace.right.shape[0]
+
+
+def _new_projector(
+    grad: Tensor, projection: Subspace | DCTSelection, scoring: str, select_dct: Callable[[Tensor, int, Side, str], Tensor]
+) -> list[Tensor]:
+    """The whole projector a refresh computes from the whole gradient: ``[left?, right?]`` SVD bases
+    (:func:`~lowrank_optim.projection.svd_basis`) or DCT frequency indices, for the sides in use."""
     if isinstance(projection, DCTSelection):
-        return refresh_dct_selection_(grad, projection, scoring, moments, select=select_dct)
-    return refresh_svd_basis_(grad, projection)
+        return [
+            select_dct(grad, indices.numel(), side, scoring)
+            for indices, side in ((projection.left, Side.LEFT), (projection.right, Side.RIGHT))
+            if indices is not None
+        ]
+    left, right = svd_basis(grad, _basis_rank(projection), projection.side)
+    return [basis for basis in (left, right) if basis is not None]
 
 
-def _project_gradient(
-    grad: Tensor,
-    projection: Projection,
-    step: int,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    *,
-    update_proj_gap: int,
-    scoring: str,
-    moment_policy: str,
-    skip_nonfinite: bool,
-    on_nonfinite_refresh: Callable[[int, int, str], None],
-    index: int,
-    found_inf: Tensor | None,
-    kernels: _Kernels,
-) -> tuple[Tensor, Subspace | None] | None:
-    """Refresh the projection when due, then return ``R`` in the moments' dtype and the subspace to
-    project back with (``None``: skip this param now, its counter stays: a refresh met a NaN/Inf, or
-    ``found_inf`` was set, which a refresh reads on the host since it synchronizes anyway)."""
-    if projection is None:
-        return (grad if grad.dtype == exp_avg.dtype else grad.to(exp_avg.dtype)), None
-    if step % update_proj_gap == 0:
-        if found_inf is not None and bool(found_inf):  # a skipped step must not refresh the state either
-            on_nonfinite_refresh(index, step, "deferred" if step == 0 else "skipped")
-            return None
-        # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
-        carried = (exp_avg, exp_avg_sq) if step > 0 and moment_policy == "keep" else ()
-        if not _refresh(grad, projection, scoring, carried, kernels.select_dct):
-            if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
-                on_nonfinite_refresh(index, step, "deferred")
-                return None
-            if skip_nonfinite:
-                on_nonfinite_refresh(index, step, "skipped")
-                return None
-            on_nonfinite_refresh(index, step, "applied")
-        elif step > 0 and moment_policy == "reset":
-            exp_avg.zero_()
-            exp_avg_sq.zero_()
+def _install_projector(projection: Subspace | DCTSelection, new: list[Tensor], moments: tuple[Tensor, ...]) -> None:
+    """Store a new projector (this process's pieces of it) in the projection's state tensors. ``moments``
+    follow their DCT frequencies (:func:`~lowrank_optim.projection.carry_moment_`); SVD moments carry over."""
     if isinstance(projection, DCTSelection):
-        subspace = dct_subspace(projection, grad.shape, grad.dtype, grad.device)
-    else:
-        subspace = projection
-    return project(grad, subspace).to(exp_avg.dtype), subspace
-
-
-def _apply_update(
-    param: Tensor,
-    grad: Tensor,
-    lowrank: Tensor,
-    normalized: Tensor,
-    subspace: Subspace | None,
-    *,
-    step_size: float,
-    scale: float,
-    fira: FiraTerm | None,
-    residual_norm: Tensor | None,
-    first: bool,
-    skip: Tensor | None,
-    kernels: _Kernels,
-) -> None:
-    """``W -= step_size · update`` for one parameter: ``N``, ``scale · back(N)``, or with Fira
-    ``scale · back(N) + residual_scale · limited(S)``. The one place both implementations update. A
-    skipped update has ``N = 0`` and no residual, so ``W`` is left as it is."""
-    if subspace is None:
-        param.add_(normalized, alpha=-step_size)
-    elif fira is None:
-        add_project_back_(param, normalized, subspace, alpha=-step_size * scale)
-    else:
-        residual = kernels.fira_residual(grad, lowrank, normalized, subspace, residual_norm, fira, first, skip)
-        # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
-        update = add_project_back_(residual, normalized, subspace, alpha=scale)
-        param.add_(update, alpha=-step_size)
-
-
-def _skip_flag(lowrank: Tensor, skip_nonfinite: bool, found_inf: Tensor | None) -> Tensor | None:
-    """The 0-dim bool "do not update" flag of one parameter (``None``: never skipped)."""
-    if not skip_nonfinite:
-        return found_inf
-    flag = nonfinite_flag(lowrank)
-    return flag if found_inf is None else flag.logical_or_(found_inf)
+        for (indices, dim), value in zip(
+            [(t, d) for t, d in ((projection.left, 0), (projection.right, -1)) if t is not None], new
+        ):
+            for moment in moments:
+                carry_moment_(moment, indices, value, dim)
+            indices.copy_(value)
+        return
+    for stored, value in zip([t for t in (projection.left, projection.right) if t is not None], new):
+        stored.copy_(value)
 
 
 def _count_skip(skip_counts: list[Tensor] | None, index: int, skip: Tensor | int | None) -> None:
@@ -898,83 +873,65 @@ def _count_skip(skip_counts: list[Tensor] | None, index: int, skip: Tensor | int
         skip_counts[index].add_(skip)
 
 
-def _single_tensor_galore_adamw(
-    params: list[Tensor],
+def _refresh_due(
+    due: list[int],
     grads: list[Tensor],
+    projections: list[Projection],
+    steps: list[int],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    subspaces: list[Projection],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    correct_bias: bool,
-    update_proj_gap: int,
-    scale: float,
     scoring: str,
     moment_policy: str,
     skip_nonfinite: bool,
     on_nonfinite_refresh: Callable[[int, int, str], None],
-    skip_counts: list[Tensor] | None,
     found_inf: Tensor | None,
-    fira: FiraTerm | None,
     kernels: _Kernels,
-) -> None:
-    for index, (param, grad, exp_avg, exp_avg_sq, step_t, projection) in enumerate(
-        zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, subspaces)
-    ):
-        step = int(step_t.item())
-        projected = _project_gradient(
-            grad,
-            projection,
-            step,
-            exp_avg,
-            exp_avg_sq,
-            update_proj_gap=update_proj_gap,
-            scoring=scoring,
-            moment_policy=moment_policy,
-            skip_nonfinite=skip_nonfinite,
-            on_nonfinite_refresh=on_nonfinite_refresh,
-            index=index,
-            found_inf=found_inf,
-            kernels=kernels,
-        )
-        if projected is None:
-            _count_skip(skip_counts, index, 1)
+    exchange: Exchange,
+) -> set[int]:
+    """Refresh the projections of the matrices ``due`` now; return those whose update must be skipped
+    (their counter stays, so the refresh is retried at the next step): a refresh that met a NaN/Inf
+    gradient with no projection to fall back on (or with ``nonfinite="skip"``), or every one when
+    ``found_inf`` is set (read on the host: a refresh synchronizes anyway)."""
+    if found_inf is not None and bool(found_inf):  # a skipped step must not refresh the state either
+        for index in due:
+            on_nonfinite_refresh(index, steps[index], "deferred" if steps[index] == 0 else "skipped")
+        return set(due)
+    wholes, finite = exchange.refresh_gradients(due, [grads[index] for index in due])
+    new = [
+        None if whole is None or not ok else _new_projector(whole, projections[index], scoring, kernels.select_dct)
+        for index, whole, ok in zip(due, wholes, finite)
+    ]
+    local = exchange.share_projectors(due, [projections[index].side for index in due], new, finite)
+    skipped = set()
+    for index, ok, pieces in zip(due, finite, local):
+        step = steps[index]
+        if not ok:
+            if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
+                on_nonfinite_refresh(index, step, "deferred")
+                skipped.add(index)
+            elif skip_nonfinite:
+                on_nonfinite_refresh(index, step, "skipped")
+                skipped.add(index)
+            else:
+                on_nonfinite_refresh(index, step, "applied")
             continue
-        lowrank, subspace = projected
-        skip = _skip_flag(lowrank, skip_nonfinite, found_inf)
-        _count_skip(skip_counts, index, skip)
-        step_t += 1
-        normalized = kernels.moments(lowrank, exp_avg, exp_avg_sq, beta1, beta2, eps, skip)
-        _apply_update(
-            param,
-            grad,
-            lowrank,
-            normalized,
-            subspace,
-            step_size=_step_size(lr, beta1, beta2, step + 1, correct_bias),
-            scale=scale,
-            fira=fira,
-            residual_norm=None if fira is None else fira.residual_norms[index],
-            first=step == 0,
-            skip=skip,
-            kernels=kernels,
-        )
-        if weight_decay > 0.0:
-            _decay_(param, lr, weight_decay, skip)
+        # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
+        carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy == "keep" else ()
+        _install_projector(projections[index], pieces, carried)
+        if step > 0 and moment_policy == "reset":
+            exp_avgs[index].zero_()
+            exp_avg_sqs[index].zero_()
+    return skipped
 
 
-def _multi_tensor_galore_adamw(
+def _galore_adamw_impl(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    subspaces: list[Projection],
+    projections: list[Projection],
     *,
     lr: float,
     beta1: float,
@@ -992,76 +949,127 @@ def _multi_tensor_galore_adamw(
     found_inf: Tensor | None,
     fira: FiraTerm | None,
     kernels: _Kernels,
+    foreach: bool,
+    exchange: Exchange,
 ) -> None:
-    """The same step with the elementwise moment arithmetic batched into ``torch._foreach_*`` calls.
+    """The one GaLore/Fira/DCT step, on local blocks, in phases; between phases ``exchange`` combines
+    what the pieces of a matrix share (identities for whole tensors, see :mod:`.exchange`).
 
-    Projection and back-projection stay per parameter (they are matmuls); the moment update and the
-    normalization run once over all the (low-rank) moments of the group (``kernels.moments`` is unused:
-    ``foreach`` is never fused). With skip flags the moment update runs per tensor
-    (:func:`_update_moments_foreach_`); the normalization stays batched; the decay is per tensor either way
-    (:func:`_decay_`).
+    1. refresh the projections due now (owner computes, holders install);  2. project each block and
+    combine the partial projections into ``R``;  3. skip flags;  4. the moments and ``N`` (the ops of
+    ``kernels``, or ``torch._foreach_*`` batched over the group);  5. ``N`` (and ``R``) for each block,
+    back-projection, Fira's residual (its norm combined over pieces), decay. ``foreach`` is never fused.
     """
-    active: list[int] = []
-    lowranks: list[Tensor] = []
-    used_subspaces: list[Subspace | None] = []
-    for index, (grad, exp_avg, exp_avg_sq, step_t, projection) in enumerate(
-        zip(grads, exp_avgs, exp_avg_sqs, state_steps, subspaces)
-    ):
-        projected = _project_gradient(
-            grad,
-            projection,
-            int(step_t.item()),
-            exp_avg,
-            exp_avg_sq,
-            update_proj_gap=update_proj_gap,
+    steps = [int(step_t.item()) for step_t in state_steps]
+    due = [i for i, projection in enumerate(projections) if projection is not None and steps[i] % update_proj_gap == 0]
+    skipped: set[int] = set()
+    if due:
+        skipped = _refresh_due(
+            due,
+            grads,
+            projections,
+            steps,
+            exp_avgs,
+            exp_avg_sqs,
             scoring=scoring,
             moment_policy=moment_policy,
             skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
-            index=index,
             found_inf=found_inf,
             kernels=kernels,
+            exchange=exchange,
         )
-        if projected is None:
-            _count_skip(skip_counts, index, 1)
-        else:
-            active.append(index)
-            lowranks.append(projected[0])
-            used_subspaces.append(projected[1])
+    for index in sorted(skipped):
+        _count_skip(skip_counts, index, 1)
+    active = [i for i in range(len(params)) if i not in skipped]
     if not active:
         return
-    exp_avgs = [exp_avgs[i] for i in active]
-    exp_avg_sqs = [exp_avg_sqs[i] for i in active]
-    skips = [_skip_flag(lowrank, skip_nonfinite, found_inf) for lowrank in lowranks]
-    for index, skip in zip(active, skips):
-        _count_skip(skip_counts, index, skip)
-    _update_moments_foreach_(lowranks, exp_avgs, exp_avg_sqs, beta1, beta2, None if skips[0] is None else skips)
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denominators, eps)
-    for position, (index, exp_avg, update) in enumerate(zip(active, exp_avgs, denominators)):
-        # Divide per tensor into the denominator's buffer: no second list of temporaries, and the
-        # same rounding as the single-tensor path.
-        torch.div(exp_avg, update, out=update)
-        skip = skips[position]
-        if skip is not None:
-            update.masked_fill_(skip, 0.0)
-        step_t = state_steps[index]
-        step_t += 1
-        step = int(step_t.item())
-        _apply_update(
-            params[index],
-            grads[index],
-            lowranks[position],
-            update,
-            used_subspaces[position],
-            step_size=_step_size(lr, beta1, beta2, step, correct_bias),
-            scale=scale,
-            fira=fira,
-            residual_norm=None if fira is None else fira.residual_norms[index],
-            first=step == 1,
-            skip=skip,
-            kernels=kernels,
+
+    # 2. R = project(G) as the moments hold it, in their dtype.
+    projected = [i for i in active if projections[i] is not None]
+    sides = [projections[i].side for i in projected]
+    stored = [
+        dct_subspace(projections[i], exchange.shape(i, grads[i]), grads[i].dtype, grads[i].device)
+        if isinstance(projections[i], DCTSelection)
+        else projections[i]
+        for i in projected
+    ]
+    subspaces: dict[int, Subspace] = dict(zip(projected, exchange.subspaces(projected, stored)))
+    partials = [project(grads[i], subspaces[i]) for i in projected]
+    lowranks: dict[int, Tensor] = dict(zip(projected, exchange.lowranks(projected, sides, partials)))
+    for i in active:
+        lowrank = lowranks.get(i, grads[i])
+        lowranks[i] = lowrank if lowrank.dtype == exp_avgs[i].dtype else lowrank.to(exp_avgs[i].dtype)
+
+    # 3. Whether each update is skipped (decided on the device, alike for every piece of a matrix).
+    if skip_nonfinite:
+        flags = exchange.flags(active, [nonfinite_flag(lowranks[i]) for i in active])
+        skips = {i: flag if found_inf is None else flag.logical_or_(found_inf) for i, flag in zip(active, flags)}
+    else:
+        skips = {i: found_inf for i in active}
+    for i in active:
+        _count_skip(skip_counts, i, skips[i])
+
+    # 4. Moments and N = M / (sqrt(V) + eps).
+    normalized: dict[int, Tensor] = {}
+    if foreach:
+        moments_m = [exp_avgs[i] for i in active]
+        moments_v = [exp_avg_sqs[i] for i in active]
+        flags = [skips[i] for i in active]
+        _update_moments_foreach_(
+            [lowranks[i] for i in active], moments_m, moments_v, beta1, beta2, None if flags[0] is None else flags
         )
+        denominators = torch._foreach_sqrt(moments_v)
+        torch._foreach_add_(denominators, eps)
+        for i, exp_avg, update in zip(active, moments_m, denominators):
+            # Divide per tensor into the denominator's buffer: no second list of temporaries, and the
+            # same rounding as the single-tensor path.
+            torch.div(exp_avg, update, out=update)
+            if skips[i] is not None:
+                update.masked_fill_(skips[i], 0.0)
+            normalized[i] = update
+    else:
+        for i in active:
+            normalized[i] = kernels.moments(lowranks[i], exp_avgs[i], exp_avg_sqs[i], beta1, beta2, eps, skips[i])
+    for i in active:
+        state_steps[i] += 1
+
+    # 5. The update of each block: W -= step · (scale · back(N) [+ Fira's residual]), then decay.
+    block_n, block_r = exchange.block_terms(
+        projected, sides, [normalized[i] for i in projected], None if fira is None else [lowranks[i] for i in projected]
+    )
+    block_n = dict(zip(projected, block_n))
+    block_r = {} if block_r is None else dict(zip(projected, block_r))
+    step_sizes = {i: _step_size(lr, beta1, beta2, steps[i] + 1, correct_bias) for i in active}
+    split_residuals: dict[int, Tensor] = {}
+    for i in active:
+        param, subspace = params[i], subspaces.get(i)
+        if subspace is None:
+            param.add_(normalized[i], alpha=-step_sizes[i])
+        elif fira is None:
+            add_project_back_(param, block_n[i], subspace, alpha=-step_sizes[i] * scale)
+        elif exchange.whole(i):
+            residual = kernels.fira_residual(
+                grads[i], block_r[i], block_n[i], subspace, fira.residual_norms[i], fira, steps[i] == 0, skips[i]
+            )
+            # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
+            param.add_(add_project_back_(residual, block_n[i], subspace, alpha=scale), alpha=-step_sizes[i])
+        else:
+            split_residuals[i] = fira_residual(grads[i], block_r[i], block_n[i], subspace, subtract=fira.subtract)
+    if split_residuals:
+        # A matrix split over processes: ||S||_F from every piece's sum of squares, then the same limiter.
+        indices = list(split_residuals)
+        norms = exchange.residual_norms(indices, [split_residuals[i] for i in indices])
+        for i, norm in zip(indices, norms):
+            residual = limit_norm_growth_(
+                split_residuals[i], fira.residual_norms[i], gamma=fira.gamma, first=steps[i] == 0, norm=norm, skip=skips[i]
+            )
+            if fira.residual_scale != 1.0:
+                residual.mul_(fira.residual_scale)
+            if skips[i] is not None:
+                residual.masked_fill_(skips[i], 0.0)
+            update = add_project_back_(residual, block_n[i], subspaces[i], alpha=scale)
+            params[i].add_(update, alpha=-step_sizes[i])
     if weight_decay > 0.0:
-        for index, skip in zip(active, skips):
-            _decay_(params[index], lr, weight_decay, skip)
+        for i in active:
+            _decay_(params[i], lr, weight_decay, skips[i])

@@ -1,35 +1,72 @@
-"""Where an optimizer's tensors come from: the layout object a low-rank optimizer steps its groups through.
+"""Where an optimizer's tensors come from: the layout a low-rank optimizer steps its groups through.
 
-The optimizers never branch on the training backend. ``GaLoreAdamW.step()`` hands every param group to
-``optimizer.layout.step_group``; the layout knows which element ranges of which parameters the group's
-tensors hold. :class:`DenseLayout` (the default) is the plain case: every tensor is a whole parameter
-and nothing is communicated. :mod:`lowrank_optim.distributed` provides the layouts for DeepSpeed ZeRO's
-flat partitions.
+The optimizer owns the step (:func:`~lowrank_optim.optim.galore_adamw`, written once); a layout
+supplies only what differs between backends: the local block of each parameter, its state tensors
+made to match, and the :class:`~lowrank_optim.optim.exchange.Exchange` that combines the pieces of a
+matrix. :class:`DenseLayout` (whole tensors, no communication) is the default;
+:func:`layout_for` picks another one from the parameters themselves (FSDP2's DTensors, registered by
+:mod:`lowrank_optim.distributed.fsdp2`), so an optimizer built the ordinary way on a wrapped model needs
+no extra call. Layouts never import the optimizer, and this package imports nothing from
+:mod:`lowrank_optim.distributed`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import Tensor
+
+from .exchange import LOCAL, Exchange
 
 if TYPE_CHECKING:
     from .galore import GaLoreAdamW
 
-__all__ = ["DenseLayout", "Layout"]
+__all__ = ["DenseLayout", "GroupStepper", "Layout", "SHARDINGS", "layout_for", "register_layout"]
+
+#: How a state tensor lines up with its parameter, which is what a sharded layout splits it by:
+#: ``rows`` (its dimension 0 runs along the parameter's rows), ``columns`` (its dimension 1 along the
+#: parameter's columns), ``replicated`` (every process keeps all of it).
+SHARDINGS: tuple[str, ...] = ("rows", "columns", "replicated")
 
 
 class Layout(Protocol):
-    """Steps one param group of an optimizer, knowing how the group's tensors map onto parameters."""
+    """What the optimizer's step needs from a backend (see the module docstring)."""
 
     def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
-        """Raise if ``group`` cannot be stepped; called for every group before any is stepped."""
+        """Raise if ``group`` holds tensors this layout cannot step; called for every group before any is
+        stepped."""
         ...
 
-    def begin_step(self, optimizer: GaLoreAdamW) -> None:
-        """Called once per ``step()``, after every group passed :meth:`check_group`, before the first
-        :meth:`step_group` (e.g. for a decision all groups and ranks must share)."""
+    def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
+        """Called once per ``step()`` after every check: an outside "skip every update" flag (0-dim bool,
+        for the ``nonfinite="skip"`` groups), or ``None``."""
         ...
+
+    def local(self, tensor: Tensor) -> Tensor:
+        """The local block of a parameter, its gradient or a state tensor (a view: updates reach it)."""
+        ...
+
+    def new_state(
+        self, param: Tensor, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
+    ) -> Tensor:
+        """A zero state tensor of whole shape ``shape`` for ``param``, placed as ``sharding`` says (one of
+        :data:`SHARDINGS`); ``column_major`` asks for LAPACK's layout where the layout can keep it."""
+        ...
+
+    def exchange(self, group: dict[str, Any], params: list[Tensor]) -> Exchange:
+        """The collectives of one step of ``params`` (the group's tensors that have gradients, in order)."""
+        ...
+
+
+@runtime_checkable
+class GroupStepper(Protocol):
+    """A layout that steps whole param groups itself: the DeepSpeed fragment layout
+    (:mod:`lowrank_optim.distributed.fragment`), which predates the shared step and keeps its own."""
+
+    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None: ...
+
+    def begin_step(self, optimizer: GaLoreAdamW) -> None: ...
 
     def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None: ...
 
@@ -38,14 +75,9 @@ class DenseLayout:
     """Every tensor in ``param_groups`` is a whole parameter with its real shape; no communication."""
 
     def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
-        """A projected group must still hold the 2-D matrices it was built with, and every parameter's
-        state must still fit it."""
-        if "rank" in group:
-            self._check_matrices(optimizer, group)
-        optimizer._check_state(group)
-
-    @staticmethod
-    def _check_matrices(optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
+        """A projected group must still hold the 2-D matrices it was built with."""
+        if "rank" not in group:
+            return
         for position, param in enumerate(group["params"]):
             if param.dim() != 2:
                 # DeepSpeed ZeRO replaces a group's parameters by one flat partition after the
@@ -55,15 +87,44 @@ class DenseLayout:
                     f"{group['rank']}) has shape {tuple(param.shape)}, not the 2-D matrix it was built with. "
                     "This happens under DeepSpeed ZeRO (flat partitions) or deepspeed.zero.Init: bind the "
                     "optimizer to the engine with lowrank_optim.deepspeed.bind(engine) after "
-                    "deepspeed.initialize, or use lowrank_optim.deepspeed.initialize, which does it."
+                    "deepspeed.initialize, or use lowrank_optim.deepspeed.initialize, which does it. "
+                    "FSDP1 flattens parameters too: use FSDP2 (torch.distributed.fsdp.fully_shard), or FSDP1 "
+                    "with use_orig_params=True."
                 )
 
-    def begin_step(self, optimizer: GaLoreAdamW) -> None:
+    def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         """Nothing to share: each parameter decides for itself."""
+        return None
 
-    def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any], found_inf: Tensor | None = None) -> None:
-        """One optimizer step of ``group`` with the optimizer's own functional step; ``found_inf`` (0-dim
-        bool) skips every update of the group where set."""
-        batch = optimizer._collect(group)
-        if batch is not None:
-            optimizer._step_group(group, batch, found_inf)
+    def local(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def new_state(
+        self, param: Tensor, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
+    ) -> Tensor:
+        if column_major and len(shape) == 2:
+            return torch.zeros(tuple(shape)[::-1], dtype=dtype, device=param.device).T
+        return torch.zeros(tuple(shape), dtype=dtype, device=param.device)
+
+    def exchange(self, group: dict[str, Any], params: list[Tensor]) -> Exchange:
+        return LOCAL
+
+
+#: Functions that may claim a list of parameters for a layout (see :func:`register_layout`).
+_RESOLVERS: list[Callable[[list[Tensor]], "Layout | None"]] = []
+
+
+def register_layout(resolver: Callable[[list[Tensor]], "Layout | None"]) -> None:
+    """Let ``resolver`` claim parameters: it returns a layout for them (e.g. FSDP2's, for DTensors), or
+    ``None``, or raises when it recognizes them but cannot step them."""
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+
+
+def layout_for(params: list[Tensor]) -> Layout:
+    """The layout for an optimizer over ``params``: the first registered resolver's, else :class:`DenseLayout`."""
+    for resolver in _RESOLVERS:
+        layout = resolver(params)
+        if layout is not None:
+            return layout
+    return DenseLayout()

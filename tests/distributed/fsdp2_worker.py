@@ -38,7 +38,8 @@ holds fewer rows than another) and reports each one's rows per rank.
 Every optimizer case also reports ``state_numel``: per rank, the elements of the optimizer state of the
 projected group (sum of ``numel`` of every tensor in its parameters' state, of ``to_local()`` for
 DTensors) and ``reference_state_numel``, the same sum in the single-process run, so that the sharding of
-the low-rank state can be checked.
+the low-rank state can be checked, and ``exchanges``: the exchange types the one per-matrix step
+(``lowrank_optim.optim.galore._galore_adamw_impl``) was called with (the reference's and the shards').
 
 Before each case rank 0 prints ``START <case>`` (only rank 0 writes to stdout). A case that raises
 writes ``CASE FAILED <case> (rank R of W)``, its traceback and ``END CASE FAILED <case>`` to stderr; if
@@ -67,6 +68,20 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
+from lowrank_optim.optim import galore as galore_module
+
+#: The exchanges the one per-matrix step (``galore._galore_adamw_impl``) was called with during a case:
+#: the single-process reference's and the sharded run's must both appear (one step for every layout).
+EXCHANGES: set[str] = set()
+_STEP = galore_module._galore_adamw_impl
+
+
+def _recording_step(*args, exchange, **kwargs):
+    EXCHANGES.add(f"{type(exchange).__module__}.{type(exchange).__qualname__}")
+    return _STEP(*args, exchange=exchange, **kwargs)
+
+
+galore_module._galore_adamw_impl = _recording_step
 
 STEPS = 7
 SAVE_AFTER = 4
@@ -241,6 +256,7 @@ def run_nondivisible(mesh) -> dict:
 def run_case(case: str, mesh) -> dict:
     if case == "nondivisible":
         return run_nondivisible(mesh)
+    EXCHANGES.clear()
     name, _, rest = case.partition(":")
     options = set((rest or "plain").split("+"))
     if name not in OPTIMIZERS or not options <= OPTIONS:
@@ -295,6 +311,7 @@ def run_case(case: str, mesh) -> dict:
     dist.all_gather_object(numel, projected_state_numel(optimizer))
     outcome["state_numel"] = numel
     outcome["reference_state_numel"] = reference_numel
+    outcome["exchanges"] = sorted(EXCHANGES)
     return outcome
 
 

@@ -1,0 +1,133 @@
+"""What the low-rank step needs from a backend: the local piece of each matrix and a few collectives.
+
+The per-matrix step of :mod:`lowrank_optim.optim.galore` (refresh, project, moments, update, decay) is
+written once. It only ever sees *local blocks*: the rows of each ``m x n`` matrix (and of its gradient)
+that this process updates, and the local pieces of the matrix's state tensors. Projections are linear,
+so the few places where pieces of one matrix meet are sums, gathers and broadcasts, and an
+:class:`Exchange` supplies exactly those, batched over the matrices of one call (one collective per
+phase, not one per matrix):
+
+``refresh_gradients``
+    at a refresh, the whole gradient of each refreshing matrix on the one process that computes its
+    projector (its *owner*), and, alike everywhere, whether that gradient is finite;
+``share_projectors``
+    the owner's new projector, as the local piece every holder stores;
+``subspaces``
+    the basis a local block projects with, from the stored local pieces (e.g. an all-gather of a
+    basis kept in column chunks);
+``flags``
+    a "skip this update" decision (a NaN/Inf gradient) shared by the pieces of a matrix;
+``lowranks``
+    the projected gradient ``R`` as the local moments hold it, from the blocks' partial projections
+    (identity for row blocks of a right-side projection, a sum or reduce-scatter for a left-side one);
+``block_terms``
+    ``N`` (and ``R``, for Fira) as each block's back-projection needs them;
+``residual_norms``
+    Fira's ``||S||_F`` of matrices split over processes, from partial sums of squares.
+
+:class:`LocalExchange` is the whole-tensor case: every block is its whole matrix and every collective
+is the identity. The distributed layouts (:mod:`lowrank_optim.distributed`) implement the rest; they
+never see the optimizer, and the optimizer never imports them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ..projection import Side, Subspace, all_finite
+
+__all__ = ["Exchange", "LocalExchange", "LOCAL"]
+
+
+class Exchange(Protocol):
+    """The collectives of one step over a batch of matrices (see the module docstring).
+
+    Every method takes ``indices``: the positions (in the step's lists) of the tensors it concerns, the
+    same on every process that holds a piece of them, and returns one entry per index.
+    """
+
+    def whole(self, index: int) -> bool:
+        """Whether matrix ``index``'s block is the whole matrix held by this process alone."""
+        ...
+
+    def shape(self, index: int, block: Tensor) -> tuple[int, int]:
+        """The whole matrix's shape (``block`` is its local gradient block)."""
+        ...
+
+    def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
+        """Each tensor's "skip this update" flag (0-dim bool) from its pieces' flags (a logical or over the
+        holders, so that every piece of a matrix is skipped alike), on the device."""
+        ...
+
+    def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
+        """``(whole gradient on the owner, else None; finite, alike on every holder)`` per matrix."""
+        ...
+
+    def share_projectors(
+        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+    ) -> list[list[Tensor] | None]:
+        """The owners' new projector tensors (``new``: whole tensors on the owner, ``None`` elsewhere; SVD:
+        ``[left?, right?]`` bases, DCT: ``[left?, right?]`` indices) as the local pieces each holder
+        stores (``None`` where ``finite`` is false: keep the previous ones)."""
+        ...
+
+    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
+        """The subspace each local block projects with, from the stored local pieces (DCT selections
+        arrive as whole bases built from their indices)."""
+        ...
+
+    def lowranks(self, indices: Sequence[int], sides: Sequence[Side], partials: Sequence[Tensor]) -> list[Tensor]:
+        """``R`` as the local moments of each matrix hold it, from the blocks' partial projections."""
+        ...
+
+    def block_terms(
+        self, indices: Sequence[int], sides: Sequence[Side], normalized: Sequence[Tensor], lowranks: Sequence[Tensor] | None
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """``N`` (and ``R`` when ``lowranks`` is given) as each block's back-projection reads them."""
+        ...
+
+    def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
+        """``||S||_F`` of each (split) matrix from the blocks' residuals (0-dim, fp32 or wider)."""
+        ...
+
+
+class LocalExchange:
+    """Whole tensors in one process: every block is its matrix, every collective the identity."""
+
+    def whole(self, index: int) -> bool:
+        return True
+
+    def shape(self, index: int, block: Tensor) -> tuple[int, int]:
+        return tuple(block.shape)
+
+    def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
+        return list(flags)
+
+    def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
+        return list(grads), [all_finite(grad) for grad in grads]
+
+    def share_projectors(
+        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+    ) -> list[list[Tensor] | None]:
+        return [tensors if ok else None for tensors, ok in zip(new, finite)]
+
+    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
+        return list(stored)
+
+    def lowranks(self, indices: Sequence[int], sides: Sequence[Side], partials: Sequence[Tensor]) -> list[Tensor]:
+        return list(partials)
+
+    def block_terms(
+        self, indices: Sequence[int], sides: Sequence[Side], normalized: Sequence[Tensor], lowranks: Sequence[Tensor] | None
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        return list(normalized), None if lowranks is None else list(lowranks)
+
+    def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
+        return [torch.linalg.vector_norm(r, dtype=torch.promote_types(r.dtype, torch.float32)) for r in residuals]
+
+
+#: The exchange of the whole-tensor case (stateless, shared).
+LOCAL = LocalExchange()
