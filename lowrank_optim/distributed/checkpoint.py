@@ -36,7 +36,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
-from ..optim.galore import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP, GaLoreAdamW
+from ..optim.galore import GaLoreAdamW
+from ..optim.state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
 from ..projection import Side, basis_shapes, effective_rank, lowrank_shape, resolve_side
 from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _my_shard, _Partition, _sharded
 from .plan import MatrixPlan
@@ -415,7 +416,7 @@ def _build_fragments(
             if mp.piece is None:
                 continue
             saved = _entry(entries, mp.name)
-            matrix = _init_matrix_state(group, flat, mp, part.comm.rank, part.shard_moments)
+            matrix = _init_matrix_state(lambda like, st: optimizer._init_state(group, like, st), group, flat, mp, part)
             bounds = tuple(matrix[SHARD].tolist()) if SHARD in matrix else None
             side = resolve_side(group["proj_type"], mp.shape)
             rank_r = effective_rank(group["rank"], mp.shape)

@@ -10,8 +10,9 @@ zero-pads its piece to that row block ``G_k`` and computes, with ``P`` the basis
 
 and ``R = Σ_k R_k`` exactly (the pieces are disjoint). Per param group and step the ranks all-reduce one
 bucket of these ``r``-sized partial projections; the full gradient crosses the wire only at refresh
-steps, where the owner (lowest holder) computes the SVD basis or the DCT selection from the summed,
-zero-padded gradient and shares it by a second all-reduce (everyone else contributes zeros, so all
+steps, where the owner (one holder per matrix, chosen to balance the work: :func:`_refresh_owners`)
+computes the SVD basis or the DCT selection from the summed, zero-padded gradient and shares it by a
+second all-reduce (everyone else contributes zeros, so all
 holders get bit-identical projectors). Adam runs on ``R`` duplicated on the holders, and each holder
 back-projects only its rows, ``W_k -= step · scale · back(N)_k``, then decays its piece.
 
@@ -32,56 +33,40 @@ Fira's factor ``phi`` needs only the rows (right) or all (left) of ``N`` and ``R
 the Frobenius norm of the whole residual from all-reduced partial sums of squares.
 
 A matrix held by one rank takes the same path with no communication.
+
+The arithmetic is the optimizers' own step (:func:`~lowrank_optim.optim.galore_adamw`), run on each
+piece's row block: this layout supplies the blocks (:meth:`FragmentLayout.blocks`) and the collectives
+above (an :class:`~lowrank_optim.optim.exchange.Exchange`, one collective per phase and partition). A rank
+whose partition holds no element of any matrix (only padding) still takes part, with one empty block.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from ..optim.fira import RESIDUAL_NORM
-from ..optim.galore import (
+from ..optim.exchange import LOCAL, Exchange
+from ..optim.layout import Block, DenseLayout, StateInit
+from ..optim.state_keys import (
     BASIS_LEFT,
     BASIS_RIGHT,
     DCT_INDICES_LEFT,
     DCT_INDICES_RIGHT,
     EXP_AVG,
     EXP_AVG_SQ,
+    RESIDUAL_NORM,
     STEP,
-    GaLoreAdamW,
-    _decay_,
-    _moments_reference,
-    _step_size,
-    nonfinite_flag,
 )
-from ..optim.layout import DenseLayout
-from ..projection import (
-    DCTSelection,
-    Side,
-    Subspace,
-    add_project_back_,
-    all_finite,
-    basis_shapes,
-    carry_moment_,
-    dct_subspace,
-    effective_rank,
-    fira_coefficients,
-    fira_residual,
-    limit_norm_growth_,
-    lowrank_shape,
-    project,
-    resolve_side,
-    select_dct_indices,
-    svd_basis,
-)
+from ..projection import Side, Subspace, all_finite, basis_shapes, effective_rank, nonfinite_flag, resolve_side
 from .comm import Communicator
 from .plan import MatrixPlan, PartitionPlan
 
-__all__ = ["FragmentLayout", "MATRICES"]
+__all__ = ["FragmentLayout", "MATRICES", "SHARD"]
+
 
 #: Key of a flat partition's state holding the per-matrix state dicts, keyed by parameter name.
 MATRICES = "matrices"
@@ -101,6 +86,20 @@ class _Partition:
     shard_moments: bool
 
 
+class _Matrix(NamedTuple):
+    """What the optimizer's state initialization sees of one matrix of a partition: its whole shape, the
+    partition's dtype and device, and (for :meth:`FragmentLayout.new_state`) how its state is cut."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    plan: MatrixPlan
+    rank: int
+    side: Side
+    r: int
+    sharded: bool
+
+
 class FragmentLayout:
     """Steps projected param groups whose tensors are flat partitions described by :class:`PartitionPlan`.
 
@@ -112,8 +111,8 @@ class FragmentLayout:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
         self._full_rank: dict[int, tuple[Tensor, _Partition]] = {}
         self._dense = DenseLayout()
-        #: This step's shared "skip every update" flag (``nonfinite="skip"`` groups), from begin_step.
-        self._found_inf: Tensor | None = None
+        #: The blocks handed out since the last exchange, per flat partition (for the exchange).
+        self._pending: dict[int, tuple[int, list[tuple[MatrixPlan | None, Tensor]]]] = {}
 
     def add_partition(
         self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int, shard_moments: bool
@@ -149,31 +148,30 @@ class FragmentLayout:
             seen.setdefault(id(partition.comm), partition.comm)
         return list(seen.values())
 
-    def attach(self, optimizer: GaLoreAdamW) -> None:
+    def attach(self, optimizer: Any) -> None:
         """Make ``optimizer`` step through this layout and keep its nested state dtypes across loading."""
         optimizer.layout = self
         optimizer.register_load_state_dict_post_hook(self._restore_dtypes)
 
-    def _restore_dtypes(self, optimizer: GaLoreAdamW) -> None:
+    def _restore_dtypes(self, optimizer: Any) -> None:
         # torch's loader casts every nested tensor, integer or not, to the flat fp32 partition's dtype: the
-        # DCT indices and shard bounds must be int64 again, the moments in the group's moment_dtype. (The
+        # DCT indices and shard bounds must be int64 again, the moments in their group's moment_dtype. (The
         # state is walked directly: ZeRO-3 empties the groups' params outside its step.)
-        moment_dtype = optimizer.defaults.get("moment_dtype")
-        for flat_state in optimizer.state.values():
+        for flat, part in self._partitions.values():
+            flat_state = optimizer.state.get(flat, {})
+            moment_dtype = optimizer.param_groups[part.group_index]["moment_dtype"] or flat.dtype
             for matrix in flat_state.get(MATRICES, {}).values():
                 for key in (DCT_INDICES_LEFT, DCT_INDICES_RIGHT, SHARD):
                     if key in matrix:
                         matrix[key] = matrix[key].to(torch.int64)
                 for key in (EXP_AVG, EXP_AVG_SQ):
-                    matrix[key] = matrix[key].to(moment_dtype or torch.float32)
+                    matrix[key] = matrix[key].to(moment_dtype)
 
-    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
-        """Every tensor of a projected group must be a partition this layout was bound to; a full-rank
-        group's flat partitions are checked as whole tensors."""
+    def check_group(self, optimizer: Any, group: dict[str, Any]) -> bool:
+        """Every tensor of a projected group must be a partition this layout was bound to (its nested
+        state is built here); a full-rank group's flat partitions are checked as whole tensors."""
         if "rank" not in group:
-            self._dense.check_group(optimizer, group)
-            optimizer._check_state(group)
-            return
+            return self._dense.check_group(optimizer, group)
         for position, flat in enumerate(group["params"]):
             if id(flat) not in self._partitions:
                 raise RuntimeError(
@@ -181,19 +179,19 @@ class FragmentLayout:
                     "group is not a partition this optimizer was bound to. Bind after deepspeed.initialize "
                     "(lowrank_optim.deepspeed.bind(engine)) and do not rebuild the optimizer's groups afterwards."
                 )
+        return False
 
-    def begin_step(self, optimizer: GaLoreAdamW) -> None:
+    def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         """Decide, alike on every rank, whether this ``step()`` meets a NaN/Inf gradient (groups with
         ``nonfinite="skip"``): then no rank updates anything of the groups it steps, as DeepSpeed itself
         skips a step on fp16 overflow. DeepSpeed's ZeRO calls ``step()`` once per param group (sub-group at
         ZeRO-3), so there the decision is per group. Matrices are cut between ranks, so a per-matrix
         decision would need the flags of all their pieces; one flag costs one pass over the gradient
         partitions and one all-reduce of a single number per process group."""
-        self._found_inf = None
         bound = [*self._partitions.values(), *self._full_rank.values()]
-        skipping = [group for group in optimizer.param_groups if group["nonfinite"] == "skip"]
+        skipping = [group for group in groups if group["nonfinite"] == "skip"]
         if not skipping or not bound:
-            return
+            return None
         count = torch.zeros((), dtype=torch.float32, device=bound[0][0].device)
         for group in skipping:
             for flat in group["params"]:
@@ -202,33 +200,94 @@ class FragmentLayout:
         # One all-reduce per process group (partitions of one group may have communicators of their own;
         # the first bound one, a projected partition's where there is one, carries it), in binding order,
         # which is the same on every rank.
-        groups: dict[int, Communicator] = {}
+        groups_seen: dict[int, Communicator] = {}
         for _, part in bound:
-            groups.setdefault(id(getattr(part.comm, "group", part.comm)), part.comm)
-        for comm in groups.values():
+            groups_seen.setdefault(id(getattr(part.comm, "group", part.comm)), part.comm)
+        for comm in groups_seen.values():
             comm.all_reduce(count)
-        self._found_inf = count > 0
+        return count > 0
 
-    # Full-rank groups hold whole flat tensors: the optimizer's own step, with the dense layout's pieces.
+    def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
+        """A full-rank group's flat partition is one tensor; a projected one yields the zero-padded row
+        block of every matrix piece it holds (a view where the piece is a whole matrix), or one empty
+        block when it holds none, so that this rank still takes part in the partition's collectives."""
+        if "rank" not in group:
+            return self._dense.blocks(group, tensor, state, init)
+        part = self._partitions[id(tensor)][1]
+        if not state:
+            state[STEP] = torch.tensor(0.0, dtype=torch.float32)
+            state[MATRICES] = {
+                mp.name: _init_matrix_state(init, group, tensor, mp, part) for mp in part.plan.matrices if mp.piece is not None
+            }
+        matrices = state[MATRICES]
+        blocks, pending = [], []
+        for mp in part.plan.matrices:
+            if mp.piece is None:
+                continue
+            block = _block(tensor, mp)
+            blocks.append(Block(block, _block(tensor.grad, mp), matrices[mp.name], state[STEP], mp.shape))
+            pending.append((mp, block))
+        if not blocks:
+            empty, no_indices = tensor.new_zeros(0, 0), torch.zeros(0, dtype=torch.int64, device=tensor.device)
+            placeholder: dict[str, Any] = {
+                EXP_AVG: empty,
+                EXP_AVG_SQ: empty,
+                BASIS_LEFT: empty,
+                BASIS_RIGHT: empty,
+                DCT_INDICES_LEFT: no_indices,
+                DCT_INDICES_RIGHT: no_indices,
+                RESIDUAL_NORM: tensor.new_zeros(()),
+            }
+            blocks.append(Block(empty, tensor.new_zeros(0, 0), placeholder, state[STEP], (0, 0)))
+            pending.append((None, empty))
+        self._pending[id(tensor)] = (int(state[STEP].item()), pending)
+        return blocks
+
     def local(self, tensor: Tensor) -> Tensor:
         return tensor
 
-    def new_state(self, param: Tensor, shape: Any, dtype: torch.dtype, sharding: str, *, column_major: bool = False) -> Tensor:
-        return self._dense.new_state(param, shape, dtype, sharding, column_major=column_major)
+    def new_state(
+        self, like: Any, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
+    ) -> Tensor:
+        """Whole state tensors (row-major), or this holder's share of a sharded matrix's (module docstring)."""
+        if not isinstance(like, _Matrix):  # a full-rank group's flat partition
+            return self._dense.new_state(like, shape, dtype, sharding, column_major=column_major)
+        if not like.sharded or sharding == "replicated":
+            return torch.zeros(tuple(shape), dtype=dtype, device=like.device)
+        mine = _my_shard(like.plan, like.rank, like.side, like.r)
+        if sharding == "rows":  # right side: the moment rows it owns; left side: the basis rows it touches
+            start, stop = mine.moments if like.side is Side.RIGHT else mine.basis
+            return torch.zeros(stop - start, like.r, dtype=dtype, device=like.device)
+        if like.side is Side.LEFT:  # its even share of R's columns
+            start, stop = mine.moments
+            return torch.zeros(like.r, stop - start, dtype=dtype, device=like.device)
+        start, stop = mine.basis  # right basis: its even share of the flattened r x n basis
+        return torch.zeros(stop - start, dtype=dtype, device=like.device)
 
-    def exchange(self, group: dict[str, Any], params: list[Tensor]) -> Any:
-        return self._dense.exchange(group, params)
-
-    def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
-        found_inf = self._found_inf if group["nonfinite"] == "skip" else None
+    def exchange(self, group: dict[str, Any], sources: list[Tensor]) -> Exchange:
         if "rank" not in group:
-            batch = optimizer._collect(group)
-            if batch is not None:
-                optimizer._step_group(group, batch, found_inf)
-            return
-        for flat in group["params"]:
-            if flat.grad is not None:
-                _step_partition(optimizer, group, flat, self._partitions[id(flat)][1], found_inf)
+            return LOCAL
+        partitions, seen = [], set()
+        for flat in sources:
+            if id(flat) not in seen:
+                seen.add(id(flat))
+                partitions.append((flat, self._partitions[id(flat)][1], self._pending.pop(id(flat))))
+        return _Exchange(group, partitions)
+
+
+def _init_matrix_state(init: StateInit, group: dict[str, Any], flat: Tensor, mp: MatrixPlan, part: _Partition) -> dict[str, Any]:
+    """The state of one matrix piece, built by the optimizer's own initialization (``init``) through
+    :meth:`FragmentLayout.new_state`; a sharded one also records its moment range (``SHARD``)."""
+    side = resolve_side(group["proj_type"], mp.shape)
+    rank_r = effective_rank(group["rank"], mp.shape)
+    sharded = _sharded(part, mp, side)
+    like = _Matrix(tuple(mp.shape), flat.dtype, flat.device, mp, part.comm.rank, side, rank_r, sharded)
+    state: dict[str, Any] = {}
+    if sharded:
+        state[SHARD] = torch.tensor(_my_shard(mp, part.comm.rank, side, rank_r).moments, dtype=torch.int64)
+    init(like, state)
+    state.pop(STEP, None)  # the partition keeps one step counter for all its matrices
+    return state
 
 
 def _rows(plan: MatrixPlan) -> tuple[int, int, int]:
@@ -315,52 +374,6 @@ def _cut_rows(mp: MatrixPlan) -> list[tuple[int, int]]:
     return result
 
 
-def _init_matrix_state(group: dict[str, Any], flat: Tensor, plan: MatrixPlan, rank: int, shard: bool) -> dict[str, Any]:
-    side = resolve_side(group["proj_type"], plan.shape)
-    rank_r = effective_rank(group["rank"], plan.shape)
-    moment_shape = lowrank_shape(plan.shape, rank_r, side)
-    state: dict[str, Any] = {}
-    left_shape, right_shape = basis_shapes(plan.shape, rank_r, side)
-    if shard and plan.split and side is not Side.FULL:
-        mine = _my_shard(plan, rank, side, rank_r)
-        state[SHARD] = torch.tensor(mine.moments, dtype=torch.int64)
-        extent = mine.moments[1] - mine.moments[0]
-        moment_shape = (extent, rank_r) if side is Side.RIGHT else (rank_r, extent)
-        extent = mine.basis[1] - mine.basis[0]
-        left_shape, right_shape = ((extent, rank_r), None) if side is Side.LEFT else (None, (extent,))
-    if group["projector"] == "dct":
-        if left_shape is not None:
-            state[DCT_INDICES_LEFT] = torch.arange(rank_r, device=flat.device)
-        if right_shape is not None:
-            state[DCT_INDICES_RIGHT] = torch.arange(rank_r, device=flat.device)
-    else:
-        if left_shape is not None:
-            state[BASIS_LEFT] = flat.new_zeros(left_shape)
-        if right_shape is not None:
-            state[BASIS_RIGHT] = flat.new_zeros(right_shape)
-    moment_dtype = group["moment_dtype"] or flat.dtype
-    state[EXP_AVG] = torch.zeros(moment_shape, dtype=moment_dtype, device=flat.device)
-    state[EXP_AVG_SQ] = torch.zeros(moment_shape, dtype=moment_dtype, device=flat.device)
-    if "residual" in group:  # Fira
-        state[RESIDUAL_NORM] = torch.zeros((), dtype=torch.float32, device=flat.device)
-    return state
-
-
-def _projector_keys(group: dict[str, Any]) -> tuple[str, str]:
-    return (DCT_INDICES_LEFT, DCT_INDICES_RIGHT) if group["projector"] == "dct" else (BASIS_LEFT, BASIS_RIGHT)
-
-
-def _new_projector(group: dict[str, Any], grad: Tensor, side: Side, rank_r: int) -> list[Tensor]:
-    """The owner's new projector tensors from the full gradient, in the order of :func:`_projector_keys`."""
-    if group["projector"] == "dct":
-        return [
-            select_dct_indices(grad, rank_r, one_side, group["scoring"])
-            for one_side in (Side.LEFT, Side.RIGHT)
-            if side in (one_side, Side.FULL)
-        ]
-    return [basis for basis in svd_basis(grad, rank_r, side) if basis is not None]
-
-
 def _projector_shapes(group: dict[str, Any], mp: MatrixPlan) -> list[tuple[int, ...]]:
     """Shapes of the whole projector tensors of a matrix, in the order of :func:`_projector_keys`."""
     side = resolve_side(group["proj_type"], mp.shape)
@@ -382,29 +395,6 @@ def _local_projector(
     return [basis.reshape(-1)[start:stop] if side is Side.RIGHT else basis[start:stop]]
 
 
-def _install_projector(group: dict[str, Any], state: dict[str, Any], new: list[Tensor], step: int) -> None:
-    """Replace the projector; moments follow it as the dense optimizer's refresh does (keep: SVD moments
-    carry over, DCT moments follow their frequencies; reset: zeroed)."""
-    keys = [key for key in _projector_keys(group) if key in state]
-    keep = group["moment_policy"] == "keep"
-    for key, value in zip(keys, new):
-        if group["projector"] == "dct" and step > 0 and keep:
-            dim = 0 if key == DCT_INDICES_LEFT else -1
-            for moment in (state[EXP_AVG], state[EXP_AVG_SQ]):
-                carry_moment_(moment, state[key], value, dim)
-        state[key].copy_(value)
-    if step > 0 and not keep:
-        state[EXP_AVG].zero_()
-        state[EXP_AVG_SQ].zero_()
-
-
-def _subspace(group: dict[str, Any], state: dict[str, Any], plan: MatrixPlan, side: Side, flat: Tensor) -> Subspace:
-    if group["projector"] == "dct":
-        selection = DCTSelection(side, state.get(DCT_INDICES_LEFT), state.get(DCT_INDICES_RIGHT))
-        return dct_subspace(selection, plan.shape, flat.dtype, flat.device)
-    return Subspace(side, state.get(BASIS_LEFT), state.get(BASIS_RIGHT))
-
-
 def _restrict(subspace: Subspace, r0: int, r1: int) -> Subspace:
     """The subspace acting on rows ``r0..r1`` of the matrix (only a left basis depends on rows)."""
     left = None if subspace.left is None else subspace.left[r0:r1]
@@ -416,82 +406,15 @@ def _rows_of(lowrank: Tensor, side: Side, r0: int, r1: int) -> Tensor:
     return lowrank[r0:r1] if side is Side.RIGHT else lowrank
 
 
-def _refresh(
-    optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor, part: _Partition, matrices: dict[str, Any], step: int
-) -> bool:
-    """Refresh every matrix's projector; ``False``: skip this step (a non-finite gradient at the very first
-    refresh, when no projector exists yet; the decision is the same on every rank)."""
-    plan, comm = part.plan, part.comm
-    held = [mp for mp in plan.matrices if mp.piece is not None]
-    split = [mp for mp in plan.matrices if mp.split]
-    grads: dict[str, Tensor] = {mp.name: _block(flat.grad, mp) for mp in held if not mp.split}
-    finite = {name: all_finite(grad) for name, grad in grads.items()}
-    # One bucket: the zero-padded full gradients of the split matrices, plus a count of non-finite
-    # gradients among the whole ones (so that a skip is decided alike everywhere).
-    buffer = flat.new_zeros(sum(mp.numel for mp in split) + 1)
-    offset = 0
-    for mp in split:
-        if mp.piece is not None:
-            start = offset + mp.piece.param_start
-            buffer[start : start + mp.piece.numel] = flat.grad[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
-        grads[mp.name] = buffer[offset : offset + mp.numel].view(mp.shape)
-        offset += mp.numel
-    buffer[-1] = sum(not ok for ok in finite.values())
-    comm.all_reduce(buffer)
-    for mp in split:
-        finite[mp.name] = all_finite(grads[mp.name])
-    if buffer[-1].item() > 0 or not all(finite[mp.name] for mp in split):
-        outcome = "deferred" if step == 0 else "skipped" if group["nonfinite"] == "skip" else "applied"
-        names = ", ".join(mp.name for mp in plan.matrices)
-        optimizer._warn_nonfinite(f"a DeepSpeed partition holding {names}", step + 1, outcome)
-        if outcome != "applied":
-            return False
-    new: dict[str, list[Tensor]] = {}
-    owners = _refresh_owners(plan, comm.world_size)
-    for mp in plan.matrices:
-        if owners[mp.name] == comm.rank and finite[mp.name]:
-            side = resolve_side(group["proj_type"], mp.shape)
-            new[mp.name] = _new_projector(group, grads[mp.name], side, effective_rank(group["rank"], mp.shape))
-    if split:
-        # Share the owners' projectors: each slot is written by its owner only, so the sum is exact.
-        sizes = [_projector_numel(group, mp) for mp in split]
-        shared = torch.zeros(sum(sizes), dtype=torch.int64 if group["projector"] == "dct" else flat.dtype, device=flat.device)
-        offset = 0
-        for mp, size in zip(split, sizes):
-            if mp.name in new:
-                shared[offset : offset + size] = torch.cat([t.reshape(-1) for t in new[mp.name]])
-            offset += size
-        comm.all_reduce(shared)
-        offset = 0
-        for mp, size in zip(split, sizes):
-            if mp.piece is not None and finite[mp.name]:
-                pieces, start = [], offset
-                for shape in _projector_shapes(group, mp):
-                    pieces.append(shared[start : start + math.prod(shape)].view(shape))
-                    start += math.prod(shape)
-                new[mp.name] = pieces
-            offset += size
-    for mp in held:
-        if mp.name in new:
-            local = _local_projector(group, mp, part, comm.rank, new[mp.name])
-            _install_projector(group, matrices[mp.name], local, step)
-    return True
-
-
 def _refresh_owners(plan: PartitionPlan, world_size: int) -> dict[str, int]:
-    """Which rank computes each matrix's projector at a refresh (the same answer on every rank). A matrix
-    held whole by one rank is its holder's; a split one's gradient reaches every rank (the refresh's
-    all-reduce), so the split ones go, largest SVD first, to the least loaded rank (ZeRO-3 cuts every
-    matrix, and the lowest holder would be rank 0 for all of them)."""
+    """Which holder computes each matrix's projector at a refresh (the same answer on every rank): the
+    largest SVDs first, each to its least loaded holder. ZeRO-3 cuts every matrix over every rank, where
+    "the lowest holder" would put all of them on rank 0."""
     loads = [0] * world_size
     owners: dict[str, int] = {}
     cost = {mp.name: mp.numel * min(mp.shape) for mp in plan.matrices}
-    for mp in plan.matrices:
-        if not mp.split:
-            owners[mp.name] = mp.holders[0]
-            loads[mp.holders[0]] += cost[mp.name]
-    for mp in sorted((mp for mp in plan.matrices if mp.split), key=lambda mp: (-cost[mp.name], mp.name)):
-        owner = min(range(world_size), key=lambda k: (loads[k], k))
+    for mp in sorted(plan.matrices, key=lambda mp: (len(mp.holders) > 1, -cost[mp.name], mp.name)):
+        owner = min(mp.holders, key=lambda k: (loads[k], k))
         owners[mp.name] = owner
         loads[owner] += cost[mp.name]
     return owners
@@ -499,152 +422,6 @@ def _refresh_owners(plan: PartitionPlan, world_size: int) -> dict[str, int]:
 
 def _projector_numel(group: dict[str, Any], mp: MatrixPlan) -> int:
     return sum(math.prod(shape) for shape in _projector_shapes(group, mp))
-
-
-def _step_partition(
-    optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor, part: _Partition, skip: Tensor | None
-) -> None:
-    """One step of a projected flat partition; ``skip`` (0-dim bool, the same on every rank) leaves every
-    piece and its state as they were, decided on the device (the step counter advances)."""
-    plan, comm = part.plan, part.comm
-    state = optimizer.state[flat]
-    if not state:
-        state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-        state[MATRICES] = {
-            mp.name: _init_matrix_state(group, flat, mp, comm.rank, part.shard_moments)
-            for mp in plan.matrices
-            if mp.piece is not None
-        }
-    matrices: dict[str, dict[str, Any]] = state[MATRICES]
-    step = int(state[STEP].item())
-    refresh = step % group["update_proj_gap"] == 0
-    if refresh and skip is not None and bool(skip):  # alike on every rank: no collective of _refresh starts
-        names = ", ".join(mp.name for mp in plan.matrices)
-        optimizer._warn_nonfinite(f"a DeepSpeed partition holding {names}", step + 1, "deferred" if step == 0 else "skipped")
-        refresh_skipped = True
-    else:
-        refresh_skipped = refresh and not _refresh(optimizer, group, flat, part, matrices, step)
-    if refresh_skipped:
-        optimizer._skip_counts.setdefault(flat, torch.zeros((), dtype=torch.int64, device=flat.device)).add_(1)
-        return
-    if skip is not None:
-        optimizer._skip_counts.setdefault(flat, torch.zeros((), dtype=torch.int64, device=flat.device)).add_(skip)
-    moment_dtype = group["moment_dtype"] or flat.dtype
-    dct = group["projector"] == "dct"
-    held = [mp for mp in plan.matrices if mp.piece is not None]
-    sides = {mp.name: resolve_side(group["proj_type"], mp.shape) for mp in plan.matrices}
-    ranks = {mp.name: effective_rank(group["rank"], mp.shape) for mp in plan.matrices}
-    shapes = {mp.name: lowrank_shape(mp.shape, ranks[mp.name], sides[mp.name]) for mp in plan.matrices}
-    # Global lists (the same on every rank, so that the collectives match up).
-    sharded = {mp.name for mp in plan.matrices if _sharded(part, mp, sides[mp.name])}
-    split = [mp for mp in plan.matrices if mp.split and mp.name not in sharded]
-    right = [mp for mp in plan.matrices if mp.name in sharded and sides[mp.name] is Side.RIGHT]
-    left = [mp for mp in plan.matrices if mp.name in sharded and sides[mp.name] is Side.LEFT]
-    shards = {mp.name: _my_shard(mp, comm.rank, sides[mp.name], ranks[mp.name]) for mp in held if mp.name in sharded}
-    blocks = {mp.name: _block(flat.grad, mp) for mp in held}
-
-    # The subspace each holder's row block sees; sharded right-side bases are all-gathered first.
-    gathered = {} if dct else _gather_right_bases(comm, right, matrices, ranks, flat)
-    subspaces: dict[str, Subspace] = {}
-    for mp in held:
-        r0, r1, _ = _rows(mp)
-        if mp.name in gathered:
-            subspaces[mp.name] = Subspace(Side.RIGHT, None, gathered[mp.name])
-        elif mp.name in sharded and sides[mp.name] is Side.LEFT and not dct:
-            subspaces[mp.name] = Subspace(Side.LEFT, matrices[mp.name][BASIS_LEFT], None)
-        else:
-            subspaces[mp.name] = _restrict(_subspace(group, matrices[mp.name], mp, sides[mp.name], flat), r0, r1)
-    partials = {mp.name: project(blocks[mp.name], subspaces[mp.name]) for mp in held}
-
-    # R. Replicated: partial projections summed over the holders of split matrices in one bucket.
-    # Sharded right: only the rows cut between holders are summed. Sharded left: reduce-scatter by columns.
-    lowranks: dict[str, Tensor] = {}
-    buffer = flat.new_zeros(sum(math.prod(shapes[mp.name]) for mp in split))
-    split_views = _views(buffer, split, shapes)
-    for mp in held:
-        if mp.name in sharded:
-            continue
-        r0, r1, _ = _rows(mp)
-        if not mp.split:
-            lowranks[mp.name] = partials[mp.name].to(moment_dtype)
-        elif sides[mp.name] is Side.RIGHT:
-            split_views[mp.name][r0:r1] = partials[mp.name]
-        else:
-            split_views[mp.name].copy_(partials[mp.name])
-    if split:
-        comm.all_reduce(buffer)
-        for mp in split:
-            if mp.piece is not None:
-                lowranks[mp.name] = split_views[mp.name].to(moment_dtype)
-    _exchange_cut_rows(comm, right, partials, ranks, flat.dtype, flat.device, owners_only=False)
-    row_lowranks = {mp.name: partials[mp.name].to(moment_dtype) for mp in right if mp.piece is not None}
-    column_lowranks = _reduce_scatter_columns(comm, left, partials, ranks, flat.dtype, flat.device)
-
-    # Adam in low-rank space: on the whole R, or on this holder's rows / columns of it.
-    beta1, beta2 = group["betas"]
-    normalized: dict[str, Tensor] = {}
-    for mp in held:
-        if mp.name in row_lowranks:
-            t0 = shards[mp.name].rows[0]
-            o0, o1 = shards[mp.name].moments
-            lowrank = row_lowranks[mp.name][o0 - t0 : o1 - t0]
-        elif mp.name in column_lowranks:
-            lowrank = column_lowranks[mp.name].to(moment_dtype)
-        else:
-            lowrank = lowranks[mp.name]
-        mstate = matrices[mp.name]
-        normalized[mp.name] = _moments_reference(
-            lowrank, mstate[EXP_AVG], mstate[EXP_AVG_SQ], beta1, beta2, group["eps"], skip
-        )
-
-    # R and N as each holder's row block needs them: rows r0..r1 (right side) or the whole (left side).
-    local_r: dict[str, Tensor] = {}
-    local_n: dict[str, Tensor] = {}
-    for mp in held:
-        if mp.name in sharded:
-            continue
-        r0, r1, _ = _rows(mp)
-        local_r[mp.name] = _rows_of(lowranks[mp.name], sides[mp.name], r0, r1)
-        local_n[mp.name] = _rows_of(normalized[mp.name], sides[mp.name], r0, r1)
-    for mp in right:
-        if mp.piece is None:
-            continue
-        t0, t1 = shards[mp.name].rows
-        o0, o1 = shards[mp.name].moments
-        rows = torch.zeros(t1 - t0, ranks[mp.name], dtype=moment_dtype, device=flat.device)
-        rows[o0 - t0 : o1 - t0] = normalized[mp.name]
-        local_n[mp.name] = rows
-        local_r[mp.name] = row_lowranks[mp.name]
-    _exchange_cut_rows(comm, right, local_n, ranks, moment_dtype, flat.device, owners_only=True)
-    fira = "residual" in group
-    columns = {mp.name: normalized[mp.name] for mp in left if mp.piece is not None}
-    if fira:  # Fira needs the whole R too: one gather of [N | R] per column share
-        columns = {name: torch.cat([chunk, column_lowranks[name].to(moment_dtype)]) for name, chunk in columns.items()}
-    whole = _gather_columns(comm, left, columns, ranks, 2 if fira else 1, moment_dtype, flat.device)
-    for name, both in whole.items():
-        local_n[name] = both[: both.shape[0] // (2 if fira else 1)]
-        if fira:
-            local_r[name] = both[both.shape[0] // 2 :]
-
-    step_size = _step_size(group["lr"], beta1, beta2, step + 1, group["correct_bias"])
-    if fira:
-        _apply_fira(
-            group, flat, part, matrices, held, plan, sides, blocks, subspaces, local_r, local_n, step, step_size, skip
-        )
-    else:
-        for mp in held:
-            piece = mp.piece
-            values = flat[piece.flat_start : piece.flat_start + piece.numel]
-            # Update the row block that holds the piece, so that each element sees the same addmm as dense.
-            target = _block(flat, mp)
-            add_project_back_(target, local_n[mp.name], subspaces[mp.name], alpha=-step_size * group["scale"])
-            if not _whole(mp):
-                values.copy_(_fragment(target, mp))
-    if group["weight_decay"] > 0.0:
-        for mp in held:
-            values = flat[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
-            _decay_(values, group["lr"], group["weight_decay"], skip)
-    state[STEP] += 1
 
 
 def _views(buffer: Tensor, plans: list[MatrixPlan], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
@@ -807,53 +584,287 @@ def _gather_columns(
     return result
 
 
-def _apply_fira(
-    group: dict[str, Any],
-    flat: Tensor,
-    part: _Partition,
-    matrices: dict[str, dict[str, Any]],
-    held: list[MatrixPlan],
-    plan: PartitionPlan,
-    sides: dict[str, Side],
-    blocks: dict[str, Tensor],
-    subspaces: dict[str, Subspace],
-    local_r: dict[str, Tensor],
-    local_n: dict[str, Tensor],
-    step: int,
-    step_size: float,
-    skip: Tensor | None,
-) -> None:
-    """Fira's update on each piece: residual on the row block, limiter on the whole matrix's norm; a
-    skipped step adds nothing and keeps the limiter's state."""
-    subtract, residual_scale = fira_coefficients(group["alpha"], group["residual"])
-    split = [mp for mp in plan.matrices if mp.split]
-    residuals: dict[str, Tensor] = {}
-    for mp in held:
-        residuals[mp.name] = fira_residual(
-            blocks[mp.name], local_r[mp.name], local_n[mp.name], subspaces[mp.name], subtract=subtract
-        )
-    # ||S||_F of split matrices from the holders' partial sums of squares (own elements only).
-    squares = torch.zeros(len(split), dtype=torch.float32, device=flat.device)
-    for index, mp in enumerate(split):
-        if mp.piece is not None:
-            squares[index] = _fragment(residuals[mp.name], mp).float().square().sum()
-    if split:
-        part.comm.all_reduce(squares)
-    norms = {mp.name: squares[index].sqrt() for index, mp in enumerate(split)}
-    for mp in held:
-        residual = residuals[mp.name]
-        limit_norm_growth_(
-            residual,
-            matrices[mp.name][RESIDUAL_NORM],
-            gamma=group["gamma"],
-            first=step == 0,
-            norm=norms.get(mp.name),
-            skip=skip,
-        )
-        if residual_scale != 1.0:
-            residual.mul_(residual_scale)
-        if skip is not None:
-            residual.masked_fill_(skip, 0.0)
-        update = add_project_back_(residual, local_n[mp.name], subspaces[mp.name], alpha=group["alpha"])
-        values = flat[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
-        values.add_(_fragment(update, mp), alpha=-step_size)
+
+class _Exchange:
+    """The collectives of one step of a projected group's partitions (see the module docstring); index
+    ``i`` of the step's lists is the ``i``-th block handed out, partition by partition."""
+
+    def __init__(self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, list]]) -> None:
+        self.group = group
+        self.dct = group["projector"] == "dct"
+        self.fira = "residual" in group
+        self.partitions = []  # (flat, part, {name: index of its block})
+        self.entries: list[tuple[_Partition | None, MatrixPlan | None, Tensor]] = []
+        self.steps = {id(part): step for _, part, (step, _) in partitions}
+        for flat, part, (_, pending) in partitions:
+            names = {}
+            for mp, block in pending:
+                if mp is not None:
+                    names[mp.name] = len(self.entries)
+                self.entries.append((part, mp, block))
+            self.partitions.append((flat, part, names))
+        self.sides = {}
+        self.ranks = {}
+        for _, part, _ in self.partitions:
+            for mp in part.plan.matrices:
+                self.sides[mp.name] = resolve_side(group["proj_type"], mp.shape)
+                self.ranks[mp.name] = effective_rank(group["rank"], mp.shape)
+        self.row_lowranks: dict[str, Tensor] = {}  # sharded right side: R's rows of each block (for Fira)
+
+    # --- per matrix ----------------------------------------------------------------------------------
+
+    def whole(self, index: int) -> bool:
+        mp = self.entries[index][1]
+        return mp is not None and not mp.split
+
+    def shape(self, index: int, block: Tensor) -> tuple[int, int]:
+        mp = self.entries[index][1]
+        return (0, 0) if mp is None else tuple(mp.shape)
+
+    def rank(self, index: int, projection: Any) -> int:
+        mp = self.entries[index][1]
+        return 0 if mp is None else self.ranks[mp.name]
+
+    def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
+        # The group's one shared flag (FragmentLayout.begin_step, the step's found_inf) covers every piece.
+        return [torch.zeros((), dtype=torch.bool, device=flag.device) for flag in flags]
+
+    def _split(self, part: _Partition, predicate: Any = None) -> list[MatrixPlan]:
+        return [mp for mp in part.plan.matrices if mp.split and (predicate is None or predicate(mp))]
+
+    def _is_sharded(self, part: _Partition, mp: MatrixPlan) -> bool:
+        return _sharded(part, mp, self.sides[mp.name])
+
+    # --- refresh -------------------------------------------------------------------------------------
+
+    def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
+        given = dict(zip(indices, grads))
+        wholes: dict[int, Tensor | None] = {}
+        finite: dict[int, bool] = {}
+        for flat, part, names in self.partitions:
+            plan, comm = part.plan, part.comm
+            split = self._split(part)
+            alone = [mp for mp in plan.matrices if not mp.split]
+            # One bucket: the zero-padded whole gradients of the split matrices, then one "not finite" slot
+            # per matrix held whole by one rank (its holder writes it), so that all decide alike.
+            buffer = flat.new_zeros(sum(mp.numel for mp in split) + len(alone))
+            offset, full = 0, {}
+            for mp in split:
+                if mp.piece is not None:
+                    start = offset + mp.piece.param_start
+                    buffer[start : start + mp.piece.numel] = flat.grad[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
+                full[mp.name] = buffer[offset : offset + mp.numel].view(mp.shape)
+                offset += mp.numel
+            for slot, mp in enumerate(alone):
+                if mp.name in names and names[mp.name] in given:
+                    buffer[offset + slot] = float(not all_finite(given[names[mp.name]]))
+            comm.all_reduce(buffer)
+            bad = {mp.name: not all_finite(full[mp.name]) for mp in split}
+            bad.update({mp.name: bool(buffer[offset + slot] > 0) for slot, mp in enumerate(alone)})
+            # Deferred and skipped refreshes leave the partition's one step counter as it is, so they are
+            # decided for the whole partition; a propagated one keeps only the bad matrices' projectors.
+            keep_going = self.group["nonfinite"] == "propagate" and self.steps[id(part)] > 0
+            if any(bad.values()) and not keep_going:
+                bad = dict.fromkeys(bad, True)
+            owners = _refresh_owners(plan, comm.world_size)
+            for mp in plan.matrices:
+                index = names.get(mp.name)
+                if index is None or index not in given:
+                    continue
+                finite[index] = not bad[mp.name]
+                if owners[mp.name] != comm.rank:
+                    wholes[index] = None
+                else:
+                    wholes[index] = full[mp.name] if mp.split else given[index]
+            for index, (entry_part, mp, _) in enumerate(self.entries):
+                if entry_part is part and mp is None and index in given:  # an empty block
+                    finite[index], wholes[index] = not any(bad.values()), None
+        return [wholes[i] for i in indices], [finite[i] for i in indices]
+
+    def share_projectors(
+        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+    ) -> list[list[Tensor] | None]:
+        computed = dict(zip(indices, new))
+        ok = dict(zip(indices, finite))
+        result: dict[int, list[Tensor] | None] = {}
+        for flat, part, names in self.partitions:
+            plan, comm = part.plan, part.comm
+            split = self._split(part)
+            whole: dict[str, list[Tensor]] = {}
+            if split:
+                # Each slot is written by its owner only, so the sum is exact and alike on every rank.
+                sizes = [_projector_numel(self.group, mp) for mp in split]
+                dtype = torch.int64 if self.dct else flat.dtype
+                shared = torch.zeros(sum(sizes), dtype=dtype, device=flat.device)
+                offset = 0
+                for mp, size in zip(split, sizes):
+                    index = names.get(mp.name)
+                    if index is not None and computed.get(index) is not None:
+                        shared[offset : offset + size] = torch.cat([t.reshape(-1).to(dtype) for t in computed[index]])
+                    offset += size
+                comm.all_reduce(shared)
+                offset = 0
+                for mp, size in zip(split, sizes):
+                    pieces, start = [], offset
+                    for shape in _projector_shapes(self.group, mp):
+                        pieces.append(shared[start : start + math.prod(shape)].view(shape))
+                        start += math.prod(shape)
+                    whole[mp.name] = pieces
+                    offset += size
+            for mp in plan.matrices:
+                index = names.get(mp.name)
+                if index is None or index not in computed:
+                    continue
+                tensors = whole.get(mp.name, computed[index])
+                result[index] = _local_projector(self.group, mp, part, comm.rank, tensors) if ok[index] else None
+        return [result.get(i) for i in indices]
+
+    # --- a normal step -------------------------------------------------------------------------------
+
+    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
+        given = dict(zip(indices, stored))
+        result: dict[int, Subspace] = {}
+        for flat, part, names in self.partitions:
+            right = [mp for mp in part.plan.matrices if self._is_sharded(part, mp) and self.sides[mp.name] is Side.RIGHT]
+            shares = {mp.name: {BASIS_RIGHT: given[names[mp.name]].right} for mp in right if mp.name in names}
+            gathered = {} if self.dct else _gather_right_bases(part.comm, right, shares, self.ranks, flat)
+            for mp in part.plan.matrices:
+                index = names.get(mp.name)
+                if index is None or index not in given:
+                    continue
+                sub = given[index]
+                if mp.name in gathered:
+                    result[index] = Subspace(Side.RIGHT, None, gathered[mp.name])
+                elif self._is_sharded(part, mp) and self.sides[mp.name] is Side.LEFT and not self.dct:
+                    result[index] = sub  # the basis rows this piece touches
+                else:
+                    r0, r1, _ = _rows(mp)
+                    result[index] = _restrict(sub, r0, r1)
+        return [result.get(i, given[i]) for i in indices]
+
+    def lowranks(self, indices: Sequence[int], sides: Sequence[Side], partials: Sequence[Tensor]) -> list[Tensor]:
+        given = dict(zip(indices, partials))
+        result: dict[int, Tensor] = {}
+        for flat, part, names in self.partitions:
+            plan, comm = part.plan, part.comm
+            sharded = {mp.name for mp in plan.matrices if self._is_sharded(part, mp)}
+            split = [mp for mp in plan.matrices if mp.split and mp.name not in sharded]
+            right = [mp for mp in plan.matrices if mp.name in sharded and self.sides[mp.name] is Side.RIGHT]
+            left = [mp for mp in plan.matrices if mp.name in sharded and self.sides[mp.name] is Side.LEFT]
+            mine = {mp.name: given[names[mp.name]] for mp in plan.matrices if mp.name in names and names[mp.name] in given}
+            shapes = {mp.name: _lowrank_shape(mp, self.sides[mp.name], self.ranks[mp.name]) for mp in split}
+            # Replicated: the partial projections of the split matrices summed in one bucket.
+            buffer = flat.new_zeros(sum(math.prod(shapes[mp.name]) for mp in split))
+            views = _views(buffer, split, shapes)
+            for mp in split:
+                if mp.name in mine:
+                    r0, r1, _ = _rows(mp)
+                    target = views[mp.name][r0:r1] if self.sides[mp.name] is Side.RIGHT else views[mp.name]
+                    target.copy_(mine[mp.name])
+            if split:
+                comm.all_reduce(buffer)
+            # Sharded right: only the rows cut between holders are summed; sharded left: reduce-scatter.
+            _exchange_cut_rows(comm, right, mine, self.ranks, flat.dtype, flat.device, owners_only=False)
+            columns = _reduce_scatter_columns(comm, left, mine, self.ranks, flat.dtype, flat.device)
+            for mp in plan.matrices:
+                if mp.name not in mine:
+                    continue
+                index = names[mp.name]
+                if mp in split:
+                    result[index] = views[mp.name]
+                elif mp.name in columns:
+                    result[index] = columns[mp.name]
+                elif mp.name in sharded:  # right: the moment rows it owns, of its block's rows of R
+                    shard = _my_shard(mp, comm.rank, Side.RIGHT, self.ranks[mp.name])
+                    self.row_lowranks[mp.name] = mine[mp.name]
+                    t0 = shard.rows[0]
+                    result[index] = mine[mp.name][shard.moments[0] - t0 : shard.moments[1] - t0]
+                else:
+                    result[index] = mine[mp.name]
+        return [result.get(i, given[i]) for i in indices]
+
+    def block_terms(
+        self, indices: Sequence[int], sides: Sequence[Side], normalized: Sequence[Tensor], lowranks: Sequence[Tensor] | None
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        given_n = dict(zip(indices, normalized))
+        given_r = None if lowranks is None else dict(zip(indices, lowranks))
+        out_n: dict[int, Tensor] = {}
+        out_r: dict[int, Tensor] = {}
+        height = 1 if given_r is None else 2
+        for flat, part, names in self.partitions:
+            plan, comm = part.plan, part.comm
+            held = [mp for mp in plan.matrices if mp.name in names and names[mp.name] in given_n]
+            right = [mp for mp in plan.matrices if self._is_sharded(part, mp) and self.sides[mp.name] is Side.RIGHT]
+            left = [mp for mp in plan.matrices if self._is_sharded(part, mp) and self.sides[mp.name] is Side.LEFT]
+            dtype = self.group["moment_dtype"] or flat.dtype  # N's dtype, alike on every rank
+            local_n: dict[str, Tensor] = {}
+            for mp in held:
+                index = names[mp.name]
+                if self._is_sharded(part, mp):
+                    continue
+                r0, r1, _ = _rows(mp)
+                out_n[index] = _rows_of(given_n[index], self.sides[mp.name], r0, r1)
+                if given_r is not None:
+                    out_r[index] = _rows_of(given_r[index], self.sides[mp.name], r0, r1)
+            for mp in right:  # N's rows of the block: its own moment rows, the cut rows from their owners
+                if mp.name not in names:
+                    continue
+                index = names[mp.name]
+                shard = _my_shard(mp, comm.rank, Side.RIGHT, self.ranks[mp.name])
+                t0, t1 = shard.rows
+                rows = torch.zeros(t1 - t0, self.ranks[mp.name], dtype=dtype, device=flat.device)
+                rows[shard.moments[0] - t0 : shard.moments[1] - t0] = given_n[index]
+                local_n[mp.name] = rows
+                if given_r is not None:
+                    out_r[index] = self.row_lowranks[mp.name]
+            _exchange_cut_rows(comm, right, local_n, self.ranks, dtype, flat.device, owners_only=True)
+            for name, rows in local_n.items():
+                out_n[names[name]] = rows
+            columns = {}
+            for mp in left:
+                if mp.name not in names:
+                    continue
+                index = names[mp.name]
+                chunk = given_n[index]
+                columns[mp.name] = chunk if given_r is None else torch.cat([chunk, given_r[index].to(dtype)])
+            wholes = _gather_columns(comm, left, columns, self.ranks, height, dtype, flat.device)
+            for name, both in wholes.items():
+                out_n[names[name]] = both[: both.shape[0] // height]
+                if given_r is not None:
+                    out_r[names[name]] = both[both.shape[0] // height :]
+        terms_n = [out_n.get(i, given_n[i]) for i in indices]
+        terms_r = None if given_r is None else [out_r.get(i, given_r[i]) for i in indices]
+        return terms_n, terms_r
+
+    def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
+        given = dict(zip(indices, residuals))
+        result: dict[int, Tensor] = {}
+        for flat, part, names in self.partitions:
+            split = self._split(part)
+            # ||S||_F of split matrices from the holders' partial sums of squares (own elements only).
+            squares = torch.zeros(len(split), dtype=torch.float32, device=flat.device)
+            for slot, mp in enumerate(split):
+                index = names.get(mp.name)
+                if index is not None and index in given:
+                    squares[slot] = _fragment(given[index], mp).float().square().sum()
+            if split:
+                part.comm.all_reduce(squares)
+            for slot, mp in enumerate(split):
+                index = names.get(mp.name)
+                if index is not None and index in given:
+                    result[index] = squares[slot].sqrt()
+        return [result.get(i, torch.zeros((), device=given[i].device)) for i in indices]
+
+    def finish(self) -> None:
+        """Write each cut piece's elements of its updated row block back into the flat partition."""
+        for flat, part, names in self.partitions:
+            for mp in part.plan.matrices:
+                if mp.name in names and not _whole(mp):
+                    block = self.entries[names[mp.name]][2]
+                    piece = mp.piece
+                    flat[piece.flat_start : piece.flat_start + piece.numel].copy_(_fragment(block, mp))
+
+
+def _lowrank_shape(mp: MatrixPlan, side: Side, rank_r: int) -> tuple[int, int]:
+    m, n = mp.shape
+    return (m, rank_r) if side is Side.RIGHT else (rank_r, n) if side is Side.LEFT else (rank_r, rank_r)

@@ -31,12 +31,11 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ..optim.exchange import LOCAL, Exchange
-from ..optim.layout import register_layout
+from ..optim.exchange import LOCAL, Exchange, stored_rank
+from ..optim.layout import Block, StateInit, register_layout
 from ..projection import Side, Subspace, all_finite, effective_rank
 from .comm import TorchCommunicator
 
@@ -89,9 +88,16 @@ class FSDP2Layout:
             _check_param(param, mesh, position)
         return cls(mesh)
 
-    def check_group(self, optimizer: Any, group: dict[str, Any]) -> None:
+    def check_group(self, optimizer: Any, group: dict[str, Any]) -> bool:
         for position, param in enumerate(group["params"]):
             _check_param(param, self.mesh, position, group)
+        return True
+
+    def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
+        if not state:
+            init(tensor, state)
+        local = {key: self.local(value) for key, value in state.items()}
+        return [Block(self.local(tensor), self.local(tensor.grad), local, state["step"], tuple(tensor.shape))]
 
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         return None  # every tensor's flag is combined over its pieces (Exchange.flags)
@@ -149,7 +155,7 @@ class _Exchange:
     """The collectives of one step of one param group (see the module docstring)."""
 
     def __init__(self, layout: FSDP2Layout, group: dict[str, Any], params: list[Tensor]) -> None:
-        self.comm, self.rank, self.world = layout.comm, layout.rank, layout.world
+        self.comm, self.me, self.world = layout.comm, layout.rank, layout.world
         self.owner_policy = layout.owners
         self.dct = group.get("projector") == "dct"
         self.group_rank = group.get("rank")
@@ -164,11 +170,17 @@ class _Exchange:
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         return self.shapes[index]
 
+    def rank(self, index: int, projection: Any) -> int:
+        return stored_rank(projection)  # r x n_k right bases and m_k x r left bases keep r whole
+
+    def finish(self) -> None:
+        pass  # the blocks are views of the shards
+
     def _rows(self, index: int) -> tuple[int, int]:
-        return _chunk(self.shapes[index][0], self.world, self.rank)
+        return _chunk(self.shapes[index][0], self.world, self.me)
 
     def _columns(self, index: int) -> tuple[int, int]:
-        return _chunk(self.shapes[index][1], self.world, self.rank)
+        return _chunk(self.shapes[index][1], self.world, self.me)
 
     def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
         counts = torch.stack([flag.to(torch.float32) for flag in flags])
@@ -190,7 +202,7 @@ class _Exchange:
             padded = grad.new_zeros(chunk, n)
             padded[: grad.shape[0]] = grad
             owner = self.owners[index]
-            pieces = [torch.empty_like(padded) for _ in range(self.world)] if owner == self.rank else None
+            pieces = [torch.empty_like(padded) for _ in range(self.world)] if owner == self.me else None
             self.comm.gather(pieces, padded, owner)
             whole = None if pieces is None else torch.cat(pieces)[:m]
             if whole is not None and not all_finite(whole):
@@ -278,6 +290,8 @@ class _Exchange:
         return terms_n, terms_r
 
     def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
+        if not residuals:  # e.g. a full-rank group (alike on every rank: every matrix is split)
+            return []
         squares = torch.stack([r.to(torch.promote_types(r.dtype, torch.float32)).square().sum() for r in residuals])
         self.comm.all_reduce(squares)
         return list(squares.sqrt().unbind())
@@ -337,7 +351,7 @@ class _Exchange:
             offset = 0
             for k, chunk in zip(members, chunks):
                 h, n = partials[k].shape
-                c0, c1 = _chunk(n, world, self.rank)
+                c0, c1 = _chunk(n, world, self.me)
                 result[k] = mine[offset : offset + h * chunk].view(h, chunk)[:, : c1 - c0]
                 offset += h * chunk
         return result

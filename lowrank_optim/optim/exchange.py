@@ -37,9 +37,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ..projection import Side, Subspace, all_finite
+from ..projection import DCTSelection, Side, Subspace, all_finite
 
-__all__ = ["Exchange", "LocalExchange", "LOCAL"]
+__all__ = ["Exchange", "LocalExchange", "LOCAL", "stored_rank"]
 
 
 class Exchange(Protocol):
@@ -55,6 +55,15 @@ class Exchange(Protocol):
 
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         """The whole matrix's shape (``block`` is its local gradient block)."""
+        ...
+
+    def rank(self, index: int, projection: Subspace | DCTSelection) -> int:
+        """The rank ``r`` of matrix ``index``'s projection."""
+        ...
+
+    def finish(self) -> None:
+        """Called once at the end of a step that updated something: write back the blocks that were
+        copies of their tensors' elements."""
         ...
 
     def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
@@ -94,6 +103,14 @@ class Exchange(Protocol):
         ...
 
 
+def stored_rank(projection: Subspace | DCTSelection) -> int:
+    """``r`` of a stored projection, from a dimension no row or column cut splits: the ``r`` DCT indices,
+    a left basis's columns (``m x r``) or a right basis's rows (``r x n``)."""
+    if isinstance(projection, DCTSelection):
+        return (projection.left if projection.left is not None else projection.right).numel()
+    return projection.left.shape[1] if projection.left is not None else projection.right.shape[0]
+
+
 class LocalExchange:
     """Whole tensors in one process: every block is its matrix, every collective the identity."""
 
@@ -102,6 +119,12 @@ class LocalExchange:
 
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         return tuple(block.shape)
+
+    def rank(self, index: int, projection: Subspace | DCTSelection) -> int:
+        return stored_rank(projection)
+
+    def finish(self) -> None:
+        pass
 
     def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
         return list(flags)

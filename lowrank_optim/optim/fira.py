@@ -21,13 +21,10 @@ from ..ops.fira import FIRA_RESIDUAL_DTYPES, fira_residual_accepts
 from ..projection import FIRA_GAMMA, fira_coefficients
 from ._validation import check_fira_options, normalize_scalars, resolve_alpha_alias
 from .exchange import Exchange
+from .state_keys import RESIDUAL_NORM
 from .galore import FiraTerm, GaLoreAdamW, Projection, _Batch, galore_adamw
 
 __all__ = ["FiraAdamW", "fira_adamw"]
-
-#: The limiter's state: ``||S||_F`` after limiting, a 0-dim fp32 tensor on the parameter's device.
-RESIDUAL_NORM = "residual_norm"
-
 
 class FiraAdamW(GaLoreAdamW):
     """GaLoreAdamW plus Fira's norm-scaled full-rank residual and its norm-growth limiter.

@@ -45,6 +45,7 @@ from ..projection import (
     dct_subspace,
     effective_rank,
     lowrank_shape,
+    nonfinite_flag,
     project,
     project_back,
     carry_moment_,
@@ -73,18 +74,11 @@ from ._validation import (
     normalize_scalars,
 )
 from .exchange import LOCAL, Exchange
-from .layout import DenseLayout, GroupStepper, Layout, layout_for
+from .state_keys import BASIS_LEFT, BASIS_RIGHT, DCT_INDICES_LEFT, DCT_INDICES_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
+from .layout import Layout, layout_for
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
-# State keys. Bases (SVD) or frequency indices (DCT) exist only for the side(s) a projection uses.
-STEP = "step"
-EXP_AVG = "exp_avg"
-EXP_AVG_SQ = "exp_avg_sq"
-BASIS_LEFT = "basis_left"  # m x r
-BASIS_RIGHT = "basis_right"  # r x n
-DCT_INDICES_LEFT = "dct_indices_left"  # r sorted int64 frequencies of the m-point DCT
-DCT_INDICES_RIGHT = "dct_indices_right"  # r sorted int64 frequencies of the n-point DCT
 
 #: What the functional step gets per parameter: ``None`` (full rank), SVD bases or a DCT selection.
 Projection = Union[Subspace, DCTSelection, None]
@@ -414,11 +408,11 @@ class GaLoreAdamW(Optimizer):
         state[EXP_AVG_SQ] = new(param, moment_shape, moment_dtype, moments)
 
     @staticmethod
-    def _projection(group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> Projection:
-        """The state's view of a parameter's projection (a transient tuple of its state tensors)."""
+    def _projection(group: dict[str, Any], shape: tuple[int, ...], state: dict[str, Any]) -> Projection:
+        """The state's view of a matrix's projection (a transient tuple of its state tensors)."""
         if "rank" not in group:
             return None
-        side = resolve_side(group["proj_type"], param.shape)
+        side = resolve_side(group["proj_type"], shape)
         if group["projector"] == "dct":
             return DCTSelection(side, state.get(DCT_INDICES_LEFT), state.get(DCT_INDICES_RIGHT))
         return Subspace(side, state.get(BASIS_LEFT), state.get(BASIS_RIGHT))
@@ -468,29 +462,30 @@ class GaLoreAdamW(Optimizer):
         return counts
 
     def _collect(self, group: dict[str, Any]) -> _Batch | None:
-        """The group's parameters that have a gradient, with their state (initialized on first use), as
-        the local blocks the functional step works on (:meth:`Layout.local`)."""
+        """The group's matrices (and full-rank tensors) whose parameter has a gradient, as the local blocks
+        the layout gives (:meth:`Layout.blocks`), with their state (initialized on first use)."""
         batch = _Batch([], [], [], [], [], [], [], [], [])
-        local = self.layout.local
+
+        def init(like: Any, state: dict[str, Any]) -> None:
+            self._init_state(group, like, state)
+
         for param in group["params"]:
             if param.grad is None:
                 continue
-            state = self.state[param]
-            if not state:
-                self._init_state(group, param, state)
-            view = {key: local(value) for key, value in state.items()}
-            batch.params.append(local(param))
-            batch.grads.append(local(param.grad))
-            batch.exp_avgs.append(view[EXP_AVG])
-            batch.exp_avg_sqs.append(view[EXP_AVG_SQ])
-            batch.steps.append(state[STEP])
-            batch.projections.append(self._projection(group, param, view))
-            batch.states.append(view)
+            blocks = self.layout.blocks(group, param, self.state[param], init)
             count = self._skip_counts.get(param)
-            if count is None or count.device != batch.params[-1].device:
-                count = self._skip_counts[param] = torch.zeros((), dtype=torch.int64, device=batch.params[-1].device)
-            batch.skip_counts.append(count)
-            batch.sources.append(param)
+            if blocks and (count is None or count.device != blocks[0].param.device):
+                count = self._skip_counts[param] = torch.zeros((), dtype=torch.int64, device=blocks[0].param.device)
+            for block in blocks:
+                batch.params.append(block.param)
+                batch.grads.append(block.grad)
+                batch.exp_avgs.append(block.state[EXP_AVG])
+                batch.exp_avg_sqs.append(block.state[EXP_AVG_SQ])
+                batch.steps.append(block.step)
+                batch.projections.append(self._projection(group, block.shape, block.state))
+                batch.states.append(block.state)
+                batch.skip_counts.append(count)
+                batch.sources.append(param)
         return batch if batch.params else None
 
     def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
@@ -531,22 +526,12 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # The DeepSpeed fragment layout still steps its groups itself (it predates the shared step).
-        steps_itself = isinstance(self.layout, GroupStepper)
         for index, group in enumerate(self.param_groups):
-            self.layout.check_group(self, group)
-            if not steps_itself:
+            if self.layout.check_group(self, group):
                 self._check_state(group)
             self._check_step(group, index)
-        if steps_itself:
-            self.layout.begin_step(self)
-            found_inf = None
-        else:
-            found_inf = self.layout.begin_step(self.param_groups)
+        found_inf = self.layout.begin_step(self.param_groups)
         for group in self.param_groups:
-            if steps_itself:
-                self.layout.step_group(self, group)
-                continue
             batch = self._collect(group)
             if batch is not None:
                 self._step_group(group, batch, found_inf if group["nonfinite"] == "skip" else None)
@@ -661,18 +646,6 @@ def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: b
     if not correct_bias:
         return lr
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-
-
-def nonfinite_flag(lowrank: Tensor) -> Tensor:
-    """A 0-dim bool tensor on ``lowrank``'s device: whether it holds a NaN or an Inf. No host sync.
-
-    Read off the sum, accumulated in at least fp32: one reduction pass and no temporary the size of the
-    input. A NaN or an Inf entry makes the sum NaN or infinite; a sum of finite entries overflows only
-    when they average about 3e38 / numel, far beyond any usable gradient. For a projected parameter
-    ``lowrank`` is ``R = project(G)``: IEEE arithmetic carries a NaN/Inf of ``G`` into ``R`` (Inf·0 is
-    NaN), so checking the ``r``-sized ``R`` checks ``G``.
-    """
-    return torch.isfinite(lowrank.sum(dtype=torch.promote_types(lowrank.dtype, torch.float32))).logical_not_()
 
 
 def _decay_(param: Tensor, lr: float, weight_decay: float, skip: Tensor | None) -> None:
@@ -833,23 +806,22 @@ _REFERENCE = _Kernels(_moments_reference, _fira_residual_reference, select_dct_i
 _FUSED = _Kernels(_moments_fused, _fira_residual_fused, _select_dct_indices_fused)
 
 
-def _basis_rank(subspace: Subspace) -> int:
-    """``r`` of a stored SVD projection, from the dimension no layout splits (``m x r`` left, ``r x n`` right)."""
-    return subspace.left.shape[1] if subspace.left is not None else subspace.right.shape[0]
-
-
 def _new_projector(
-    grad: Tensor, projection: Subspace | DCTSelection, scoring: str, select_dct: Callable[[Tensor, int, Side, str], Tensor]
+    grad: Tensor,
+    projection: Subspace | DCTSelection,
+    rank: int,
+    scoring: str,
+    select_dct: Callable[[Tensor, int, Side, str], Tensor],
 ) -> list[Tensor]:
     """The whole projector a refresh computes from the whole gradient: ``[left?, right?]`` SVD bases
     (:func:`~lowrank_optim.projection.svd_basis`) or DCT frequency indices, for the sides in use."""
     if isinstance(projection, DCTSelection):
         return [
-            select_dct(grad, indices.numel(), side, scoring)
+            select_dct(grad, rank, side, scoring)
             for indices, side in ((projection.left, Side.LEFT), (projection.right, Side.RIGHT))
             if indices is not None
         ]
-    left, right = svd_basis(grad, _basis_rank(projection), projection.side)
+    left, right = svd_basis(grad, rank, projection.side)
     return [basis for basis in (left, right) if basis is not None]
 
 
@@ -868,9 +840,16 @@ def _install_projector(projection: Subspace | DCTSelection, new: list[Tensor], m
         stored.copy_(value)
 
 
-def _count_skip(skip_counts: list[Tensor] | None, index: int, skip: Tensor | int | None) -> None:
-    if skip_counts is not None and skip is not None:
-        skip_counts[index].add_(skip)
+def _count_skips(skip_counts: list[Tensor] | None, indices: list[int], skips: dict[int, Tensor | int | None]) -> None:
+    """Add each skip to its tensor's counter, once per counter (the matrices of one flat partition share
+    one, and one shared decision)."""
+    if skip_counts is None:
+        return
+    counted: set[int] = set()
+    for i in indices:
+        if skips[i] is not None and id(skip_counts[i]) not in counted:
+            counted.add(id(skip_counts[i]))
+            skip_counts[i].add_(skips[i])
 
 
 def _refresh_due(
@@ -899,7 +878,9 @@ def _refresh_due(
         return set(due)
     wholes, finite = exchange.refresh_gradients(due, [grads[index] for index in due])
     new = [
-        None if whole is None or not ok else _new_projector(whole, projections[index], scoring, kernels.select_dct)
+        None
+        if whole is None or not ok
+        else _new_projector(whole, projections[index], exchange.rank(index, projections[index]), scoring, kernels.select_dct)
         for index, whole, ok in zip(due, wholes, finite)
     ]
     local = exchange.share_projectors(due, [projections[index].side for index in due], new, finite)
@@ -918,7 +899,8 @@ def _refresh_due(
             continue
         # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
         carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy == "keep" else ()
-        _install_projector(projections[index], pieces, carried)
+        if pieces is not None:  # None: this process keeps no piece of the projector
+            _install_projector(projections[index], pieces, carried)
         if step > 0 and moment_policy == "reset":
             exp_avgs[index].zero_()
             exp_avg_sqs[index].zero_()
@@ -979,8 +961,11 @@ def _galore_adamw_impl(
             kernels=kernels,
             exchange=exchange,
         )
-    for index in sorted(skipped):
-        _count_skip(skip_counts, index, 1)
+    if skipped:
+        # Matrices that share a step counter (one flat partition) are deferred together: the counter stays.
+        shared = {id(state_steps[i]) for i in skipped}
+        skipped = {i for i in range(len(params)) if id(state_steps[i]) in shared}
+        _count_skips(skip_counts, sorted(skipped), {i: 1 for i in skipped})
     active = [i for i in range(len(params)) if i not in skipped]
     if not active:
         return
@@ -1007,8 +992,7 @@ def _galore_adamw_impl(
         skips = {i: flag if found_inf is None else flag.logical_or_(found_inf) for i, flag in zip(active, flags)}
     else:
         skips = {i: found_inf for i in active}
-    for i in active:
-        _count_skip(skip_counts, i, skips[i])
+    _count_skips(skip_counts, active, skips)
 
     # 4. Moments and N = M / (sqrt(V) + eps).
     normalized: dict[int, Tensor] = {}
@@ -1031,8 +1015,8 @@ def _galore_adamw_impl(
     else:
         for i in active:
             normalized[i] = kernels.moments(lowranks[i], exp_avgs[i], exp_avg_sqs[i], beta1, beta2, eps, skips[i])
-    for i in active:
-        state_steps[i] += 1
+    for step_t in {id(state_steps[i]): state_steps[i] for i in active}.values():
+        step_t += 1
 
     # 5. The update of each block: W -= step · (scale · back(N) [+ Fira's residual]), then decay.
     block_n, block_r = exchange.block_terms(
@@ -1056,7 +1040,7 @@ def _galore_adamw_impl(
             param.add_(add_project_back_(residual, block_n[i], subspace, alpha=scale), alpha=-step_sizes[i])
         else:
             split_residuals[i] = fira_residual(grads[i], block_r[i], block_n[i], subspace, subtract=fira.subtract)
-    if split_residuals:
+    if fira is not None:  # every process calls it, whether or not it holds a split matrix
         # A matrix split over processes: ||S||_F from every piece's sum of squares, then the same limiter.
         indices = list(split_residuals)
         norms = exchange.residual_norms(indices, [split_residuals[i] for i in indices])
@@ -1073,3 +1057,4 @@ def _galore_adamw_impl(
     if weight_decay > 0.0:
         for i in active:
             _decay_(params[i], lr, weight_decay, skips[i])
+    exchange.finish()

@@ -12,7 +12,7 @@ no extra call. Layouts never import the optimizer, and this package imports noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from .exchange import LOCAL, Exchange
 if TYPE_CHECKING:
     from .galore import GaLoreAdamW
 
-__all__ = ["DenseLayout", "GroupStepper", "Layout", "SHARDINGS", "layout_for", "register_layout"]
+__all__ = ["Block", "DenseLayout", "Layout", "SHARDINGS", "layout_for", "register_layout"]
 
 #: How a state tensor lines up with its parameter, which is what a sharded layout splits it by:
 #: ``rows`` (its dimension 0 runs along the parameter's rows), ``columns`` (its dimension 1 along the
@@ -30,12 +30,35 @@ __all__ = ["DenseLayout", "GroupStepper", "Layout", "SHARDINGS", "layout_for", "
 SHARDINGS: tuple[str, ...] = ("rows", "columns", "replicated")
 
 
+class Block(NamedTuple):
+    """One matrix (or full-rank tensor) as this process steps it: ``param`` and ``grad`` are its local
+    block (a view, or a copy the exchange writes back), ``state`` the local pieces of its state tensors,
+    ``step`` its step counter (matrices of one flat partition share one), ``shape`` the whole shape."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    step: Tensor
+    shape: tuple[int, ...]
+
+
+#: ``init(like, state)``: fill an empty ``state`` for a tensor like ``like`` (whole shape, dtype, device),
+#: making every state tensor with :meth:`Layout.new_state` (the optimizer's ``_init_state``).
+StateInit = Callable[[Any, dict[str, Any]], None]
+
+
 class Layout(Protocol):
     """What the optimizer's step needs from a backend (see the module docstring)."""
 
-    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
+    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> bool:
         """Raise if ``group`` holds tensors this layout cannot step; called for every group before any is
-        stepped."""
+        stepped. Returns whether the optimizer should check the group's per-parameter state against what
+        it would build now (``False`` where the layout keeps state its own way and checks it itself)."""
+        ...
+
+    def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
+        """The matrices (or the full-rank tensor) of ``tensor`` as this process steps them, with their state
+        (initialized with ``init`` on first use)."""
         ...
 
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
@@ -59,25 +82,13 @@ class Layout(Protocol):
         ...
 
 
-@runtime_checkable
-class GroupStepper(Protocol):
-    """A layout that steps whole param groups itself: the DeepSpeed fragment layout
-    (:mod:`lowrank_optim.distributed.fragment`), which predates the shared step and keeps its own."""
-
-    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None: ...
-
-    def begin_step(self, optimizer: GaLoreAdamW) -> None: ...
-
-    def step_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None: ...
-
-
 class DenseLayout:
     """Every tensor in ``param_groups`` is a whole parameter with its real shape; no communication."""
 
-    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> None:
+    def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> bool:
         """A projected group must still hold the 2-D matrices it was built with."""
         if "rank" not in group:
-            return
+            return True
         for position, param in enumerate(group["params"]):
             if param.dim() != 2:
                 # DeepSpeed ZeRO replaces a group's parameters by one flat partition after the
@@ -91,6 +102,12 @@ class DenseLayout:
                     "FSDP1 flattens parameters too: use FSDP2 (torch.distributed.fsdp.fully_shard), or FSDP1 "
                     "with use_orig_params=True."
                 )
+        return True
+
+    def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
+        if not state:
+            init(tensor, state)
+        return [Block(tensor, tensor.grad, state, state["step"], tuple(tensor.shape))]
 
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         """Nothing to share: each parameter decides for itself."""

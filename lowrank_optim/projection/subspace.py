@@ -28,6 +28,7 @@ __all__ = [
     "basis_shapes",
     "effective_rank",
     "lowrank_shape",
+    "nonfinite_flag",
     "project",
     "project_back",
     "resolve_side",
@@ -138,3 +139,15 @@ def all_finite(grad: Tensor) -> bool:
     (fp16 loss scaling produces them in its first steps, GaLore issue #26). This is the one host sync
     of a refresh step; the SVD or the top-r selection would synchronize anyway."""
     return bool(torch.isfinite(grad).all())
+
+
+def nonfinite_flag(lowrank: Tensor) -> Tensor:
+    """A 0-dim bool tensor on ``lowrank``'s device: whether it holds a NaN or an Inf. No host sync.
+
+    Read off the sum, accumulated in at least fp32: one reduction pass and no temporary the size of the
+    input. A NaN or an Inf entry makes the sum NaN or infinite; a sum of finite entries overflows only
+    when they average about 3e38 / numel, far beyond any usable gradient. For a projected parameter
+    ``lowrank`` is ``R = project(G)``: IEEE arithmetic carries a NaN/Inf of ``G`` into ``R`` (Inf·0 is
+    NaN), so checking the ``r``-sized ``R`` checks ``G``.
+    """
+    return torch.isfinite(lowrank.sum(dtype=torch.promote_types(lowrank.dtype, torch.float32))).logical_not_()

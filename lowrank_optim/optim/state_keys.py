@@ -1,0 +1,14 @@
+"""The keys of the low-rank optimizers' per-matrix state, defined once for every layout and checkpoint.
+
+Bases (SVD) or frequency indices (DCT) exist only for the side(s) a projection uses; ``residual_norm``
+only for Fira. A layout keeps each tensor whole or as its local piece (see ``optim.layout.SHARDINGS``).
+"""
+
+STEP = "step"  # 0-dim fp32 on the CPU, like torch's Adam
+EXP_AVG = "exp_avg"
+EXP_AVG_SQ = "exp_avg_sq"
+BASIS_LEFT = "basis_left"  # m x r
+BASIS_RIGHT = "basis_right"  # r x n
+DCT_INDICES_LEFT = "dct_indices_left"  # r sorted int64 frequencies of the m-point DCT
+DCT_INDICES_RIGHT = "dct_indices_right"  # r sorted int64 frequencies of the n-point DCT
+RESIDUAL_NORM = "residual_norm"  # Fira's limiter: 0-dim fp32, the previous residual norm
