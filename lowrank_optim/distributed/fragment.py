@@ -589,6 +589,8 @@ class _Exchange:
     """The collectives of one step of a projected group's partitions (see the module docstring); index
     ``i`` of the step's lists is the ``i``-th block handed out, partition by partition."""
 
+    batched = True  # each phase's collectives are bucketed over the group's matrices
+
     def __init__(self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, list]]) -> None:
         self.group = group
         self.dct = group["projector"] == "dct"

@@ -154,6 +154,8 @@ def _check_param(param: Tensor, mesh: Any, position: int, group: dict[str, Any] 
 class _Exchange:
     """The collectives of one step of one param group (see the module docstring)."""
 
+    batched = True  # each phase's collectives are bucketed over the group's matrices
+
     def __init__(self, layout: FSDP2Layout, group: dict[str, Any], params: list[Tensor]) -> None:
         self.comm, self.me, self.world = layout.comm, layout.rank, layout.world
         self.owner_policy = layout.owners

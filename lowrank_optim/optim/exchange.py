@@ -46,8 +46,12 @@ class Exchange(Protocol):
     """The collectives of one step over a batch of matrices (see the module docstring).
 
     Every method takes ``indices``: the positions (in the step's lists) of the tensors it concerns, the
-    same on every process that holds a piece of them, and returns one entry per index.
+    same on every process that holds a piece of them, and returns one entry per index. ``batched``:
+    whether the matrices must go through each phase together (their collectives are bucketed); where
+    not, the step takes them one at a time and holds one matrix's temporaries at a time.
     """
+
+    batched: bool
 
     def whole(self, index: int) -> bool:
         """Whether matrix ``index``'s block is the whole matrix held by this process alone."""
@@ -113,6 +117,8 @@ def stored_rank(projection: Subspace | DCTSelection) -> int:
 
 class LocalExchange:
     """Whole tensors in one process: every block is its matrix, every collective the identity."""
+
+    batched = False
 
     def whole(self, index: int) -> bool:
         return True

@@ -876,34 +876,36 @@ def _refresh_due(
         for index in due:
             on_nonfinite_refresh(index, steps[index], "deferred" if steps[index] == 0 else "skipped")
         return set(due)
-    wholes, finite = exchange.refresh_gradients(due, [grads[index] for index in due])
-    new = [
-        None
-        if whole is None or not ok
-        else _new_projector(whole, projections[index], exchange.rank(index, projections[index]), scoring, kernels.select_dct)
-        for index, whole, ok in zip(due, wholes, finite)
-    ]
-    local = exchange.share_projectors(due, [projections[index].side for index in due], new, finite)
     skipped = set()
-    for index, ok, pieces in zip(due, finite, local):
-        step = steps[index]
-        if not ok:
-            if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
-                on_nonfinite_refresh(index, step, "deferred")
-                skipped.add(index)
-            elif skip_nonfinite:
-                on_nonfinite_refresh(index, step, "skipped")
-                skipped.add(index)
-            else:
-                on_nonfinite_refresh(index, step, "applied")
-            continue
-        # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
-        carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy == "keep" else ()
-        if pieces is not None:  # None: this process keeps no piece of the projector
-            _install_projector(projections[index], pieces, carried)
-        if step > 0 and moment_policy == "reset":
-            exp_avgs[index].zero_()
-            exp_avg_sqs[index].zero_()
+    # One matrix at a time where nothing is bucketed: one new projector alive at a time.
+    for chunk in [due] if exchange.batched else [[index] for index in due]:
+        wholes, finite = exchange.refresh_gradients(chunk, [grads[index] for index in chunk])
+        new = [
+            None
+            if whole is None or not ok
+            else _new_projector(whole, projections[index], exchange.rank(index, projections[index]), scoring, kernels.select_dct)
+            for index, whole, ok in zip(chunk, wholes, finite)
+        ]
+        local = exchange.share_projectors(chunk, [projections[index].side for index in chunk], new, finite)
+        for index, ok, pieces in zip(chunk, finite, local):
+            step = steps[index]
+            if not ok:
+                if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
+                    on_nonfinite_refresh(index, step, "deferred")
+                    skipped.add(index)
+                elif skip_nonfinite:
+                    on_nonfinite_refresh(index, step, "skipped")
+                    skipped.add(index)
+                else:
+                    on_nonfinite_refresh(index, step, "applied")
+                continue
+            # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
+            carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy == "keep" else ()
+            if pieces is not None:  # None: this process keeps no piece of the projector
+                _install_projector(projections[index], pieces, carried)
+            if step > 0 and moment_policy == "reset":
+                exp_avgs[index].zero_()
+                exp_avg_sqs[index].zero_()
     return skipped
 
 
@@ -941,7 +943,41 @@ def _galore_adamw_impl(
     combine the partial projections into ``R``;  3. skip flags;  4. the moments and ``N`` (the ops of
     ``kernels``, or ``torch._foreach_*`` batched over the group);  5. ``N`` (and ``R``) for each block,
     back-projection, Fira's residual (its norm combined over pieces), decay. ``foreach`` is never fused.
+
+    Where nothing is combined (``exchange.batched`` false) and nothing is batched (not ``foreach``), the
+    matrices go through the phases one at a time, so that a step's temporaries (``R``, ``N``, the SVD's)
+    are one matrix's, not the whole group's.
     """
+    if len(params) > 1 and not foreach and not exchange.batched:
+        for i in range(len(params)):
+            one = slice(i, i + 1)
+            _galore_adamw_impl(
+                params[one],
+                grads[one],
+                exp_avgs[one],
+                exp_avg_sqs[one],
+                state_steps[one],
+                projections[one],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                correct_bias=correct_bias,
+                update_proj_gap=update_proj_gap,
+                scale=scale,
+                scoring=scoring,
+                moment_policy=moment_policy,
+                skip_nonfinite=skip_nonfinite,
+                on_nonfinite_refresh=lambda _, step, outcome, i=i: on_nonfinite_refresh(i, step, outcome),
+                skip_counts=None if skip_counts is None else skip_counts[one],
+                found_inf=found_inf,
+                fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[one]),
+                kernels=kernels,
+                foreach=foreach,
+                exchange=exchange,
+            )
+        return
     steps = [int(step_t.item()) for step_t in state_steps]
     due = [i for i, projection in enumerate(projections) if projection is not None and steps[i] % update_proj_gap == 0]
     skipped: set[int] = set()
