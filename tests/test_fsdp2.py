@@ -10,6 +10,8 @@ failure (a crash, a case that raised on some ranks only) ends the launch, and th
 one are relaunched. Either way the failed case's test fails with the case name, the world size and the
 failing ranks' tracebacks (or the worker's stderr tail).
 
+``refusals`` (2 ranks) checks what the FSDP2 layout refuses, and the whole message of each refusal.
+
 ``adamw`` (torch.optim.AdamW) is the harness's own check: FSDP2 must give it the single-process
 parameters; the low-rank optimizers must then do the same (lowrank_optim.distributed.fsdp2).
 """
@@ -257,3 +259,52 @@ def test_reshard_from_two_ranks(fsdp2: Launches, world: int, case: str) -> None:
     assert outcome["tolerance"] == FP32_TOLERANCE, outcome
     assert outcome["max_diff"] <= outcome["tolerance"], outcome
     _check_common(outcome, world)
+
+
+_PLAIN = (
+    "param {position} (shape {shape}) is a plain tensor among FSDP2 (DTensor) parameters; allowed: every parameter "
+    "of the optimizer sharded by fully_shard on one mesh (apply fully_shard to the root module too)."
+)
+_PLACEMENTS = (
+    "param {position} (shape {shape}) has placements (Replicate(),); allowed: (Shard(dim=0),), as fully_shard makes."
+)
+_FLAT = (
+    "Param 0 of param group {group} has shape (24,): only 2-D tensors can be projected. Put it in a group without "
+    "'rank' (lowrank_optim.param_groups does this). If it is a flattened parameter (FSDP1 without "
+    "use_orig_params=True, or another engine's flat buffer), projecting it is impossible: wrap the model with "
+    "FSDP2's fully_shard (or FSDP1 with use_orig_params=True), or bind to DeepSpeed ZeRO with lowrank_optim.deepspeed."
+)
+#: check -> the ValueError's whole message. Positions at construction count over every parameter of the
+#: optimizer (the worker's model has 8: 5 full-rank, then the 3 projected weights); at step() they count
+#: within the group that check_group rejects.
+_REFUSALS = {
+    "plain_among_fullrank": _PLAIN.format(position=8, shape=(3, 4)),
+    "plain_among_projected": _PLAIN.format(position=8, shape=(8, 6)),
+    "replicated_alone": _PLACEMENTS.format(position=0, shape=(8, 6)),
+    "replicated_among_projected": _PLACEMENTS.format(position=8, shape=(8, 6)),
+    "flat_projected": _FLAT.format(group=0),
+    "flat_among_fsdp2": _FLAT.format(group=2),
+    "replaced_after_construction": _PLAIN.format(position=0, shape=(37, 20)),
+}
+
+
+@pytest.mark.parametrize(("world", "case"), [(2, "refusals")], ids=["2ranks"])
+def test_refusals(fsdp2: Launches, world: int, case: str) -> None:
+    """What the FSDP2 layout refuses, at construction and at step(), with its whole message (see the
+    worker's ``refusals``): a plain tensor among DTensors, a Replicate DTensor, a flattened 1-D tensor
+    in a projected group, a projected DTensor replaced by a plain tensor after construction (the refused
+    step changes no parameter and no state)."""
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["ranks_agree"], outcome
+    assert sorted(outcome["report"]) == ["dct", "fira", "galore"], outcome
+    for optimizer, report in outcome["report"].items():
+        assert report.keys() == _REFUSALS.keys(), (optimizer, report)
+        for check, message in _REFUSALS.items():
+            raised = report[check]
+            assert raised["type"] == "ValueError", (optimizer, check, raised)
+            assert raised["message"] == message, (optimizer, check, raised)
+        replaced = report["replaced_after_construction"]
+        assert replaced["unchanged"], (optimizer, replaced)
+        assert not replaced["plain_in_state"], (optimizer, replaced)
+        assert replaced["state_tensors"] > 0 and replaced["comparison_sees_a_step"], (optimizer, replaced)
+        assert replaced["moved_after_restore"] > 1e-4, (optimizer, replaced)

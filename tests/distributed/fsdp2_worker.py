@@ -35,6 +35,27 @@ Usage: ``fsdp2_worker.py CASE [CASE ...]``; CASE is ``optimizer:option[+option]`
 and the case ``nondivisible``: asserts that some projected weight's rows are split unevenly (some rank
 holds fewer rows than another) and reports each one's rows per rank.
 
+The case ``refusals`` checks, for each low-rank optimizer, what the FSDP2 layout refuses (nothing is
+trained against the reference): it reports, per check, the exception raised on this rank
+(``{"type", "message"}``, or ``{"type": null}`` if none was raised) and whether every rank raised the same
+(``ranks_agree``); the driver asserts the messages. The checks:
+
+* ``plain_among_fullrank`` / ``plain_among_projected``: the sharded model's parameters plus one plain
+  ``nn.Parameter`` (3x4 appended to ``model.parameters()``; 8x6 appended to the projected group);
+* ``replicated_alone`` / ``replicated_among_projected``: a DTensor with placements ``(Replicate(),)``
+  (``distribute_tensor``, 8x6) as the only parameter, or appended to the projected group;
+* ``flat_projected`` / ``flat_among_fsdp2``: a 1-D tensor (24 elements, as FSDP1 without
+  ``use_orig_params=True`` flattens) in a group with ``rank``, alone or as a third group after the
+  sharded model's two;
+* ``replaced_after_construction``: after 2 steps, the projected group's first DTensor (``mlp_in.weight``)
+  is replaced in ``param_groups`` by a plain tensor (its gathered value, with a gradient) and
+  ``step()`` is called with every gradient in place; ``unchanged`` says whether every parameter
+  (``full_tensor()``) and every state tensor (gathered) is bit for bit what it was before that step.
+  The DTensor is then put back and a step must go through (``moved_after_restore``: the largest change
+  of a parameter, which shows that the refused step had gradients to apply; ``comparison_sees_a_step``:
+  the same comparison tells that step's parameters and state from those before it); ``state_tensors``
+  counts the state tensors compared, ``plain_in_state`` whether the plain tensor got state.
+
 Every optimizer case also reports ``state_numel``: per rank, the elements of the optimizer state of the
 projected group (sum of ``numel`` of every tensor in its parameters' state, of ``to_local()`` for
 DTensors) and ``reference_state_numel``, the same sum in the single-process run, so that the sharding of
@@ -65,7 +86,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
 from lowrank_optim.optim import galore as galore_module
@@ -253,9 +274,127 @@ def run_nondivisible(mesh) -> dict:
             "global_shapes": {names[id(p)]: list(p.shape) for p in projected}}
 
 
+def _raised(build) -> dict:
+    """What calling ``build`` raised on this rank: ``{"type", "message"}``, or ``{"type": None}``."""
+    try:
+        build()
+    except Exception as exc:  # noqa: BLE001 - any exception is reported, the driver checks its type
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return {"type": None}
+
+
+def _snapshot(value):
+    """A gathered, detached copy of a parameter or (nested) optimizer state, for a bitwise comparison."""
+    if isinstance(value, dict):
+        return {key: _snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_snapshot(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return full(value.detach()).clone()
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        def bits(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1).contiguous().view(torch.uint8)
+
+        return (
+            isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+        )
+    return a == b
+
+
+def _refused_step(name: str, mesh) -> dict:
+    """``replaced_after_construction``: a step refused by the layout's ``check_group`` changes nothing."""
+    model = sharded_model(mesh, bf16=False)
+    optimizer = build_optimizer(name, model)
+    train_sharded(model, optimizer, range(2), set())
+    inputs, targets = data()
+    share = GLOBAL_BATCH // dist.get_world_size()
+    start = dist.get_rank() * share
+    loss_fn(model, inputs[2, start : start + share], targets[2, start : start + share]).backward()
+    group = next(g for g in optimizer.param_groups if "rank" in g)
+    original = group["params"][0]
+    assert original is model.mlp_in.weight and isinstance(original, DTensor), "mlp_in.weight first"
+    plain = nn.Parameter(original.detach().full_tensor().clone())
+    plain.grad = original.grad.full_tensor().clone()
+    params_before = _snapshot(dict(model.named_parameters()))
+    state_before = _snapshot([optimizer.state[p] for g in optimizer.param_groups for p in g["params"]])
+    group["params"][0] = plain
+    outcome = _raised(optimizer.step)
+    group["params"][0] = original
+    params_after = _snapshot(dict(model.named_parameters()))
+    state_after = _snapshot([optimizer.state[p] for g in optimizer.param_groups for p in g["params"]])
+    outcome["unchanged"] = _same(params_before, params_after) and _same(state_before, state_after)
+    outcome["plain_in_state"] = plain in optimizer.state
+    outcome["state_tensors"] = sum(1 for t in _flat(state_before) if isinstance(t, torch.Tensor))
+    optimizer.step()  # the restored group steps as before
+    restored = gathered(model)
+    outcome["moved_after_restore"] = max(
+        (restored[n] - params_after[n].float()).abs().max().item() for n in restored
+    )
+    # The comparison can see a step: the one that went through changed the parameters and the state.
+    params_stepped = _snapshot(dict(model.named_parameters()))
+    state_stepped = _snapshot([optimizer.state[p] for g in optimizer.param_groups for p in g["params"]])
+    outcome["comparison_sees_a_step"] = (
+        not _same(params_after, params_stepped) and not _same(state_after, state_stepped)
+    )
+    return outcome
+
+
+def _flat(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _flat(item)
+    else:
+        yield value
+
+
+def run_refusals(mesh) -> dict:
+    world = dist.get_world_size()
+    report: dict = {}
+    for name in ("galore", "fira", "dct"):
+        cls = OPTIMIZERS[name]
+        model = sharded_model(mesh, bf16=False)
+        fullrank, projected = param_groups(model, rank=4, update_proj_gap=3, target_modules=TARGETS)
+        assert "rank" in projected and "rank" not in fullrank, (fullrank.keys(), projected.keys())
+        torch.manual_seed(1)  # the same replicated tensor on every rank
+        replicated = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Replicate()]))
+        checks = {
+            "plain_among_fullrank": lambda: cls([*model.parameters(), nn.Parameter(torch.randn(3, 4))], lr=LR),
+            "plain_among_projected": lambda: cls(
+                [fullrank, {**projected, "params": [*projected["params"], nn.Parameter(torch.randn(8, 6))]}], lr=LR
+            ),
+            "replicated_alone": lambda: cls([replicated], lr=LR),
+            "replicated_among_projected": lambda: cls(
+                [fullrank, {**projected, "params": [*projected["params"], replicated]}], lr=LR
+            ),
+            "flat_projected": lambda: cls([{"params": [nn.Parameter(torch.randn(24))], "rank": 2}], lr=LR),
+            "flat_among_fsdp2": lambda: cls(
+                [fullrank, projected, {"params": [nn.Parameter(torch.randn(24))], "rank": 2}], lr=LR
+            ),
+        }
+        results = {check: _raised(build) for check, build in checks.items()}
+        results["replaced_after_construction"] = _refused_step(name, mesh)
+        report[name] = results
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, report)
+    return {"case": "refusals", "world": world, "ranks_agree": all(r == everyone[0] for r in everyone),
+            "report": report}
+
+
 def run_case(case: str, mesh) -> dict:
     if case == "nondivisible":
         return run_nondivisible(mesh)
+    if case == "refusals":
+        return run_refusals(mesh)
     EXCHANGES.clear()
     name, _, rest = case.partition(":")
     options = set((rest or "plain").split("+"))
