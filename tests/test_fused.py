@@ -3,10 +3,9 @@
 Trajectory tolerances, fused vs reference, after 7 steps (refreshes at steps 1, 4, 7) of a 24 x 40 or
 40 x 24 matrix (rank 6) and a full-rank vector with lr 0.01:
 
-- fp32: ``rtol = atol = 1e-5``. The kernels' ``N`` differs from the reference by up to 2 ulp (ATen's
-  vectorized ``sqrt`` is not correctly rounded), Fira's residual is formed as ``G - a·back(R)`` by one
-  fused add instead of inside ``addmm_``, and the limiter's norm is accumulated in double; all of it
-  enters the weights scaled by ``lr``.
+- fp32: ``rtol = atol = 1e-5``. The kernels' ``N`` differs from the default kernel's by up to 2 ulp
+  (ATen's vectorized ``sqrt`` is not correctly rounded) and the limiter's norm is accumulated in
+  double; all of it enters the weights scaled by ``lr``.
 - bf16 (weights, gradients and moments): ``atol = 2e-2``, ``rtol = 2**-6``: a few-ulp difference in
   ``N`` or ``phi`` can round a weight to the neighbouring bf16 value (one ulp is ``2**-7`` relative).
 
@@ -24,8 +23,7 @@ from devices import DEVICES
 from torch import nn
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
-from lowrank_optim.ops import _extension, kernel_load_error, kernels_available
-from lowrank_optim.optim import galore
+from lowrank_optim.ops import _extension, _library, kernel_load_error, kernels_available
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, weight_decay=0.1, **kw),
@@ -92,40 +90,60 @@ def test_fused_none_uses_the_loaded_kernels(name: str) -> None:
         assert torch.equal(got, expected)
 
 
-def _recording(kernels: galore._Kernels, calls: list[str]) -> galore._Kernels:
-    def wrap(field: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        def recorded(*args: Any) -> Any:
-            calls.append(field)
-            return function(*args)
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Record every ``(op, fused)`` the step hands to the ops' one decision point (``ops._library.run``)."""
+    calls: list[tuple[str, bool]] = []
+    run = _library.run
 
-        return recorded
+    def recorded(name: str, fused: bool, *args: Any) -> Any:
+        calls.append((name, fused))
+        return run(name, fused, *args)
 
-    return galore._Kernels(*(wrap(field, function) for field, function in zip(kernels._fields, kernels)))
+    monkeypatch.setattr(_library, "run", recorded)
+    return calls
 
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "missing"])
 @pytest.mark.parametrize("name", ["galore", "fira", "dct"])
 def test_fused_none_picks_by_what_loaded(monkeypatch: pytest.MonkeyPatch, loaded: bool, name: str) -> None:
-    """Independent of this build: the loader's state decides which functions the step uses."""
+    """Independent of this build: the loader's state decides whether the step goes through the dispatcher
+    (which picks the compiled kernel) or runs the ops' default kernels; the step calls the same ops."""
     monkeypatch.setattr(_extension, "_loaded", {"cpu"} if loaded else set())
-    fused_calls: list[str] = []
-    reference_calls: list[str] = []
-    monkeypatch.setattr(galore, "_FUSED", _recording(galore._FUSED, fused_calls))
-    monkeypatch.setattr(galore, "_REFERENCE", _recording(galore._REFERENCE, reference_calls))
+    calls = _recording(monkeypatch)
     _trajectory(name, (24, 40), torch.float32, steps=2)
-    expected = {"moments"} | {"fira": {"fira_residual"}, "dct": {"select_dct"}}.get(name, set())
-    assert set(fused_calls if loaded else reference_calls) == expected
-    assert not (reference_calls if loaded else fused_calls)
+    expected = {"lowrank_adam_"} | {"fira": {"fira_residual_"}, "dct": {"dct_topk"}}.get(name, set())
+    assert {op for op, _ in calls} == expected
+    assert {fused for _, fused in calls} == {loaded}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_fused_false_and_foreach_use_the_reference(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_fused_false_and_foreach_use_the_default_kernels(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(_extension, "_loaded", {"cpu"})
-    calls: list[str] = []
-    monkeypatch.setattr(galore, "_FUSED", _recording(galore._FUSED, calls))
+    calls = _recording(monkeypatch)
     _trajectory(name, (24, 40), torch.float32, steps=2, fused=False)
     _trajectory(name, (24, 40), torch.float32, steps=2, foreach=True)
-    assert not calls
+    assert calls and not any(fused for _, fused in calls)
+
+
+@pytest.mark.parametrize("name", ["galore", "fira", "dct"])
+def test_fused_false_runs_the_registered_default_kernels(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """``fused=False`` means the ops' registered default kernels (the ones the dispatcher falls back to),
+    not a second copy of their arithmetic elsewhere: counting calls into them counts every op call."""
+    expected = _trajectory(name, (24, 40), torch.float32, steps=2, fused=False)
+    counts: dict[str, int] = {}
+    for op, default in list(_library._DEFAULT_KERNELS.items()):
+
+        def counted(*args: Any, op: str = op, default: Any = default) -> Any:
+            counts[op] = counts.get(op, 0) + 1
+            return default(*args)
+
+        monkeypatch.setitem(_library._DEFAULT_KERNELS, op, counted)
+    got = _trajectory(name, (24, 40), torch.float32, steps=2, fused=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    # 2 steps x (1 projected + 1 full-rank tensor) moment updates; Fira's residual each step; DCT's
+    # matmul scoring at the refresh (step 1: the gap is 3).
+    assert counts.pop("lowrank_adam_") == 4
+    assert counts == {"fira": {"fira_residual_": 2}, "dct": {"dct_topk": 1}}.get(name, {})
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import LIBRARY, check_skip, qualified_name
+from . import _library
+from ._library import check_skip, define_op
 
 __all__ = ["lowrank_adam_", "update_moments_"]
 
-LIBRARY.define(
+_SCHEMA = (
     "lowrank_adam_(Tensor lowrank, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) normalized, "
     "float beta1, float beta2, float eps, Tensor? skip=None) -> ()"
 )
@@ -100,8 +101,7 @@ def _adam_fake(
     _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized, skip)
 
 
-LIBRARY.impl("lowrank_adam_", _adam_default, "CompositeExplicitAutograd")
-torch.library.register_fake(qualified_name("lowrank_adam_"), _adam_fake, lib=LIBRARY)
+define_op(_SCHEMA, _adam_default, _adam_fake)
 
 
 def lowrank_adam_(
@@ -113,13 +113,14 @@ def lowrank_adam_(
     beta2: float,
     eps: float,
     skip: Tensor | None = None,
+    *,
+    fused: bool = True,
 ) -> Tensor:
     """Update the moments in place and write ``N = M / (sqrt(V) + eps)`` into ``normalized``; returns it.
 
     With ``skip`` true (a 0-dim bool tensor, read on the device) the moments are kept and ``N`` is zero.
+    ``fused=False`` runs the default kernel (:func:`lowrank_optim.ops._library.run`).
     """
     _check_adam_args(lowrank, exp_avg, exp_avg_sq, normalized, skip)  # same errors whichever kernel runs
-    torch.ops.lowrank_optim.lowrank_adam_(
-        lowrank, exp_avg, exp_avg_sq, normalized, float(beta1), float(beta2), float(eps), skip
-    )
+    _library.run("lowrank_adam_", fused, lowrank, exp_avg, exp_avg_sq, normalized, float(beta1), float(beta2), float(eps), skip)
     return normalized

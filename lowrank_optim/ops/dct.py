@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import LIBRARY, qualified_name
+from ..projection.dct import top_indices
+from . import _library
+from ._library import define_op
 
 __all__ = ["dct_topk"]
-
-LIBRARY.define("dct_topk(Tensor transformed, int rank, int dim) -> Tensor")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -44,8 +44,7 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _dct_topk_default(transformed: Tensor, rank: int, dim: int) -> Tensor:
     _check_dct_args(transformed, rank, dim)
-    scores = transformed.abs().sum(dim=dim, dtype=_score_dtype(transformed.dtype))
-    return torch.topk(scores, rank, sorted=False).indices.sort().values
+    return top_indices(transformed.abs().sum(dim=dim, dtype=_score_dtype(transformed.dtype)), rank)
 
 
 def _dct_topk_fake(transformed: Tensor, rank: int, dim: int) -> Tensor:
@@ -53,11 +52,11 @@ def _dct_topk_fake(transformed: Tensor, rank: int, dim: int) -> Tensor:
     return transformed.new_empty((rank,), dtype=torch.int64)
 
 
-LIBRARY.impl("dct_topk", _dct_topk_default, "CompositeExplicitAutograd")
-torch.library.register_fake(qualified_name("dct_topk"), _dct_topk_fake, lib=LIBRARY)
+define_op("dct_topk(Tensor transformed, int rank, int dim) -> Tensor", _dct_topk_default, _dct_topk_fake)
 
 
-def dct_topk(transformed: Tensor, rank: int, dim: int = 0) -> Tensor:
-    """The ``rank`` indices (int64, ascending) of the largest ``Σ_dim |transformed|``; see the module docstring."""
+def dct_topk(transformed: Tensor, rank: int, dim: int = 0, *, fused: bool = True) -> Tensor:
+    """The ``rank`` indices (int64, ascending) of the largest ``Σ_dim |transformed|``; see the module
+    docstring. ``fused=False`` runs the default kernel (:func:`lowrank_optim.ops._library.run`)."""
     _check_dct_args(transformed, rank, dim)
-    return torch.ops.lowrank_optim.dct_topk(transformed, int(rank), int(dim))
+    return _library.run("dct_topk", fused, transformed, int(rank), int(dim))

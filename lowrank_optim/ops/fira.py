@@ -33,11 +33,12 @@ from torch import Tensor
 
 from ..projection.fira import scale_and_limit_residual_
 from ..projection.subspace import Side
-from ._library import LIBRARY, check_skip, qualified_name
+from . import _library
+from ._library import check_skip, define_op
 
 __all__ = ["FIRA_RESIDUAL_DTYPES", "fira_residual_", "fira_residual_accepts"]
 
-LIBRARY.define(
+_SCHEMA = (
     "fira_residual_(Tensor grad, Tensor(a!) back, Tensor normalized, Tensor lowrank, Tensor(b!) residual_norm, "
     "int dim, float subtract, float gamma, bool first, float scale, Tensor? skip=None) -> ()"
 )
@@ -134,8 +135,7 @@ def _fira_fake(
     _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim, skip)
 
 
-LIBRARY.impl("fira_residual_", _fira_default, "CompositeExplicitAutograd")
-torch.library.register_fake(qualified_name("fira_residual_"), _fira_fake, lib=LIBRARY)
+define_op(_SCHEMA, _fira_default, _fira_fake)
 
 
 def fira_residual_(
@@ -151,14 +151,18 @@ def fira_residual_(
     first: bool,
     scale: float = 1.0,
     skip: Tensor | None = None,
+    fused: bool = True,
 ) -> Tensor:
     """Overwrite ``back`` (holding ``back(R)``) with ``scale · limited((G - subtract · back) · phi)``; returns it.
 
     ``residual_norm`` (the limiter's state) is updated in place; with ``skip`` true ``back`` becomes zero
-    and the state is kept. See the module docstring.
+    and the state is kept. See the module docstring. ``fused=False`` runs the default kernel
+    (:func:`lowrank_optim.ops._library.run`).
     """
     _check_fira_args(grad, back, normalized, lowrank, residual_norm, dim, skip)  # same errors whichever kernel runs
-    torch.ops.lowrank_optim.fira_residual_(
+    _library.run(
+        "fira_residual_",
+        fused,
         grad,
         back,
         normalized,

@@ -33,7 +33,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops import dct_topk, fira_residual_, kernels_available, lowrank_adam_
-from ..ops.adam import _adam_default
 from ..ops.fira import fira_residual_accepts
 from ..projection import (
     DCTSelection,
@@ -53,7 +52,6 @@ from ..projection import (
     limit_norm_growth_,
     resolve_scoring,
     resolve_side,
-    scale_and_limit_residual_,
     scoring_input,
     select_dct_indices,
     svd_basis,
@@ -599,8 +597,9 @@ def galore_adamw(
 
     ``fused`` (compiled kernels, see :class:`GaLoreAdamW`) and ``foreach`` are resolved here, once per
     call: ``fused=None`` means fused when kernels loaded for every parameter's device and ``foreach`` is
-    not ``True``; a fused step runs the single-tensor loop with the kernels (a kernel that does not take
-    a parameter's dtypes, e.g. Fira's residual for fp16, runs the reference arithmetic for it).
+    not ``True``. The step calls the ops of :mod:`lowrank_optim.ops` either way: fused, through the
+    dispatcher (which picks the compiled kernel); otherwise their pure-PyTorch default kernels
+    (``ops._library.run``). Fira's residual for dtypes its op does not take (fp16) runs as pure functions.
 
     ``exchange`` (:mod:`lowrank_optim.optim.exchange`) says how the tensors map onto whole matrices:
     ``None`` for whole tensors; a distributed layout passes local blocks (its rows of each matrix, the
@@ -635,7 +634,7 @@ def galore_adamw(
         skip_counts=skip_counts,
         found_inf=found_inf,
         fira=fira,
-        kernels=_FUSED if fused else _REFERENCE,
+        fused=fused,
         foreach=foreach,
         exchange=LOCAL if exchange is None else exchange,
     )
@@ -694,77 +693,54 @@ def _update_moments_foreach_(
         exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, update, out=update))
 
 
-def _moments_reference(
-    lowrank: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    skip: Tensor | None,
+def _select_dct(grad: Tensor, rank: int, side: Side, scoring: str, fused: bool) -> Tensor:
+    """The ``rank`` DCT frequencies of ``grad`` on ``side`` (:func:`~lowrank_optim.projection.select_dct_indices`).
+    Matmul scoring ends in the ``dct_topk`` op (L1 scores and the sorted top-``rank`` in one pass where a
+    kernel is compiled); FFT scoring sums the scores of row blocks as it transforms them, which a
+    top-``rank`` op cannot, and stays in :mod:`lowrank_optim.projection.dct`."""
+    size = grad.shape[1 if side is Side.RIGHT else 0]
+    if resolve_scoring(scoring, size) != "matmul":
+        return select_dct_indices(grad, rank, side, scoring)
+    x = scoring_input(grad)
+    q = dct_matrix(size, x.dtype, x.device)
+    # Right: columns of G Qᵀ; left: rows of Q G (no transposed copy of G).
+    if side is Side.RIGHT:
+        return dct_topk(x @ q.T, rank, dim=0, fused=fused)
+    return dct_topk(q @ x, rank, dim=1, fused=fused)
+
+
+def _limit_residual(
+    residual: Tensor, fira: FiraTerm, residual_norm: Tensor, *, first: bool, norm: Tensor | None, skip: Tensor | None
 ) -> Tensor:
-    """Update ``M``, ``V`` in place and return ``N = M / (sqrt(V) + eps)`` (a new tensor), op by op: the
-    default kernel of :func:`lowrank_optim.ops.lowrank_adam_` (skipped: ``M``, ``V`` kept, ``N`` zero)."""
-    normalized = torch.empty_like(exp_avg)
-    _adam_default(lowrank, exp_avg, exp_avg_sq, normalized, beta1, beta2, eps, skip)
-    return normalized
+    """Fira after ``S = (G - subtract · back(R)) · phi``, in place: the norm-growth limiter (``norm``: the
+    whole matrix's ``||S||_F`` when ``S`` is a piece of it), ``residual_scale``, zero where skipped."""
+    limit_norm_growth_(residual, residual_norm, gamma=fira.gamma, first=first, norm=norm, skip=skip)
+    if fira.residual_scale != 1.0:
+        residual.mul_(fira.residual_scale)
+    if skip is not None:
+        residual.masked_fill_(skip, 0.0)
+    return residual
 
 
-def _moments_fused(
-    lowrank: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    skip: Tensor | None,
-) -> Tensor:
-    """:func:`_moments_reference` in one pass (:func:`lowrank_optim.ops.lowrank_adam_`)."""
-    return lowrank_adam_(lowrank, exp_avg, exp_avg_sq, torch.empty_like(exp_avg), beta1, beta2, eps, skip)
-
-
-def _fira_residual_reference(
+def _fira_residual(
     grad: Tensor,
     lowrank: Tensor,
     normalized: Tensor,
     subspace: Subspace,
     residual_norm: Tensor,
     fira: FiraTerm,
+    *,
     first: bool,
     skip: Tensor | None,
+    fused: bool,
 ) -> Tensor:
-    """``residual_scale · limited((G - subtract · back(R)) · phi)``, a new ``m x n`` tensor; the limiter's
-    state ``residual_norm`` is updated in place (skipped: zero, state kept)."""
-    difference = add_project_back_(grad.clone(), lowrank, subspace, alpha=-fira.subtract)
-    return scale_and_limit_residual_(
-        difference,
-        normalized,
-        lowrank,
-        subspace.side,
-        residual_norm,
-        gamma=fira.gamma,
-        first=first,
-        scale=fira.residual_scale,
-        skip=skip,
-    )
-
-
-def _fira_residual_fused(
-    grad: Tensor,
-    lowrank: Tensor,
-    normalized: Tensor,
-    subspace: Subspace,
-    residual_norm: Tensor,
-    fira: FiraTerm,
-    first: bool,
-    skip: Tensor | None,
-) -> Tensor:
-    """:func:`_fira_residual_reference` with everything after ``back(R)`` in one op
-    (:func:`lowrank_optim.ops.fira_residual_`), which overwrites the fresh ``back(R)``. Dtypes the op does
-    not take (fp16 weights, fp64 moments of fp32 weights) run the reference; ``fused=True`` refuses them
-    before the first step (:meth:`FiraAdamW._check_step_tensors`)."""
+    """Fira's scaled, limited residual of a whole matrix, a new ``m x n`` tensor: the ``fira_residual_`` op
+    on the fresh ``back(R)`` (which it overwrites), or, for dtypes the op does not take (fp16 weights,
+    fp64 moments of fp32 weights; ``fused=True`` refuses them before the first step), the same steps as
+    pure functions."""
     if not fira_residual_accepts(grad.dtype, lowrank.dtype):
-        return _fira_residual_reference(grad, lowrank, normalized, subspace, residual_norm, fira, first, skip)
+        residual = fira_residual(grad, lowrank, normalized, subspace, subtract=fira.subtract)
+        return _limit_residual(residual, fira, residual_norm, first=first, norm=None, skip=skip)
     back = project_back(lowrank.to(grad.dtype), subspace)
     return fira_residual_(
         grad,
@@ -778,46 +754,16 @@ def _fira_residual_fused(
         first=first,
         scale=fira.residual_scale,
         skip=skip,
+        fused=fused,
     )
 
 
-def _select_dct_indices_fused(grad: Tensor, rank: int, side: Side, scoring: str) -> Tensor:
-    """:func:`~lowrank_optim.projection.select_dct_indices` with the L1 scores and top-``rank`` of a
-    matmul-scored transform in one op (:func:`lowrank_optim.ops.dct_topk`). FFT scoring keeps the
-    reference: it sums the scores of row blocks as it transforms them, and a top-``rank`` op cannot."""
-    size = grad.shape[1 if side is Side.RIGHT else 0]
-    if resolve_scoring(scoring, size) != "matmul":
-        return select_dct_indices(grad, rank, side, scoring)
-    x = scoring_input(grad)
-    q = dct_matrix(size, x.dtype, x.device)
-    # Right: columns of G Qᵀ; left: rows of Q G (no transposed copy of G).
-    return dct_topk(x @ q.T, rank, dim=0) if side is Side.RIGHT else dct_topk(q @ x, rank, dim=1)
-
-
-class _Kernels(NamedTuple):
-    """The functions a step computes with: compiled ops or the reference arithmetic, chosen once per call."""
-
-    moments: Callable[[Tensor, Tensor, Tensor, float, float, float, "Tensor | None"], Tensor]
-    fira_residual: Callable[[Tensor, Tensor, Tensor, Subspace, Tensor, FiraTerm, bool, "Tensor | None"], Tensor]
-    select_dct: Callable[[Tensor, int, Side, str], Tensor]
-
-
-_REFERENCE = _Kernels(_moments_reference, _fira_residual_reference, select_dct_indices)
-_FUSED = _Kernels(_moments_fused, _fira_residual_fused, _select_dct_indices_fused)
-
-
-def _new_projector(
-    grad: Tensor,
-    projection: Subspace | DCTSelection,
-    rank: int,
-    scoring: str,
-    select_dct: Callable[[Tensor, int, Side, str], Tensor],
-) -> list[Tensor]:
+def _new_projector(grad: Tensor, projection: Subspace | DCTSelection, rank: int, scoring: str, fused: bool) -> list[Tensor]:
     """The whole projector a refresh computes from the whole gradient: ``[left?, right?]`` SVD bases
     (:func:`~lowrank_optim.projection.svd_basis`) or DCT frequency indices, for the sides in use."""
     if isinstance(projection, DCTSelection):
         return [
-            select_dct(grad, rank, side, scoring)
+            _select_dct(grad, rank, side, scoring, fused)
             for indices, side in ((projection.left, Side.LEFT), (projection.right, Side.RIGHT))
             if indices is not None
         ]
@@ -865,7 +811,7 @@ def _refresh_due(
     skip_nonfinite: bool,
     on_nonfinite_refresh: Callable[[int, int, str], None],
     found_inf: Tensor | None,
-    kernels: _Kernels,
+    fused: bool,
     exchange: Exchange,
 ) -> set[int]:
     """Refresh the projections of the matrices ``due`` now; return those whose update must be skipped
@@ -883,7 +829,7 @@ def _refresh_due(
         new = [
             None
             if whole is None or not ok
-            else _new_projector(whole, projections[index], exchange.rank(index, projections[index]), scoring, kernels.select_dct)
+            else _new_projector(whole, projections[index], exchange.rank(index, projections[index]), scoring, fused)
             for index, whole, ok in zip(chunk, wholes, finite)
         ]
         local = exchange.share_projectors(chunk, [projections[index].side for index in chunk], new, finite)
@@ -932,7 +878,7 @@ def _galore_adamw_impl(
     skip_counts: list[Tensor] | None,
     found_inf: Tensor | None,
     fira: FiraTerm | None,
-    kernels: _Kernels,
+    fused: bool,
     foreach: bool,
     exchange: Exchange,
 ) -> None:
@@ -941,7 +887,7 @@ def _galore_adamw_impl(
 
     1. refresh the projections due now (owner computes, holders install);  2. project each block and
     combine the partial projections into ``R``;  3. skip flags;  4. the moments and ``N`` (the ops of
-    ``kernels``, or ``torch._foreach_*`` batched over the group);  5. ``N`` (and ``R``) for each block,
+    ops, or ``torch._foreach_*`` batched over the group);  5. ``N`` (and ``R``) for each block,
     back-projection, Fira's residual (its norm combined over pieces), decay. ``foreach`` is never fused.
 
     Where nothing is combined (``exchange.batched`` false) and nothing is batched (not ``foreach``), the
@@ -973,7 +919,7 @@ def _galore_adamw_impl(
                 skip_counts=None if skip_counts is None else skip_counts[one],
                 found_inf=found_inf,
                 fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[one]),
-                kernels=kernels,
+                fused=fused,
                 foreach=foreach,
                 exchange=exchange,
             )
@@ -994,7 +940,7 @@ def _galore_adamw_impl(
             skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
             found_inf=found_inf,
-            kernels=kernels,
+            fused=fused,
             exchange=exchange,
         )
     if skipped:
@@ -1050,7 +996,9 @@ def _galore_adamw_impl(
             normalized[i] = update
     else:
         for i in active:
-            normalized[i] = kernels.moments(lowranks[i], exp_avgs[i], exp_avg_sqs[i], beta1, beta2, eps, skips[i])
+            normalized[i] = lowrank_adam_(
+                lowranks[i], exp_avgs[i], exp_avg_sqs[i], torch.empty_like(exp_avgs[i]), beta1, beta2, eps, skips[i], fused=fused
+            )
     for step_t in {id(state_steps[i]): state_steps[i] for i in active}.values():
         step_t += 1
 
@@ -1069,8 +1017,8 @@ def _galore_adamw_impl(
         elif fira is None:
             add_project_back_(param, block_n[i], subspace, alpha=-step_sizes[i] * scale)
         elif exchange.whole(i):
-            residual = kernels.fira_residual(
-                grads[i], block_r[i], block_n[i], subspace, fira.residual_norms[i], fira, steps[i] == 0, skips[i]
+            residual = _fira_residual(
+                grads[i], block_r[i], block_n[i], subspace, fira.residual_norms[i], fira, first=steps[i] == 0, skip=skips[i], fused=fused
             )
             # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
             param.add_(add_project_back_(residual, block_n[i], subspace, alpha=scale), alpha=-step_sizes[i])
@@ -1081,13 +1029,9 @@ def _galore_adamw_impl(
         indices = list(split_residuals)
         norms = exchange.residual_norms(indices, [split_residuals[i] for i in indices])
         for i, norm in zip(indices, norms):
-            residual = limit_norm_growth_(
-                split_residuals[i], fira.residual_norms[i], gamma=fira.gamma, first=steps[i] == 0, norm=norm, skip=skips[i]
+            residual = _limit_residual(
+                split_residuals[i], fira, fira.residual_norms[i], first=steps[i] == 0, norm=norm, skip=skips[i]
             )
-            if fira.residual_scale != 1.0:
-                residual.mul_(fira.residual_scale)
-            if skips[i] is not None:
-                residual.masked_fill_(skips[i], 0.0)
             update = add_project_back_(residual, block_n[i], subspaces[i], alpha=scale)
             params[i].add_(update, alpha=-step_sizes[i])
     if weight_decay > 0.0:

@@ -170,7 +170,12 @@ def select_dct_indices(grad: Tensor, rank: int, side: Side, scoring: str = "auto
     Sorting makes the index *set* the state: a set that did not change maps every moment column to the
     same basis vector, whatever order ``topk`` returns (which is unspecified on CUDA).
     """
-    scores = dct_scores(grad, side, scoring)
+    return top_indices(dct_scores(grad, side, scoring), rank)
+
+
+def top_indices(scores: Tensor, rank: int) -> Tensor:
+    """The indices of the ``rank`` highest ``scores``, sorted ascending (int64): the selection rule of
+    every scoring path (and of the ``dct_topk`` op's default kernel)."""
     return torch.topk(scores, rank, sorted=False).indices.sort().values
 
 
