@@ -261,12 +261,16 @@ def test_reshard_from_two_ranks(fsdp2: Launches, world: int, case: str) -> None:
     _check_common(outcome, world)
 
 
+_AT_CONSTRUCTION = "parameter {position} of the optimizer (counted over all its param groups) (shape {shape})"
 _PLAIN = (
-    "param {position} (shape {shape}) is a plain tensor among FSDP2 (DTensor) parameters; allowed: every parameter "
+    _AT_CONSTRUCTION + " is a plain tensor among FSDP2 (DTensor) parameters; allowed: every parameter "
     "of the optimizer sharded by fully_shard on one mesh (apply fully_shard to the root module too)."
 )
-_PLACEMENTS = (
-    "param {position} (shape {shape}) has placements (Replicate(),); allowed: (Shard(dim=0),), as fully_shard makes."
+_PLACEMENTS = _AT_CONSTRUCTION + " has placements (Replicate(),); allowed: (Shard(dim=0),), as fully_shard makes."
+_REPLACED = (
+    "{optimizer}: param 0 of param group 1 (shape (37, 20)) is a plain tensor, but the optimizer was built on FSDP2 "
+    "(DTensor) parameters: it was replaced after construction. Keep the parameters fully_shard made (build the "
+    "optimizer after wrapping, and do not swap its groups' tensors afterwards)."
 )
 _FLAT = (
     "Param 0 of param group {group} has shape (24,): only 2-D tensors can be projected. Put it in a group without "
@@ -275,8 +279,8 @@ _FLAT = (
     "FSDP2's fully_shard (or FSDP1 with use_orig_params=True), or bind to DeepSpeed ZeRO with lowrank_optim.deepspeed."
 )
 #: check -> the ValueError's whole message. Positions at construction count over every parameter of the
-#: optimizer (the worker's model has 8: 5 full-rank, then the 3 projected weights); at step() they count
-#: within the group that check_group rejects.
+#: optimizer (the worker's model has 8: 5 full-rank, then the 3 projected weights); at step() the message
+#: names the group and the position in it.
 _REFUSALS = {
     "plain_among_fullrank": _PLAIN.format(position=8, shape=(3, 4)),
     "plain_among_projected": _PLAIN.format(position=8, shape=(8, 6)),
@@ -284,8 +288,9 @@ _REFUSALS = {
     "replicated_among_projected": _PLACEMENTS.format(position=8, shape=(8, 6)),
     "flat_projected": _FLAT.format(group=0),
     "flat_among_fsdp2": _FLAT.format(group=2),
-    "replaced_after_construction": _PLAIN.format(position=0, shape=(37, 20)),
+    "replaced_after_construction": _REPLACED,
 }
+_NAMES = {"galore": "GaLoreAdamW", "fira": "FiraAdamW", "dct": "DCTAdamW"}
 
 
 @pytest.mark.parametrize(("world", "case"), [(2, "refusals")], ids=["2ranks"])
@@ -302,7 +307,7 @@ def test_refusals(fsdp2: Launches, world: int, case: str) -> None:
         for check, message in _REFUSALS.items():
             raised = report[check]
             assert raised["type"] == "ValueError", (optimizer, check, raised)
-            assert raised["message"] == message, (optimizer, check, raised)
+            assert raised["message"] == message.format(optimizer=_NAMES[optimizer]), (optimizer, check, raised)
         replaced = report["replaced_after_construction"]
         assert replaced["unchanged"], (optimizer, replaced)
         assert not replaced["plain_in_state"], (optimizer, replaced)

@@ -85,12 +85,13 @@ class FSDP2Layout:
             return None
         mesh = next(p for p in params if isinstance(p, DTensor)).device_mesh
         for position, param in enumerate(params):
-            _check_param(param, mesh, position)
+            _check_param(param, mesh, f"parameter {position} of the optimizer (counted over all its param groups)")
         return cls(mesh)
 
     def check_group(self, optimizer: Any, group: dict[str, Any]) -> bool:
+        index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
         for position, param in enumerate(group["params"]):
-            _check_param(param, self.mesh, position, group)
+            _check_param(param, self.mesh, f"{type(optimizer).__name__}: param {position} of param group {index}", group)
         return True
 
     def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
@@ -126,9 +127,17 @@ class FSDP2Layout:
         return _Exchange(self, group, params)
 
 
-def _check_param(param: Tensor, mesh: Any, position: int, group: dict[str, Any] | None = None) -> None:
-    where = f"param {position} (shape {tuple(param.shape)})"
+def _check_param(param: Tensor, mesh: Any, where: str, group: dict[str, Any] | None = None) -> None:
+    """Refuse what this layout cannot step; ``where`` names the tensor, ``group`` is set at ``step()``
+    (the optimizer was built on DTensors, so a plain tensor now was put there afterwards)."""
+    where = f"{where} (shape {tuple(param.shape)})"
     if not isinstance(param, DTensor):
+        if group is not None:
+            raise ValueError(
+                f"{where} is a plain tensor, but the optimizer was built on FSDP2 (DTensor) parameters: it was "
+                "replaced after construction. Keep the parameters fully_shard made (build the optimizer after "
+                "wrapping, and do not swap its groups' tensors afterwards)."
+            )
         raise ValueError(
             f"{where} is a plain tensor among FSDP2 (DTensor) parameters; allowed: every parameter of the "
             "optimizer sharded by fully_shard on one mesh (apply fully_shard to the root module too)."
