@@ -612,32 +612,41 @@ def galore_adamw(
         fused = not foreach and bool(params) and all(kernels_available(p.device) for p in params)
     if foreach is None:
         foreach = not fused and bool(params) and all(p.device.type == "cuda" for p in params)
-    _galore_adamw_impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        subspaces,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        correct_bias=correct_bias,
-        update_proj_gap=update_proj_gap,
-        scale=scale,
-        scoring=scoring,
-        moment_policy=moment_policy,
-        skip_nonfinite=nonfinite == "skip",
-        on_nonfinite_refresh=on_nonfinite_refresh or (lambda index, step, outcome: None),
-        skip_counts=skip_counts,
-        found_inf=found_inf,
-        fira=fira,
-        fused=fused,
-        foreach=foreach,
-        exchange=LOCAL if exchange is None else exchange,
-    )
+    exchange = LOCAL if exchange is None else exchange
+    report = on_nonfinite_refresh or (lambda index, step, outcome: None)
+    # Where nothing is combined (whole tensors) and nothing is batched (not foreach), the matrices go
+    # through the phases one at a time: a step's temporaries (R, N, the SVD's) are one matrix's at a time.
+    if foreach or exchange.batched:
+        chunks = [slice(0, len(params))]
+    else:
+        chunks = [slice(i, i + 1) for i in range(len(params))]
+    for chunk in chunks:
+        _galore_adamw_impl(
+            params[chunk],
+            grads[chunk],
+            exp_avgs[chunk],
+            exp_avg_sqs[chunk],
+            state_steps[chunk],
+            subspaces[chunk],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            scoring=scoring,
+            moment_policy=moment_policy,
+            skip_nonfinite=nonfinite == "skip",
+            on_nonfinite_refresh=lambda index, step, outcome, offset=chunk.start: report(offset + index, step, outcome),
+            skip_counts=None if skip_counts is None else skip_counts[chunk],
+            found_inf=found_inf,
+            fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[chunk]),
+            fused=fused,
+            foreach=foreach,
+            exchange=exchange,
+        )
 
 
 def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
@@ -890,40 +899,8 @@ def _galore_adamw_impl(
     ops, or ``torch._foreach_*`` batched over the group);  5. ``N`` (and ``R``) for each block,
     back-projection, Fira's residual (its norm combined over pieces), decay. ``foreach`` is never fused.
 
-    Where nothing is combined (``exchange.batched`` false) and nothing is batched (not ``foreach``), the
-    matrices go through the phases one at a time, so that a step's temporaries (``R``, ``N``, the SVD's)
-    are one matrix's, not the whole group's.
+    :func:`galore_adamw` hands it the matrices one at a time where nothing is bucketed.
     """
-    if len(params) > 1 and not foreach and not exchange.batched:
-        for i in range(len(params)):
-            one = slice(i, i + 1)
-            _galore_adamw_impl(
-                params[one],
-                grads[one],
-                exp_avgs[one],
-                exp_avg_sqs[one],
-                state_steps[one],
-                projections[one],
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                correct_bias=correct_bias,
-                update_proj_gap=update_proj_gap,
-                scale=scale,
-                scoring=scoring,
-                moment_policy=moment_policy,
-                skip_nonfinite=skip_nonfinite,
-                on_nonfinite_refresh=lambda _, step, outcome, i=i: on_nonfinite_refresh(i, step, outcome),
-                skip_counts=None if skip_counts is None else skip_counts[one],
-                found_inf=found_inf,
-                fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[one]),
-                fused=fused,
-                foreach=foreach,
-                exchange=exchange,
-            )
-        return
     steps = [int(step_t.item()) for step_t in state_steps]
     due = [i for i, projection in enumerate(projections) if projection is not None and steps[i] % update_proj_gap == 0]
     skipped: set[int] = set()
