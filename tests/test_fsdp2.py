@@ -313,3 +313,16 @@ def test_refusals(fsdp2: Launches, world: int, case: str) -> None:
         assert not replaced["plain_in_state"], (optimizer, replaced)
         assert replaced["state_tensors"] > 0 and replaced["comparison_sees_a_step"], (optimizer, replaced)
         assert replaced["moved_after_restore"] > 1e-4, (optimizer, replaced)
+
+
+@pytest.mark.parametrize(("world", "case"), [(2, "nonfinite"), (3, "nonfinite")], ids=["2ranks", "3ranks"])
+def test_a_nan_in_one_shard_skips_that_matrix_on_every_rank(fsdp2: Launches, world: int, case: str) -> None:
+    """The worker's ``nonfinite``: a NaN in the last rank's shard of ``mlp_mid.weight``'s gradient at a
+    normal step and at a refresh step. Its skip flag is combined over the shards, so the whole matrix
+    keeps its values on every rank while the other tensors step, and every rank counts both skips."""
+    outcome = fsdp2.outcome(world, case)
+    assert sorted(outcome["report"]) == ["dct", "fira", "galore"], outcome
+    for name, report in outcome["report"].items():
+        for step in ("2", "3"):
+            assert report[step] == {"skipped_unchanged": True, "others_moved": True, "finite": True}, (name, step, report)
+        assert report["skipped_updates"] == [{"(1, 1)": 2}] * world, (name, report)

@@ -32,7 +32,8 @@ Usage: ``fsdp2_worker.py CASE [CASE ...]``; CASE is ``optimizer:option[+option]`
   into a fresh FSDP2 model and optimizer, trains the last 3 steps and compares with the uninterrupted
   single-process run (1e-6).
 
-and the case ``nondivisible``: asserts that some projected weight's rows are split unevenly (some rank
+and the case ``nonfinite`` (a NaN in one rank's shard: that matrix skipped alike on every rank, see
+``run_nonfinite``), and the case ``nondivisible``: asserts that some projected weight's rows are split unevenly (some rank
 holds fewer rows than another) and reports each one's rows per rank.
 
 The case ``refusals`` checks, for each low-rank optimizer, what the FSDP2 layout refuses (nothing is
@@ -390,7 +391,44 @@ def run_refusals(mesh) -> dict:
             "report": report}
 
 
+def run_nonfinite(mesh) -> dict:
+    """A NaN in the last rank's shard of one projected weight's gradient, at a normal step (2) and at a
+    refresh step (3): that weight is skipped on every rank (its pieces decide alike), everything else is
+    updated, and every rank counts the skips."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    report = {}
+    for name in ("galore", "fira", "dct"):
+        model = sharded_model(mesh, bf16=False)
+        optimizer = build_optimizer(name, model)
+        train_sharded(model, optimizer, range(2), {"plain"})
+        outcome = {}
+        for step in (2, 3):
+            inputs, targets = data()
+            share = GLOBAL_BATCH // world
+            loss_fn(model, inputs[step, rank * share : (rank + 1) * share], targets[step, rank * share : (rank + 1) * share]).backward()
+            if rank == world - 1:
+                local(model.mlp_mid.weight.grad).view(-1)[0] = float("nan")
+            before = gathered(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                optimizer.step()
+            optimizer.zero_grad()
+            after = gathered(model)
+            outcome[step] = {
+                "skipped_unchanged": bool(torch.equal(before["mlp_mid.weight"], after["mlp_mid.weight"])),
+                "others_moved": all(not torch.equal(before[n], after[n]) for n in before if n != "mlp_mid.weight"),
+                "finite": all(bool(torch.isfinite(t).all()) for t in after.values()),
+            }
+        counts: list = [None] * world
+        dist.all_gather_object(counts, {str(k): v for k, v in optimizer.skipped_updates().items()})
+        outcome["skipped_updates"] = counts
+        report[name] = outcome
+    return {"case": "nonfinite", "world": world, "report": report}
+
+
 def run_case(case: str, mesh) -> dict:
+    if case == "nonfinite":
+        return run_nonfinite(mesh)
     if case == "nondivisible":
         return run_nondivisible(mesh)
     if case == "refusals":
