@@ -104,7 +104,7 @@ class FiraAdamW(GaLoreAdamW):
 
     def _check_step_tensors(self, group: dict[str, Any], index: int, params: list[Tensor]) -> None:
         """``fused=True`` demands the compiled residual kernel, which takes fp32/bf16/fp64 gradients with
-        moments in their dtype or fp32; ``fused=None`` runs the reference arithmetic for other dtypes."""
+        moments in their dtype or fp32; ``fused=None`` runs the residual as pure functions for other dtypes."""
         if group["fused"] is not True or "rank" not in group:
             return
         for position, param in enumerate(params):

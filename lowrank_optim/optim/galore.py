@@ -1,9 +1,12 @@
 """GaLoreAdamW: Adam with moments kept in a low-rank gradient subspace (arXiv 2403.03507).
 
 Three layers, as in ``torch.optim.adamw``: the :class:`GaLoreAdamW` class validates arguments and owns
-state; :func:`galore_adamw` is the functional entry point that picks an implementation; the
-``_single_tensor_*`` / ``_multi_tensor_*`` functions do the arithmetic with the shared pure functions of
-:mod:`lowrank_optim.projection`. FiraAdamW and DCTAdamW reuse all three layers.
+state; :func:`galore_adamw` is the functional entry point that resolves ``fused``/``foreach``;
+``_galore_adamw_impl`` is the one step, written once on local blocks: it does the arithmetic with the
+ops of :mod:`lowrank_optim.ops` and the pure functions of :mod:`lowrank_optim.projection`, and calls an
+:class:`~lowrank_optim.optim.exchange.Exchange` where the pieces of a matrix held by different
+processes meet (identities for whole tensors; FSDP2 and DeepSpeed ZeRO supply theirs, see
+:mod:`lowrank_optim.optim.layout`). FiraAdamW and DCTAdamW reuse all three layers.
 
 Arithmetic of the reference package ``galore-torch`` 1.0 (Hugging Face AdamW style), per step ``t``::
 
@@ -144,8 +147,9 @@ class GaLoreAdamW(Optimizer):
             the step is fused.
         fused: use the compiled kernels of :mod:`lowrank_optim.ops` (moment update, Fira's residual, DCT
             scoring); ``None`` uses them where they loaded for the parameters' device, ``True`` requires
-            them (refused at construction with the load error when missing), ``False`` runs the
-            pure-PyTorch reference. Cannot be ``True`` together with ``foreach``.
+            them (refused at construction with the load error when missing), ``False`` runs the ops'
+            pure-PyTorch default kernels. Cannot be ``True`` together with ``foreach``. The same on
+            every backend (one process, FSDP2, DeepSpeed ZeRO).
         nonfinite: what a step does with a parameter whose gradient holds a NaN/Inf. ``skip`` (default):
             that parameter is not updated and its moments, projector and limiter are kept; decided on the
             device between refreshes (no host sync; its step counter still advances, so its bias
