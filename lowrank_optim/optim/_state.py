@@ -68,10 +68,12 @@ class StateDtypeKeeper:
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
-    """Bytes held by every tensor in ``optimizer.state`` (moments, bases, step counters, ...)."""
+    """Bytes this process holds in ``optimizer.state`` (moments, bases, step counters, ...): of a sharded
+    tensor (a DTensor, e.g. under FSDP2), its local shard."""
     total = 0
     for param_state in optimizer.state.values():
         for value in param_state.values():
             if isinstance(value, Tensor):
-                total += value.numel() * value.element_size()
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
     return total

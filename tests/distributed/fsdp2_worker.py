@@ -89,7 +89,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
+from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, optimizer_state_bytes, param_groups
 from lowrank_optim.optim import galore as galore_module
 
 #: The exchanges the one per-matrix step (``galore._galore_adamw_impl``) was called with during a case:
@@ -484,6 +484,11 @@ def run_case(case: str, mesh) -> dict:
     if norms:
         outcome["min_grad_norm"] = min(norms)
     outcome["moved"] = max_diff(result, initial)
+    if name != "adamw":  # what the package reports as this rank's state: the local shards
+        expected_bytes = sum(
+            local(v).numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+        )
+        assert optimizer_state_bytes(optimizer) == expected_bytes, (optimizer_state_bytes(optimizer), expected_bytes)
     numel: list = [None] * world
     dist.all_gather_object(numel, projected_state_numel(optimizer))
     outcome["state_numel"] = numel
