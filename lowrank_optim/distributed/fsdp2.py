@@ -206,7 +206,7 @@ class _Exchange:
             loads[owner] += math.prod(self.shapes[index]) * min(self.shapes[index])
             self.owners[index] = owner
         wholes: list[Tensor | None] = []
-        bad = torch.zeros(len(indices), dtype=torch.float32)
+        bad = torch.zeros(len(indices), dtype=torch.float32, device=self.device)  # NCCL has no CPU tensors
         for position, (index, grad) in enumerate(zip(indices, grads)):
             m, n = self.shapes[index]
             chunk = -(-m // self.world)
