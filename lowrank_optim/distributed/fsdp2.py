@@ -3,7 +3,8 @@
 ``fully_shard`` turns every parameter into a DTensor sharded on dim 0 over a 1-D mesh: rank ``k`` holds
 rows ``[k·c, (k+1)·c)`` of an ``m x n`` matrix (``c = ceil(m / W)``, ``torch.chunk``'s cut; the last ranks
 may hold fewer rows, or none). An optimizer built on such parameters gets this layout from
-:func:`~lowrank_optim.optim.layout.layout_for`, with no extra call. Its state is sharded as the
+:func:`~lowrank_optim.optim.layout.layout_for` (registered by ``lowrank_optim._layouts``), with no
+extra call. Its state is sharded as the
 parameter is, as DTensors (which is what lets ``torch.distributed.checkpoint`` save, load and reshard
 it): state that runs along the rows (a right-side projection's ``m x r`` moments, a left basis ``m x r``)
 is cut like the parameter; state that runs along the columns (a left-side projection's ``r x n``
@@ -35,7 +36,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from ..optim.exchange import LOCAL, Exchange, stored_rank
-from ..optim.layout import Block, StateInit, register_layout
+from ..optim.layout import Block, StateInit
 from ..projection import Side, Subspace, all_finite, effective_rank
 from .comm import TorchCommunicator
 
@@ -374,5 +375,3 @@ def _by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, list[int]]:
         groups.setdefault(tensor.dtype, []).append(k)
     return groups
 
-
-register_layout(FSDP2Layout.resolve)
