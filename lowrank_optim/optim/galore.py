@@ -899,7 +899,7 @@ def _galore_adamw_impl(
     what the pieces of a matrix share (identities for whole tensors, see :mod:`.exchange`).
 
     1. refresh the projections due now (owner computes, holders install);  2. project each block and
-    combine the partial projections into ``R``;  3. skip flags;  4. the moments and ``N`` (the ops of
+    combine the partial projections into ``R``;  3. skip flags;  4. the moments and ``N`` (the
     ops, or ``torch._foreach_*`` batched over the group);  5. ``N`` (and ``R``) for each block,
     back-projection, Fira's residual (its norm combined over pieces), decay. ``foreach`` is never fused.
 
