@@ -32,10 +32,14 @@ def _model():
     return LlamaForCausalLM(LlamaConfig.from_name_or_path("60m"))
 
 
-def _lowrank_elements(optimizer, layout) -> int:
+def _lowrank_elements(optimizer) -> int:
+    """Elements of the projected group's state this rank holds (a DTensor's local shard)."""
     projected = {id(p) for g in optimizer.param_groups if "rank" in g for p in g["params"]}
     return sum(
-        layout.local(t).numel() for p, s in optimizer.state.items() if id(p) in projected for k, t in s.items()
+        (t.to_local() if hasattr(t, "to_local") else t).numel()
+        for p, s in optimizer.state.items()
+        if id(p) in projected
+        for k, t in s.items()
         if isinstance(t, torch.Tensor) and k != "step"
     )
 
@@ -54,7 +58,6 @@ def main() -> None:
     from torch.distributed.fsdp import fully_shard
 
     from lowrank_optim import GaLoreAdamW, param_groups
-    from lowrank_optim.optim.layout import DenseLayout
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,7 +68,7 @@ def main() -> None:
     for p in single.parameters():
         p.grad = torch.zeros_like(p)
     single_opt.step()
-    single_elements = _lowrank_elements(single_opt, DenseLayout())
+    single_elements = _lowrank_elements(single_opt)
     del single, single_opt
 
     model = _model()
@@ -83,7 +86,7 @@ def main() -> None:
         optimizer.step()
         elements.append(layout.comm.elements - before)
     full_rs = sum((world - 1) * -(-p.shape[0] // world) * (p.numel() // max(p.shape[0], 1)) for p in model.parameters())
-    state = _lowrank_elements(optimizer, layout)
+    state = _lowrank_elements(optimizer)
 
     for group in optimizer.param_groups:  # every step a refresh, for timing
         group["update_proj_gap"] = 1

@@ -243,9 +243,6 @@ class FragmentLayout:
         self._pending[id(tensor)] = (int(state[STEP].item()), pending)
         return blocks
 
-    def local(self, tensor: Tensor) -> Tensor:
-        return tensor
-
     def new_state(
         self, like: Any, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
     ) -> Tensor:

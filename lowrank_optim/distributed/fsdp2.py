@@ -50,6 +50,11 @@ def _chunk(size: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(start + chunk, size)
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: updates reach it), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, running = [], 1
     for size in reversed(tuple(shape)):
@@ -98,26 +103,23 @@ class FSDP2Layout:
     def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
         if not state:
             init(tensor, state)
-        local = {key: self.local(value) for key, value in state.items()}
-        return [Block(self.local(tensor), self.local(tensor.grad), local, state["step"], tuple(tensor.shape))]
+        local = {key: _local(value) for key, value in state.items()}
+        return [Block(_local(tensor), _local(tensor.grad), local, state["step"], tuple(tensor.shape))]
 
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         return None  # every tensor's flag is combined over its pieces (Exchange.flags)
-
-    def local(self, tensor: Tensor) -> Tensor:
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
     def new_state(
         self, param: Tensor, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
     ) -> Tensor:
         shape = tuple(shape)
         if not isinstance(param, DTensor) or sharding == "replicated":
-            return torch.zeros(shape, dtype=dtype, device=self.local(param).device)
+            return torch.zeros(shape, dtype=dtype, device=_local(param).device)
         dim = {"rows": 0, "columns": 1}[sharding]
         start, stop = _chunk(shape[dim], self.world, self.rank)
         local_shape = list(shape)
         local_shape[dim] = stop - start
-        local = torch.zeros(local_shape, dtype=dtype, device=self.local(param).device)
+        local = torch.zeros(local_shape, dtype=dtype, device=_local(param).device)
         return DTensor.from_local(
             local, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=_strides(shape)
         )

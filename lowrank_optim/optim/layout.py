@@ -66,10 +66,6 @@ class Layout(Protocol):
         for the ``nonfinite="skip"`` groups), or ``None``."""
         ...
 
-    def local(self, tensor: Tensor) -> Tensor:
-        """The local block of a parameter, its gradient or a state tensor (a view: updates reach it)."""
-        ...
-
     def new_state(
         self, param: Tensor, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
     ) -> Tensor:
@@ -112,9 +108,6 @@ class DenseLayout:
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         """Nothing to share: each parameter decides for itself."""
         return None
-
-    def local(self, tensor: Tensor) -> Tensor:
-        return tensor
 
     def new_state(
         self, param: Tensor, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
