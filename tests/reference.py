@@ -3,7 +3,8 @@
 They share no code with the package: no projection helpers, no optimizer classes. The one concession
 to the implementation is the SVD: the method *defines* the basis as the fp32 SVD of the gradient
 (``torch.linalg.svd(G.float())``), and singular vectors are only defined up to sign, so the reference
-takes that same fp32 SVD and does everything else in fp64. The DCT basis is built here from its closed
+takes that same fp32 SVD and does everything else in fp64 (with ``sign="canonical"``, the default, each
+basis vector is then flipped so that its largest-magnitude entry is positive). The DCT basis is built here from its closed
 form, ``Q[k, j] = sqrt(2/d) cos(π k (2j+1) / 2d)`` with row 0 times ``sqrt(1/2)``.
 """
 
@@ -56,7 +57,9 @@ class GaLoreReference:
 
     ``projector="dct"`` replaces the SVD basis by the top-``rank`` DCT-II frequencies; at a refresh the
     moments of frequencies that stay selected move with them and the others restart from zero
-    (``moment_policy="keep"``).
+    (``moment_policy="keep"``). ``moment_policy="rotate"``: with ``C = P_oldᵀ P_new`` (left) or
+    ``P_old P_newᵀ`` (right), entry by entry, ``M[:, j] = Σ_k C[k, j] M_old[:, k]`` and
+    ``V[:, j] = Σ_k C[k, j]² V_old[:, k]`` (and likewise over rows on the left).
     """
 
     weight: Tensor
@@ -65,6 +68,7 @@ class GaLoreReference:
     scale: float = 1.0
     proj_type: str = "std"
     projector: str = "svd"
+    sign: str = "canonical"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -91,13 +95,34 @@ class GaLoreReference:
 
     def refresh(self, grad: Tensor, side: str) -> None:
         r = min(self.rank, *grad.shape)
+        old_left, old_right = self.left, self.right
         if self.projector == "svd":
             u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
             self.left = u[:, :r].double() if side in ("left", "full") else None
-            self.right = vh[:r].double() if side in ("right", "full") else None
-            if self.moment_policy == "reset" and self.m is not None:
+            self.right = vh[:r].double().T if side in ("right", "full") else None
+            for basis in (self.left, self.right):  # columns are the basis vectors here
+                if basis is not None and self.sign == "canonical":
+                    for k in range(basis.shape[1]):
+                        column = basis[:, k]
+                        top = max(range(len(column)), key=lambda i: (abs(float(column[i])), -i))
+                        if column[top] < 0:
+                            basis[:, k] = -column
+            if self.right is not None:
+                self.right = self.right.T.contiguous()
+            if self.m is not None and self.moment_policy == "reset":
                 self.m = torch.zeros_like(self.m)
                 self.v = torch.zeros_like(self.v)
+            if self.m is not None and self.moment_policy == "rotate":
+                self._rotate(old_left, old_right)
+            return
+        if self.m is not None and self.moment_policy == "rotate":
+            for one_side, dim in (("left", 0), ("right", 1)):
+                if side in (one_side, "full"):
+                    new = dct_top_indices(grad, r, one_side)
+                    setattr(self, f"{one_side}_indices", new)
+                    q = dct2_matrix(grad.shape[dim])[new]
+                    setattr(self, one_side, q.T if one_side == "left" else q)
+            self._rotate(old_left, old_right)
             return
         for one_side, dim in (("left", 0), ("right", 1)):
             if side not in (one_side, "full"):
@@ -112,6 +137,27 @@ class GaLoreReference:
             setattr(self, f"{one_side}_indices", new)
             q = dct2_matrix(grad.shape[dim])[new]
             setattr(self, one_side, q.T if one_side == "left" else q)
+
+    def _rotate(self, old_left: Tensor | None, old_right: Tensor | None) -> None:
+        """``moment_policy="rotate"``, as loops over the entries of the change of basis."""
+        m, v = self.m, self.v
+        if old_right is not None:
+            c = old_right @ self.right.T  # r x r
+            new_m, new_v = torch.zeros_like(m), torch.zeros_like(v)
+            for j in range(c.shape[1]):
+                for k in range(c.shape[0]):
+                    new_m[:, j] += c[k, j] * m[:, k]
+                    new_v[:, j] += c[k, j] ** 2 * v[:, k]
+            m, v = new_m, new_v
+        if old_left is not None:
+            c = old_left.T @ self.left
+            new_m, new_v = torch.zeros_like(m), torch.zeros_like(v)
+            for j in range(c.shape[1]):
+                for k in range(c.shape[0]):
+                    new_m[j] += c[k, j] * m[k]
+                    new_v[j] += c[k, j] ** 2 * v[k]
+            m, v = new_m, new_v
+        self.m, self.v = m, v
 
     def project(self, g: Tensor, side: str | None) -> Tensor:
         if side == "right":

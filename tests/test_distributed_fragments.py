@@ -204,6 +204,10 @@ OPTIMIZERS = {
     "dct_full": lambda groups: DCTAdamW(groups, lr=1e-2, proj_type="full"),
     "fira": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, weight_decay=0.1),
     "fira_paper": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, residual="paper"),
+    # Moments rotated into each new basis (gathered on the refresh owner, shared with every holder).
+    "galore_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, moment_policy="rotate", weight_decay=0.1),
+    "galore_full_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="full", eps=1e-2, moment_policy="rotate"),
+    "dct_rotate": lambda groups: DCTAdamW(groups, lr=1e-2, moment_policy="rotate"),
 }
 
 
@@ -232,7 +236,7 @@ def test_fragments_match_dense(name: str, world_size: int, zero3: bool) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
-@pytest.mark.parametrize("name", ["galore", "dct", "fira"])
+@pytest.mark.parametrize("name", ["galore", "dct", "fira", "galore_rotate", "dct_rotate"])
 def test_sharded_moments_at_zero12_and_small_params(name: str) -> None:
     """Sharded moments where holders differ per matrix; params smaller than the world size."""
     _run_case(OPTIMIZERS[name], [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=False, round_robin=True, shard=True)

@@ -285,7 +285,7 @@ def test_scale_is_an_alias_of_alpha() -> None:
             {},
             "Param group 0 sets alpha=0.25 and scale=0.5: for Fira they are the same setting",
         ),
-        ({"projector": "random"}, {}, "Invalid projector in param group 0: 'random'. Must be one of svd, dct."),
+        ({"projector": "qr"}, {}, "Invalid projector in param group 0: 'qr'. Must be one of svd, "),
         ({}, {"lr": -1.0}, "Invalid learning rate: -1.0. Must be >= 0.0."),
     ],
 )

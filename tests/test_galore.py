@@ -323,7 +323,7 @@ def _bad(group_update: dict, **kwargs: object) -> None:
         ({}, {"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0: 1.0. Must be in [0, 1)."),
         ({}, {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1. Must be in [0, 1)."),
         ({}, {"weight_decay": -0.1}, "Invalid weight_decay value: -0.1. Must be >= 0.0."),
-        ({}, {"moment_policy": "rotate"}, "Invalid moment_policy: 'rotate'. Must be one of keep, reset."),
+        ({}, {"moment_policy": "turn"}, "Invalid moment_policy: 'turn'. Must be one of keep, reset, rotate."),
         ({}, {"moment_dtype": torch.int8}, "Invalid moment_dtype: torch.int8. Must be None or a floating torch.dtype."),
         ({"lr": -0.5}, {}, "Invalid learning rate in param group 0: -0.5. Must be >= 0.0."),
         ({"rank": 0}, {}, "Invalid rank in param group 0: 0. Must be a positive integer."),

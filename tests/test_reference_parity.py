@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_optim import GaLoreAdamW
+from lowrank_optim.projection import SVDProjector
 
 
 @pytest.fixture
@@ -49,7 +50,8 @@ def test_same_trajectory_as_galore_torch(
     ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
     group = {"rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}
     optimizers = [
-        GaLoreAdamW([{"params": [ours], **group}], lr=0.01, weight_decay=weight_decay),
+        # LAPACK's signs, as galore-torch keeps them (our default is the canonical sign).
+        GaLoreAdamW([{"params": [ours], **group}], lr=0.01, weight_decay=weight_decay, projector=SVDProjector(sign="lapack")),
         reference_galore([{"params": [theirs], **group}], lr=0.01, weight_decay=weight_decay),
     ]
     for grad in grads:  # refreshes at steps 1, 4 and 7

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
 from ..optim.galore import GaLoreAdamW
-from ..optim.state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
-from ..projection import Side, basis_shapes, effective_rank, lowrank_shape, resolve_side
+from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
+from ..projection import Side, basis_shapes, effective_rank, keeps_aligned, lowrank_shape, resolve_side
 from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _my_shard, _Partition, _sharded
 from .plan import MatrixPlan
 
@@ -140,7 +140,7 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
                 full_moments[mp.name] = views
                 offset += 2 * size
             part.comm.all_reduce(buffer)
-            if group["projector"] != "dct":
+            if keeps_aligned(group["projector"]):
                 full_bases = _gather_bases(part, group, matrices, sharded, sides, flat)
         for index, mp in enumerate(part.plan.matrices):
             if _writer(mp, index) != rank:

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..optim.exchange import LOCAL, Exchange
 from ..optim.layout import Block, DenseLayout, StateInit
-from ..optim.state_keys import (
+from ..state_keys import (
     BASIS_LEFT,
     BASIS_RIGHT,
     DCT_INDICES_LEFT,
@@ -61,7 +61,7 @@ from ..optim.state_keys import (
     RESIDUAL_NORM,
     STEP,
 )
-from ..projection import Side, Subspace, all_finite, basis_shapes, effective_rank, nonfinite_flag, resolve_side
+from ..projection import ProjectorTensor, Side, keeps_aligned, refresh_specs, rotates, Subspace, all_finite, effective_rank, nonfinite_flag, resolve_side
 from .comm import Communicator
 from .plan import MatrixPlan, PartitionPlan
 
@@ -371,25 +371,21 @@ def _cut_rows(mp: MatrixPlan) -> list[tuple[int, int]]:
     return result
 
 
-def _projector_shapes(group: dict[str, Any], mp: MatrixPlan) -> list[tuple[int, ...]]:
-    """Shapes of the whole projector tensors of a matrix, in the order of :func:`_projector_keys`."""
-    side = resolve_side(group["proj_type"], mp.shape)
-    rank_r = effective_rank(group["rank"], mp.shape)
-    if group["projector"] == "dct":
-        return [(rank_r,)] * (2 if side is Side.FULL else 1)
-    return [shape for shape in basis_shapes(mp.shape, rank_r, side) if shape is not None]
-
-
-def _local_projector(
-    group: dict[str, Any], mp: MatrixPlan, part: _Partition, rank: int, whole: list[Tensor]
-) -> list[Tensor]:
-    """This holder's part of whole projector tensors: the slice of the basis a sharded matrix keeps."""
-    side = resolve_side(group["proj_type"], mp.shape)
-    if group["projector"] == "dct" or not _sharded(part, mp, side):
+def _local_projector(mp: MatrixPlan, part: _Partition, rank: int, side: Side, rank_r: int, specs: list[ProjectorTensor], whole: list[Tensor]) -> list[Tensor]:
+    """This holder's pieces of whole projector tensors: of a sharded matrix, its share of each tensor the
+    projector keeps aligned with the matrix (:meth:`FragmentLayout.new_state`); all of the others."""
+    if not _sharded(part, mp, side):
         return whole
-    (basis,) = whole
-    start, stop = _my_shard(mp, rank, side, effective_rank(group["rank"], mp.shape)).basis
-    return [basis.reshape(-1)[start:stop] if side is Side.RIGHT else basis[start:stop]]
+    mine = _my_shard(mp, rank, side, rank_r)
+    result = []
+    for spec, tensor in zip(specs, whole):
+        if spec.sharding == "replicated":
+            result.append(tensor)
+        elif side is Side.RIGHT:  # its even share of the flattened r x n basis
+            result.append(tensor.reshape(-1)[mine.basis[0] : mine.basis[1]])
+        else:  # the basis rows its piece touches
+            result.append(tensor[mine.basis[0] : mine.basis[1]])
+    return result
 
 
 def _restrict(subspace: Subspace, r0: int, r1: int) -> Subspace:
@@ -417,8 +413,23 @@ def _refresh_owners(plan: PartitionPlan, world_size: int) -> dict[str, int]:
     return owners
 
 
-def _projector_numel(group: dict[str, Any], mp: MatrixPlan) -> int:
-    return sum(math.prod(shape) for shape in _projector_shapes(group, mp))
+def _all_reduce_tensors(comm: Communicator, device: torch.device, tensors: list[list[Tensor | None]], specs: list[list[ProjectorTensor]], default: torch.dtype) -> list[list[Tensor]]:
+    """Sum, over ranks, lists of whole tensors of the given specs (``None``: contribute zeros), one bucket
+    per dtype. Each tensor is written by one rank only, so the sum is exact and alike on every rank."""
+    dtypes = sorted({spec.dtype or default for entry in specs for spec in entry}, key=str)
+    result: list[list[Tensor | None]] = [[None] * len(entry) for entry in specs]
+    for dtype in dtypes:
+        slots = [(i, k) for i, entry in enumerate(specs) for k, spec in enumerate(entry) if (spec.dtype or default) == dtype]
+        sizes = [math.prod(specs[i][k].shape) for i, k in slots]
+        buffer = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        offset = 0
+        for (i, k), size in zip(slots, sizes):
+            if tensors[i] is not None and tensors[i][k] is not None:
+                buffer[offset : offset + size] = tensors[i][k].reshape(-1).to(dtype)
+            result[i][k] = buffer[offset : offset + size].view(specs[i][k].shape)
+            offset += size
+        comm.all_reduce(buffer)
+    return result
 
 
 def _views(buffer: Tensor, plans: list[MatrixPlan], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
@@ -590,8 +601,10 @@ class _Exchange:
 
     def __init__(self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, list]]) -> None:
         self.group = group
-        self.dct = group["projector"] == "dct"
         self.fira = "residual" in group
+        # Whether the projector keeps its bases aligned with the matrix (sharded with a sharded matrix)
+        # rather than replicated (DCT indices, whose bases are built whole): alike for a group's matrices.
+        self.aligned = keeps_aligned(group["projector"])
         self.partitions = []  # (flat, part, {name: index of its block})
         self.entries: list[tuple[_Partition | None, MatrixPlan | None, Tensor]] = []
         self.steps = {id(part): step for _, part, (step, _) in partitions}
@@ -619,10 +632,6 @@ class _Exchange:
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         mp = self.entries[index][1]
         return (0, 0) if mp is None else tuple(mp.shape)
-
-    def rank(self, index: int, projection: Any) -> int:
-        mp = self.entries[index][1]
-        return 0 if mp is None else self.ranks[mp.name]
 
     def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
         # The group's one shared flag (FragmentLayout.begin_step, the step's found_inf) covers every piece.
@@ -680,10 +689,67 @@ class _Exchange:
                     finite[index], wholes[index] = not any(bad.values()), None
         return [wholes[i] for i in indices], [finite[i] for i in indices]
 
+    def gather_projectors(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Sequence[Tensor]]
+    ) -> list[list[Tensor] | None]:
+        given = {index: (spec, list(tensors)) for index, spec, tensors in zip(indices, specs, stored)}
+        result: dict[int, list[Tensor] | None] = {}
+        for flat, part, names in self.partitions:
+            comm = part.comm
+            owners = _refresh_owners(part.plan, comm.world_size)
+            # A matrix whose pieces of the projector are all of it (held by one rank, or kept whole by every
+            # holder) has it at its owner already; sharded ones are summed from exclusive shares.
+            sharded = [mp for mp in part.plan.matrices if self._is_sharded(part, mp)]
+            if sharded:
+                shares: list[list[Tensor | None] | None] = []
+                whole_specs = []
+                for mp in sharded:
+                    index = names.get(mp.name)
+                    entry_specs = given[index][0] if index in given else _specs_of(self.group, mp, False)
+                    whole_specs.append(entry_specs)
+                    shares.append(None if index not in given else self._exclusive_shares(part, mp, *given[index]))
+                summed = _all_reduce_tensors(comm, flat.device, shares, whole_specs, flat.dtype)
+                for mp, tensors in zip(sharded, summed):
+                    index = names.get(mp.name)
+                    if index in given:
+                        result[index] = tensors if owners[mp.name] == comm.rank else None
+            for mp in part.plan.matrices:
+                index = names.get(mp.name)
+                if index in given and index not in result:
+                    result[index] = given[index][1] if owners[mp.name] == comm.rank else None
+        return [result.get(i) for i in indices]
+
+    def _exclusive_shares(
+        self, part: _Partition, mp: MatrixPlan, specs: list[ProjectorTensor], tensors: list[Tensor]
+    ) -> list[Tensor | None]:
+        """Whole-shaped tensors holding the part of a sharded matrix's projector only this holder writes
+        (zeros elsewhere); replicated tensors come from the owner alone."""
+        side, rank_r = self.sides[mp.name], self.ranks[mp.name]
+        mine = _my_shard(mp, part.comm.rank, side, rank_r)
+        owner = _refresh_owners(part.plan, part.comm.world_size)[mp.name] == part.comm.rank
+        result: list[Tensor | None] = []
+        for spec, tensor in zip(specs, tensors):
+            if spec.sharding == "replicated":
+                result.append(tensor if owner else None)
+                continue
+            whole = torch.zeros(spec.shape, dtype=tensor.dtype, device=tensor.device)
+            if side is Side.RIGHT:  # even shares of the flattened basis are disjoint
+                whole.view(-1)[mine.basis[0] : mine.basis[1]] = tensor.reshape(-1)
+            else:  # the rows whose first element it holds partition the rows
+                first, rows = mine.first, mine.rows
+                whole[first[0] : first[1]] = tensor[first[0] - rows[0] : first[1] - rows[0]]
+            result.append(whole)
+        return result
+
     def share_projectors(
-        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+        self,
+        indices: Sequence[int],
+        specs: Sequence[list[ProjectorTensor]],
+        new: Sequence[list[Tensor] | None],
+        finite: Sequence[bool],
     ) -> list[list[Tensor] | None]:
         computed = dict(zip(indices, new))
+        spec_of = dict(zip(indices, specs))
         ok = dict(zip(indices, finite))
         result: dict[int, list[Tensor] | None] = {}
         for flat, part, names in self.partitions:
@@ -691,42 +757,36 @@ class _Exchange:
             split = self._split(part)
             whole: dict[str, list[Tensor]] = {}
             if split:
-                # Each slot is written by its owner only, so the sum is exact and alike on every rank.
-                sizes = [_projector_numel(self.group, mp) for mp in split]
-                dtype = torch.int64 if self.dct else flat.dtype
-                shared = torch.zeros(sum(sizes), dtype=dtype, device=flat.device)
-                offset = 0
-                for mp, size in zip(split, sizes):
-                    index = names.get(mp.name)
-                    if index is not None and computed.get(index) is not None:
-                        shared[offset : offset + size] = torch.cat([t.reshape(-1).to(dtype) for t in computed[index]])
-                    offset += size
-                comm.all_reduce(shared)
-                offset = 0
-                for mp, size in zip(split, sizes):
-                    pieces, start = [], offset
-                    for shape in _projector_shapes(self.group, mp):
-                        pieces.append(shared[start : start + math.prod(shape)].view(shape))
-                        start += math.prod(shape)
-                    whole[mp.name] = pieces
-                    offset += size
+                # Each matrix's tensors are written by its owner only (every holder takes part in the sum).
+                rotate = rotates(self.group["moment_policy"], self.steps[id(part)])
+                entry_specs = [spec_of.get(names.get(mp.name)) or _specs_of(self.group, mp, rotate) for mp in split]
+                tensors = [computed.get(names.get(mp.name)) for mp in split]
+                for mp, summed in zip(split, _all_reduce_tensors(comm, flat.device, tensors, entry_specs, flat.dtype)):
+                    whole[mp.name] = summed
             for mp in plan.matrices:
                 index = names.get(mp.name)
                 if index is None or index not in computed:
                     continue
                 tensors = whole.get(mp.name, computed[index])
-                result[index] = _local_projector(self.group, mp, part, comm.rank, tensors) if ok[index] else None
+                result[index] = (
+                    _local_projector(mp, part, comm.rank, self.sides[mp.name], self.ranks[mp.name], spec_of[index], tensors)
+                    if ok[index]
+                    else None
+                )
         return [result.get(i) for i in indices]
 
     # --- a normal step -------------------------------------------------------------------------------
 
-    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
+    def subspaces(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Subspace]
+    ) -> list[Subspace]:
         given = dict(zip(indices, stored))
+        aligned = self.aligned
         result: dict[int, Subspace] = {}
         for flat, part, names in self.partitions:
             right = [mp for mp in part.plan.matrices if self._is_sharded(part, mp) and self.sides[mp.name] is Side.RIGHT]
             shares = {mp.name: {BASIS_RIGHT: given[names[mp.name]].right} for mp in right if mp.name in names}
-            gathered = {} if self.dct else _gather_right_bases(part.comm, right, shares, self.ranks, flat)
+            gathered = _gather_right_bases(part.comm, right, shares, self.ranks, flat) if aligned else {}
             for mp in part.plan.matrices:
                 index = names.get(mp.name)
                 if index is None or index not in given:
@@ -734,7 +794,7 @@ class _Exchange:
                 sub = given[index]
                 if mp.name in gathered:
                     result[index] = Subspace(Side.RIGHT, None, gathered[mp.name])
-                elif self._is_sharded(part, mp) and self.sides[mp.name] is Side.LEFT and not self.dct:
+                elif self._is_sharded(part, mp) and self.sides[mp.name] is Side.LEFT and aligned:
                     result[index] = sub  # the basis rows this piece touches
                 else:
                     r0, r1, _ = _rows(mp)
@@ -862,6 +922,14 @@ class _Exchange:
                     block = self.entries[names[mp.name]][2]
                     piece = mp.piece
                     flat[piece.flat_start : piece.flat_start + piece.numel].copy_(_fragment(block, mp))
+
+
+def _specs_of(group: dict[str, Any], mp: MatrixPlan, rotate: bool) -> list[ProjectorTensor]:
+    """What a refresh of a matrix shares (:func:`~lowrank_optim.projection.refresh_specs`), for a rank
+    that does not hold it."""
+    shape = tuple(mp.shape)
+    side = resolve_side(group["proj_type"], shape)
+    return refresh_specs(group["projector"], shape, effective_rank(group["rank"], shape), side, rotate)
 
 
 def _lowrank_shape(mp: MatrixPlan, side: Side, rank_r: int) -> tuple[int, int]:

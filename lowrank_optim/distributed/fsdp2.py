@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ..optim.exchange import LOCAL, Exchange, stored_rank
+from ..optim.exchange import LOCAL, Exchange
 from ..optim.layout import Block, StateInit
-from ..projection import Side, Subspace, all_finite, effective_rank
+from ..projection import ProjectorTensor, Side, Subspace, all_finite
 from .comm import TorchCommunicator
 
 __all__ = ["FSDP2Layout", "OWNER_POLICIES"]
@@ -171,8 +171,6 @@ class _Exchange:
     def __init__(self, layout: FSDP2Layout, group: dict[str, Any], params: list[Tensor]) -> None:
         self.comm, self.me, self.world = layout.comm, layout.rank, layout.world
         self.owner_policy = layout.owners
-        self.dct = group.get("projector") == "dct"
-        self.group_rank = group.get("rank")
         self.shapes = [tuple(p.shape) for p in params]
         self.dtypes = [p.dtype for p in params]
         self.device = params[0].to_local().device if params else torch.device("cpu")
@@ -183,9 +181,6 @@ class _Exchange:
 
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         return self.shapes[index]
-
-    def rank(self, index: int, projection: Any) -> int:
-        return stored_rank(projection)  # r x n_k right bases and m_k x r left bases keep r whole
 
     def finish(self) -> None:
         pass  # the blocks are views of the shards
@@ -225,55 +220,83 @@ class _Exchange:
         self.comm.all_reduce(bad)
         return wholes, [not value for value in bad.tolist()]
 
-    def _projector_shapes(self, index: int, side: Side) -> list[tuple[str, tuple[int, ...]]]:
-        """``(kind, whole shape)`` of each projector tensor, in the order ``[left?, right?]``."""
-        m, n = self.shapes[index]
-        r = effective_rank(self.group_rank, (m, n))
-        sides = [kind for kind, used in (("left", side in (Side.LEFT, Side.FULL)), ("right", side in (Side.RIGHT, Side.FULL))) if used]
-        if self.dct:
-            return [(kind, (r,)) for kind in sides]
-        return [(kind, (m, r) if kind == "left" else (r, n)) for kind in sides]
+    def gather_projectors(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Sequence[Tensor]]
+    ) -> list[list[Tensor] | None]:
+        # Aligned tensors are all-gathered (rows as the columns of their transpose): rare (refreshes that
+        # warm-start or rotate), and the same collective as every step's right-basis gather.
+        slots = [(k, j) for k, entry in enumerate(specs) for j, spec in enumerate(entry) if spec.sharding != "replicated"]
+        locals_ = [stored[k][j] if specs[k][j].sharding == "columns" else stored[k][j].T for k, j in slots]
+        widths = [
+            self.shapes[indices[k]][1] if specs[k][j].sharding == "columns" else self.shapes[indices[k]][0]
+            for k, j in slots
+        ]
+        wholes = dict(zip(slots, self._gather_columns(locals_, widths)))
+        result: list[list[Tensor] | None] = []
+        for k, (index, entry) in enumerate(zip(indices, specs)):
+            if self.owners[index] != self.me:
+                result.append(None)
+                continue
+            tensors = []
+            for j, spec in enumerate(entry):
+                whole = wholes.get((k, j), stored[k][j])
+                tensors.append(whole.T if spec.sharding == "rows" else whole)
+            result.append(tensors)
+        return result
 
     def share_projectors(
-        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+        self,
+        indices: Sequence[int],
+        specs: Sequence[list[ProjectorTensor]],
+        new: Sequence[list[Tensor] | None],
+        finite: Sequence[bool],
     ) -> list[list[Tensor] | None]:
         result: list[list[Tensor] | None] = []
-        for index, side, tensors, ok in zip(indices, sides, new, finite):
+        for index, entry, tensors, ok in zip(indices, specs, new, finite):
             if not ok:
                 result.append(None)
                 continue
-            shapes = self._projector_shapes(index, side)
-            dtype = torch.int64 if self.dct else self.dtypes[index]
-            if tensors is not None:  # the owner: the same cast as a whole-tensor refresh's copy into the state
-                flat = torch.cat([t.to(dtype).reshape(-1) for t in tensors])
-            else:
-                flat = torch.empty(sum(math.prod(shape) for _, shape in shapes), dtype=dtype, device=self.device)
-            self.comm.broadcast(flat, self.owners[index])
-            pieces, offset = [], 0
-            for kind, shape in shapes:
-                whole = flat[offset : offset + math.prod(shape)].view(shape)
-                offset += math.prod(shape)
-                if self.dct:
+            wholes: list[Tensor | None] = [None] * len(entry)
+            dtypes = [spec.dtype or self.dtypes[index] for spec in entry]
+            for dtype in sorted(set(dtypes), key=str):  # one broadcast per dtype
+                members = [j for j, d in enumerate(dtypes) if d == dtype]
+                if tensors is not None:  # the owner: the same cast as a whole-tensor refresh's copy into the state
+                    flat = torch.cat([tensors[j].to(dtype).reshape(-1) for j in members])
+                else:
+                    flat = torch.empty(sum(math.prod(entry[j].shape) for j in members), dtype=dtype, device=self.device)
+                self.comm.broadcast(flat, self.owners[index])
+                offset = 0
+                for j in members:
+                    size = math.prod(entry[j].shape)
+                    wholes[j] = flat[offset : offset + size].view(entry[j].shape)
+                    offset += size
+            pieces = []
+            for spec, whole in zip(entry, wholes):
+                if spec.sharding == "rows":  # m x r: this rank's rows
+                    pieces.append(whole[slice(*self._rows(index))])
+                elif spec.sharding == "columns":  # r x n: this rank's column chunk
+                    pieces.append(whole[:, slice(*self._columns(index))])
+                else:
                     pieces.append(whole)
-                elif kind == "left":  # m x r: this rank's rows
-                    r0, r1 = self._rows(index)
-                    pieces.append(whole[r0:r1])
-                else:  # r x n: this rank's column chunk
-                    c0, c1 = self._columns(index)
-                    pieces.append(whole[:, c0:c1])
             result.append(pieces)
         return result
 
-    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
-        if self.dct:  # whole bases built from the replicated indices: the left one restricted to the rows
-            return [
-                Subspace(sub.side, None if sub.left is None else sub.left[slice(*self._rows(i))], sub.right)
-                for i, sub in zip(indices, stored)
-            ]
-        # SVD: left bases are kept as this rank's rows already; right bases are gathered from column chunks.
-        right = [(i, sub) for i, sub in zip(indices, stored) if sub.right is not None]
-        wholes = dict(zip([i for i, _ in right], self._gather_columns([sub.right for _, sub in right], [self.shapes[i][1] for i, _ in right])))
-        return [Subspace(sub.side, sub.left, wholes.get(i)) for i, sub in zip(indices, stored)]
+    def subspaces(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Subspace]
+    ) -> list[Subspace]:
+        result = list(stored)
+        right = []
+        for k, (index, entry, sub) in enumerate(zip(indices, specs, stored)):
+            if not any(spec.sharding != "replicated" for spec in entry):
+                # Whole bases built from replicated tensors (DCT indices): the left one restricted to the rows.
+                left = None if sub.left is None else sub.left[slice(*self._rows(index))]
+                result[k] = Subspace(sub.side, left, sub.right)
+            elif sub.right is not None:  # aligned: left bases are this rank's rows already, right ones chunks
+                right.append(k)
+        gathered = self._gather_columns([stored[k].right for k in right], [self.shapes[indices[k]][1] for k in right])
+        for k, whole in zip(right, gathered):
+            result[k] = Subspace(stored[k].side, stored[k].left, whole)
+        return result
 
     def lowranks(self, indices: Sequence[int], sides: Sequence[Side], partials: Sequence[Tensor]) -> list[Tensor]:
         result = list(partials)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..ops import kernel_load_error, kernels_available
-from ..projection import DCT_SCORING, FIRA_RESIDUALS, PROJ_TYPES, PROJECTORS
+from ..projection import FIRA_RESIDUALS, PROJ_TYPES
 
 __all__ = [
     "FOREIGN_GROUP_KEYS",
@@ -27,14 +27,14 @@ __all__ = [
     "check_implementation_options",
     "check_no_duplicates",
     "check_projection_group",
-    "check_projector_options",
     "matrix_shape",
     "resolve_alpha_alias",
 ]
 
 #: What happens to the low-rank moments when the projector is refreshed: ``keep`` carries them into
-#: the new subspace unchanged (the reference behaviour), ``reset`` zeroes them.
-MOMENT_POLICIES: tuple[str, ...] = ("keep", "reset")
+#: the new subspace unchanged (the reference behaviour; DCT frequencies keep theirs), ``reset`` zeroes
+#: them, ``rotate`` expresses them in the new basis (``projection.rotate_moments_``).
+MOMENT_POLICIES: tuple[str, ...] = ("keep", "reset", "rotate")
 
 #: What a step does with a parameter whose gradient holds a NaN/Inf: ``skip`` leaves the parameter and
 #: its state as they were (decided on the device, no host sync), ``propagate`` applies the update as
@@ -116,14 +116,6 @@ def check_finite_number(name: str, value: Any, where: str = "") -> None:
     """A plain finite real number (``scale``, ``alpha``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"Invalid {name}{where}: {value!r}. Must be a finite number.")
-
-
-def check_projector_options(*, projector: str, scoring: str, where: str = "") -> None:
-    """Validate the subspace choice: GaLore's ``svd`` basis or selected ``dct`` frequencies."""
-    if projector not in PROJECTORS:
-        raise ValueError(f"Invalid projector{where}: {projector!r}. Must be one of {', '.join(PROJECTORS)}.")
-    if scoring not in DCT_SCORING:
-        raise ValueError(f"Invalid scoring{where}: {scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
 
 
 def check_implementation_options(

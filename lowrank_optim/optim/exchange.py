@@ -10,6 +10,8 @@ phase, not one per matrix):
 ``refresh_gradients``
     at a refresh, the whole gradient of each refreshing matrix on the one process that computes its
     projector (its *owner*), and, alike everywhere, whether that gradient is finite;
+``gather_projectors``
+    at a refresh that warm-starts or rotates the moments, the whole previous projector on the owner;
 ``share_projectors``
     the owner's new projector, as the local piece every holder stores;
 ``subspaces``
@@ -37,9 +39,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ..projection import DCTSelection, Side, Subspace, all_finite
+from ..projection import ProjectorTensor, Side, Subspace, all_finite
 
-__all__ = ["Exchange", "LocalExchange", "LOCAL", "stored_rank"]
+__all__ = ["Exchange", "LocalExchange", "LOCAL"]
 
 
 class Exchange(Protocol):
@@ -61,10 +63,6 @@ class Exchange(Protocol):
         """The whole matrix's shape (``block`` is its local gradient block)."""
         ...
 
-    def rank(self, index: int, projection: Subspace | DCTSelection) -> int:
-        """The rank ``r`` of matrix ``index``'s projection."""
-        ...
-
     def finish(self) -> None:
         """Called once at the end of a step that updated something: write back the blocks that were
         copies of their tensors' elements."""
@@ -79,17 +77,32 @@ class Exchange(Protocol):
         """``(whole gradient on the owner, else None; finite, alike on every holder)`` per matrix."""
         ...
 
-    def share_projectors(
-        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+    def gather_projectors(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Sequence[Tensor]]
     ) -> list[list[Tensor] | None]:
-        """The owners' new projector tensors (``new``: whole tensors on the owner, ``None`` elsewhere; SVD:
-        ``[left?, right?]`` bases, DCT: ``[left?, right?]`` indices) as the local pieces each holder
-        stores (``None`` where ``finite`` is false: keep the previous ones)."""
+        """The whole projector tensors (whole shapes in ``specs``) of each matrix on its refresh owner, from
+        the holders' stored pieces; ``None`` elsewhere."""
         ...
 
-    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
-        """The subspace each local block projects with, from the stored local pieces (DCT selections
-        arrive as whole bases built from their indices)."""
+    def share_projectors(
+        self,
+        indices: Sequence[int],
+        specs: Sequence[list[ProjectorTensor]],
+        new: Sequence[list[Tensor] | None],
+        finite: Sequence[bool],
+    ) -> list[list[Tensor] | None]:
+        """The owners' new tensors (``new``: whole tensors on the owner, ``None`` elsewhere; their whole
+        shapes, dtypes and shardings in ``specs``) as the local pieces each holder stores: the share of a
+        tensor kept sharded, all of a replicated one (``None`` where ``finite`` is false: keep the
+        previous ones)."""
+        ...
+
+    def subspaces(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Subspace]
+    ) -> list[Subspace]:
+        """The subspace each local block projects with, from the subspaces of the stored local pieces: a
+        basis the projector keeps sharded (``specs``) arrives as this process's piece, a replicated one
+        (e.g. built from DCT indices) whole."""
         ...
 
     def lowranks(self, indices: Sequence[int], sides: Sequence[Side], partials: Sequence[Tensor]) -> list[Tensor]:
@@ -107,14 +120,6 @@ class Exchange(Protocol):
         ...
 
 
-def stored_rank(projection: Subspace | DCTSelection) -> int:
-    """``r`` of a stored projection, from a dimension no row or column cut splits: the ``r`` DCT indices,
-    a left basis's columns (``m x r``) or a right basis's rows (``r x n``)."""
-    if isinstance(projection, DCTSelection):
-        return (projection.left if projection.left is not None else projection.right).numel()
-    return projection.left.shape[1] if projection.left is not None else projection.right.shape[0]
-
-
 class LocalExchange:
     """Whole tensors in one process: every block is its matrix, every collective the identity."""
 
@@ -126,9 +131,6 @@ class LocalExchange:
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         return tuple(block.shape)
 
-    def rank(self, index: int, projection: Subspace | DCTSelection) -> int:
-        return stored_rank(projection)
-
     def finish(self) -> None:
         pass
 
@@ -138,12 +140,23 @@ class LocalExchange:
     def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         return list(grads), [all_finite(grad) for grad in grads]
 
+    def gather_projectors(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Sequence[Tensor]]
+    ) -> list[list[Tensor] | None]:
+        return [list(tensors) for tensors in stored]
+
     def share_projectors(
-        self, indices: Sequence[int], sides: Sequence[Side], new: Sequence[list[Tensor] | None], finite: Sequence[bool]
+        self,
+        indices: Sequence[int],
+        specs: Sequence[list[ProjectorTensor]],
+        new: Sequence[list[Tensor] | None],
+        finite: Sequence[bool],
     ) -> list[list[Tensor] | None]:
         return [tensors if ok else None for tensors, ok in zip(new, finite)]
 
-    def subspaces(self, indices: Sequence[int], stored: Sequence[Subspace]) -> list[Subspace]:
+    def subspaces(
+        self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Subspace]
+    ) -> list[Subspace]:
         return list(stored)
 
     def lowranks(self, indices: Sequence[int], sides: Sequence[Side], partials: Sequence[Tensor]) -> list[Tensor]:

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from ..ops.fira import FIRA_RESIDUAL_DTYPES, fira_residual_accepts
-from ..projection import FIRA_GAMMA, fira_coefficients
+from ..projection import FIRA_GAMMA, Projection, Projector, fira_coefficients
 from ._validation import check_fira_options, normalize_scalars, resolve_alpha_alias
 from .exchange import Exchange
-from .state_keys import RESIDUAL_NORM
-from .galore import FiraTerm, GaLoreAdamW, Projection, _Batch, galore_adamw
+from ..state_keys import RESIDUAL_NORM
+from .galore import FiraTerm, GaLoreAdamW, _Batch, galore_adamw, group_projector
 
 __all__ = ["FiraAdamW", "fira_adamw"]
 
@@ -60,7 +60,7 @@ class FiraAdamW(GaLoreAdamW):
         residual: str = "code",
         gamma: float = FIRA_GAMMA,
         proj_type: str = "std",
-        projector: str = "svd",
+        projector: str | Projector = "svd",
         scoring: str = "auto",
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
@@ -79,8 +79,7 @@ class FiraAdamW(GaLoreAdamW):
             residual=residual,
             gamma=gamma,
             proj_type=proj_type,
-            projector=projector,
-            scoring=scoring,
+            projector=group_projector(projector, scoring),
             moment_dtype=moment_dtype,
             moment_policy=moment_policy,
             foreach=foreach,
@@ -149,7 +148,6 @@ class FiraAdamW(GaLoreAdamW):
             alpha=group["alpha"],
             residual=group["residual"],
             gamma=group["gamma"],
-            scoring=group["scoring"],
             moment_policy=group["moment_policy"],
             nonfinite=group["nonfinite"],
             foreach=group["foreach"],
@@ -167,7 +165,7 @@ def fira_adamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    subspaces: list[Projection],
+    projections: list[Projection | None],
     residual_norms: list[Tensor | None],
     *,
     lr: float,
@@ -180,7 +178,6 @@ def fira_adamw(
     alpha: float,
     residual: str = "code",
     gamma: float = FIRA_GAMMA,
-    scoring: str = "auto",
     moment_policy: str = "keep",
     nonfinite: str = "skip",
     foreach: bool | None = None,
@@ -204,7 +201,7 @@ def fira_adamw(
         exp_avgs,
         exp_avg_sqs,
         state_steps,
-        subspaces,
+        projections,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -213,7 +210,6 @@ def fira_adamw(
         correct_bias=correct_bias,
         update_proj_gap=update_proj_gap,
         scale=alpha,
-        scoring=scoring,
         moment_policy=moment_policy,
         nonfinite=nonfinite,
         foreach=foreach,

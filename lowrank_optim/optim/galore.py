@@ -16,48 +16,51 @@ Arithmetic of the reference package ``galore-torch`` 1.0 (Hugging Face AdamW sty
     W -= lr · sqrt(1 - b2^t) / (1 - b1^t) · scale · project_back(N)
     W -= lr · weight_decay · W              # after the update, raw lr
 
-The subspace (``projector``) is either GaLore's top-``rank`` SVD basis of the gradient or, with
-``projector="dct"``, the ``rank`` DCT-II frequencies carrying most of the gradient (arXiv 2505.17967,
-:mod:`lowrank_optim.projection.dct`). It is refreshed when the per-param step counter *before*
-incrementing is a multiple of ``update_proj_gap`` (optimizer steps 1, gap+1, 2·gap+1, ...). At a refresh
-the moments carry over unchanged for SVD bases (reference behaviour); for DCT selections they follow
-their frequencies (a frequency that stays selected keeps its moments, new ones start at zero);
-``moment_policy="reset"`` zeroes them for either.
+The subspace is chosen by a projector (:mod:`lowrank_optim.projection.projector`): GaLore's top-``rank``
+SVD basis of the gradient (``"svd"``), a warm-started randomized SVD (``"rsvd"``), or the ``rank`` DCT-II
+frequencies carrying most of the gradient (``"dct"``, arXiv 2505.17967). It is refreshed when the
+per-param step counter *before* incrementing is a multiple of ``update_proj_gap`` (optimizer steps 1,
+gap+1, 2·gap+1, ...). At a refresh the moments follow ``moment_policy``, whatever the projector: ``keep``
+(reference: they carry over unchanged, except that DCT frequencies which stay selected keep theirs at
+their new position), ``reset`` (zeroed) or ``rotate`` (expressed in the new basis,
+:func:`~lowrank_optim.projection.rotate_moments_`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Iterable, NamedTuple, Union
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..ops import dct_topk, fira_residual_, kernels_available, lowrank_adam_
+from ..ops import fira_residual_, kernels_available, lowrank_adam_
 from ..ops.fira import fira_residual_accepts
 from ..projection import (
-    DCTSelection,
+    DCT_SCORING,
+    Projection,
+    Projector,
+    ProjectorTensor,
     Side,
     Subspace,
     add_project_back_,
-    basis_shapes,
-    dct_matrix,
-    dct_subspace,
     effective_rank,
     lowrank_shape,
     nonfinite_flag,
     project,
     project_back,
-    carry_moment_,
     fira_residual,
     limit_norm_growth_,
-    resolve_scoring,
+    projector_state_dtypes,
+    resolve_projector,
     resolve_side,
-    scoring_input,
-    select_dct_indices,
-    svd_basis,
+    refresh_specs,
+    rotate_moments_,
+    rotates,
+    rotations,
 )
 from ._state import StateDtypeKeeper
 from ._validation import (
@@ -70,19 +73,14 @@ from ._validation import (
     check_nonfinite_policy,
     check_param_tensors,
     check_projection_group,
-    check_projector_options,
     matrix_shape,
     normalize_scalars,
 )
 from .exchange import LOCAL, Exchange
-from .state_keys import BASIS_LEFT, BASIS_RIGHT, DCT_INDICES_LEFT, DCT_INDICES_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
+from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
 from .layout import Layout, layout_for
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
-
-
-#: What the functional step gets per parameter: ``None`` (full rank), SVD bases or a DCT selection.
-Projection = Union[Subspace, DCTSelection, None]
 
 #: What happened to a parameter whose gradient held a NaN/Inf at a projector refresh (the projector is
 #: never built from it): ``deferred`` (no projector yet: update skipped, first refresh retried at the next
@@ -108,7 +106,7 @@ class _Batch(NamedTuple):
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     steps: list[Tensor]
-    projections: list[Projection]
+    projections: list[Projection | None]
     states: list[dict[str, Any]]
     skip_counts: list[Tensor]
     #: The parameters as ``param_groups`` hold them (``params`` are their local blocks, see ``Layout.local``).
@@ -134,15 +132,18 @@ class GaLoreAdamW(Optimizer):
         scale: default multiplier of the back-projected update (``galore_scale``).
         proj_type: default side rule: ``std`` (project the smaller side), ``reverse_std``, ``left``,
             ``right`` or ``full`` (both sides).
-        projector: default subspace: ``svd`` (GaLore) or ``dct`` (top-``rank`` DCT-II frequencies; the
-            state then holds ``rank`` int64 indices per side instead of a basis; ``full`` selects the
-            frequencies of each side independently).
-        scoring: how a ``dct`` refresh scores frequencies: ``matmul`` with the DCT matrix, ``fft``
-            (Makhoul), or ``auto`` (FFT from ``projection.FFT_SCORING_MIN_SIZE`` on). Same result.
+        projector: default subspace: a registered name (``svd``: GaLore's SVD basis with canonical signs;
+            ``rsvd``: randomized SVD warm-started from the previous basis; ``dct``: top-``rank`` DCT-II
+            frequencies, whose state is ``rank`` int64 indices per side instead of a basis) or a
+            projector object with options (``SVDProjector(sign="lapack")`` for galore-torch's exact
+            signs, ``RandomizedSVDProjector(...)``, ``DCTProjector(scoring=...)``). A group may set its own.
+        scoring: the ``scoring`` option of the default projector when it is given by name (``dct``:
+            ``matmul``, ``fft`` or ``auto``); kept for scripts written before projectors were objects.
         moment_dtype: dtype of the moments; ``None`` keeps the parameter's dtype like the reference
             (e.g. ``torch.float32`` keeps fp32 moments for bf16 weights).
         moment_policy: at a projector refresh, ``keep`` the moments (reference; for ``dct`` they follow
-            their frequencies) or ``reset`` them.
+            their frequencies), ``reset`` them, or ``rotate`` them into the new basis
+            (:func:`~lowrank_optim.projection.rotate_moments_`).
         foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA) unless
             the step is fused.
         fused: use the compiled kernels of :mod:`lowrank_optim.ops` (moment update, Fira's residual, DCT
@@ -175,7 +176,7 @@ class GaLoreAdamW(Optimizer):
         update_proj_gap: int = 200,
         scale: float = 1.0,
         proj_type: str = "std",
-        projector: str = "svd",
+        projector: str | Projector = "svd",
         scoring: str = "auto",
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
@@ -192,8 +193,7 @@ class GaLoreAdamW(Optimizer):
             update_proj_gap=update_proj_gap,
             scale=scale,
             proj_type=proj_type,
-            projector=projector,
-            scoring=scoring,
+            projector=group_projector(projector, scoring),
             moment_dtype=moment_dtype,
             moment_policy=moment_policy,
             foreach=foreach,
@@ -210,7 +210,6 @@ class GaLoreAdamW(Optimizer):
             lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"]
         )
         check_moment_options(moment_dtype=defaults["moment_dtype"], moment_policy=defaults["moment_policy"])
-        check_projector_options(projector=defaults["projector"], scoring=defaults["scoring"])
         check_implementation_options(fused=defaults["fused"], foreach=defaults["foreach"])
         check_nonfinite_policy(defaults["nonfinite"])
         self._warned_nonfinite = False
@@ -227,6 +226,14 @@ class GaLoreAdamW(Optimizer):
         #: it (lowrank_optim.deepspeed.bind).
         self.layout: Layout = layout_for([p for group in self.param_groups for p in group["params"]])
         StateDtypeKeeper(self, self._intended_state_dtype)
+        self._register_projector_hooks()
+
+    def _register_projector_hooks(self) -> None:
+        """A state dict holds each group's projector as plain values (:meth:`Projector.to_state`), so that
+        ``torch.load(weights_only=True)`` reads it; loading turns them (and the ``scoring`` key of state
+        dicts saved before projectors were objects) back into projectors."""
+        self.register_state_dict_post_hook(_projectors_to_state)
+        self.register_load_state_dict_pre_hook(_projectors_from_state, prepend=True)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Also what ``load_state_dict`` calls with the loaded groups: a group saved by an earlier version
@@ -250,6 +257,7 @@ class GaLoreAdamW(Optimizer):
             }
             self.layout = layout_for([p for group in self.param_groups for p in group["params"]])
             StateDtypeKeeper(self, self._intended_state_dtype)
+            self._register_projector_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating it here so that ``step()`` never meets a bad setting."""
@@ -264,8 +272,13 @@ class GaLoreAdamW(Optimizer):
         check_no_duplicates(tensors, self.param_groups)
         self._prepare_group(param_group, index)
         normalize_scalars(param_group)
-        check_group_keys(param_group, [*self.defaults, "rank"], index)
+        check_group_keys(param_group, [*self.defaults, "rank", "scoring"], index)
         check_param_tensors(tensors, index)
+        where = f" in param group {index}"
+        if "projector" in param_group or "scoring" in param_group:
+            param_group["projector"] = group_projector(
+                param_group.get("projector", self.defaults["projector"]), param_group.pop("scoring", _NOT_GIVEN), where
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -284,7 +297,6 @@ class GaLoreAdamW(Optimizer):
             lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], where=where
         )
         check_moment_options(moment_dtype=group["moment_dtype"], moment_policy=group["moment_policy"], where=where)
-        check_projector_options(projector=group["projector"], scoring=group["scoring"], where=where)
         check_implementation_options(
             fused=group["fused"], foreach=group["foreach"], devices=[p.device for p in group["params"]], where=where
         )
@@ -369,12 +381,11 @@ class GaLoreAdamW(Optimizer):
 
     @staticmethod
     def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
-        """Moments are kept in ``moment_dtype`` and DCT indices in int64; everything else follows the parameter."""
+        """Moments are kept in ``moment_dtype`` and a projector's fixed-dtype tensors (DCT indices: int64) in
+        their dtype; everything else follows the parameter."""
         if key in (EXP_AVG, EXP_AVG_SQ):
             return group["moment_dtype"] or param.dtype
-        if key in (DCT_INDICES_LEFT, DCT_INDICES_RIGHT):
-            return torch.int64
-        return None
+        return projector_state_dtypes().get(key)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         """The state of one parameter, every tensor made by the layout (:meth:`Layout.new_state`) from its
@@ -389,35 +400,27 @@ class GaLoreAdamW(Optimizer):
             rank = effective_rank(group["rank"], param.shape)
             moment_shape = lowrank_shape(param.shape, rank, side)
             moments = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
-            left_shape, right_shape = basis_shapes(param.shape, rank, side)
-            if group["projector"] == "dct":
-                # Placeholders until the first refresh (always at the first step) selects frequencies.
-                if left_shape is not None:
-                    state[DCT_INDICES_LEFT] = torch.arange(rank, device=param.device)
-                if right_shape is not None:
-                    state[DCT_INDICES_RIGHT] = torch.arange(rank, device=param.device)
-            else:
-                # Column-major, the layout of LAPACK's U and Vh that the reference keeps its bases in: a
-                # GEMM's rounding can depend on its operands' layout (MKL's AVX-512 kernels do), and with
-                # the same layout the projections are bit-identical to galore-torch's.
-                if left_shape is not None:
-                    state[BASIS_LEFT] = new(param, left_shape, param.dtype, "rows", column_major=True)
-                if right_shape is not None:
-                    state[BASIS_RIGHT] = new(param, right_shape, param.dtype, "columns", column_major=True)
+            projector: Projector = group["projector"]
+            for spec in projector.tensors(tuple(param.shape), rank, side):
+                value = projector.initial(spec, param.device)
+                if value is None:
+                    value = new(param, spec.shape, spec.dtype or param.dtype, spec.sharding, column_major=spec.column_major)
+                state[spec.key] = value
         else:
             moment_shape, moments = param.shape, "rows"
         state[EXP_AVG] = new(param, moment_shape, moment_dtype, moments)
         state[EXP_AVG_SQ] = new(param, moment_shape, moment_dtype, moments)
 
     @staticmethod
-    def _projection(group: dict[str, Any], shape: tuple[int, ...], state: dict[str, Any]) -> Projection:
-        """The state's view of a matrix's projection (a transient tuple of its state tensors)."""
+    def _projection(group: dict[str, Any], shape: tuple[int, ...], state: dict[str, Any]) -> Projection | None:
+        """The state's view of a matrix's projector (a transient tuple of its state tensors)."""
         if "rank" not in group:
             return None
         side = resolve_side(group["proj_type"], shape)
-        if group["projector"] == "dct":
-            return DCTSelection(side, state.get(DCT_INDICES_LEFT), state.get(DCT_INDICES_RIGHT))
-        return Subspace(side, state.get(BASIS_LEFT), state.get(BASIS_RIGHT))
+        rank = effective_rank(group["rank"], shape)
+        projector: Projector = group["projector"]
+        tensors = tuple(state[spec.key] for spec in projector.tensors(tuple(shape), rank, side))
+        return Projection(projector, side, rank, tensors)
 
     def _where(self, param: Tensor) -> tuple[int, int]:
         """``(param group index, position)`` of ``param`` as the user built the groups (also while
@@ -507,7 +510,6 @@ class GaLoreAdamW(Optimizer):
             correct_bias=group["correct_bias"],
             update_proj_gap=group["update_proj_gap"],
             scale=group["scale"],
-            scoring=group["scoring"],
             moment_policy=group["moment_policy"],
             nonfinite=group["nonfinite"],
             foreach=group["foreach"],
@@ -560,7 +562,7 @@ def galore_adamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    subspaces: list[Projection],
+    projections: list[Projection | None],
     *,
     lr: float,
     beta1: float,
@@ -570,7 +572,6 @@ def galore_adamw(
     correct_bias: bool,
     update_proj_gap: int,
     scale: float,
-    scoring: str = "auto",
     moment_policy: str = "keep",
     nonfinite: str = "skip",
     foreach: bool | None = None,
@@ -583,9 +584,8 @@ def galore_adamw(
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
 
-    ``subspaces[i]`` is ``None`` for a full-rank parameter, the SVD bases of its projection
-    (:class:`Subspace`) or its DCT selection (:class:`DCTSelection`, scored with ``scoring``); either is
-    refreshed in place at refresh steps. ``fira`` adds Fira's residual term
+    ``projections[i]`` is ``None`` for a full-rank parameter, else its projector with its stored tensors
+    (:class:`~lowrank_optim.projection.Projection`), refreshed in place at refresh steps. ``fira`` adds Fira's residual term
     (:func:`lowrank_optim.optim.fira_adamw` is the entry point for that).
 
     Non-finite gradients (``nonfinite``, one of ``optim._validation.NONFINITE_POLICIES``): with ``"skip"``
@@ -631,7 +631,7 @@ def galore_adamw(
             exp_avgs[chunk],
             exp_avg_sqs[chunk],
             state_steps[chunk],
-            subspaces[chunk],
+            projections[chunk],
             lr=lr,
             beta1=beta1,
             beta2=beta2,
@@ -640,7 +640,6 @@ def galore_adamw(
             correct_bias=correct_bias,
             update_proj_gap=update_proj_gap,
             scale=scale,
-            scoring=scoring,
             moment_policy=moment_policy,
             skip_nonfinite=nonfinite == "skip",
             on_nonfinite_refresh=lambda index, step, outcome, offset=chunk.start: report(offset + index, step, outcome),
@@ -706,22 +705,6 @@ def _update_moments_foreach_(
         exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, update, out=update))
 
 
-def _select_dct(grad: Tensor, rank: int, side: Side, scoring: str, fused: bool) -> Tensor:
-    """The ``rank`` DCT frequencies of ``grad`` on ``side`` (:func:`~lowrank_optim.projection.select_dct_indices`).
-    Matmul scoring ends in the ``dct_topk`` op (L1 scores and the sorted top-``rank`` in one pass where a
-    kernel is compiled); FFT scoring sums the scores of row blocks as it transforms them, which a
-    top-``rank`` op cannot, and stays in :mod:`lowrank_optim.projection.dct`."""
-    size = grad.shape[1 if side is Side.RIGHT else 0]
-    if resolve_scoring(scoring, size) != "matmul":
-        return select_dct_indices(grad, rank, side, scoring)
-    x = scoring_input(grad)
-    q = dct_matrix(size, x.dtype, x.device)
-    # Right: columns of G Qᵀ; left: rows of Q G (no transposed copy of G).
-    if side is Side.RIGHT:
-        return dct_topk(x @ q.T, rank, dim=0, fused=fused)
-    return dct_topk(q @ x, rank, dim=1, fused=fused)
-
-
 def _limit_residual(
     residual: Tensor, fira: FiraTerm, residual_norm: Tensor, *, first: bool, norm: Tensor | None, skip: Tensor | None
 ) -> Tensor:
@@ -771,31 +754,17 @@ def _fira_residual(
     )
 
 
-def _new_projector(grad: Tensor, projection: Subspace | DCTSelection, rank: int, scoring: str, fused: bool) -> list[Tensor]:
-    """The whole projector a refresh computes from the whole gradient: ``[left?, right?]`` SVD bases
-    (:func:`~lowrank_optim.projection.svd_basis`) or DCT frequency indices, for the sides in use."""
-    if isinstance(projection, DCTSelection):
-        return [
-            _select_dct(grad, rank, side, scoring, fused)
-            for indices, side in ((projection.left, Side.LEFT), (projection.right, Side.RIGHT))
-            if indices is not None
-        ]
-    left, right = svd_basis(grad, rank, projection.side)
-    return [basis for basis in (left, right) if basis is not None]
-
-
-def _install_projector(projection: Subspace | DCTSelection, new: list[Tensor], moments: tuple[Tensor, ...]) -> None:
-    """Store a new projector (this process's pieces of it) in the projection's state tensors. ``moments``
-    follow their DCT frequencies (:func:`~lowrank_optim.projection.carry_moment_`); SVD moments carry over."""
-    if isinstance(projection, DCTSelection):
-        for (indices, dim), value in zip(
-            [(t, d) for t, d in ((projection.left, 0), (projection.right, -1)) if t is not None], new
-        ):
-            for moment in moments:
-                carry_moment_(moment, indices, value, dim)
-            indices.copy_(value)
-        return
-    for stored, value in zip([t for t in (projection.left, projection.right) if t is not None], new):
+def _install_projector(
+    projection: Projection, new: list[Tensor], moments: tuple[Tensor, ...], rotation: list[Tensor] | None
+) -> None:
+    """Store a new projector (this process's pieces of it) in the projection's state tensors, after the
+    moments (this process's pieces) are moved to the new coordinates: by the projector's ``keep`` rule
+    (``moments`` given, ``rotation`` ``None``) or rotated (``rotation``: :func:`rotations`)."""
+    if rotation is not None:
+        rotate_moments_(moments[0], moments[1], projection.side, rotation)
+    elif moments:
+        projection.projector.follow_(moments, projection.tensors, new, projection.side)
+    for stored, value in zip(projection.tensors, new):
         stored.copy_(value)
 
 
@@ -814,12 +783,11 @@ def _count_skips(skip_counts: list[Tensor] | None, indices: list[int], skips: di
 def _refresh_due(
     due: list[int],
     grads: list[Tensor],
-    projections: list[Projection],
+    projections: list[Projection | None],
     steps: list[int],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     *,
-    scoring: str,
     moment_policy: str,
     skip_nonfinite: bool,
     on_nonfinite_refresh: Callable[[int, int, str], None],
@@ -827,10 +795,16 @@ def _refresh_due(
     fused: bool,
     exchange: Exchange,
 ) -> set[int]:
-    """Refresh the projections of the matrices ``due`` now; return those whose update must be skipped
+    """Refresh the projectors of the matrices ``due`` now; return those whose update must be skipped
     (their counter stays, so the refresh is retried at the next step): a refresh that met a NaN/Inf
-    gradient with no projection to fall back on (or with ``nonfinite="skip"``), or every one when
-    ``found_inf`` is set (read on the host: a refresh synchronizes anyway)."""
+    gradient with no projector to fall back on (or with ``nonfinite="skip"``), or every one when
+    ``found_inf`` is set (read on the host: a refresh synchronizes anyway).
+
+    The owner of each matrix (:meth:`Exchange.refresh_gradients`) computes the new projector from the
+    whole gradient, and for ``moment_policy="rotate"`` the change of coordinates from the old subspace
+    (:func:`~lowrank_optim.projection.rotations`); both reach every holder through
+    :meth:`Exchange.share_projectors`. A projector that warm-starts, and ``rotate``, read the whole previous
+    projector on the owner (:meth:`Exchange.gather_projectors`)."""
     if found_inf is not None and bool(found_inf):  # a skipped step must not refresh the state either
         for index in due:
             on_nonfinite_refresh(index, steps[index], "deferred" if steps[index] == 0 else "skipped")
@@ -839,17 +813,42 @@ def _refresh_due(
     # One matrix at a time where nothing is bucketed: one new projector alive at a time.
     for chunk in [due] if exchange.batched else [[index] for index in due]:
         wholes, finite = exchange.refresh_gradients(chunk, [grads[index] for index in chunk])
-        new = [
-            None
-            if whole is None or not ok
-            else _new_projector(whole, projections[index], exchange.rank(index, projections[index]), scoring, fused)
-            for index, whole, ok in zip(chunk, wholes, finite)
+        specs = {index: _projector_specs(projections[index], exchange.shape(index, grads[index])) for index in chunk}
+        # The first refresh replaces placeholders: nothing to warm-start from or rotate.
+        rotate = {index: rotates(moment_policy, steps[index]) for index in chunk}
+        wanted = [i for i in chunk if steps[i] > 0 and (rotate[i] or projections[i].projector.uses_previous)]
+        previous = dict.fromkeys(chunk)
+        if wanted:
+            gathered = exchange.gather_projectors(wanted, [specs[i] for i in wanted], [projections[i].tensors for i in wanted])
+            previous.update(zip(wanted, gathered))
+        new: list[list[Tensor] | None] = []
+        for index, whole, ok in zip(chunk, wholes, finite):
+            if whole is None or not ok:
+                new.append(None)
+                continue
+            projection = projections[index]
+            shape = exchange.shape(index, grads[index])
+            old = previous[index] if projection.projector.uses_previous else None
+            tensors = projection.projector.refresh(whole, projection.rank, projection.side, old, fused=fused)
+            if rotate[index]:
+                subspace = projection.projector.subspace
+                tensors += rotations(
+                    subspace(previous[index], projection.side, shape, torch.float32, whole.device),
+                    subspace(tensors, projection.side, shape, torch.float32, whole.device),
+                )
+            new.append(tensors)
+        shared_specs = [
+            refresh_specs(
+                projections[index].projector, exchange.shape(index, grads[index]), projections[index].rank,
+                projections[index].side, rotate[index],
+            )
+            for index in chunk
         ]
-        local = exchange.share_projectors(chunk, [projections[index].side for index in chunk], new, finite)
+        local = exchange.share_projectors(chunk, shared_specs, new, finite)
         for index, ok, pieces in zip(chunk, finite, local):
             step = steps[index]
             if not ok:
-                if step == 0:  # no projection to fall back on yet: defer the first refresh to the next step
+                if step == 0:  # no projector to fall back on yet: defer the first refresh to the next step
                     on_nonfinite_refresh(index, step, "deferred")
                     skipped.add(index)
                 elif skip_nonfinite:
@@ -858,14 +857,22 @@ def _refresh_due(
                 else:
                     on_nonfinite_refresh(index, step, "applied")
                 continue
-            # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to remap.
-            carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy == "keep" else ()
-            if pieces is not None:  # None: this process keeps no piece of the projector
-                _install_projector(projections[index], pieces, carried)
+            if pieces is None:  # this process keeps no piece of the projector
+                continue
+            count = len(specs[index])
+            projector_pieces, rotation = pieces[:count], (pieces[count:] if rotate[index] else None)
+            # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to move.
+            carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy != "reset" else ()
+            _install_projector(projections[index], projector_pieces, carried, rotation)
             if step > 0 and moment_policy == "reset":
                 exp_avgs[index].zero_()
                 exp_avg_sqs[index].zero_()
     return skipped
+
+
+def _projector_specs(projection: Projection, shape: tuple[int, int]) -> list[ProjectorTensor]:
+    """The whole shapes of a matrix's projector tensors."""
+    return projection.projector.tensors(tuple(shape), projection.rank, projection.side)
 
 
 def _galore_adamw_impl(
@@ -874,7 +881,7 @@ def _galore_adamw_impl(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    projections: list[Projection],
+    projections: list[Projection | None],
     *,
     lr: float,
     beta1: float,
@@ -884,7 +891,6 @@ def _galore_adamw_impl(
     correct_bias: bool,
     update_proj_gap: int,
     scale: float,
-    scoring: str,
     moment_policy: str,
     skip_nonfinite: bool,
     on_nonfinite_refresh: Callable[[int, int, str], None],
@@ -916,7 +922,6 @@ def _galore_adamw_impl(
             steps,
             exp_avgs,
             exp_avg_sqs,
-            scoring=scoring,
             moment_policy=moment_policy,
             skip_nonfinite=skip_nonfinite,
             on_nonfinite_refresh=on_nonfinite_refresh,
@@ -937,12 +942,13 @@ def _galore_adamw_impl(
     projected = [i for i in active if projections[i] is not None]
     sides = [projections[i].side for i in projected]
     stored = [
-        dct_subspace(projections[i], exchange.shape(i, grads[i]), grads[i].dtype, grads[i].device)
-        if isinstance(projections[i], DCTSelection)
-        else projections[i]
-        for i in projected
+        projections[i].projector.subspace(
+            projections[i].tensors, sides[k], exchange.shape(i, grads[i]), grads[i].dtype, grads[i].device
+        )
+        for k, i in enumerate(projected)
     ]
-    subspaces: dict[int, Subspace] = dict(zip(projected, exchange.subspaces(projected, stored)))
+    specs = [_projector_specs(projections[i], exchange.shape(i, grads[i])) for i in projected]
+    subspaces: dict[int, Subspace] = dict(zip(projected, exchange.subspaces(projected, specs, stored)))
     partials = [project(grads[i], subspaces[i]) for i in projected]
     lowranks: dict[int, Tensor] = dict(zip(projected, exchange.lowranks(projected, sides, partials)))
     for i in active:
@@ -1019,3 +1025,58 @@ def _galore_adamw_impl(
         for i in active:
             _decay_(params[i], lr, weight_decay, skips[i])
     exchange.finish()
+
+
+#: ``scoring`` was not given (``None`` is a value, and refused).
+_NOT_GIVEN: Any = object()
+
+
+def group_projector(projector: Any, scoring: Any = _NOT_GIVEN, where: str = "") -> Projector:
+    """The projector of a param group (or of the defaults): ``projector`` resolved
+    (:func:`~lowrank_optim.projection.resolve_projector`), with ``scoring`` (the optimizers' argument
+    from before projectors were objects) set on a projector given by name that has that option. A
+    ``scoring`` other than ``"auto"`` next to a projector without that option, or next to a projector
+    object whose own differs, is refused rather than ignored."""
+    resolved = resolve_projector(projector, where)
+    if scoring is _NOT_GIVEN:
+        return resolved
+    if scoring not in DCT_SCORING:
+        raise ValueError(f"Invalid scoring{where}: {scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
+    own = getattr(resolved, "scoring", None)
+    if scoring == "auto" or scoring == own:
+        return resolved if isinstance(projector, Projector) or own is None else dataclasses.replace(resolved, scoring=scoring)
+    if own is None:
+        raise ValueError(
+            f"Invalid scoring{where}: {scoring!r}. The {resolved.name!r} projector has no scoring option "
+            "(scoring applies to projector='dct')."
+        )
+    if isinstance(projector, Projector):
+        raise ValueError(
+            f"Invalid scoring{where}: {scoring!r} contradicts the projector's own scoring {own!r}: set it on "
+            "the projector only."
+        )
+    return dataclasses.replace(resolved, scoring=scoring)
+
+
+def _projectors_to_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict()`` post-hook: each group's projector as plain values."""
+    for group in state_dict["param_groups"]:
+        if isinstance(group.get("projector"), Projector):
+            group["projector"] = group["projector"].to_state()
+    return state_dict
+
+
+def _projectors_from_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``load_state_dict()`` pre-hook: the saved groups' projectors (and the ``scoring`` key of older
+    state dicts) as projector objects; the caller's dict is not modified."""
+    groups = []
+    for index, group in enumerate(state_dict["param_groups"]):
+        group = dict(group)
+        if "projector" in group or "scoring" in group:
+            group["projector"] = group_projector(
+                group.get("projector", optimizer.defaults["projector"]),
+                group.pop("scoring", _NOT_GIVEN),
+                f" in saved param group {index}",
+            )
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}

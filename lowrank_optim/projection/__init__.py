@@ -1,8 +1,25 @@
-"""Pure tensor functions for low-rank gradient projection (shared by every optimizer and layout)."""
+"""Pure tensor functions for low-rank gradient projection (shared by every optimizer and layout), and
+the projectors (:mod:`.projector`) that choose the subspace."""
 
+from .projector import (
+    Projection,
+    Projector,
+    ProjectorTensor,
+    keeps_aligned,
+    projector_names,
+    projector_state_dtypes,
+    register_projector,
+    resolve_projector,
+    refresh_specs,
+    rotate_moments_,
+    rotates,
+    rotations,
+)
+from .svd import SIGN_RULES, SVDProjector, canonical_signs_, refresh_svd_basis_, svd_basis  # registered first: the default
 from .dct import (
     DCT_SCORING,
     FFT_SCORING_MIN_SIZE,
+    DCTProjector,
     DCTSelection,
     carry_moment_,
     dct_ii,
@@ -37,24 +54,27 @@ from .subspace import (
     project_back,
     resolve_side,
 )
-from .svd import refresh_svd_basis_, svd_basis
-
-#: The subspaces a projected param group can use: GaLore's SVD basis or selected DCT-II frequencies.
-PROJECTORS: tuple[str, ...] = ("svd", "dct")
 
 __all__ = [
     "DCT_SCORING",
+    "DCTProjector",
     "DCTSelection",
     "FFT_SCORING_MIN_SIZE",
     "FIRA_GAMMA",
     "FIRA_RESIDUALS",
-    "PROJECTORS",
     "PROJ_TYPES",
+    "Projection",
+    "Projector",
+    "ProjectorTensor",
+    "SIGN_RULES",
+    "SVDProjector",
     "Side",
     "Subspace",
     "add_project_back_",
     "all_finite",
     "basis_shapes",
+    "canonical_signs_",
+    "keeps_aligned",
     "carry_moment_",
     "dct_ii",
     "dct_matrix",
@@ -69,6 +89,14 @@ __all__ = [
     "nonfinite_flag",
     "project",
     "project_back",
+    "projector_names",
+    "projector_state_dtypes",
+    "register_projector",
+    "resolve_projector",
+    "rotate_moments_",
+    "refresh_specs",
+    "rotates",
+    "rotations",
     "refresh_dct_selection_",
     "resolve_scoring",
     "scoring_input",

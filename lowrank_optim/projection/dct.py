@@ -18,17 +18,21 @@ The scores can come from an explicit matmul with ``Q`` (``O(m d²)``) or from an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .subspace import Side, Subspace, all_finite
+from ..state_keys import DCT_INDICES_LEFT, DCT_INDICES_RIGHT
+from .projector import Projector, ProjectorTensor, register_projector
+from .subspace import Side, Subspace, all_finite, basis_shapes
 
 __all__ = [
     "DCT_SCORING",
+    "DCTProjector",
     "DCTSelection",
     "FFT_SCORING_MIN_SIZE",
     "carry_moment_",
@@ -233,3 +237,71 @@ def refresh_dct_selection_(
             carry_moment_(moment, indices, new, dim)
         indices.copy_(new)
     return True
+
+
+@register_projector
+@dataclasses.dataclass(frozen=True)
+class DCTProjector(Projector):
+    """SVD-free projection onto the ``rank`` DCT-II frequencies carrying most of the gradient (arXiv
+    2505.17967, see the module docstring). The state holds ``rank`` sorted int64 frequencies per side
+    (``dct_indices_left`` / ``dct_indices_right``, every holder keeps all of them), never a basis; ``full``
+    selects each side's frequencies independently. Under ``moment_policy="keep"`` a frequency that stays
+    selected keeps its moments at its new position and new ones start at zero (:func:`carry_moment_`).
+
+    Args:
+        scoring: how a refresh scores frequencies: ``matmul`` with the DCT matrix, ``fft`` (Makhoul), or
+            ``auto`` (FFT from :data:`FFT_SCORING_MIN_SIZE` on). Same selection.
+    """
+
+    name: ClassVar[str] = "dct"
+    fixed_dtypes: ClassVar[dict[str, torch.dtype]] = {DCT_INDICES_LEFT: torch.int64, DCT_INDICES_RIGHT: torch.int64}
+    scoring: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.scoring not in DCT_SCORING:
+            raise ValueError(f"Invalid scoring: {self.scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
+
+    def tensors(self, shape: tuple[int, int], rank: int, side: Side) -> list[ProjectorTensor]:
+        left, right = basis_shapes(shape, rank, side)
+        keys = [key for key, used in ((DCT_INDICES_LEFT, left), (DCT_INDICES_RIGHT, right)) if used is not None]
+        return [ProjectorTensor(key, (rank,), torch.int64, "replicated") for key in keys]
+
+    def initial(self, spec: ProjectorTensor, device: torch.device) -> Tensor:
+        # Placeholders until the first refresh (always at the first step) selects frequencies.
+        return torch.arange(spec.shape[0], device=device)
+
+    def refresh(
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+    ) -> list[Tensor]:
+        sides = [Side.LEFT, Side.RIGHT] if side is Side.FULL else [side]
+        return [self.select(grad, rank, one_side, fused) for one_side in sides]
+
+    def select(self, grad: Tensor, rank: int, side: Side, fused: bool) -> Tensor:
+        """The ``rank`` frequencies of ``grad`` on ``side`` (:func:`select_dct_indices`). Matmul scoring ends
+        in the ``dct_topk`` op (L1 scores and the sorted top-``rank`` in one pass where a kernel is
+        compiled); FFT scoring sums the scores of row blocks as it transforms them, which a top-``rank`` op
+        cannot, and stays here."""
+        from ..ops import dct_topk  # the ops import this module for their default kernel
+
+        size = grad.shape[1 if side is Side.RIGHT else 0]
+        if resolve_scoring(self.scoring, size) != "matmul":
+            return select_dct_indices(grad, rank, side, self.scoring)
+        x = scoring_input(grad)
+        q = dct_matrix(size, x.dtype, x.device)
+        # Right: columns of G Qᵀ; left: rows of Q G (no transposed copy of G).
+        if side is Side.RIGHT:
+            return dct_topk(x @ q.T, rank, dim=0, fused=fused)
+        return dct_topk(q @ x, rank, dim=1, fused=fused)
+
+    def subspace(
+        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> Subspace:
+        left = stored[0] if side in (Side.LEFT, Side.FULL) else None
+        right = stored[-1] if side in (Side.RIGHT, Side.FULL) else None
+        return dct_subspace(DCTSelection(side, left, right), shape, dtype, device)
+
+    def follow_(self, moments: Sequence[Tensor], old: Sequence[Tensor], new: Sequence[Tensor], side: Side) -> None:
+        dims = {Side.LEFT: [0], Side.RIGHT: [-1], Side.FULL: [0, -1]}[side]
+        for dim, before, after in zip(dims, old, new):
+            for moment in moments:
+                carry_moment_(moment, before, after, dim)

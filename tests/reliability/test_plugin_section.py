@@ -94,7 +94,7 @@ NUMBER = "Must be a finite number."
         ("proj_type", 1, "Must be one of std, reverse_std, left, right, full."),
         ("projector", "svdd", r"Must be null \(the optimizer's default\) or one of svd, dct\."),
         ("projector", 5, r"Must be null \(the optimizer's default\) or one of svd, dct\."),
-        ("moment_policy", "drop", "Must be one of keep, reset."),
+        ("moment_policy", "drop", "Must be one of keep, reset, rotate."),
         ("residual", "both", "Must be one of code, paper."),
         ("residual", None, "Must be one of code, paper."),
         ("zero3_moments", True, "Must be one of sharded, replicated."),

@@ -1,0 +1,253 @@
+"""Projectors: how a projected matrix chooses its low-rank subspace, behind one small protocol.
+
+A projector is a frozen configuration object (GaLore's SVD basis, the randomized SVD, selected DCT
+frequencies, ...). It says
+
+* which tensors it keeps per matrix (:meth:`Projector.tensors`: key, shape, dtype and how each lines up
+  with the matrix, which is all a sharded layout needs to split, gather or broadcast them),
+* how a refresh computes them from the whole gradient (:meth:`Projector.refresh`, on the one process
+  that owns the matrix's refresh; ``previous`` is the projector being replaced where
+  :attr:`Projector.uses_previous` asks for it),
+* what the moments do under the ``keep`` policy when its basis vectors have identities
+  (:meth:`Projector.follow_`: DCT frequencies that stay selected keep their moments), and
+* the subspace its stored tensors span (:meth:`Projector.subspace`), which is all the step projects and
+  back-projects with.
+
+Everything else (the refresh schedule, non-finite gradients, the moment policies ``reset`` and
+``rotate``, the collectives) is the optimizer's and the layouts', written once for every projector.
+``projector=`` accepts a registered name or an instance; :func:`resolve_projector` is the one mapping
+from either to the implementation, and a new projector is one module that subclasses
+:class:`Projector` and calls :func:`register_projector`.
+
+Optimizer state stays plain tensors under fixed keys; in a state dict a projector is written as its
+name (default options) or ``{"name": ..., option: value}`` (:meth:`Projector.to_state`), so
+``torch.load(weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .subspace import Side, Subspace
+
+__all__ = [
+    "Projection",
+    "Projector",
+    "keeps_aligned",
+    "ProjectorTensor",
+    "projector_names",
+    "projector_state_dtypes",
+    "register_projector",
+    "resolve_projector",
+    "refresh_specs",
+    "rotates",
+    "rotate_moments_",
+    "rotations",
+]
+
+
+class ProjectorTensor(NamedTuple):
+    """One tensor a projector keeps per matrix.
+
+    ``dtype`` ``None`` means the parameter's dtype. ``sharding`` (``optim.layout.SHARDINGS``): ``rows``
+    (dimension 0 runs along the matrix's rows: a left basis), ``columns`` (dimension 1 along its
+    columns: a right basis) or ``replicated`` (every holder keeps all of it: indices, a seed).
+    ``column_major`` asks the layout for LAPACK's layout (see ``GaLoreAdamW._init_state``).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    sharding: str
+    column_major: bool = False
+
+
+class Projection(NamedTuple):
+    """One matrix's projector as a step sees it: the projector, the side, the (whole) rank, and its stored
+    tensors in the order of :meth:`Projector.tensors` (this process's pieces of them). Transient: built
+    from optimizer state on every step, never stored."""
+
+    projector: "Projector"
+    side: Side
+    rank: int
+    tensors: tuple[Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Projector:
+    """Base of every projector configuration (see the module docstring). Subclasses are frozen
+    dataclasses whose fields are the options; they validate them in ``__post_init__``."""
+
+    #: The name ``projector=`` accepts for this class with default options.
+    name: ClassVar[str] = ""
+    #: Whether :meth:`refresh` reads the projector it replaces (a warm start).
+    uses_previous: ClassVar[bool] = False
+    #: State keys whose dtype is fixed whatever the parameter's (kept through ``load_state_dict``).
+    fixed_dtypes: ClassVar[dict[str, torch.dtype]] = {}
+
+    def tensors(self, shape: tuple[int, int], rank: int, side: Side) -> list[ProjectorTensor]:
+        """The tensors kept for an ``m x n`` matrix at (effective) ``rank`` on ``side``: left first."""
+        raise NotImplementedError
+
+    def initial(self, spec: ProjectorTensor, device: torch.device) -> Tensor | None:
+        """The value a tensor holds before the first refresh (which is always the first step), or
+        ``None`` for zeros made by the layout (``Layout.new_state``)."""
+        return None
+
+    def refresh(
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+    ) -> list[Tensor]:
+        """The new tensors (whole, in :meth:`tensors` order) from the whole, finite gradient ``grad``.
+        ``previous``: the whole tensors being replaced when :attr:`uses_previous` is set and the matrix
+        has been refreshed before, else ``None``. ``fused``: whether compiled kernels may be used."""
+        raise NotImplementedError
+
+    def subspace(
+        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> Subspace:
+        """The subspace the stored tensors (this process's pieces) span, with bases in ``dtype``; a basis
+        kept sharded comes back as the same piece (the layout's exchange gathers what a block needs)."""
+        raise NotImplementedError
+
+    def follow_(self, moments: Sequence[Tensor], old: Sequence[Tensor], new: Sequence[Tensor], side: Side) -> None:
+        """Under ``moment_policy="keep"``, move the moments (in the old projected coordinates) to the new
+        ones where the basis vectors have identities; the default leaves them as they are (GaLore)."""
+
+    def to_state(self) -> str | dict[str, Any]:
+        """This projector as plain values for a state dict: its name, or a dict with its options."""
+        options = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        defaults = {field.name: getattr(type(self)(), field.name) for field in dataclasses.fields(self)}
+        if options == defaults:
+            return self.name
+        return {"name": self.name, **options}
+
+
+#: Registered projector classes by name.
+_REGISTRY: dict[str, type[Projector]] = {}
+
+
+def register_projector(cls: type[Projector]) -> type[Projector]:
+    """Make ``cls`` available under ``cls.name`` (usable as a class decorator)."""
+    if not cls.name:
+        raise ValueError(f"Projector class {cls.__name__} has no name.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def projector_names() -> tuple[str, ...]:
+    """The names ``projector=`` accepts, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def projector_state_dtypes() -> dict[str, torch.dtype]:
+    """``{state key: dtype}`` of every registered projector's fixed-dtype state tensors."""
+    result: dict[str, torch.dtype] = {}
+    for cls in _REGISTRY.values():
+        result.update(cls.fixed_dtypes)
+    return result
+
+
+def resolve_projector(value: Any, where: str = "") -> Projector:
+    """The projector ``value`` names: a registered name, a :class:`Projector`, or the plain form
+    :meth:`Projector.to_state` writes (``where`` says which param group, for messages)."""
+    if isinstance(value, Projector):
+        return value
+    if isinstance(value, dict) and value.get("name") in _REGISTRY:
+        options = {key: item for key, item in value.items() if key != "name"}
+        return _build(_REGISTRY[value["name"]], options, where)
+    if isinstance(value, str) and value in _REGISTRY:
+        return _REGISTRY[value]()
+    raise ValueError(
+        f"Invalid projector{where}: {value!r}. Must be one of {', '.join(_REGISTRY)}, or a Projector "
+        "(e.g. lowrank_optim.SVDProjector(sign='lapack'))."
+    )
+
+
+def _build(cls: type[Projector], options: dict[str, Any], where: str) -> Projector:
+    """``cls(**options)``, with ``where`` added to its validation messages."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"Invalid projector{where}: {cls.name!r} has no option {unknown[0]!r}. "
+            f"Its options: {', '.join(sorted(known)) or 'none'}."
+        )
+    try:
+        return cls(**options)
+    except ValueError as error:
+        if not where:
+            raise
+        message = str(error)
+        head, _, tail = message.partition(":")
+        raise ValueError(f"{head}{where}:{tail}") from None
+
+
+def keeps_aligned(projector: Projector) -> bool:
+    """Whether ``projector`` keeps tensors that line up with the matrix (bases a sharded layout splits),
+    rather than only replicated ones (DCT indices): alike for every shape."""
+    return any(spec.sharding != "replicated" for side in Side for spec in projector.tensors((2, 2), 1, side))
+
+
+# --- the "rotate" moment policy (projector-independent) ----------------------------------------------
+
+
+def rotations(old: Subspace, new: Subspace) -> list[Tensor]:
+    """The change of coordinates from the old subspace to the new one, per side in use (left first):
+    ``C_l = P_l,oldᵀ P_l,new`` (``r x r``) and ``C_r = P_r,old P_r,newᵀ`` (``r x r``), in fp32 (fp64 bases
+    stay fp64). A projected gradient ``R`` in old coordinates is ``C_lᵀ R`` / ``R C_r`` in new ones."""
+    dtype = torch.promote_types(torch.float32, (old.left if old.left is not None else old.right).dtype)
+    result = []
+    if old.left is not None:
+        result.append(old.left.to(dtype).T @ new.left.to(dtype))
+    if old.right is not None:
+        result.append(old.right.to(dtype) @ new.right.to(dtype).T)
+    return result
+
+
+def rotates(moment_policy: str, step: int) -> bool:
+    """Whether a refresh at ``step`` (the counter before it) rotates the moments: under ``rotate``, except
+    at the first refresh, which replaces placeholders."""
+    return moment_policy == "rotate" and step > 0
+
+
+def refresh_specs(projector: Projector, shape: tuple[int, int], rank: int, side: Side, rotate: bool) -> list[ProjectorTensor]:
+    """What a refresh shares with every holder of a matrix: the projector's tensors, then (``rotate``) the
+    change of coordinates of :func:`rotations` (replicated ``r x r`` fp32 matrices, left first)."""
+    specs = projector.tensors(tuple(shape), rank, side)
+    if rotate:
+        count = 2 if side is Side.FULL else 1
+        specs += [ProjectorTensor(f"rotation_{k}", (rank, rank), torch.float32, "replicated") for k in range(count)]
+    return specs
+
+
+def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, side: Side, rotation: Sequence[Tensor]) -> None:
+    """``moment_policy="rotate"``: express the moments kept in the old projected coordinates in the new
+    ones, in place (this process's pieces: right-side moment rows, left-side moment columns).
+
+    The first moment is linear in ``R`` and rotates exactly: ``M ← M C_r`` (right), ``C_lᵀ M`` (left),
+    ``C_lᵀ M C_r`` (full). The second moment is not: ``V`` holds per-coordinate mean squares, and a new
+    coordinate is the combination ``Σ_k c_kj x_k`` of old ones. Taking the old coordinates as
+    uncorrelated, its mean square is ``Σ_k c_kj² V_k``, i.e. ``V ← V (C_r∘C_r)`` (and likewise on the
+    left): non-negative, exact when the change of basis is a signed permutation (DCT frequencies that
+    stay selected, SVD directions that only flip or swap), and the part of ``V`` outside the new
+    subspace is dropped as it is for ``M``.
+    """
+    if side is Side.FULL:
+        left, right = rotation
+    elif side is Side.LEFT:
+        left, right = rotation[0], None
+    else:
+        left, right = None, rotation[0]
+    for moment, squared in ((exp_avg, False), (exp_avg_sq, True)):
+        if moment.numel() == 0:
+            continue
+        value = moment.to(left.dtype if left is not None else right.dtype)
+        if left is not None:
+            value = (left * left if squared else left).T @ value
+        if right is not None:
+            value = value @ (right * right if squared else right)
+        moment.copy_(value)
