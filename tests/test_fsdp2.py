@@ -232,6 +232,19 @@ def test_matches_single_process_fp32(fsdp2: Launches, world: int, case: str) -> 
     _check_common(outcome, world)
 
 
+#: Projectors and moment policies beyond each optimizer's defaults, as plain cases.
+VARIANTS = ("galore_rotate", "dct_rotate", "fira_rotate")
+
+
+@pytest.mark.parametrize(
+    ("world", "case"), [pytest.param(world, case, id=f"{world}ranks-{case}") for world in (2, 3) for case in VARIANTS]
+)
+def test_projectors_and_policies_match_single_process_fp32(fsdp2: Launches, world: int, case: str) -> None:
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["max_diff"] <= outcome["tolerance"] == FP32_TOLERANCE, outcome
+    _check_common(outcome, world)
+
+
 @pytest.mark.parametrize(("world", "case"), _params((2, 3), ("bf16",)))
 def test_bf16_policy_within_two_ulps(fsdp2: Launches, world: int, case: str) -> None:
     # Tolerance 2 * 2**-8 * max|param| over the fp32 masters; see the worker's docstring for the reference.

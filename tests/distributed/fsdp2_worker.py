@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import os
 import sys
@@ -113,7 +114,16 @@ WEIGHT_DECAY = 0.01
 MAX_NORM = 0.5
 FP32_TOLERANCE = 1e-6
 TARGETS = ("mlp",)
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "galore": GaLoreAdamW, "fira": FiraAdamW, "dct": DCTAdamW}
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "galore": GaLoreAdamW,
+    "fira": FiraAdamW,
+    "dct": DCTAdamW,
+    # Projectors and moment policies beyond the defaults (tests/test_fsdp2.py, plain cases).
+    "galore_rotate": functools.partial(GaLoreAdamW, moment_policy="rotate"),
+    "dct_rotate": functools.partial(DCTAdamW, moment_policy="rotate"),
+    "fira_rotate": functools.partial(FiraAdamW, moment_policy="rotate"),
+}
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
 
