@@ -2,7 +2,7 @@
 
 from . import _layouts  # noqa: F401  (registers the layouts found from parameters, e.g. FSDP2's)
 from .optim import DCTAdamW, FiraAdamW, GaLoreAdamW, fira_adamw, galore_adamw, optimizer_state_bytes, param_groups
-from .projection import DCTProjector, Projector, SVDProjector, register_projector
+from .projection import DCTProjector, Projector, RandomizedSVDProjector, SVDProjector, register_projector
 
 __version__ = "0.1.0"
 
@@ -12,6 +12,7 @@ __all__ = [
     "FiraAdamW",
     "GaLoreAdamW",
     "Projector",
+    "RandomizedSVDProjector",
     "SVDProjector",
     "__version__",
     "fira_adamw",

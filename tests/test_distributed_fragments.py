@@ -209,6 +209,15 @@ OPTIMIZERS = {
     "galore_full_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="full", eps=1e-2, moment_policy="rotate"),
     "dct_rotate": lambda groups: DCTAdamW(groups, lr=1e-2, moment_policy="rotate"),
 }
+#: Warm-started from the previous basis (gathered on the refresh owner, also from sharded pieces). Not in
+#: the randomized table above: there, on some shapes (e.g. 4 x 10 at rank 3), the randomized SVD computed
+#: in a rank's thread of this harness differs from the same call in the main thread by 1 ulp (not seen
+#: when the calls run in plain threads, or in separate processes: tests/test_fsdp2.py), which the
+#: 1e-6 comparison then sees amplified to ~3e-6.
+WARM_STARTED = {
+    "rsvd": lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="rsvd", weight_decay=0.1),
+    "fira_rsvd_rotate": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, projector="rsvd", moment_policy="rotate"),
+}
 
 
 def _shapes(seed: int) -> list[tuple[int, int]]:
@@ -236,11 +245,12 @@ def test_fragments_match_dense(name: str, world_size: int, zero3: bool) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
-@pytest.mark.parametrize("name", ["galore", "dct", "fira", "galore_rotate", "dct_rotate"])
+@pytest.mark.parametrize("name", ["galore", "dct", "fira", "galore_rotate", "dct_rotate", *WARM_STARTED])
 def test_sharded_moments_at_zero12_and_small_params(name: str) -> None:
     """Sharded moments where holders differ per matrix; params smaller than the world size."""
-    _run_case(OPTIMIZERS[name], [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=False, round_robin=True, shard=True)
-    _run_case(OPTIMIZERS[name], [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=True, shard=False)
+    make = {**OPTIMIZERS, **WARM_STARTED}[name]
+    _run_case(make, [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=False, round_robin=True, shard=True)
+    _run_case(make, [(2, 3), (5, 1), (1, 7), (9, 11)], 8, zero3=True, shard=False)
 
 
 def test_sharded_state_is_smaller() -> None:

@@ -322,3 +322,91 @@ def test_a_registered_projector_runs_through_the_optimizer(coordinates) -> None:
     assert optimizer.state_dict()["param_groups"][0]["projector"] == "coordinates"
     optimizer.load_state_dict(optimizer.state_dict())
     assert optimizer.state[weight]["axes"].dtype == torch.int64
+
+
+# --- the randomized SVD projector ----------------------------------------------------------------------
+
+
+def _low_rank_grads(shape: tuple[int, int], rank: int, count: int) -> list[Tensor]:
+    """Gradients of exact rank ``rank`` with well-separated singular values, drifting from step to step."""
+    generator = torch.Generator().manual_seed(11)
+    values = torch.tensor([2.0**-k for k in range(rank)])
+    result = []
+    for _ in range(count):
+        u = torch.linalg.qr(torch.randn(shape[0], rank, generator=generator)).Q
+        v = torch.linalg.qr(torch.randn(shape[1], rank, generator=generator)).Q
+        result.append(u @ torch.diag(values) @ v.T)
+    return result
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
+def test_rsvd_finds_the_svd_basis_of_low_rank_gradients(proj_type: str) -> None:
+    """Where the top-r subspace is exact (rank-r gradients), the randomized SVD, warm-started or not, gives
+    the SVD's basis, signs included (both canonical), so the trajectories agree to fp32 rounding."""
+    grads = _low_rank_grads((24, 16), 4, 7)
+    start = torch.randn(24, 16, generator=torch.Generator().manual_seed(2))
+    weights = []
+    for projector in ("svd", "rsvd"):
+        weight = nn.Parameter(start.clone())
+        optimizer = GaLoreAdamW(
+            [{"params": [weight], "rank": 4, "update_proj_gap": 2, "proj_type": proj_type}],
+            lr=0.01,
+            projector=projector,
+            eps=1e-4 if proj_type == "full" else 1e-6,  # see test_galore.test_matches_fp64_reference
+        )
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        weights.append(weight.detach())
+    torch.testing.assert_close(weights[1], weights[0], atol=2e-6, rtol=0)
+
+
+def test_rsvd_warm_starts_from_the_basis_it_replaces() -> None:
+    from lowrank_optim import RandomizedSVDProjector
+
+    seen: list = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Recording(RandomizedSVDProjector):
+        def refresh(self, grad, rank, side, previous, *, fused):
+            seen.append(None if previous is None else [t.clone() for t in previous])
+            return super().refresh(grad, rank, side, previous, fused=fused)
+
+    weight = nn.Parameter(torch.randn(12, 8))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2}], projector=Recording())
+    bases = []
+    for grad in _grads((12, 8), 5)[1]:
+        weight.grad = grad
+        optimizer.step()
+        bases.append(optimizer.state[weight]["basis_right"].clone())
+    assert seen[0] is None  # the first refresh replaces placeholders: a Gaussian start
+    assert len(seen) == 3 and torch.equal(seen[1][0], bases[1]) and torch.equal(seen[2][0], bases[3])
+
+
+def test_svd_and_rsvd_checkpoints_are_interchangeable() -> None:
+    weight = nn.Parameter(torch.randn(12, 8))
+    optimizer = _trained(lambda groups: GaLoreAdamW(groups, lr=0.01), weight, _grads((12, 8), 3)[1])
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["projector"] = "rsvd"
+    fresh = GaLoreAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2}], lr=0.01)
+    fresh.load_state_dict(state)
+    weight.grad = torch.randn(12, 8)
+    fresh.step()  # step 4: a refresh, warm-started from the SVD's basis
+    assert fresh.param_groups[0]["projector"].name == "rsvd"
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"oversample": -1}, "Invalid oversample: -1. Must be an int >= 0."),
+        ({"warm_iterations": 1.5}, "Invalid warm_iterations: 1.5. Must be an int >= 0."),
+        ({"seed": -3}, "Invalid seed: -3. Must be an int >= 0."),
+        ({"sign": "up"}, "Invalid sign: 'up'. Must be one of canonical, lapack."),
+    ],
+)
+def test_rsvd_options_are_checked(options: dict, message: str) -> None:
+    from lowrank_optim import RandomizedSVDProjector
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RandomizedSVDProjector(**options)

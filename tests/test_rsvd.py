@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -156,3 +157,21 @@ def test_energy_helpers():
     assert captured_energy(grad, left, None) == pytest.approx(13 / 14, rel=1e-5)
     assert captured_energy(grad, None, right) == pytest.approx(13 / 14, rel=1e-5)
     assert captured_energy(grad, left, right) == pytest.approx(13 / 14, rel=1e-5)
+
+
+def test_range_basis_uses_cholesky_qr_only_while_it_is_accurate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Intermediate blocks: Cholesky-QR for a well-conditioned block, Householder QR past the
+    condition threshold; both return an orthonormal basis of the block's range."""
+    from lowrank_optim.projection import rsvd
+
+    householder = []
+    original = rsvd._orthonormalize
+    monkeypatch.setattr(rsvd, "_orthonormalize", lambda block: householder.append(1) or original(block))
+    generator = torch.Generator().manual_seed(4)
+    u = torch.linalg.qr(torch.randn(200, 6, generator=generator)).Q
+    for spread, used in ((10.0, 0), (10 * rsvd._CHOLESKY_QR_MAX_RATIO, 1)):
+        block = u * torch.logspace(0, -math.log10(spread), 6)
+        basis = rsvd._range_basis(block)
+        assert len(householder) == used
+        torch.testing.assert_close(basis.T @ basis, torch.eye(6), atol=1e-4, rtol=0)
+        torch.testing.assert_close(basis @ (basis.T @ u), u, atol=1e-3, rtol=0)  # the same range

@@ -16,6 +16,7 @@ from .projector import (
     rotations,
 )
 from .svd import SIGN_RULES, SVDProjector, canonical_signs_, refresh_svd_basis_, svd_basis  # registered first: the default
+from .rsvd import RandomizedSVDProjector, randomized_basis
 from .dct import (
     DCT_SCORING,
     FFT_SCORING_MIN_SIZE,
@@ -63,6 +64,7 @@ __all__ = [
     "FIRA_GAMMA",
     "FIRA_RESIDUALS",
     "PROJ_TYPES",
+    "RandomizedSVDProjector",
     "Projection",
     "Projector",
     "ProjectorTensor",
@@ -89,6 +91,7 @@ __all__ = [
     "nonfinite_flag",
     "project",
     "project_back",
+    "randomized_basis",
     "projector_names",
     "projector_state_dtypes",
     "register_projector",

@@ -85,12 +85,18 @@ one fails to converge. Non-finite gradients are the caller's business (``all_fin
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar, Sequence
+
 import torch
 from torch import Tensor
 
-from .subspace import Side
+from .projector import Projector, ProjectorTensor, register_projector
+from .subspace import Side, Subspace
+from .svd import SIGN_RULES, SVDProjector, basis_subspace, basis_tensors
 
 __all__ = [
+    "RandomizedSVDProjector",
     "DEFAULT_OVERSAMPLE",
     "COLD_ITERATIONS",
     "WARM_ITERATIONS",
@@ -160,6 +166,22 @@ def _gaussian(rows: int, cols: int, like: Tensor, generator: torch.Generator | N
     return block.to(like.device)
 
 
+#: Cholesky-QR is used for an intermediate block only while its Gram matrix's Cholesky factor has
+#: diagonal entries within this ratio (cond(block) below about 1e3 in fp32, where the Gram matrix's
+#: squared condition number stays well inside fp32's range): beyond, Householder QR.
+_CHOLESKY_QR_MAX_RATIO = 1e3
+
+
+def _range_basis(block: Tensor) -> Tensor:
+    """A well-conditioned basis of ``range(block)`` (``d x k``): Cholesky-QR, ``Q = block L⁻ᵀ`` with
+    ``L Lᵀ = blockᵀ block``, or Householder QR where that would lose accuracy."""
+    factor, info = torch.linalg.cholesky_ex(block.T @ block)
+    diagonal = factor.diagonal()
+    if int(info) == 0 and bool(diagonal.min() * _CHOLESKY_QR_MAX_RATIO > diagonal.max()):
+        return torch.linalg.solve_triangular(factor.T, block, upper=True, left=False)
+    return _orthonormalize(block)
+
+
 def _orthonormalize(block: Tensor) -> Tensor:
     # Householder QR (HMT Alg. 4.4): backward stable even when the block's columns are nearly
     # dependent, which after a few power iterations they are (cond ~ (σ₁/σ_k)^(2q+1)).
@@ -215,7 +237,9 @@ def randomized_basis(
 
     if previous is not None:
         start, on_rows = _previous_block(previous, grad, side)
-        start = start[:, :width].to(device=g.device, dtype=torch.float32)
+        # One memory layout whatever the stored basis's (column-major in a dense optimizer, row-major in a
+        # flat partition): a GEMM's rounding can depend on its operands' layout.
+        start = start[:, :width].to(device=g.device, dtype=torch.float32).contiguous()
     else:
         start, on_rows = None, n >= m  # start on the larger dimension (see "Which side")
     # A = G when the start block lives on G's row side (n), else A = Gᵀ (a view).
@@ -226,10 +250,15 @@ def randomized_basis(
     elif start.shape[1] < width:
         start = torch.cat([start, _gaussian(cols, width - start.shape[1], g, generator)], dim=1)
 
-    q = _orthonormalize(a @ start)  # m' x k
+    # Between products only the range of each block matters, so the intermediate ones are
+    # orthonormalized by Cholesky-QR (one Gram GEMM and a triangular solve, about half a Householder QR
+    # here), falling back to Householder where the Gram matrix is too ill-conditioned; the block that
+    # the final SVD reads is orthonormalized by Householder QR (HMT Alg. 4.4's stability where it counts).
+    q = a @ start  # m' x k
     for _ in range(iterations):
-        z = _orthonormalize(a.T @ q)  # n' x k
-        q = _orthonormalize(a @ z)  # m' x k
+        z = _range_basis(a.T @ _range_basis(q))  # n' x k
+        q = a @ z  # m' x k
+    q = _orthonormalize(q)
     b_t = a.T @ q  # Bᵀ = Aᵀ Q, n' x k (the faster GEMM shape than Qᵀ A)
     w, u_small = _small_svd(b_t)  # Bᵀ = W Σ Ũᵀ
     # A ≈ Q B = (Q Ũ) Σ Wᵀ: left singular vectors of A are Q Ũ (m' side), right ones W (n' side).
@@ -264,3 +293,71 @@ def optimal_energy(grad: Tensor, rank: int) -> float:
     basis can capture (Eckart–Young–Mirsky)."""
     s2 = torch.linalg.svdvals(grad.double()).pow(2)
     return float(s2[:rank].sum() / s2.sum())
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"Invalid {name}: {value!r}. Must be an int >= {least}.")
+
+
+@register_projector
+@dataclasses.dataclass(frozen=True)
+class RandomizedSVDProjector(Projector):
+    """GaLore's subspace (the top-``rank`` singular vectors of the gradient) from a randomized SVD warm-started
+    from the previous basis (:func:`randomized_basis`; Halko, Martinsson & Tropp 2011), instead of a full
+    SVD. Same state as :class:`~lowrank_optim.projection.SVDProjector` (``basis_left`` / ``basis_right``), so
+    the two can be swapped in a checkpoint.
+
+    The first refresh starts from a Gaussian block (``iterations`` subspace iterations), later ones from
+    the basis being replaced plus ``oversample`` Gaussian directions (``warm_iterations``). Gaussian
+    columns are drawn on the CPU from ``seed`` at every refresh, so the same gradient gives the same basis
+    on every device and process count up to rounding, and the canonical sign (``sign``, as for the SVD)
+    removes the sign ambiguity. Measured at LLaMA-1B's 5461 x 2048, ``rank`` 512, on 2 CPU cores
+    (``bench/bench_refresh_rsvd.py``): a warm refresh 5.0-6.1x faster than the full SVD, capturing
+    99.70-99.84 % of the optimal rank-``r`` gradient energy; a cold one 2.2-2.4x. What is guaranteed (and
+    what is not) is in the module docstring: raise ``warm_iterations`` (the error shrinks geometrically)
+    for gradients whose spectrum decays slowly.
+    """
+
+    name: ClassVar[str] = "rsvd"
+    uses_previous: ClassVar[bool] = True
+    oversample: int = DEFAULT_OVERSAMPLE
+    iterations: int = COLD_ITERATIONS
+    warm_iterations: int = WARM_ITERATIONS
+    seed: int = 0
+    sign: str = "canonical"
+
+    def __post_init__(self) -> None:
+        _check_count("oversample", self.oversample, 0)
+        _check_count("iterations", self.iterations, 0)
+        _check_count("warm_iterations", self.warm_iterations, 0)
+        _check_count("seed", self.seed, 0)
+        if self.sign not in SIGN_RULES:
+            raise ValueError(f"Invalid sign: {self.sign!r}. Must be one of {', '.join(SIGN_RULES)}.")
+
+    def tensors(self, shape: tuple[int, int], rank: int, side: Side) -> list[ProjectorTensor]:
+        return basis_tensors(shape, rank, side)
+
+    def refresh(
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+    ) -> list[Tensor]:
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        start = None
+        if previous is not None:
+            pair = basis_subspace(previous, side)
+            start = (pair.left, pair.right)
+        left, right = randomized_basis(
+            grad,
+            rank,
+            side,
+            start,
+            oversample=self.oversample,
+            iterations=self.iterations if start is None else self.warm_iterations,
+            generator=generator,
+        )
+        return SVDProjector(sign=self.sign).signed(left, right)
+
+    def subspace(
+        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> Subspace:
+        return basis_subspace(stored, side)

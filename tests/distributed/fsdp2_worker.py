@@ -123,6 +123,8 @@ OPTIMIZERS = {
     "galore_rotate": functools.partial(GaLoreAdamW, moment_policy="rotate"),
     "dct_rotate": functools.partial(DCTAdamW, moment_policy="rotate"),
     "fira_rotate": functools.partial(FiraAdamW, moment_policy="rotate"),
+    "rsvd": functools.partial(GaLoreAdamW, projector="rsvd"),
+    "fira_rsvd": functools.partial(FiraAdamW, projector="rsvd"),
 }
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
