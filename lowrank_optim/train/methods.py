@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
 from ..nn import SLTrainLinear, derive_seed
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
+from ..projection import projector_names
 
 __all__ = [
     "METHODS",
@@ -47,7 +48,9 @@ MIN_LR_RATIO = 0.1
 @dataclass(frozen=True, kw_only=True)
 class MethodPreset:
     """Hyperparameters of one method. ``scale`` is GaLore/DCT's scale or Fira's alpha; ``alpha`` and
-    ``delta`` are SLTrain's (``W = alpha/rank · B A + S``, ``delta`` = density of ``S``)."""
+    ``delta`` are SLTrain's (``W = alpha/rank · B A + S``, ``delta`` = density of ``S``). ``projector``
+    (GaLore, Fira: a registered name such as ``"rsvd"``; ``None``: the optimizer's default) chooses the
+    subspace."""
 
     method: str
     lr: float
@@ -56,6 +59,7 @@ class MethodPreset:
     update_proj_gap: int | None = None
     alpha: float | None = None
     delta: float | None = None
+    projector: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +74,11 @@ class MethodPreset:
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
             raise ValueError(f"preset of method {self.method!r} is missing {missing}")
+        if self.projector is not None:
+            if self.method not in ("galore", "fira"):
+                raise ValueError(f"projector ({self.projector!r}) applies to methods galore and fira, not {self.method!r}")
+            if self.projector not in projector_names():
+                raise ValueError(f"projector ({self.projector!r}) must be one of {list(projector_names())}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr ({self.lr!r}) must be a finite number > 0")
 
@@ -173,4 +182,5 @@ def build_optimizer(model: nn.Module, preset: MethodPreset) -> Optimizer:
         target_modules=TARGET_MODULES,
     )
     optimizer_class = {"galore": GaLoreAdamW, "fira": FiraAdamW, "dct": DCTAdamW}[preset.method]
-    return optimizer_class(groups, lr=preset.lr)
+    options = {} if preset.projector is None else {"projector": preset.projector}
+    return optimizer_class(groups, lr=preset.lr, **options)
