@@ -19,6 +19,8 @@ $(STAMP): setup.py
 	# The reference GaLore package, for the parity tests; its own dependencies (transformers,
 	# bitsandbytes) are not needed by the optimizer we compare against and would pull in a lot.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "galore-torch==1.0"
+	# The reference APOLLO package (tests/test_apollo_reference.py loads its optimizer module alone).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "apollo-torch==1.0.3"
 	touch $@
 
 # Builds the C++ CPU kernels next to the package, where the loader finds them; incremental afterwards.

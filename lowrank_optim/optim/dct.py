@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
+from ..projection import Projector
 from .galore import GaLoreAdamW
 
 __all__ = ["DCTAdamW"]
@@ -24,6 +25,6 @@ class DCTAdamW(GaLoreAdamW):
     """
 
     def __init__(
-        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *args: Any, projector: str = "dct", **kwargs: Any
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *args: Any, projector: str | Projector = "dct", **kwargs: Any
     ) -> None:
         super().__init__(params, *args, projector=projector, **kwargs)
