@@ -34,6 +34,10 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "fira": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, weight_decay=0.1, **kw),
     "fira_paper": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, residual="paper", **kw),
     "dct": lambda groups, **kw: DCTAdamW(groups, lr=0.01, scoring="matmul", **kw),
+    # Every projector and moment policy meets the same non-finite gradients.
+    "rsvd": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, projector="rsvd", **kw),
+    "galore_rotate": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, moment_policy="rotate", **kw),
+    "dct_rotate": lambda groups, **kw: DCTAdamW(groups, lr=0.01, scoring="matmul", moment_policy="rotate", **kw),
 }
 
 
