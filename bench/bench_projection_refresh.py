@@ -19,27 +19,17 @@ Usage: python bench/bench_projection_refresh.py [--sizes 512 1024 2048 4096] [--
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable
 
 import torch
 from torch import nn
 
 from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, optimizer_state_bytes
 from lowrank_optim.projection import Side, select_dct_indices, svd_basis
+from _timing import best_time
 
 RANK = 128
 HIDDEN, INTERMEDIATE, LAYERS = 512, 1376, 8
 LAYER_SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(INTERMEDIATE, HIDDEN)] * 2 + [(HIDDEN, INTERMEDIATE)]
-
-
-def best_time(run: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def refresh_table(sizes: list[int], repeats: int) -> None:

@@ -41,12 +41,11 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from lowrank_optim.projection import DCTProjector, Side, resolve_side, svd_basis
+from lowrank_optim.projection import DCTProjector, resolve_side, svd_basis
 from lowrank_optim.projection.rsvd import (
     COLD_ITERATIONS,
     DEFAULT_OVERSAMPLE,
@@ -55,19 +54,11 @@ from lowrank_optim.projection.rsvd import (
     optimal_energy,
     randomized_basis,
 )
+from _timing import best_time
 
 SHAPES_60M = [((512, 512), 128), ((1376, 512), 128), ((512, 1376), 128)]
 SHAPES_1B = [((5461, 2048), 512), ((2048, 2048), 512)]
 GOAL_SHAPE, GOAL_RANK, GOAL_SPEEDUP, GOAL_ENERGY = (5461, 2048), 512, 5.0, 0.995
-
-
-def best_time(run: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def synthetic(shape: tuple[int, int], decay: float, generator: torch.Generator) -> Tensor:

@@ -26,6 +26,7 @@ import types
 from pathlib import Path
 
 import pytest
+from stubs import stub_transformers_version_check
 import torch
 from apollo_reference import (
     ApolloCrash,
@@ -52,14 +53,7 @@ def apollo_adamw(monkeypatch: pytest.MonkeyPatch) -> type:
     spec = importlib.util.find_spec("apollo_torch")
     assert spec is not None and spec.submodule_search_locations is not None
 
-    def stub(name: str, **attributes: object) -> None:
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-
-    stub("transformers")
-    stub("transformers.utils")
-    stub("transformers.utils.versions", require_version=lambda *args, **kwargs: None)
+    stub_transformers_version_check(monkeypatch)
     for name in [name for name in sys.modules if name.startswith("apollo_torch")]:
         monkeypatch.delitem(sys.modules, name)
     # A bare package shell, so that the package __init__ (and its bitsandbytes import) does not run.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 
 import pytest
+from stubs import stub_module, stub_transformers_version_check
 import torch
 from torch import nn
 
@@ -21,17 +21,10 @@ from lowrank_optim.projection import SVDProjector
 
 @pytest.fixture
 def reference_galore(monkeypatch: pytest.MonkeyPatch) -> type:
-    def stub(name: str, **attributes: object) -> None:
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-
-    stub("transformers")
-    stub("transformers.utils")
-    stub("transformers.utils.versions", require_version=lambda *args, **kwargs: None)
-    stub("bitsandbytes")
-    stub("bitsandbytes.optim")
-    stub("bitsandbytes.optim.optimizer", Optimizer2State=object)
+    stub_transformers_version_check(monkeypatch)
+    stub_module(monkeypatch, "bitsandbytes")
+    stub_module(monkeypatch, "bitsandbytes.optim")
+    stub_module(monkeypatch, "bitsandbytes.optim.optimizer", Optimizer2State=object)
     for name in [name for name in sys.modules if name.startswith("galore_torch")]:
         monkeypatch.delitem(sys.modules, name)
     return importlib.import_module("galore_torch").GaLoreAdamW

@@ -135,7 +135,7 @@ def test_bf16_input_is_computed_in_fp32():
 @pytest.mark.parametrize("value", [-1, -3])
 def test_negative_knobs_are_rejected_with_the_value(name, value):
     grad = torch.randn(20, 10, generator=_seeded())
-    message = f"Invalid {name}: {value}. Must be >= 0."
+    message = f"Invalid {name}: {value}. Must be an int >= 0."
     with pytest.raises(ValueError, match=re.escape(message)):
         randomized_basis(grad, 4, Side.RIGHT, **{name: value})
 

@@ -91,9 +91,9 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from .projector import Projector, ProjectorTensor, register_projector
-from .subspace import Side, Subspace
-from .svd import SIGN_RULES, SVDProjector, basis_subspace, basis_tensors
+from .projector import register_projector
+from .subspace import Side
+from .svd import SVDProjector, basis_subspace
 
 __all__ = [
     "RandomizedSVDProjector",
@@ -119,12 +119,14 @@ WARM_ITERATIONS: int = 1
 def _check_arguments(grad: Tensor, rank: int, oversample: int, iterations: int) -> None:
     if grad.dim() != 2:
         raise ValueError(f"Invalid grad: {grad.dim()}-D. Must be a matrix (2-D).")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"Invalid rank: {rank!r}. Must be an int >= 1.")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"Invalid oversample: {oversample!r}. Must be >= 0.")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"Invalid iterations: {iterations!r}. Must be >= 0.")
+    _check_count("rank", rank, 1)
+    _check_count("oversample", oversample, 0)
+    _check_count("iterations", iterations, 0)
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"Invalid {name}: {value!r}. Must be an int >= {least}.")
 
 
 def _previous_block(
@@ -295,18 +297,13 @@ def optimal_energy(grad: Tensor, rank: int) -> float:
     return float(s2[:rank].sum() / s2.sum())
 
 
-def _check_count(name: str, value: object, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"Invalid {name}: {value!r}. Must be an int >= {least}.")
-
-
 @register_projector
 @dataclasses.dataclass(frozen=True)
-class RandomizedSVDProjector(Projector):
+class RandomizedSVDProjector(SVDProjector):
     """GaLore's subspace (the top-``rank`` singular vectors of the gradient) from a randomized SVD warm-started
     from the previous basis (:func:`randomized_basis`; Halko, Martinsson & Tropp 2011), instead of a full
     SVD. Same state as :class:`~lowrank_optim.projection.SVDProjector` (``basis_left`` / ``basis_right``), so
-    the two can be swapped in a checkpoint.
+    the two can be swapped in a checkpoint (it is an :class:`SVDProjector` computed another way).
 
     The first refresh starts from a Gaussian block (``iterations`` subspace iterations), later ones from
     the basis being replaced plus ``oversample`` Gaussian directions (``warm_iterations``). Gaussian
@@ -325,18 +322,13 @@ class RandomizedSVDProjector(Projector):
     iterations: int = COLD_ITERATIONS
     warm_iterations: int = WARM_ITERATIONS
     seed: int = 0
-    sign: str = "canonical"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_count("oversample", self.oversample, 0)
         _check_count("iterations", self.iterations, 0)
         _check_count("warm_iterations", self.warm_iterations, 0)
         _check_count("seed", self.seed, 0)
-        if self.sign not in SIGN_RULES:
-            raise ValueError(f"Invalid sign: {self.sign!r}. Must be one of {', '.join(SIGN_RULES)}.")
-
-    def tensors(self, shape: tuple[int, int], rank: int, side: Side) -> list[ProjectorTensor]:
-        return basis_tensors(shape, rank, side)
 
     def refresh(
         self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
@@ -355,9 +347,4 @@ class RandomizedSVDProjector(Projector):
             iterations=self.iterations if start is None else self.warm_iterations,
             generator=generator,
         )
-        return SVDProjector(sign=self.sign).signed(left, right)
-
-    def subspace(
-        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
-    ) -> Subspace:
-        return basis_subspace(stored, side)
+        return self.signed(left, right)
