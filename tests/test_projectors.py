@@ -410,3 +410,46 @@ def test_rsvd_options_are_checked(options: dict, message: str) -> None:
 
     with pytest.raises(ValueError, match=re.escape(message)):
         RandomizedSVDProjector(**options)
+
+
+# --- the DCT-III basis (migration from ista-daslab-optimizers' DCTAdamW) ---------------------------------
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)], ids=["right", "left"])
+def test_dct_iii_basis_selects_and_projects_with_the_columns_of_the_dct_ii_matrix(shape: tuple[int, int]) -> None:
+    """Basis vectors = columns of the orthonormal DCT-II matrix D (written here from its closed form):
+    scores are the L1 norms of the columns of ``G D`` (right) or the rows of ``Dᵀ G`` (left), and the
+    first step's moment is ``(1 - β1)·R`` with ``R = G D[:, idx]`` or ``D[:, idx]ᵀ G``."""
+    from reference import dct2_matrix
+
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    weight = nn.Parameter(torch.zeros(shape))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 3}], projector=DCTProjector(basis="iii"))
+    weight.grad = grad.clone()
+    optimizer.step()
+    g = grad.double()
+    if shape[0] >= shape[1]:
+        d = dct2_matrix(shape[1])
+        scores = (g @ d).abs().sum(dim=0)
+        key = "dct_indices_right"
+    else:
+        d = dct2_matrix(shape[0])
+        scores = (d.T @ g).abs().sum(dim=1)
+        key = "dct_indices_left"
+    chosen = sorted(sorted(range(len(scores)), key=lambda k: -float(scores[k]))[:3])
+    assert optimizer.state[weight][key].tolist() == chosen
+    expected = g @ d[:, chosen] if key.endswith("right") else d[:, chosen].T @ g
+    torch.testing.assert_close(optimizer.state[weight]["exp_avg"].double(), 0.1 * expected, atol=1e-6, rtol=1e-5)
+    assert optimizer.state_dict()["param_groups"][0]["projector"] == {"name": "dct", "scoring": "auto", "basis": "iii"}
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"basis": "iv"}, "Invalid basis: 'iv'. Must be one of ii, iii."),
+        ({"basis": "iii", "scoring": "fft"}, "Invalid scoring: 'fft'. The 'iii' basis (DCT-III) is scored by matmul only"),
+    ],
+)
+def test_dct_basis_options_are_checked(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DCTProjector(**options)

@@ -18,6 +18,7 @@ from .projector import (
 from .svd import SIGN_RULES, SVDProjector, canonical_signs_, refresh_svd_basis_, svd_basis  # registered first: the default
 from .rsvd import RandomizedSVDProjector, randomized_basis
 from .dct import (
+    DCT_BASES,
     DCT_SCORING,
     FFT_SCORING_MIN_SIZE,
     DCTProjector,
@@ -57,6 +58,7 @@ from .subspace import (
 )
 
 __all__ = [
+    "DCT_BASES",
     "DCT_SCORING",
     "DCTProjector",
     "DCTSelection",

@@ -31,8 +31,10 @@ from .projector import Projector, ProjectorTensor, register_projector
 from .subspace import Side, Subspace, all_finite, basis_shapes
 
 __all__ = [
+    "DCT_BASES",
     "DCT_SCORING",
     "DCTProjector",
+    "basis_matrix",
     "DCTSelection",
     "FFT_SCORING_MIN_SIZE",
     "carry_moment_",
@@ -48,6 +50,11 @@ __all__ = [
 
 #: How scores are computed: ``matmul`` with ``Q``, ``fft`` (Makhoul), or ``auto`` (by size).
 DCT_SCORING: tuple[str, ...] = ("auto", "matmul", "fft")
+
+#: Which orthonormal DCT's rows are the basis vectors: ``ii`` (the DCT-II: frequencies, the paper's and
+#: our default) or ``iii`` (the DCT-III, i.e. the columns of the DCT-II matrix: the basis of
+#: ``ista-daslab-optimizers``' ``DCTAdamW`` in its default ``sim_type="matmul"`` mode).
+DCT_BASES: tuple[str, ...] = ("ii", "iii")
 
 #: ``auto`` uses the FFT from this transform size on. Measured on the 2-core build machine (fp32, ``2d x d``
 #: gradients, best of 15, one thread since the other core was busy): the matmul is 2-5x faster up to
@@ -184,18 +191,30 @@ def top_indices(scores: Tensor, rank: int) -> Tensor:
 
 
 def dct_subspace(
-    selection: DCTSelection, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+    selection: DCTSelection,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    basis: str = "ii",
 ) -> Subspace:
-    """The :class:`Subspace` of a selection for an ``m x n`` matrix, gathered from the cached DCT matrices.
+    """The :class:`Subspace` of a selection for an ``m x n`` matrix, gathered from the cached DCT matrices
+    (``basis``: :data:`DCT_BASES`).
 
     This allocates the ``r x d`` rows (``r``-sized, like the SVD bases GaLore stores) on every call:
     the price of keeping only ``r`` integers per matrix in the optimizer state.
     """
     side, left, right = selection
     m, n = shape
-    left_basis = None if left is None else dct_matrix(m, dtype, device).index_select(0, left).T
-    right_basis = None if right is None else dct_matrix(n, dtype, device).index_select(0, right)
+    left_basis = None if left is None else basis_matrix(m, dtype, device, basis).index_select(0, left).T
+    right_basis = None if right is None else basis_matrix(n, dtype, device, basis).index_select(0, right)
     return Subspace(side, left_basis, right_basis)
+
+
+def basis_matrix(size: int, dtype: torch.dtype, device: torch.device, basis: str = "ii") -> Tensor:
+    """The ``size x size`` orthonormal matrix whose rows are the basis vectors: the DCT-II matrix
+    (``"ii"``, row ``k`` = frequency ``k``) or its transpose, the DCT-III matrix (``"iii"``)."""
+    q = dct_matrix(size, dtype, device)
+    return q if basis == "ii" else q.T
 
 
 def carry_moment_(moment: Tensor, old: Tensor, new: Tensor, dim: int) -> Tensor:
@@ -251,15 +270,28 @@ class DCTProjector(Projector):
     Args:
         scoring: how a refresh scores frequencies: ``matmul`` with the DCT matrix, ``fft`` (Makhoul), or
             ``auto`` (FFT from :data:`FFT_SCORING_MIN_SIZE` on). Same selection.
+        basis: ``ii`` (default: DCT-II frequencies) or ``iii``: the DCT-III basis (the columns of the DCT-II
+            matrix, scored by the L1 norms of ``G Q`` columns on the right, ``Qᵀ G`` rows on the left), which
+            ``ista-daslab-optimizers``' ``DCTAdamW`` uses in its default ``sim_type="matmul"`` mode, for
+            runs migrating from it (its FFT mode uses DCT-II, as ``ii`` does). ``iii`` scores by matmul only
+            (``scoring="fft"`` is refused; ``auto`` means matmul).
     """
 
     name: ClassVar[str] = "dct"
     fixed_dtypes: ClassVar[dict[str, torch.dtype]] = {DCT_INDICES_LEFT: torch.int64, DCT_INDICES_RIGHT: torch.int64}
     scoring: str = "auto"
+    basis: str = "ii"
 
     def __post_init__(self) -> None:
         if self.scoring not in DCT_SCORING:
             raise ValueError(f"Invalid scoring: {self.scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
+        if self.basis not in DCT_BASES:
+            raise ValueError(f"Invalid basis: {self.basis!r}. Must be one of {', '.join(DCT_BASES)}.")
+        if self.basis == "iii" and self.scoring == "fft":
+            raise ValueError(
+                "Invalid scoring: 'fft'. The 'iii' basis (DCT-III) is scored by matmul only: use scoring='matmul' "
+                "or 'auto'."
+            )
 
     def tensors(self, shape: tuple[int, int], rank: int, side: Side) -> list[ProjectorTensor]:
         left, right = basis_shapes(shape, rank, side)
@@ -284,10 +316,10 @@ class DCTProjector(Projector):
         from ..ops import dct_topk  # the ops import this module for their default kernel
 
         size = grad.shape[1 if side is Side.RIGHT else 0]
-        if resolve_scoring(self.scoring, size) != "matmul":
+        if self.basis == "ii" and resolve_scoring(self.scoring, size) != "matmul":
             return select_dct_indices(grad, rank, side, self.scoring)
         x = scoring_input(grad)
-        q = dct_matrix(size, x.dtype, x.device)
+        q = basis_matrix(size, x.dtype, x.device, self.basis)
         # Right: columns of G Qᵀ; left: rows of Q G (no transposed copy of G).
         if side is Side.RIGHT:
             return dct_topk(x @ q.T, rank, dim=0, fused=fused)
@@ -298,7 +330,7 @@ class DCTProjector(Projector):
     ) -> Subspace:
         left = stored[0] if side in (Side.LEFT, Side.FULL) else None
         right = stored[-1] if side in (Side.RIGHT, Side.FULL) else None
-        return dct_subspace(DCTSelection(side, left, right), shape, dtype, device)
+        return dct_subspace(DCTSelection(side, left, right), shape, dtype, device, self.basis)
 
     def follow_(self, moments: Sequence[Tensor], old: Sequence[Tensor], new: Sequence[Tensor], side: Side) -> None:
         dims = {Side.LEFT: [0], Side.RIGHT: [-1], Side.FULL: [0, -1]}[side]
