@@ -152,7 +152,7 @@ def measure(name: str, earlier: Tensor, grad: Tensor, rank: int, args: argparse.
     dct_projector = DCTProjector()  # auto scoring: FFT from 384 on
 
     def dct() -> tuple[Tensor | None, Tensor | None]:
-        indices = dct_projector.refresh(grad, rank, side, None, fused=False)
+        indices = dct_projector.refresh(grad, rank, side, None, fused=False, first=True)
         subspace = dct_projector.subspace(indices, side, tuple(grad.shape), torch.float32, grad.device)
         return subspace.left, subspace.right
 

@@ -163,12 +163,12 @@ def test_the_same_gradient_gives_the_same_signs_across_threads_and_precisions(si
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = projector.refresh(grad, 8, side, None, fused=False)
+        one = projector.refresh(grad, 8, side, None, fused=False, first=True)
         torch.set_num_threads(2)
-        two = projector.refresh(grad, 8, side, None, fused=False)
+        two = projector.refresh(grad, 8, side, None, fused=False, first=True)
     finally:
         torch.set_num_threads(threads)
-    double = projector.refresh(grad.double(), 8, side, None, fused=False)  # an fp64 SVD (svd_basis casts)
+    double = projector.refresh(grad.double(), 8, side, None, fused=False, first=True)  # an fp64 SVD (svd_basis casts)
     u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
     exact = projector.signed(u[:, :8] if side is not Side.RIGHT else None, vh[:8] if side is not Side.LEFT else None)
     for a, b, c, d in zip(one, two, double, exact):
@@ -283,7 +283,7 @@ class CoordinateProjector(Projector):
     def initial(self, spec, device):
         return torch.arange(spec.shape[0], device=device)
 
-    def refresh(self, grad, rank, side, previous, *, fused):
+    def refresh(self, grad, rank, side, previous, *, fused, first):
         norms = grad.abs().pow(self.power).sum(dim=0 if side is Side.RIGHT else 1)
         return [norms.topk(rank).indices.sort().values]
 
@@ -368,9 +368,9 @@ def test_rsvd_warm_starts_from_the_basis_it_replaces() -> None:
 
     @dataclasses.dataclass(frozen=True)
     class Recording(RandomizedSVDProjector):
-        def refresh(self, grad, rank, side, previous, *, fused):
-            seen.append(None if previous is None else [t.clone() for t in previous])
-            return super().refresh(grad, rank, side, previous, fused=fused)
+        def refresh(self, grad, rank, side, previous, *, fused, first):
+            seen.append(None if first else [t.clone() for t in previous])
+            return super().refresh(grad, rank, side, previous, fused=fused, first=first)
 
     weight = nn.Parameter(torch.randn(12, 8))
     optimizer = GaLoreAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2}], projector=Recording())

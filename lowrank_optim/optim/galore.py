@@ -803,8 +803,8 @@ def _refresh_due(
     The owner of each matrix (:meth:`Exchange.refresh_gradients`) computes the new projector from the
     whole gradient, and for ``moment_policy="rotate"`` the change of coordinates from the old subspace
     (:func:`~lowrank_optim.projection.rotations`); both reach every holder through
-    :meth:`Exchange.share_projectors`. A projector that warm-starts, and ``rotate``, read the whole previous
-    projector on the owner (:meth:`Exchange.gather_projectors`)."""
+    :meth:`Exchange.share_projectors`. A projector that reads the one it replaces (a warm start, a seed
+    chain), and ``rotate``, get the whole previous projector on the owner (:meth:`Exchange.gather_projectors`)."""
     if found_inf is not None and bool(found_inf):  # a skipped step must not refresh the state either
         for index in due:
             on_nonfinite_refresh(index, steps[index], "deferred" if steps[index] == 0 else "skipped")
@@ -816,7 +816,7 @@ def _refresh_due(
         specs = {index: _projector_specs(projections[index], exchange.shape(index, grads[index])) for index in chunk}
         # The first refresh replaces placeholders: nothing to warm-start from or rotate.
         rotate = {index: rotates(moment_policy, steps[index]) for index in chunk}
-        wanted = [i for i in chunk if steps[i] > 0 and (rotate[i] or projections[i].projector.uses_previous)]
+        wanted = [i for i in chunk if rotate[i] or projections[i].projector.uses_previous]
         previous = dict.fromkeys(chunk)
         if wanted:
             gathered = exchange.gather_projectors(wanted, [specs[i] for i in wanted], [projections[i].tensors for i in wanted])
@@ -829,7 +829,9 @@ def _refresh_due(
             projection = projections[index]
             shape = exchange.shape(index, grads[index])
             old = previous[index] if projection.projector.uses_previous else None
-            tensors = projection.projector.refresh(whole, projection.rank, projection.side, old, fused=fused)
+            tensors = projection.projector.refresh(
+                whole, projection.rank, projection.side, old, fused=fused, first=steps[index] == 0
+            )
             if rotate[index]:
                 subspace = projection.projector.subspace
                 tensors += rotations(

@@ -303,7 +303,7 @@ class DCTProjector(Projector):
         return torch.arange(spec.shape[0], device=device)
 
     def refresh(
-        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool, first: bool
     ) -> list[Tensor]:
         sides = [Side.LEFT, Side.RIGHT] if side is Side.FULL else [side]
         return [self.select(grad, rank, one_side, fused) for one_side in sides]

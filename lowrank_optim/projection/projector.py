@@ -99,11 +99,12 @@ class Projector:
         return None
 
     def refresh(
-        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool, first: bool
     ) -> list[Tensor]:
         """The new tensors (whole, in :meth:`tensors` order) from the whole, finite gradient ``grad``.
-        ``previous``: the whole tensors being replaced when :attr:`uses_previous` is set and the matrix
-        has been refreshed before, else ``None``. ``fused``: whether compiled kernels may be used."""
+        ``previous``: where :attr:`uses_previous` is set, the whole tensors being replaced (at the first
+        refresh, ``first``, the values of :meth:`initial`, or zeros), else ``None``. ``fused``: whether
+        compiled kernels may be used."""
         raise NotImplementedError
 
     def subspace(

@@ -331,11 +331,11 @@ class RandomizedSVDProjector(SVDProjector):
         _check_count("seed", self.seed, 0)
 
     def refresh(
-        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool, first: bool
     ) -> list[Tensor]:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         start = None
-        if previous is not None:
+        if not first:  # the first refresh replaces zeros: a Gaussian start
             pair = basis_subspace(previous, side)
             start = (pair.left, pair.right)
         left, right = randomized_basis(

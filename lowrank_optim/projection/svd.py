@@ -72,7 +72,7 @@ def refresh_svd_basis_(grad: Tensor, subspace: Subspace, sign: str = "canonical"
         return False
     side, left, right = subspace
     rank = (left if left is not None else right.T).shape[1]
-    new = SVDProjector(sign=sign).refresh(grad, rank, side, None, fused=False)
+    new = SVDProjector(sign=sign).refresh(grad, rank, side, None, fused=False, first=False)
     for stored, value in zip([t for t in (left, right) if t is not None], new):
         stored.copy_(value)
     return True
@@ -100,7 +100,7 @@ class SVDProjector(Projector):
         return basis_tensors(shape, rank, side)
 
     def refresh(
-        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool
+        self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool, first: bool
     ) -> list[Tensor]:
         return self.signed(*svd_basis(grad, rank, side))
 
