@@ -153,7 +153,7 @@ def measure(name: str, earlier: Tensor, grad: Tensor, rank: int, args: argparse.
 
     def dct() -> tuple[Tensor | None, Tensor | None]:
         indices = dct_projector.refresh(grad, rank, side, None, fused=False, first=True)
-        subspace = dct_projector.subspace(indices, side, tuple(grad.shape), torch.float32, grad.device)
+        subspace = dct_projector.subspace(indices, side, tuple(grad.shape), rank, torch.float32, grad.device)
         return subspace.left, subspace.right
 
     # Interleaved, so that a change in the machine's load hits all three alike.

@@ -12,3 +12,5 @@ BASIS_RIGHT = "basis_right"  # r x n
 DCT_INDICES_LEFT = "dct_indices_left"  # r sorted int64 frequencies of the m-point DCT
 DCT_INDICES_RIGHT = "dct_indices_right"  # r sorted int64 frequencies of the n-point DCT
 RESIDUAL_NORM = "residual_norm"  # Fira's limiter: 0-dim fp32, the previous residual norm
+PROJECTION_SEED = "projection_seed"  # the random projector's seed of the current matrix: 0-dim int64
+UPDATE_NORM = "update_norm"  # APOLLO's limiter: 0-dim fp32, the previous update norm

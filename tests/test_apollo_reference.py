@@ -134,7 +134,7 @@ def test_reference_reproduces_apollo_torch(apollo_adamw: type, case: str) -> Non
     shape, keys, kw, growth = CASES[case]
     group = group_of(**keys)
     steps = 8  # with gap 3: draws at steps 1, 4, 7
-    start, grads = sequence(shape, steps, seed=len(case))
+    start, grads = sequence(shape, steps, seed=len(case), growth=growth)
     theirs, optimizer, params = run_package(apollo_adamw, [start], [[g] for g in grads], group, **kw)
     options = {k: v for k, v in group.items() if k != "proj"}
     ours = apollo_reference([start], [[g] for g in grads], **options, **kw)

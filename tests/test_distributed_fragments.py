@@ -8,6 +8,7 @@ DeepSpeed needed.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from typing import Callable
 
@@ -330,3 +331,9 @@ def test_zero12_plan_covers_every_element_once() -> None:
         assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
         assert all(0 <= p.flat_start and p.flat_start + p.numel <= size for p in pieces if p is not None)
     assert isinstance(plans[0], PartitionPlan)
+
+
+def test_a_projector_whose_seeds_zero_checkpoints_cannot_restore_is_refused() -> None:
+    """ZeRO's loader casts nested state to the fp32 partition's dtype: a 63-bit seed would not survive."""
+    with pytest.raises(ValueError, match=re.escape("the 'random' projector keeps integers beyond fp32's exact range")):
+        _run_case(lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="random"), [(9, 7), (7, 9)], 2, zero3=False)

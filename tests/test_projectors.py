@@ -280,14 +280,14 @@ class CoordinateProjector(Projector):
     def tensors(self, shape, rank, side):
         return [ProjectorTensor("axes", (rank,), torch.int64, "replicated")]
 
-    def initial(self, spec, device):
+    def initial(self, spec, device, ordinal=None):
         return torch.arange(spec.shape[0], device=device)
 
     def refresh(self, grad, rank, side, previous, *, fused, first):
         norms = grad.abs().pow(self.power).sum(dim=0 if side is Side.RIGHT else 1)
         return [norms.topk(rank).indices.sort().values]
 
-    def subspace(self, stored: Sequence[Tensor], side, shape, dtype, device):
+    def subspace(self, stored: Sequence[Tensor], side, shape, rank, dtype, device):
         (axes,) = stored
         size = shape[1] if side is Side.RIGHT else shape[0]
         basis = torch.eye(size, dtype=dtype, device=device)[axes]

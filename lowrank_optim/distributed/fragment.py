@@ -51,17 +51,20 @@ from torch import Tensor
 
 from ..optim.exchange import LOCAL, Exchange
 from ..optim.layout import Block, DenseLayout, StateInit
-from ..state_keys import (
-    BASIS_LEFT,
-    BASIS_RIGHT,
-    DCT_INDICES_LEFT,
-    DCT_INDICES_RIGHT,
-    EXP_AVG,
-    EXP_AVG_SQ,
-    RESIDUAL_NORM,
-    STEP,
+from ..projection import (
+    ProjectorTensor,
+    Side,
+    Subspace,
+    all_finite,
+    effective_rank,
+    keeps_aligned,
+    nonfinite_flag,
+    projector_state_dtypes,
+    refresh_specs,
+    resolve_side,
+    rotates,
 )
-from ..projection import ProjectorTensor, Side, keeps_aligned, refresh_specs, rotates, Subspace, all_finite, effective_rank, nonfinite_flag, resolve_side
+from ..state_keys import BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, RESIDUAL_NORM, STEP
 from .comm import Communicator
 from .plan import MatrixPlan, PartitionPlan
 
@@ -161,9 +164,9 @@ class FragmentLayout:
             flat_state = optimizer.state.get(flat, {})
             moment_dtype = optimizer.param_groups[part.group_index]["moment_dtype"] or flat.dtype
             for matrix in flat_state.get(MATRICES, {}).values():
-                for key in (DCT_INDICES_LEFT, DCT_INDICES_RIGHT, SHARD):
+                for key, dtype in {**projector_state_dtypes(), SHARD: torch.int64}.items():
                     if key in matrix:
-                        matrix[key] = matrix[key].to(torch.int64)
+                        matrix[key] = matrix[key].to(dtype)
                 for key in (EXP_AVG, EXP_AVG_SQ):
                     matrix[key] = matrix[key].to(moment_dtype)
 
@@ -172,6 +175,14 @@ class FragmentLayout:
         state is built here); a full-rank group's flat partitions are checked as whole tensors."""
         if "rank" not in group:
             return self._dense.check_group(optimizer, group)
+        if group["projector"].large_integers:
+            # torch's loader casts this layout's nested state to the fp32 partition's dtype, which a seed
+            # (up to 2^63) does not survive: a resumed run would draw other matrices.
+            raise ValueError(
+                f"{type(optimizer).__name__}: the {group['projector'].name!r} projector keeps integers beyond "
+                "fp32's exact range, which DeepSpeed ZeRO checkpoints would not restore; it is not supported "
+                "under ZeRO yet (use it on whole tensors or under FSDP2)."
+            )
         for position, flat in enumerate(group["params"]):
             if id(flat) not in self._partitions:
                 raise RuntimeError(
@@ -228,16 +239,11 @@ class FragmentLayout:
             blocks.append(Block(block, _block(tensor.grad, mp), matrices[mp.name], state[STEP], mp.shape))
             pending.append((mp, block))
         if not blocks:
-            empty, no_indices = tensor.new_zeros(0, 0), torch.zeros(0, dtype=torch.int64, device=tensor.device)
-            placeholder: dict[str, Any] = {
-                EXP_AVG: empty,
-                EXP_AVG_SQ: empty,
-                BASIS_LEFT: empty,
-                BASIS_RIGHT: empty,
-                DCT_INDICES_LEFT: no_indices,
-                DCT_INDICES_RIGHT: no_indices,
-                RESIDUAL_NORM: tensor.new_zeros(()),
-            }
+            empty = tensor.new_zeros(0, 0)
+            placeholder: dict[str, Any] = {EXP_AVG: empty, EXP_AVG_SQ: empty, RESIDUAL_NORM: tensor.new_zeros(())}
+            side = resolve_side(group["proj_type"], (0, 0))
+            for spec in group["projector"].tensors((0, 0), 0, side):  # the projector's, as empty as it gets
+                placeholder[spec.key] = torch.zeros(spec.shape, dtype=spec.dtype or tensor.dtype, device=tensor.device)
             blocks.append(Block(empty, tensor.new_zeros(0, 0), placeholder, state[STEP], (0, 0)))
             pending.append((None, empty))
         self._pending[id(tensor)] = (int(state[STEP].item()), pending)

@@ -24,6 +24,7 @@ __all__ = [
     "check_adam_hyperparameters",
     "check_finite_number",
     "check_fira_options",
+    "check_limiter_gamma",
     "check_implementation_options",
     "check_no_duplicates",
     "check_projection_group",
@@ -143,6 +144,11 @@ def check_fira_options(*, alpha: Any, residual: str, gamma: Any, where: str = ""
     check_finite_number("alpha", alpha, where)
     if residual not in FIRA_RESIDUALS:
         raise ValueError(f"Invalid residual{where}: {residual!r}. Must be one of {', '.join(FIRA_RESIDUALS)}.")
+    check_limiter_gamma(gamma, where)
+
+
+def check_limiter_gamma(gamma: Any, where: str = "") -> None:
+    """The norm-growth limiter's bound per step (Fira, APOLLO): a finite number >= 1."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 1.0 <= gamma < math.inf:
         raise ValueError(f"Invalid gamma{where}: {gamma!r}. Must be a finite number >= 1.0.")
 

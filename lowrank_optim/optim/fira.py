@@ -95,6 +95,11 @@ class FiraAdamW(GaLoreAdamW):
 
     def _check_method_options(self, group: dict[str, Any], where: str) -> None:
         check_fira_options(alpha=group["alpha"], residual=group["residual"], gamma=group["gamma"], where=where)
+        if "rank" in group and not group["projector"].orthonormal:
+            raise ValueError(
+                f"Invalid projector{where}: {group['projector'].name!r}. FiraAdamW's residual G - P Pᵀ G is the part "
+                "of G outside the subspace only for an orthonormal basis; this projector's is not."
+            )
         if "rank" in group and group["proj_type"] == "full":
             raise ValueError(
                 f"Invalid proj_type{where}: 'full'. FiraAdamW supports std, reverse_std, left, right: its "

@@ -53,6 +53,7 @@ from ..projection import (
     project,
     project_back,
     fira_residual,
+    fira_scaling,
     limit_norm_growth_,
     projector_state_dtypes,
     resolve_projector,
@@ -218,6 +219,8 @@ class GaLoreAdamW(Optimizer):
         self._skip_counts: dict[Tensor, Tensor] = {}
         #: id(param) -> (param group index, position), as the groups were built (for messages).
         self._origin: dict[int, tuple[int, int]] = {}
+        #: id(param) -> its 1-based position among all parameters, in the order the groups were given.
+        self._ordinals: dict[int, int] = {}
         #: What _init_state builds per kind of parameter, for _check_state.
         self._expected_states: dict[tuple, dict[str, tuple[torch.Size, torch.dtype]]] = {}
         Optimizer.__init__(self, params, defaults)
@@ -255,6 +258,10 @@ class GaLoreAdamW(Optimizer):
                 for index, group in enumerate(self.param_groups)
                 for position, param in enumerate(group["params"])
             }
+            self._ordinals = {
+                id(param): ordinal + 1
+                for ordinal, param in enumerate(p for group in self.param_groups for p in group["params"])
+            }
             self.layout = layout_for([p for group in self.param_groups for p in group["params"]])
             StateDtypeKeeper(self, self._intended_state_dtype)
             self._register_projector_hooks()
@@ -287,6 +294,8 @@ class GaLoreAdamW(Optimizer):
             self.param_groups.pop()
             raise
         self._origin.update({id(param): (index, position) for position, param in enumerate(tensors)})
+        start = len(self._ordinals)
+        self._ordinals.update({id(param): start + position + 1 for position, param in enumerate(tensors)})
 
     def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
         """Normalize a user's group before the defaults are filled in (Fira renames ``scale``)."""
@@ -306,6 +315,11 @@ class GaLoreAdamW(Optimizer):
         if "rank" not in group:
             return
         check_projection_group(group, index)
+        if group["moment_policy"] == "rotate" and not group["projector"].orthonormal:
+            raise ValueError(
+                f"Invalid moment_policy{where}: 'rotate'. The {group['projector'].name!r} projector's basis is not "
+                "orthonormal, so there is no change of coordinates to rotate the moments by: use 'keep' or 'reset'."
+            )
         shapes = [matrix_shape(p) for p in group["params"]]
         clamped = [shape for shape in shapes if group["rank"] > min(shape)]
         if clamped:
@@ -402,7 +416,7 @@ class GaLoreAdamW(Optimizer):
             moments = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
             projector: Projector = group["projector"]
             for spec in projector.tensors(tuple(param.shape), rank, side):
-                value = projector.initial(spec, param.device)
+                value = projector.initial(spec, param.device, self._ordinals.get(id(param)))
                 if value is None:
                     value = new(param, spec.shape, spec.dtype or param.dtype, spec.sharding, column_major=spec.column_major)
                 state[spec.key] = value
@@ -556,6 +570,51 @@ class FiraTerm(NamedTuple):
     gamma: float
 
 
+class ApolloTerm(NamedTuple):
+    """APOLLO's update for the functional step (Zhu et al., 2024, arXiv 2412.05270; see
+    :mod:`lowrank_optim.optim.apollo`): the full-rank gradient scaled by ``||N|| / (||R|| + 1e-8)`` per
+    channel of the unprojected dimension (``channel``) or per matrix, norm-growth limited (``limit``,
+    ``update_norms[i]``: 0-dim fp32 limiter state of projected parameter ``i``), times ``multiplier``
+    (applied before the limiter when ``multiplier_first``); nothing is back-projected."""
+
+    update_norms: list[Tensor | None]
+    channel: bool
+    multiplier: float
+    multiplier_first: bool
+    limit: bool
+    gamma: float
+
+
+def _apollo_update_(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    side: Side,
+    apollo: ApolloTerm,
+    update_norm: Tensor,
+    *,
+    first: bool,
+    step_size: float,
+    skip: Tensor | None,
+) -> None:
+    """``W -= step_size · limited(G ∘ s) · multiplier`` for a whole matrix (:class:`ApolloTerm`)."""
+    if apollo.channel:
+        factor = fira_scaling(normalized, lowrank, side)  # the unprojected dimension's channels
+    else:
+        factor = torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(lowrank) + 1e-8)
+    update = grad * factor
+    if apollo.multiplier_first and apollo.multiplier != 1.0:
+        update.mul_(apollo.multiplier)
+    if apollo.limit:
+        limit_norm_growth_(update, update_norm, gamma=apollo.gamma, first=first, skip=skip)
+    if not apollo.multiplier_first and apollo.multiplier != 1.0:
+        update.mul_(apollo.multiplier)
+    if skip is not None:
+        update.masked_fill_(skip, 0.0)
+    param.add_(update, alpha=-step_size)
+
+
 def galore_adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -580,6 +639,7 @@ def galore_adamw(
     skip_counts: list[Tensor] | None = None,
     found_inf: Tensor | None = None,
     fira: FiraTerm | None = None,
+    apollo: ApolloTerm | None = None,
     exchange: Exchange | None = None,
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
@@ -646,6 +706,7 @@ def galore_adamw(
             skip_counts=None if skip_counts is None else skip_counts[chunk],
             found_inf=found_inf,
             fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[chunk]),
+            apollo=None if apollo is None else apollo._replace(update_norms=apollo.update_norms[chunk]),
             fused=fused,
             foreach=foreach,
             exchange=exchange,
@@ -835,8 +896,8 @@ def _refresh_due(
             if rotate[index]:
                 subspace = projection.projector.subspace
                 tensors += rotations(
-                    subspace(previous[index], projection.side, shape, torch.float32, whole.device),
-                    subspace(tensors, projection.side, shape, torch.float32, whole.device),
+                    subspace(previous[index], projection.side, shape, projection.rank, torch.float32, whole.device),
+                    subspace(tensors, projection.side, shape, projection.rank, torch.float32, whole.device),
                 )
             new.append(tensors)
         shared_specs = [
@@ -899,6 +960,7 @@ def _galore_adamw_impl(
     skip_counts: list[Tensor] | None,
     found_inf: Tensor | None,
     fira: FiraTerm | None,
+    apollo: ApolloTerm | None,
     fused: bool,
     foreach: bool,
     exchange: Exchange,
@@ -945,7 +1007,7 @@ def _galore_adamw_impl(
     sides = [projections[i].side for i in projected]
     stored = [
         projections[i].projector.subspace(
-            projections[i].tensors, sides[k], exchange.shape(i, grads[i]), grads[i].dtype, grads[i].device
+            projections[i].tensors, sides[k], exchange.shape(i, grads[i]), projections[i].rank, grads[i].dtype, grads[i].device
         )
         for k, i in enumerate(projected)
     ]
@@ -993,7 +1055,10 @@ def _galore_adamw_impl(
 
     # 5. The update of each block: W -= step · (scale · back(N) [+ Fira's residual]), then decay.
     block_n, block_r = exchange.block_terms(
-        projected, sides, [normalized[i] for i in projected], None if fira is None else [lowranks[i] for i in projected]
+        projected,
+        sides,
+        [normalized[i] for i in projected],
+        None if fira is None and apollo is None else [lowranks[i] for i in projected],
     )
     block_n = dict(zip(projected, block_n))
     block_r = {} if block_r is None else dict(zip(projected, block_r))
@@ -1003,6 +1068,11 @@ def _galore_adamw_impl(
         param, subspace = params[i], subspaces.get(i)
         if subspace is None:
             param.add_(normalized[i], alpha=-step_sizes[i])
+        elif apollo is not None:  # whole matrices only (APOLLOAdamW refuses other layouts)
+            _apollo_update_(
+                param, grads[i], block_r[i], block_n[i], subspace.side, apollo, apollo.update_norms[i],
+                first=steps[i] == 0, step_size=step_sizes[i], skip=skips[i],
+            )
         elif fira is None:
             add_project_back_(param, block_n[i], subspace, alpha=-step_sizes[i] * scale)
         elif exchange.whole(i):

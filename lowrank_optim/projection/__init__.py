@@ -33,6 +33,7 @@ from .dct import (
     scoring_input,
     select_dct_indices,
 )
+from .random import RandomProjector, next_seed, random_matrices  # registered after svd, rsvd, dct
 from .fira import (
     FIRA_GAMMA,
     FIRA_RESIDUALS,
@@ -66,6 +67,7 @@ __all__ = [
     "FIRA_GAMMA",
     "FIRA_RESIDUALS",
     "PROJ_TYPES",
+    "RandomProjector",
     "RandomizedSVDProjector",
     "Projection",
     "Projector",
@@ -93,6 +95,8 @@ __all__ = [
     "nonfinite_flag",
     "project",
     "project_back",
+    "next_seed",
+    "random_matrices",
     "randomized_basis",
     "projector_names",
     "projector_state_dtypes",

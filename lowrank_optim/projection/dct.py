@@ -298,7 +298,7 @@ class DCTProjector(Projector):
         keys = [key for key, used in ((DCT_INDICES_LEFT, left), (DCT_INDICES_RIGHT, right)) if used is not None]
         return [ProjectorTensor(key, (rank,), torch.int64, "replicated") for key in keys]
 
-    def initial(self, spec: ProjectorTensor, device: torch.device) -> Tensor:
+    def initial(self, spec: ProjectorTensor, device: torch.device, ordinal: int | None = None) -> Tensor:
         # Placeholders until the first refresh (always at the first step) selects frequencies.
         return torch.arange(spec.shape[0], device=device)
 
@@ -326,7 +326,13 @@ class DCTProjector(Projector):
         return dct_topk(q @ x, rank, dim=1, fused=fused)
 
     def subspace(
-        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+        self,
+        stored: Sequence[Tensor],
+        side: Side,
+        shape: tuple[int, int],
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Subspace:
         left = stored[0] if side in (Side.LEFT, Side.FULL) else None
         right = stored[-1] if side in (Side.RIGHT, Side.FULL) else None

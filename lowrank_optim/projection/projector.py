@@ -86,6 +86,11 @@ class Projector:
     name: ClassVar[str] = ""
     #: Whether :meth:`refresh` reads the projector it replaces (a warm start).
     uses_previous: ClassVar[bool] = False
+    #: Whether its bases are orthonormal (``P Pᵀ = I``): ``moment_policy="rotate"`` and Fira need it.
+    orthonormal: ClassVar[bool] = True
+    #: Whether its state holds integers beyond fp32's exact range (seeds), which a layout whose loader
+    #: casts nested state to fp32 (DeepSpeed ZeRO's flat partitions) cannot restore.
+    large_integers: ClassVar[bool] = False
     #: State keys whose dtype is fixed whatever the parameter's (kept through ``load_state_dict``).
     fixed_dtypes: ClassVar[dict[str, torch.dtype]] = {}
 
@@ -93,9 +98,10 @@ class Projector:
         """The tensors kept for an ``m x n`` matrix at (effective) ``rank`` on ``side``: left first."""
         raise NotImplementedError
 
-    def initial(self, spec: ProjectorTensor, device: torch.device) -> Tensor | None:
+    def initial(self, spec: ProjectorTensor, device: torch.device, ordinal: int | None = None) -> Tensor | None:
         """The value a tensor holds before the first refresh (which is always the first step), or
-        ``None`` for zeros made by the layout (``Layout.new_state``)."""
+        ``None`` for zeros made by the layout (``Layout.new_state``). ``ordinal``: the matrix's 1-based
+        position among the optimizer's parameters where the optimizer knows it (seeds), else ``None``."""
         return None
 
     def refresh(
@@ -108,9 +114,16 @@ class Projector:
         raise NotImplementedError
 
     def subspace(
-        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+        self,
+        stored: Sequence[Tensor],
+        side: Side,
+        shape: tuple[int, int],
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Subspace:
-        """The subspace the stored tensors (this process's pieces) span, with bases in ``dtype``; a basis
+        """The subspace the stored tensors (this process's pieces) span at (effective) ``rank``, with bases in
+        ``dtype``; a basis
         kept sharded comes back as the same piece (the layout's exchange gathers what a block needs)."""
         raise NotImplementedError
 

@@ -112,7 +112,13 @@ class SVDProjector(Projector):
         return [basis for basis in (left, right) if basis is not None]
 
     def subspace(
-        self, stored: Sequence[Tensor], side: Side, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+        self,
+        stored: Sequence[Tensor],
+        side: Side,
+        shape: tuple[int, int],
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Subspace:
         return basis_subspace(stored, side)
 

@@ -125,6 +125,7 @@ OPTIMIZERS = {
     "fira_rotate": functools.partial(FiraAdamW, moment_policy="rotate"),
     "rsvd": functools.partial(GaLoreAdamW, projector="rsvd"),
     "fira_rsvd": functools.partial(FiraAdamW, projector="rsvd"),
+    "random": functools.partial(GaLoreAdamW, projector="random"),
 }
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 

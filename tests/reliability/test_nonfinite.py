@@ -18,7 +18,7 @@ import torch
 from host_reads import recorded_host_reads
 from torch import nn
 
-from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW
 from lowrank_optim.ops import kernel_load_error, kernels_available
 from lowrank_optim.ops.adam import _adam_default
 from lowrank_optim.ops.fira import _fira_default
@@ -38,6 +38,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "rsvd": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, projector="rsvd", **kw),
     "galore_rotate": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, moment_policy="rotate", **kw),
     "dct_rotate": lambda groups, **kw: DCTAdamW(groups, lr=0.01, scoring="matmul", moment_policy="rotate", **kw),
+    "random": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, projector="random", **kw),
+    "apollo": lambda groups, **kw: APOLLOAdamW(groups, lr=0.01, weight_decay=0.1, **kw),
+    "apollo_mini": lambda groups, **kw: APOLLOAdamW(groups, lr=0.01, scale_type="tensor", scale=128.0, **kw),
 }
 
 
@@ -152,7 +155,7 @@ def test_bad_gradient_at_a_refresh_keeps_everything_and_retries_the_refresh(
     weight.grad, bias.grad = _grads((12, 8), 4)
     optimizer.step()
     assert int(optimizer.state[weight]["step"]) == 4
-    projector = [k for k in before[0] if k.startswith(("basis", "dct"))]
+    projector = [k for k in before[0] if k.startswith(("basis", "dct", "projection"))]
     assert any(not torch.equal(before[0][k], optimizer.state[weight][k]) for k in projector), "no refresh happened"
 
 
