@@ -14,7 +14,8 @@ chain (:func:`next_seed`); the first refresh uses the initial seed, ``seed`` plu
 position among the optimizer's parameters where the optimizer knows it (apollo-torch's rule for
 ``seed=0``). Reading the seed is a host read, so each drawn matrix is cached with the seed tensor it came
 from (until that tensor changes): a step between refreshes never synchronizes. The cache holds the
-matrix, so the memory in use is that of a basis; what the seed saves is checkpoint size.
+matrix, so the memory in use is that of a basis; what the seed saves is checkpoint size. DeepSpeed ZeRO
+refuses this projector (:attr:`Projector.large_integers`): its loader casts nested state to fp32.
 """
 
 from __future__ import annotations
