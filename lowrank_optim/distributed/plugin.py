@@ -20,7 +20,7 @@ from torch import nn
 
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW
 from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number, matrix_shape
-from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names
+from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names, resolve_projector
 from .zero import bind
 
 __all__ = ["SECTION", "LowRankSection", "initialize", "optimizer_factory", "param_groups_for", "read_config"]
@@ -118,8 +118,10 @@ class LowRankSection:
         if not isinstance(self.correct_bias, bool):
             raise _invalid("correct_bias", self.correct_bias, "true or false")
         _check_choice("proj_type", self.proj_type, PROJ_TYPES)
-        if self.projector is not None and self.projector not in projector_names():
-            raise _invalid("projector", self.projector, f"null (the optimizer's default) or one of {', '.join(projector_names())}")
+        # The projectors ZeRO runs (not those whose state its loader cannot restore, see FragmentLayout).
+        names = [name for name in projector_names() if not resolve_projector(name).large_integers]
+        if self.projector is not None and self.projector not in names:
+            raise _invalid("projector", self.projector, f"null (the optimizer's default) or one of {', '.join(names)}")
         _check_choice("moment_policy", self.moment_policy, MOMENT_POLICIES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("residual", self.residual, FIRA_RESIDUALS)
