@@ -28,7 +28,7 @@ from torch import Tensor
 from ..projection import FIRA_GAMMA, Projector, SVDProjector, resolve_projector
 from ..state_keys import UPDATE_NORM
 from ._validation import check_finite_number, check_limiter_gamma, normalize_scalars
-from .galore import ApolloTerm, GaLoreAdamW, _Batch, galore_adamw, group_projector
+from .galore import ApolloTerm, GaLoreAdamW, _Batch, group_projector
 from .layout import DenseLayout
 
 __all__ = ["APOLLO_SCALE_TYPES", "APOLLOAdamW"]
@@ -157,40 +157,16 @@ class APOLLOAdamW(GaLoreAdamW):
         if "rank" in group:
             state[UPDATE_NORM] = torch.zeros((), dtype=torch.float32, device=param.device)
 
-    def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
-        beta1, beta2 = group["betas"]
-        galore_adamw(
-            batch.params,
-            batch.grads,
-            batch.exp_avgs,
-            batch.exp_avg_sqs,
-            batch.steps,
-            batch.projections,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            correct_bias=group["correct_bias"],
-            update_proj_gap=group["update_proj_gap"],
-            scale=1.0,  # nothing is back-projected
-            moment_policy=group["moment_policy"],
-            nonfinite=group["nonfinite"],
-            foreach=group["foreach"],
-            fused=group["fused"],
-            on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
-            skip_counts=batch.skip_counts,
-            found_inf=found_inf,
-            apollo=ApolloTerm(
-                [state.get(UPDATE_NORM) for state in batch.states],
-                channel=group["scale_type"] == "channel",
-                multiplier=math.sqrt(group["scale"]),
-                multiplier_first=group["scale_front"],
-                limit=not group["disable_nl"],
-                gamma=group["gamma"],
-            ),
-            exchange=self.layout.exchange(group, batch.sources),
+    def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
+        apollo = ApolloTerm(
+            [state.get(UPDATE_NORM) for state in batch.states],
+            channel=group["scale_type"] == "channel",
+            multiplier=math.sqrt(group["scale"]),
+            multiplier_first=group["scale_front"],
+            limit=not group["disable_nl"],
+            gamma=group["gamma"],
         )
+        return {"scale": 1.0, "apollo": apollo}  # nothing is back-projected
 
 
 _WHOLE_TENSORS_ONLY = (

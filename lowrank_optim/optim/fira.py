@@ -133,35 +133,15 @@ class FiraAdamW(GaLoreAdamW):
         if "rank" in group:
             state[RESIDUAL_NORM] = torch.zeros((), dtype=torch.float32, device=param.device)
 
-    def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
-        beta1, beta2 = group["betas"]
-        fira_adamw(
-            batch.params,
-            batch.grads,
-            batch.exp_avgs,
-            batch.exp_avg_sqs,
-            batch.steps,
-            batch.projections,
-            [state.get(RESIDUAL_NORM) for state in batch.states],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            correct_bias=group["correct_bias"],
-            update_proj_gap=group["update_proj_gap"],
-            alpha=group["alpha"],
-            residual=group["residual"],
-            gamma=group["gamma"],
-            moment_policy=group["moment_policy"],
-            nonfinite=group["nonfinite"],
-            foreach=group["foreach"],
-            fused=group["fused"],
-            on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
-            skip_counts=batch.skip_counts,
-            found_inf=found_inf,
-            exchange=self.layout.exchange(group, batch.sources),
-        )
+    def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
+        residual_norms = [state.get(RESIDUAL_NORM) for state in batch.states]
+        return {"scale": group["alpha"], "fira": _fira_term(residual_norms, group["alpha"], group["residual"], group["gamma"])}
+
+
+def _fira_term(residual_norms: list[Tensor | None], alpha: float, residual: str, gamma: float) -> FiraTerm:
+    """The step's Fira term for ``alpha`` and the ``residual`` form (:func:`fira_coefficients`)."""
+    subtract, residual_scale = fira_coefficients(alpha, residual)
+    return FiraTerm(residual_norms, subtract, residual_scale, gamma)
 
 
 def fira_adamw(
@@ -199,7 +179,6 @@ def fira_adamw(
     norm. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts``, ``found_inf`` and ``exchange`` as in
     :func:`~lowrank_optim.optim.galore_adamw`.
     """
-    subtract, residual_scale = fira_coefficients(alpha, residual)
     galore_adamw(
         params,
         grads,
@@ -223,5 +202,5 @@ def fira_adamw(
         skip_counts=skip_counts,
         found_inf=found_inf,
         exchange=exchange,
-        fira=FiraTerm(residual_norms, subtract, residual_scale, gamma),
+        fira=_fira_term(residual_norms, alpha, residual, gamma),
     )

@@ -523,7 +523,6 @@ class GaLoreAdamW(Optimizer):
             weight_decay=group["weight_decay"],
             correct_bias=group["correct_bias"],
             update_proj_gap=group["update_proj_gap"],
-            scale=group["scale"],
             moment_policy=group["moment_policy"],
             nonfinite=group["nonfinite"],
             foreach=group["foreach"],
@@ -532,7 +531,13 @@ class GaLoreAdamW(Optimizer):
             skip_counts=batch.skip_counts,
             found_inf=found_inf,
             exchange=self.layout.exchange(group, batch.sources),
+            **self._update_terms(group, batch),
         )
+
+    def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
+        """What this optimizer's update adds to the shared step (GaLore: the back-projection's ``scale``;
+        Fira: its residual term; APOLLO: its scaled gradient)."""
+        return {"scale": group["scale"]}
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
