@@ -880,7 +880,7 @@ def _refresh_due(
     for chunk in [due] if exchange.batched else [[index] for index in due]:
         wholes, finite = exchange.refresh_gradients(chunk, [grads[index] for index in chunk])
         specs = {index: _projector_specs(projections[index], exchange.shape(index, grads[index])) for index in chunk}
-        # The first refresh replaces placeholders: nothing to warm-start from or rotate.
+        # The first refresh replaces placeholders: nothing to rotate (a seed chain still reads its start).
         rotate = {index: rotates(moment_policy, steps[index]) for index in chunk}
         wanted = [i for i in chunk if rotate[i] or projections[i].projector.uses_previous]
         previous = dict.fromkeys(chunk)
