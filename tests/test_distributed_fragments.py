@@ -337,3 +337,11 @@ def test_a_projector_whose_seeds_zero_checkpoints_cannot_restore_is_refused() ->
     """ZeRO's loader casts nested state to the fp32 partition's dtype: a 63-bit seed would not survive."""
     with pytest.raises(ValueError, match=re.escape("the 'random' projector keeps integers beyond fp32's exact range")):
         _run_case(lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="random"), [(9, 7), (7, 9)], 2, zero3=False)
+
+
+def test_apollo_is_refused_under_zero() -> None:
+    """Its matrix-wise norms would count a cut matrix's replicated R once per holder."""
+    from lowrank_optim import APOLLOAdamW
+
+    with pytest.raises(RuntimeError, match=re.escape("APOLLOAdamW does not run under DeepSpeed ZeRO yet")):
+        _run_case(lambda groups: APOLLOAdamW(groups, lr=1e-2, projector="svd"), [(9, 7), (7, 9)], 2, zero3=False)

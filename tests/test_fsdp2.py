@@ -233,7 +233,7 @@ def test_matches_single_process_fp32(fsdp2: Launches, world: int, case: str) -> 
 
 
 #: Projectors and moment policies beyond each optimizer's defaults, as plain cases.
-VARIANTS = ("galore_rotate", "dct_rotate", "fira_rotate", "rsvd", "fira_rsvd", "random")
+VARIANTS = ("galore_rotate", "dct_rotate", "fira_rotate", "rsvd", "fira_rsvd", "random", "apollo", "apollo_mini")
 
 
 @pytest.mark.parametrize(

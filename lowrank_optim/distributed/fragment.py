@@ -110,6 +110,11 @@ class FragmentLayout:
     holding a tensor this layout was not bound to raises.
     """
 
+    #: The projected gradient ``R`` of a matrix cut between ranks (not sharded) is kept whole on each of
+    #: its holders, so a sum over the blocks' ``R`` counts it once per holder (APOLLO's matrix-wise norms
+    #: need pieces that partition it; APOLLOAdamW refuses this layout).
+    replicates_lowranks = True
+
     def __init__(self) -> None:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
         self._full_rank: dict[int, tuple[Tensor, _Partition]] = {}

@@ -29,7 +29,6 @@ from ..projection import FIRA_GAMMA, Projector, SVDProjector, resolve_projector
 from ..state_keys import UPDATE_NORM
 from ._validation import check_finite_number, check_limiter_gamma, normalize_scalars
 from .galore import ApolloTerm, GaLoreAdamW, _Batch, group_projector
-from .layout import DenseLayout
 
 __all__ = ["APOLLO_SCALE_TYPES", "APOLLOAdamW"]
 
@@ -62,8 +61,7 @@ class APOLLOAdamW(GaLoreAdamW):
     ``proj_type="full"`` is refused (no unprojected channel; apollo-torch raises too). Where apollo-torch's
     channel factor follows the weight's shape rather than the projected side (``reverse_std``, ``left`` on
     tall or ``right`` on wide matrices), it crashes unless ``rank`` is 1; here the factor follows the
-    unprojected dimension. For now the optimizer steps whole tensors only (FSDP2 and DeepSpeed ZeRO are
-    refused); the random projector runs under FSDP2 with GaLoreAdamW.
+    unprojected dimension. Runs on whole tensors and under FSDP2; DeepSpeed ZeRO is refused for now.
     """
 
     def __init__(
@@ -115,8 +113,6 @@ class APOLLOAdamW(GaLoreAdamW):
         normalize_scalars(defaults)
         _check_apollo_options(defaults, "")
         self._setup(params, defaults)
-        if not isinstance(self.layout, DenseLayout):
-            raise ValueError(_WHOLE_TENSORS_ONLY)
 
     def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
         """apollo-torch names the projector ``proj``."""
@@ -141,8 +137,8 @@ class APOLLOAdamW(GaLoreAdamW):
             )
 
     def _check_step(self, group: dict[str, Any], index: int) -> None:
-        if not isinstance(self.layout, DenseLayout):
-            raise RuntimeError(_WHOLE_TENSORS_ONLY)
+        if getattr(self.layout, "replicates_lowranks", False):
+            raise RuntimeError(_NOT_UNDER_ZERO)
         super()._check_step(group, index)
 
     @staticmethod
@@ -169,9 +165,9 @@ class APOLLOAdamW(GaLoreAdamW):
         return {"scale": 1.0, "apollo": apollo}  # nothing is back-projected
 
 
-_WHOLE_TENSORS_ONLY = (
-    "APOLLOAdamW steps whole tensors only for now: FSDP2 (DTensor) parameters and DeepSpeed ZeRO partitions are "
-    "not supported yet. GaLoreAdamW(projector='random') runs under FSDP2."
+_NOT_UNDER_ZERO = (
+    "APOLLOAdamW does not run under DeepSpeed ZeRO yet (its matrix-wise norms need the pieces of each matrix's "
+    "projected gradient to partition it, which ZeRO's flat partitions do not); whole tensors and FSDP2 are supported."
 )
 
 

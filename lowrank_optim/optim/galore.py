@@ -590,34 +590,52 @@ class ApolloTerm(NamedTuple):
     gamma: float
 
 
-def _apollo_update_(
-    param: Tensor,
-    grad: Tensor,
-    lowrank: Tensor,
-    normalized: Tensor,
-    side: Side,
+def _apollo_updates_(
+    indices: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    block_terms: tuple[dict[int, Tensor], dict[int, Tensor]],
+    moment_terms: tuple[dict[int, Tensor], dict[int, Tensor]],
+    sides: dict[int, Side],
     apollo: ApolloTerm,
-    update_norm: Tensor,
     *,
-    first: bool,
-    step_size: float,
-    skip: Tensor | None,
+    steps: list[int],
+    step_sizes: dict[int, float],
+    skips: dict[int, Tensor | None],
+    exchange: Exchange,
 ) -> None:
-    """``W -= step_size · limited(G ∘ s) · multiplier`` for a whole matrix (:class:`ApolloTerm`)."""
-    if apollo.channel:
-        factor = fira_scaling(normalized, lowrank, side)  # the unprojected dimension's channels
-    else:
-        factor = torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(lowrank) + 1e-8)
-    update = grad * factor
-    if apollo.multiplier_first and apollo.multiplier != 1.0:
-        update.mul_(apollo.multiplier)
+    """``W -= step_size · limited(G ∘ s) · multiplier`` for the projected blocks ``indices`` (:class:`ApolloTerm`).
+
+    The channel factor of a block comes from ``N`` and ``R`` as its back-projection would read them
+    (``block_terms``: its rows' on the right, all of them on the left); the matrix-wise factor and the
+    limiter's norm from sums of squares over the pieces that partition the matrix (``moment_terms``: the
+    moments' pieces; the blocks' updates), combined by :meth:`Exchange.residual_norms`, which every
+    process calls alike."""
+    block_n, block_r = block_terms
+    moment_n, moment_r = moment_terms
+    if not apollo.channel:
+        n_norms = exchange.residual_norms(indices, [moment_n[i] for i in indices])
+        r_norms = exchange.residual_norms(indices, [moment_r[i] for i in indices])
+    updates = {}
+    for k, i in enumerate(indices):
+        if apollo.channel:
+            factor = fira_scaling(block_n[i], block_r[i], sides[i])  # the unprojected dimension's channels
+        else:
+            factor = n_norms[k] / (r_norms[k] + 1e-8)
+        updates[i] = grads[i] * factor
+        if apollo.multiplier_first and apollo.multiplier != 1.0:
+            updates[i].mul_(apollo.multiplier)
     if apollo.limit:
-        limit_norm_growth_(update, update_norm, gamma=apollo.gamma, first=first, skip=skip)
-    if not apollo.multiplier_first and apollo.multiplier != 1.0:
-        update.mul_(apollo.multiplier)
-    if skip is not None:
-        update.masked_fill_(skip, 0.0)
-    param.add_(update, alpha=-step_size)
+        norms = exchange.residual_norms(indices, [updates[i] for i in indices])
+        for i, norm in zip(indices, norms):
+            limit_norm_growth_(updates[i], apollo.update_norms[i], gamma=apollo.gamma, first=steps[i] == 0, norm=norm, skip=skips[i])
+    for i in indices:
+        update = updates.pop(i)
+        if not apollo.multiplier_first and apollo.multiplier != 1.0:
+            update.mul_(apollo.multiplier)
+        if skips[i] is not None:
+            update.masked_fill_(skips[i], 0.0)
+        params[i].add_(update, alpha=-step_sizes[i])
 
 
 def galore_adamw(
@@ -1073,11 +1091,8 @@ def _galore_adamw_impl(
         param, subspace = params[i], subspaces.get(i)
         if subspace is None:
             param.add_(normalized[i], alpha=-step_sizes[i])
-        elif apollo is not None:  # whole matrices only (APOLLOAdamW refuses other layouts)
-            _apollo_update_(
-                param, grads[i], block_r[i], block_n[i], subspace.side, apollo, apollo.update_norms[i],
-                first=steps[i] == 0, step_size=step_sizes[i], skip=skips[i],
-            )
+        elif apollo is not None:
+            continue  # below, with the collectives its norms need
         elif fira is None:
             add_project_back_(param, block_n[i], subspace, alpha=-step_sizes[i] * scale)
         elif exchange.whole(i):
@@ -1088,6 +1103,11 @@ def _galore_adamw_impl(
             param.add_(add_project_back_(residual, block_n[i], subspace, alpha=scale), alpha=-step_sizes[i])
         else:
             split_residuals[i] = fira_residual(grads[i], block_r[i], block_n[i], subspace, subtract=fira.subtract)
+    if apollo is not None:  # every process calls it, whether or not it holds a split matrix
+        _apollo_updates_(
+            projected, params, grads, (block_n, block_r), (normalized, lowranks), dict(zip(projected, sides)), apollo,
+            steps=steps, step_sizes=step_sizes, skips=skips, exchange=exchange,
+        )
     if fira is not None:  # every process calls it, whether or not it holds a split matrix
         # A matrix split over processes: ||S||_F from every piece's sum of squares, then the same limiter.
         indices = list(split_residuals)

@@ -90,7 +90,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW, optimizer_state_bytes, param_groups
+from lowrank_optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, optimizer_state_bytes, param_groups
 from lowrank_optim.optim import galore as galore_module
 
 #: The exchanges the one per-matrix step (``galore._galore_adamw_impl``) was called with during a case:
@@ -126,6 +126,8 @@ OPTIMIZERS = {
     "rsvd": functools.partial(GaLoreAdamW, projector="rsvd"),
     "fira_rsvd": functools.partial(FiraAdamW, projector="rsvd"),
     "random": functools.partial(GaLoreAdamW, projector="random"),
+    "apollo": APOLLOAdamW,
+    "apollo_mini": functools.partial(APOLLOAdamW, scale_type="tensor"),
 }
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
