@@ -64,6 +64,8 @@ class APOLLOAdamW(GaLoreAdamW):
     unprojected dimension. Runs on whole tensors and under FSDP2; DeepSpeed ZeRO is refused for now.
     """
 
+    _limiter_key = UPDATE_NORM
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -140,18 +142,6 @@ class APOLLOAdamW(GaLoreAdamW):
         if getattr(self.layout, "replicates_lowranks", False):
             raise RuntimeError(_NOT_UNDER_ZERO)
         super()._check_step(group, index)
-
-    @staticmethod
-    def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
-        """The limiter's norm stays fp32; the rest as GaLore."""
-        if key == UPDATE_NORM:
-            return torch.float32
-        return GaLoreAdamW._intended_state_dtype(group, param, key)
-
-    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        super()._init_state(group, param, state)
-        if "rank" in group:
-            state[UPDATE_NORM] = torch.zeros((), dtype=torch.float32, device=param.device)
 
     def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
         apollo = ApolloTerm(

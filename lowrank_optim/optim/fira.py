@@ -46,6 +46,8 @@ class FiraAdamW(GaLoreAdamW):
     two-sided projection has none.
     """
 
+    _limiter_key = RESIDUAL_NORM
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -120,18 +122,6 @@ class FiraAdamW(GaLoreAdamW):
                     f"{', '.join(map(str, FIRA_RESIDUAL_DTYPES))} weights with moments of their dtype or "
                     "torch.float32). Use fused=None (kernels where they apply) or fused=False."
                 )
-
-    @staticmethod
-    def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
-        """The limiter's norm stays fp32 (a bf16 copy would change the limit); the rest as GaLore."""
-        if key == RESIDUAL_NORM:
-            return torch.float32
-        return GaLoreAdamW._intended_state_dtype(group, param, key)
-
-    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        super()._init_state(group, param, state)
-        if "rank" in group:
-            state[RESIDUAL_NORM] = torch.zeros((), dtype=torch.float32, device=param.device)
 
     def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
         residual_norms = [state.get(RESIDUAL_NORM) for state in batch.states]

@@ -393,12 +393,18 @@ class GaLoreAdamW(Optimizer):
             self._expected_states[cache_key] = expected
         return expected
 
-    @staticmethod
-    def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
-        """Moments are kept in ``moment_dtype`` and a projector's fixed-dtype tensors (DCT indices: int64) in
-        their dtype; everything else follows the parameter."""
+    #: The state key of this optimizer's norm-growth limiter (Fira's residual norm, APOLLO's update norm):
+    #: a 0-dim fp32 tensor per projected matrix (a bf16 copy would change the limit), or ``None``.
+    _limiter_key: str | None = None
+
+    @classmethod
+    def _intended_state_dtype(cls, group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
+        """Moments are kept in ``moment_dtype``, a projector's fixed-dtype tensors (DCT indices: int64) in
+        their dtype and the limiter's norm in fp32; everything else follows the parameter."""
         if key in (EXP_AVG, EXP_AVG_SQ):
             return group["moment_dtype"] or param.dtype
+        if key == cls._limiter_key:
+            return torch.float32
         return projector_state_dtypes().get(key)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
@@ -424,6 +430,8 @@ class GaLoreAdamW(Optimizer):
             moment_shape, moments = param.shape, "rows"
         state[EXP_AVG] = new(param, moment_shape, moment_dtype, moments)
         state[EXP_AVG_SQ] = new(param, moment_shape, moment_dtype, moments)
+        if "rank" in group and self._limiter_key is not None:
+            state[self._limiter_key] = torch.zeros((), dtype=torch.float32, device=param.device)
 
     @staticmethod
     def _projection(group: dict[str, Any], shape: tuple[int, ...], state: dict[str, Any]) -> Projection | None:
