@@ -905,9 +905,17 @@ def _refresh_due(
     # One matrix at a time where nothing is bucketed: one new projector alive at a time.
     for chunk in [due] if exchange.batched else [[index] for index in due]:
         wholes, finite = exchange.refresh_gradients(chunk, [grads[index] for index in chunk])
-        specs = {index: _projector_specs(projections[index], exchange.shape(index, grads[index])) for index in chunk}
         # The first refresh replaces placeholders: nothing to rotate (a seed chain still reads its start).
         rotate = {index: rotates(moment_policy, steps[index]) for index in chunk}
+        # What each refresh shares: the projector's tensors, then the rotations (refresh_specs).
+        shared_specs = {
+            index: refresh_specs(
+                projections[index].projector, exchange.shape(index, grads[index]), projections[index].rank,
+                projections[index].side, rotate[index],
+            )
+            for index in chunk
+        }
+        specs = {index: shared_specs[index][: len(projections[index].tensors)] for index in chunk}
         wanted = [i for i in chunk if rotate[i] or projections[i].projector.uses_previous]
         previous = dict.fromkeys(chunk)
         if wanted:
@@ -931,14 +939,7 @@ def _refresh_due(
                     subspace(tensors, projection.side, shape, projection.rank, torch.float32, whole.device),
                 )
             new.append(tensors)
-        shared_specs = [
-            refresh_specs(
-                projections[index].projector, exchange.shape(index, grads[index]), projections[index].rank,
-                projections[index].side, rotate[index],
-            )
-            for index in chunk
-        ]
-        local = exchange.share_projectors(chunk, shared_specs, new, finite)
+        local = exchange.share_projectors(chunk, [shared_specs[index] for index in chunk], new, finite)
         for index, ok, pieces in zip(chunk, finite, local):
             step = steps[index]
             if not ok:
