@@ -125,7 +125,9 @@ def _flatten12(tensors: list[Tensor], order, offsets, total) -> Tensor:
     return flat
 
 
-def _run_case(make, shapes, world_size: int, *, zero3: bool, round_robin: bool = False, alignment: int = 4, shard=False):
+def _run_case(
+    make, shapes, world_size: int, *, zero3: bool, round_robin: bool = False, alignment: int = 4, shard=False, tolerance=1e-6
+):
     torch.manual_seed(1234)
     weights = [torch.randn(shape) for shape in shapes]
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
@@ -189,7 +191,7 @@ def _run_case(make, shapes, world_size: int, *, zero3: bool, round_robin: bool =
                 ]
         assert not rebuilt.isnan().any(), f"w{index} {shape}: some elements are held by no rank"
         difference = (rebuilt.view(shape) - dense_params[index]).abs().max().item()
-        assert difference <= 1e-6, f"w{index} {shape}: max |fragment - dense| = {difference}"
+        assert difference <= tolerance, f"w{index} {shape}: max |fragment - dense| = {difference}"
         assert (rebuilt.view(shape) - weights[index]).abs().max() > 1e-3, "the parameters did not move"
     return plans, optimizers
 
@@ -203,8 +205,11 @@ OPTIMIZERS = {
     "galore_reverse_reset": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="reverse_std", moment_policy="reset"),
     "dct": lambda groups: DCTAdamW(groups, lr=1e-2, weight_decay=0.1),
     "dct_full": lambda groups: DCTAdamW(groups, lr=1e-2, proj_type="full"),
-    "fira": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, weight_decay=0.1),
-    "fira_paper": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, residual="paper"),
+    # fold_residual=False: the explicit form, which the pieces of a split matrix always run, so the dense
+    # run does the same arithmetic; "fira_folded" (the default) below compares the two forms.
+    "fira": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, weight_decay=0.1, fold_residual=False),
+    "fira_paper": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, residual="paper", fold_residual=False),
+    "fira_folded": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, weight_decay=0.1),
     # Moments rotated into each new basis (gathered on the refresh owner, shared with every holder).
     "galore_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, moment_policy="rotate", weight_decay=0.1),
     "galore_full_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="full", eps=1e-2, moment_policy="rotate"),
@@ -219,6 +224,12 @@ WARM_STARTED = {
     "rsvd": lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="rsvd", weight_decay=0.1),
     "fira_rsvd_rotate": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, projector="rsvd", moment_policy="rotate"),
 }
+
+
+#: The dense run folds Fira's residual into the back-projection (fp32: whole matrices), the pieces of a
+#: split matrix form it explicitly: the two round differently, by a few ulps of |W| (up to ~4 here) over
+#: the run. Everything else does the dense run's arithmetic on each piece.
+TOLERANCES = {"fira_folded": 4e-6}
 
 
 def _shapes(seed: int) -> list[tuple[int, int]]:
@@ -239,7 +250,7 @@ def test_fragments_match_dense(name: str, world_size: int, zero3: bool) -> None:
     round_robin = seed % 2 == 0
     plans, _ = _run_case(
         OPTIMIZERS[name], shapes, world_size, zero3=zero3, round_robin=round_robin, alignment=4 if seed % 3 else 1,
-        shard=zero3,
+        shard=zero3, tolerance=TOLERANCES.get(name, 1e-6),
     )
     big = next(mp for mp in plans[0].matrices if mp.shape == (61, 47))
     assert len(big.holders) >= min(world_size, 3), "the large matrix should span at least three partitions"

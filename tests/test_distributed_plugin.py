@@ -76,6 +76,9 @@ def test_param_groups_and_factory() -> None:
     assert {id(p) for p in groups[0]["params"]} == {id(model.attn.bias), id(model.mlp.bias), id(model.norm.weight), id(model.norm.bias)}
     optimizer = optimizer_factory(section)(groups)
     assert isinstance(optimizer, FiraAdamW) and optimizer.defaults["alpha"] == 0.5
+    assert optimizer.defaults["fold_residual"] is True
+    explicit = LowRankSection.from_dict({"optimizer": "fira_adamw", "rank": 2, "fold_residual": False})
+    assert optimizer_factory(explicit)(param_groups_for(model, explicit)).defaults["fold_residual"] is False
     assert isinstance(optimizer_factory({"rank": 2})(param_groups_for(model, {"rank": 2})), GaLoreAdamW)
 
 

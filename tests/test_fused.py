@@ -27,8 +27,13 @@ from lowrank_optim.ops import _extension, _library, kernel_load_error, kernels_a
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, weight_decay=0.1, **kw),
-    "fira": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, weight_decay=0.1, **kw),
-    "fira_paper": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, residual="paper", **kw),
+    # fold_residual=False: the explicit residual is what the compiled fira_residual_ kernel computes (the
+    # folded update of fp32 weights is addmm/addcmul, no kernel of ours; tests/test_fira_fold.py).
+    "fira": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, weight_decay=0.1, fold_residual=False, **kw),
+    "fira_paper": lambda groups, **kw: FiraAdamW(
+        groups, lr=0.01, alpha=0.5, residual="paper", fold_residual=False, **kw
+    ),
+    "fira_folded": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, weight_decay=0.1, **kw),
     "dct": lambda groups, **kw: DCTAdamW(groups, lr=0.01, scoring="matmul", **kw),
 }
 
@@ -104,14 +109,16 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
 
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "missing"])
-@pytest.mark.parametrize("name", ["galore", "fira", "dct"])
+@pytest.mark.parametrize("name", ["galore", "fira", "fira_folded", "dct"])
 def test_fused_none_picks_by_what_loaded(monkeypatch: pytest.MonkeyPatch, loaded: bool, name: str) -> None:
     """Independent of this build: the loader's state decides whether the step goes through the dispatcher
     (which picks the compiled kernel) or runs the ops' default kernels; the step calls the same ops."""
     monkeypatch.setattr(_extension, "_loaded", {"cpu"} if loaded else set())
     calls = _recording(monkeypatch)
     _trajectory(name, (24, 40), torch.float32, steps=2)
-    expected = {"lowrank_adam_"} | {"fira": {"fira_residual_"}, "dct": {"dct_topk"}}.get(name, set())
+    expected = {"lowrank_adam_"} | {"fira": {"fira_residual_"}, "fira_folded": {"fira_folded_"}, "dct": {"dct_topk"}}.get(
+        name, set()
+    )
     assert {op for op, _ in calls} == expected
     assert {fused for _, fused in calls} == {loaded}
 
@@ -125,7 +132,7 @@ def test_fused_false_and_foreach_use_the_default_kernels(monkeypatch: pytest.Mon
     assert calls and not any(fused for _, fused in calls)
 
 
-@pytest.mark.parametrize("name", ["galore", "fira", "dct"])
+@pytest.mark.parametrize("name", ["galore", "fira", "fira_folded", "dct"])
 def test_fused_false_runs_the_registered_default_kernels(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """``fused=False`` means the ops' registered default kernels (the ones the dispatcher falls back to),
     not a second copy of their arithmetic elsewhere: counting calls into them counts every op call."""
@@ -143,7 +150,9 @@ def test_fused_false_runs_the_registered_default_kernels(monkeypatch: pytest.Mon
     # 2 steps x (1 projected + 1 full-rank tensor) moment updates; Fira's residual each step; DCT's
     # matmul scoring at the refresh (step 1: the gap is 3).
     assert counts.pop("lowrank_adam_") == 4
-    assert counts == {"fira": {"fira_residual_": 2}, "dct": {"dct_topk": 1}}.get(name, {})
+    assert counts == {"fira": {"fira_residual_": 2}, "fira_folded": {"fira_folded_": 2}, "dct": {"dct_topk": 1}}.get(
+        name, {}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -12,6 +12,10 @@ reference function the op registers as its default. Tolerances:
   relative (CPU) over two steps. phi and ``||S||_F`` are reductions: ATen sums in a different order (and, for
   bf16 input, in fp32) than the kernels (in double), which moves phi by an ulp and the norm by a few, and
   the residual inherits that through phi and the limiter. CUDA: within 32 ulp (bf16: two ulp).
+- fira_folded_: the weight within 8 ulp of its magnitude (plus 8 ulp of the moments' dtype of how far it moved:
+  the reference rounds the norms of fp32 moments to fp32, the kernel keeps them in double), the limiter state within 1e-5 relative over four
+  steps (the kernel sums the channel norms in double, the reference in the weights' dtype); a skip leaves both
+  bit-for-bit, NaN gradient included.
 - dct_topk: the kernel's selection is a valid top-``rank`` of the exactly (fp64) computed scores up to
   the scores' rounding: no unselected score exceeds a selected one by more than 1e-5 relative (ties
   between nearly equal scores may resolve either way); in fp64 it equals the reference's.
@@ -35,7 +39,7 @@ from devices import DEVICES
 from lowrank_optim.ops import kernel_load_error, kernels_available
 from lowrank_optim.ops.adam import _adam_default
 from lowrank_optim.ops.dct import _dct_topk_default
-from lowrank_optim.ops.fira import _fira_default
+from lowrank_optim.ops.fira import _fira_default, _folded_default
 from lowrank_optim.ops.sparse import _gather_default, _scatter_add_default
 
 OPS = torch.ops.lowrank_optim
@@ -187,6 +191,65 @@ def test_fira_kernel_matches_reference(
         assert actual.stride() == back.stride()
 
 
+FOLDED_SHAPES = [(0, 7, 2), (1, 97, 1), (7, 1, 1), (33, 300, 8), (300, 64, 16)]
+FOLDED_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32)]
+
+
+def _folded_inputs(
+    shape: tuple[int, int, int], dim: int, dtype: torch.dtype, lowrank_dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, ...]:
+    """``(weight, grad, lowrank, normalized, basis)``: an orthonormal basis (the folded update's premise)
+    and ``R`` the gradient's projection onto it, as the step hands them over."""
+    m, n, r = shape
+    size = n if dim == 1 else m
+    r = min(r, size)
+    q = torch.linalg.qr(_randn(max(size, 1), max(r, 1), dtype=torch.float64, device="cpu", seed=20))[0][:size, :r]
+    basis = (q.T if dim == 1 else q).contiguous().to(dtype=dtype, device=device)
+    grad = _randn(m, n, dtype=dtype, device=device, seed=21)
+    lowrank = (grad @ basis.T if dim == 1 else basis.T @ grad).to(lowrank_dtype)
+    normalized = _randn(*lowrank.shape, dtype=lowrank_dtype, device=device, seed=22)
+    weight = _randn(m, n, dtype=dtype, device=device, seed=23)
+    return weight, grad, lowrank, normalized, basis
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", FOLDED_SHAPES)
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtypes", FOLDED_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_fira_folded_kernel_matches_reference(
+    device: str, shape: tuple[int, int, int], dim: int, dtypes: tuple[torch.dtype, torch.dtype], layout: str
+) -> None:
+    """Four steps (first, limited, free, free with another scale), then a skipped one with a NaN gradient:
+    W within 8 ulp of its magnitude, the limiter state within 1e-5 (the norms are summed in another order),
+    and a skip leaves both bit-for-bit."""
+    _require_kernels(device)
+    dtype, lowrank_dtype = dtypes
+    weight, grad, lowrank, normalized, basis = _folded_inputs(shape, dim, dtype, lowrank_dtype, device)
+    if layout == "transposed":  # non-contiguous inputs and in-place output
+        weight, grad = (t.t().contiguous().t() for t in (weight, grad))
+    expected, actual = weight.clone(), weight.clone()
+    state, expected_state = (torch.zeros((), device=device) for _ in range(2))
+    for step, (scale, grows) in enumerate([(0.25, 1.0), (0.25, 3.0), (0.25, 0.5), (1.0, 0.25)]):
+        options = (0.25, scale, 1.0, 1.01, step == 0, 0.01)
+        _folded_default(expected, grad * grows, lowrank * grows, normalized, basis, expected_state, dim, *options)
+        OPS.fira_folded_(actual, grad * grows, lowrank * grows, normalized, basis, state, dim, *options)
+        magnitude = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+        moved = (expected - weight).abs().max().item() if expected.numel() else 0.0
+        # fp32 moments of fp64 weights: the norms of R are fp32 data, rounded once more by the reference.
+        tolerance = 8 * torch.finfo(dtype).eps * magnitude + 8 * torch.finfo(lowrank_dtype).eps * moved
+        torch.testing.assert_close(actual, expected, rtol=0.0, atol=tolerance)
+        torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=0.0)
+    assert actual.stride() == weight.stride()
+    if grad.numel():
+        poisoned = grad.clone()
+        poisoned[0, 0] = float("nan")
+        before, before_state = actual.clone(), state.clone()
+        skip = torch.tensor(True, device=device)
+        OPS.fira_folded_(actual, poisoned, lowrank, normalized, basis, state, dim, 0.25, 0.25, 1.0, 1.01, False, 0.01, skip)
+        assert torch.equal(actual, before) and torch.equal(state, before_state)
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_reductions_do_not_depend_on_thread_count(dim: int, dtype: torch.dtype) -> None:
@@ -207,6 +270,12 @@ def test_cpu_reductions_do_not_depend_on_thread_count(dim: int, dtype: torch.dty
                 OPS.fira_residual_(grad * grows, out, normalized, lowrank, state, dim, 0.5, 1.01, first, 0.5)
                 outputs += [out, state.clone()]
             outputs.append(OPS.dct_topk(transformed, 100, dim))
+            weight, fgrad, flow, fnorm, fbasis = _folded_inputs((300, 777, 24), dim, torch.float32, torch.float32, "cpu")
+            folded_state = torch.ones(())
+            for first, grows in ((True, 1.0), (False, 4.0)):
+                OPS.fira_folded_(weight, fgrad * grows, flow * grows, fnorm, fbasis, folded_state, dim, 0.25, 0.25, 1.0,
+                                 1.01, first, 0.01)
+                outputs += [weight.clone(), folded_state.clone()]
             results.append(outputs)
     finally:
         torch.set_num_threads(threads)
@@ -261,6 +330,15 @@ def _op_samples(device: str) -> list[tuple[object, tuple]]:
                 (OPS.fira_residual_.default, (grad, back.clone(), normalized, lowrank, state, dim, 0.25, 1.01, first, 0.5))
             )
         samples.append((OPS.dct_topk.default, (grad, 3, dim)))
+    for dim in (0, 1):
+        for dtypes in FOLDED_DTYPES:
+            weight, grad, lowrank, normalized, basis = _folded_inputs((6, 7, 2), dim, *dtypes, device)
+            for first, skip in ((True, None), (False, None), (False, torch.tensor(False, device=device))):
+                state = torch.tensor(1.5, device=device)
+                samples.append(
+                    (OPS.fira_folded_.default,
+                     (weight.clone(), grad, lowrank, normalized, basis, state, dim, 0.25, 0.25, 1.0, 1.01, first, 0.01, skip))
+                )
     grad, back, normalized, lowrank = _fira_inputs((6, 7, 2), 1, torch.bfloat16, torch.float32, device)
     samples.append(
         (OPS.fira_residual_.default, (grad, back, normalized, lowrank, torch.tensor(1.0, device=device), 1, 0.5, 1.01,

@@ -25,6 +25,7 @@ cd "$scratch"
 import torch
 import lowrank_optim.ops as ops
 assert ops.kernels_available("cuda"), ops.kernel_load_error("cuda")
+# fira_folded_ has no CUDA kernel yet: on CUDA the dispatcher runs its pure-PyTorch default (csrc/README.md).
 names = ["sparse_scatter_add_", "sparse_gather", "lowrank_adam_", "fira_residual_", "dct_topk"]
 missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_optim::{n}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"

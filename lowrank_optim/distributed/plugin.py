@@ -85,6 +85,7 @@ class LowRankSection:
     nonfinite: str = "skip"
     residual: str = "code"
     gamma: float = 1.01
+    fold_residual: bool = True
     zero3_moments: str = "sharded"
 
     def __post_init__(self) -> None:
@@ -115,8 +116,9 @@ class LowRankSection:
                 modules,
                 "a non-empty list of non-empty strings (substrings of module names; '' would match every module)",
             )
-        if not isinstance(self.correct_bias, bool):
-            raise _invalid("correct_bias", self.correct_bias, "true or false")
+        for key in ("correct_bias", "fold_residual"):
+            if not isinstance(getattr(self, key), bool):
+                raise _invalid(key, getattr(self, key), "true or false")
         _check_choice("proj_type", self.proj_type, PROJ_TYPES)
         # The projectors ZeRO runs (not those whose state its loader cannot restore, see FragmentLayout).
         names = [name for name in projector_names() if not resolve_projector(name).large_integers]
@@ -271,7 +273,9 @@ def optimizer_factory(section: LowRankSection | Mapping[str, Any]) -> Callable[[
     if section.projector is not None:
         options["projector"] = section.projector
     if cls is FiraAdamW:
-        options.update(alpha=section.scale, residual=section.residual, gamma=section.gamma)
+        options.update(
+            alpha=section.scale, residual=section.residual, gamma=section.gamma, fold_residual=section.fold_residual
+        )
     else:
         options["scale"] = section.scale
 

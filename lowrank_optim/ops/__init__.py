@@ -7,11 +7,12 @@ Importing this package defines the ops; compiled extensions only add CPU/CUDA ke
 from ._extension import kernel_load_error, kernels_available
 from .adam import lowrank_adam_
 from .dct import dct_topk
-from .fira import fira_residual_
+from .fira import fira_folded_, fira_residual_
 from .sparse import sparse_gather, sparse_scatter_add_
 
 __all__ = [
     "dct_topk",
+    "fira_folded_",
     "fira_residual_",
     "kernel_load_error",
     "kernels_available",

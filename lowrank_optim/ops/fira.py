@@ -31,12 +31,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..projection.fira import scale_and_limit_residual_
+from ..projection.fira import fira_folded_update_, scale_and_limit_residual_
+from ..projection.subspace import Subspace
 from ..projection.subspace import Side
 from . import _library
 from ._library import check_skip, define_op
 
-__all__ = ["FIRA_RESIDUAL_DTYPES", "fira_residual_", "fira_residual_accepts"]
+__all__ = [
+    "FIRA_FOLDED_DTYPES",
+    "FIRA_RESIDUAL_DTYPES",
+    "fira_folded_",
+    "fira_folded_accepts",
+    "fira_residual_",
+    "fira_residual_accepts",
+]
 
 _SCHEMA = (
     "fira_residual_(Tensor grad, Tensor(a!) back, Tensor normalized, Tensor lowrank, Tensor(b!) residual_norm, "
@@ -176,3 +184,165 @@ def fira_residual_(
         skip,
     )
     return back
+
+
+
+# --- fira_folded_: Fira's whole update with the residual folded into the back-projection ----------------
+
+_FOLDED_SCHEMA = (
+    "fira_folded_(Tensor(a!) param, Tensor grad, Tensor lowrank, Tensor normalized, Tensor basis, "
+    "Tensor(b!) residual_norm, int dim, float subtract, float scale, float residual_scale, float gamma, "
+    "bool first, float step_size, Tensor? skip=None) -> ()"
+)
+
+#: The weight dtypes :func:`fira_folded_` takes (the folded update runs on fp32/fp64 weights only, see
+#: FiraAdamW's ``fold_residual``); ``lowrank``/``normalized`` have the weight's dtype or fp32.
+FIRA_FOLDED_DTYPES = (torch.float32, torch.float64)
+
+
+def fira_folded_accepts(param_dtype: torch.dtype, lowrank_dtype: torch.dtype, basis_dtype: torch.dtype) -> bool:
+    """Whether :func:`fira_folded_` takes weights of ``param_dtype`` with moments of ``lowrank_dtype`` and a
+    basis of ``basis_dtype`` (otherwise the step runs the same arithmetic as pure functions)."""
+    return param_dtype in FIRA_FOLDED_DTYPES and lowrank_dtype in (param_dtype, torch.float32) and basis_dtype == param_dtype
+
+
+def _check_folded_args(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    basis: Tensor,
+    residual_norm: Tensor,
+    dim: int,
+    skip: Tensor | None = None,
+) -> None:
+    op_name = "fira_folded_"
+    if param.dim() != 2:
+        raise ValueError(f"{op_name}: param.shape={tuple(param.shape)}; must be 2-D")
+    if param.dtype not in FIRA_FOLDED_DTYPES:
+        raise TypeError(f"{op_name}: param.dtype={param.dtype}; allowed: {', '.join(map(str, FIRA_FOLDED_DTYPES))}")
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        raise ValueError(
+            f"{op_name}: grad (shape {tuple(grad.shape)}, {grad.dtype}) must match param "
+            f"(shape {tuple(param.shape)}, {param.dtype})"
+        )
+    if dim not in (0, 1):
+        raise ValueError(f"{op_name}: dim={dim}; allowed: 0 (lowrank is r x n), 1 (lowrank is m x r)")
+    m, n = param.shape
+    if lowrank.dim() != 2 or lowrank.shape[1 - dim] != param.shape[1 - dim]:
+        raise ValueError(
+            f"{op_name}: lowrank.shape={tuple(lowrank.shape)} with dim={dim} must have size "
+            f"{param.shape[1 - dim]} (param.shape[{1 - dim}]) in dimension {1 - dim}"
+        )
+    if normalized.shape != lowrank.shape or normalized.dtype != lowrank.dtype:
+        raise ValueError(
+            f"{op_name}: normalized (shape {tuple(normalized.shape)}, {normalized.dtype}) must match lowrank "
+            f"(shape {tuple(lowrank.shape)}, {lowrank.dtype})"
+        )
+    rank = lowrank.shape[dim]
+    expected = (rank, n) if dim == 1 else (m, rank)
+    if tuple(basis.shape) != expected:
+        raise ValueError(
+            f"{op_name}: basis.shape={tuple(basis.shape)}; must be {expected} (the {'right' if dim == 1 else 'left'} "
+            f"basis of a {m} x {n} matrix at rank {rank})"
+        )
+    if not fira_folded_accepts(param.dtype, lowrank.dtype, basis.dtype):
+        raise TypeError(
+            f"{op_name}: lowrank.dtype={lowrank.dtype}, basis.dtype={basis.dtype}; allowed: lowrank in param.dtype "
+            f"({param.dtype}) or torch.float32, basis in param.dtype"
+        )
+    if residual_norm.dim() != 0 or residual_norm.dtype not in _NORM_DTYPES:
+        raise ValueError(
+            f"{op_name}: residual_norm (shape {tuple(residual_norm.shape)}, {residual_norm.dtype}) must be a "
+            "0-dim torch.float32 or torch.float64 tensor"
+        )
+    tensors = (("grad", grad), ("lowrank", lowrank), ("normalized", normalized), ("basis", basis), ("residual_norm", residual_norm))
+    for name, tensor in tensors:
+        if tensor.device != param.device:
+            raise ValueError(f"{op_name}: {name}.device={tensor.device} must equal param.device={param.device}")
+    check_skip(op_name, skip, param.device)
+
+
+def _folded_default(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    basis: Tensor,
+    residual_norm: Tensor,
+    dim: int,
+    subtract: float,
+    scale: float,
+    residual_scale: float,
+    gamma: float,
+    first: bool,
+    step_size: float,
+    skip: Tensor | None = None,
+) -> None:
+    _check_folded_args(param, grad, lowrank, normalized, basis, residual_norm, dim, skip)
+    subspace = Subspace(Side.RIGHT, None, basis) if dim == 1 else Subspace(Side.LEFT, basis, None)
+    fira_folded_update_(
+        param, grad, lowrank, normalized, subspace, residual_norm, subtract=subtract, scale=scale,
+        residual_scale=residual_scale, gamma=gamma, first=first, step_size=step_size, skip=skip,
+    )
+
+
+def _folded_fake(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    basis: Tensor,
+    residual_norm: Tensor,
+    dim: int,
+    subtract: float,
+    scale: float,
+    residual_scale: float,
+    gamma: float,
+    first: bool,
+    step_size: float,
+    skip: Tensor | None = None,
+) -> None:
+    _check_folded_args(param, grad, lowrank, normalized, basis, residual_norm, dim, skip)
+
+
+define_op(_FOLDED_SCHEMA, _folded_default, _folded_fake)
+
+
+def fira_folded_(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    basis: Tensor,
+    residual_norm: Tensor,
+    *,
+    dim: int,
+    subtract: float,
+    scale: float,
+    residual_scale: float,
+    gamma: float,
+    first: bool,
+    step_size: float,
+    skip: Tensor | None = None,
+    fused: bool = True,
+) -> Tensor:
+    """Fira's whole update of one matrix in place, the residual folded into the back-projection; returns
+    ``param``.
+
+    The math is :func:`~lowrank_optim.projection.fira.fira_folded_update_`'s (its default kernel):
+    ``W -= step_size · (scale · back(N) + residual_scale · S / lim)`` with ``S = (G - subtract · back(R)) ·
+    phi`` never formed, ``||S||`` from channel norms of ``G`` and ``R``, and ``residual_norm`` (the
+    limiter's 0-dim state) updated. ``dim=1``: ``basis`` is the right basis (``r x n``), ``lowrank`` and
+    ``normalized`` ``m x r``; ``dim=0``: the left basis (``m x r``), ``r x n``. With ``skip`` true ``param``
+    and ``residual_norm`` keep their bits, even where ``grad`` holds NaN/Inf. The CPU kernel reads the
+    flag directly and computes the channel terms in loops (no per-matrix cascade of small ops); it
+    agrees with the default kernel to a few ulps. ``fused=False`` runs the default kernel
+    (:func:`lowrank_optim.ops._library.run`).
+    """
+    _check_folded_args(param, grad, lowrank, normalized, basis, residual_norm, dim, skip)
+    _library.run(
+        "fira_folded_", fused, param, grad, lowrank, normalized, basis, residual_norm, int(dim), float(subtract),
+        float(scale), float(residual_scale), float(gamma), bool(first), float(step_size), skip,
+    )
+    return param

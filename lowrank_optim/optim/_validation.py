@@ -139,12 +139,14 @@ def check_implementation_options(
             )
 
 
-def check_fira_options(*, alpha: Any, residual: str, gamma: Any, where: str = "") -> None:
-    """Validate Fira's scale ``alpha``, residual form and limiter bound ``gamma``."""
+def check_fira_options(*, alpha: Any, residual: str, gamma: Any, fold_residual: Any = True, where: str = "") -> None:
+    """Validate Fira's scale ``alpha``, residual form, limiter bound ``gamma`` and ``fold_residual``."""
     check_finite_number("alpha", alpha, where)
     if residual not in FIRA_RESIDUALS:
         raise ValueError(f"Invalid residual{where}: {residual!r}. Must be one of {', '.join(FIRA_RESIDUALS)}.")
     check_limiter_gamma(gamma, where)
+    if not isinstance(fold_residual, bool):
+        raise ValueError(f"Invalid fold_residual{where}: {fold_residual!r}. Must be True or False.")
 
 
 def check_limiter_gamma(gamma: Any, where: str = "") -> None:

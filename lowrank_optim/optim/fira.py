@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from ..ops.fira import FIRA_RESIDUAL_DTYPES, fira_residual_accepts
+from ..ops.fira import FIRA_FOLDED_DTYPES, FIRA_RESIDUAL_DTYPES, fira_folded_accepts, fira_residual_accepts
 from ..projection import FIRA_GAMMA, Projection, Projector, fira_coefficients
 from ._validation import check_fira_options, normalize_scalars, resolve_alpha_alias
 from .exchange import Exchange
 from ..state_keys import RESIDUAL_NORM
-from .galore import FiraTerm, GaLoreAdamW, _Batch, galore_adamw, group_projector
+from .galore import FiraTerm, GaLoreAdamW, _Batch, _foldable_dtypes, galore_adamw, group_projector
 
 __all__ = ["FiraAdamW", "fira_adamw"]
 
@@ -41,12 +41,28 @@ class FiraAdamW(GaLoreAdamW):
             ``alpha·back(N) + S``; ``paper`` (Algorithm 1): ``S = (G - back(R))·phi`` and update
             ``alpha·(back(N) + S)``. Both take phi from the un-bias-corrected ``N``.
         gamma: the limiter's bound on the residual's norm growth per step (1.01 in the paper and code).
+        fold_residual: ``True`` (default): a whole matrix with fp32/fp64 weights and moments takes the
+            folded update (the ``fira_folded_`` op; math in
+            :func:`~lowrank_optim.projection.fira.fira_folded_update_`): ``||S||`` from row or column norms
+            of ``G`` and ``R``, the residual added by one ``addcmul_`` of ``G``, no ``m x n`` residual
+            formed — the same update to rounding, at about GaLore's cost. ``||S||`` (hence the limiter's
+            divisor and stored norm) is then rounded to about ``ulp · ||G||² / ||S||²`` relative instead of
+            ``ulp · ||G|| / ||S||``: 2e-5 when ``||G - back(R)||`` is 1 % of ``||G||``, up to 1e-3 at 0.1 %
+            (fp32); through the limiter alone it moves the residual's share of the update by as much.
+            bf16/fp16 weights (a basis orthonormal only to ~1e-2 breaks the norm identity) and pieces of a
+            matrix split over processes (whose channels are not whole) take the explicit form.
+            ``False``: the explicit form everywhere — ``S`` formed as an ``m x n`` tensor, the reference
+            package's order of operations (and the compiled ``fira_residual_`` kernel when fused). A
+            state dict saved before this option existed loads with ``False``, so it continues
+            bit-identically; set ``group["fold_residual"] = True`` after loading to switch.
 
     ``proj_type="full"`` is refused: phi scales the channels of the one unprojected dimension, and a
     two-sided projection has none.
     """
 
     _limiter_key = RESIDUAL_NORM
+    # A state dict saved before fold_residual existed was stepped by the explicit form.
+    _values_before_option = {"fold_residual": False}
 
     def __init__(
         self,
@@ -69,6 +85,7 @@ class FiraAdamW(GaLoreAdamW):
         foreach: bool | None = None,
         fused: bool | None = None,
         nonfinite: str = "skip",
+        fold_residual: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -87,16 +104,25 @@ class FiraAdamW(GaLoreAdamW):
             foreach=foreach,
             fused=fused,
             nonfinite=nonfinite,
+            fold_residual=fold_residual,
         )
         normalize_scalars(defaults)
-        check_fira_options(alpha=defaults["alpha"], residual=residual, gamma=defaults["gamma"])
+        check_fira_options(
+            alpha=defaults["alpha"], residual=residual, gamma=defaults["gamma"], fold_residual=fold_residual
+        )
         self._setup(params, defaults)
 
     def _prepare_group(self, param_group: dict[str, Any], index: int) -> None:
         resolve_alpha_alias(param_group, index)
 
     def _check_method_options(self, group: dict[str, Any], where: str) -> None:
-        check_fira_options(alpha=group["alpha"], residual=group["residual"], gamma=group["gamma"], where=where)
+        check_fira_options(
+            alpha=group["alpha"],
+            residual=group["residual"],
+            gamma=group["gamma"],
+            fold_residual=group["fold_residual"],
+            where=where,
+        )
         if "rank" in group and not group["projector"].orthonormal:
             raise ValueError(
                 f"Invalid projector{where}: {group['projector'].name!r}. FiraAdamW's residual G - P Pᵀ G is the part "
@@ -109,29 +135,39 @@ class FiraAdamW(GaLoreAdamW):
             )
 
     def _check_step_tensors(self, group: dict[str, Any], index: int, params: list[Tensor]) -> None:
-        """``fused=True`` demands the compiled residual kernel, which takes fp32/bf16/fp64 gradients with
-        moments in their dtype or fp32; ``fused=None`` runs the residual as pure functions for other dtypes."""
+        """``fused=True`` demands the compiled kernel of the form each matrix takes: the folded update's
+        (fp32/fp64 weights with moments of their dtype or fp32) or the explicit residual's (fp32/bf16/fp64
+        weights with moments of their dtype or fp32); ``fused=None`` runs pure functions for other dtypes."""
         if group["fused"] is not True or "rank" not in group:
             return
         for position, param in enumerate(params):
             moment_dtype = group["moment_dtype"] or param.dtype
-            if not fira_residual_accepts(param.dtype, moment_dtype):
+            if group["fold_residual"] and _foldable_dtypes(param.dtype, moment_dtype):
+                accepted, kernel = fira_folded_accepts(param.dtype, moment_dtype, param.dtype), "folded Fira update"
+                dtypes = FIRA_FOLDED_DTYPES
+            else:
+                accepted, kernel = fira_residual_accepts(param.dtype, moment_dtype), "Fira residual"
+                dtypes = FIRA_RESIDUAL_DTYPES
+            if not accepted:
                 raise ValueError(
                     f"Invalid fused in param group {index}: True. Param {position} is {param.dtype} with "
-                    f"{moment_dtype} moments, which the compiled Fira residual kernel does not take (it takes "
-                    f"{', '.join(map(str, FIRA_RESIDUAL_DTYPES))} weights with moments of their dtype or "
+                    f"{moment_dtype} moments, which the compiled {kernel} kernel does not take (it takes "
+                    f"{', '.join(map(str, dtypes))} weights with moments of their dtype or "
                     "torch.float32). Use fused=None (kernels where they apply) or fused=False."
                 )
 
     def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
         residual_norms = [state.get(RESIDUAL_NORM) for state in batch.states]
-        return {"scale": group["alpha"], "fira": _fira_term(residual_norms, group["alpha"], group["residual"], group["gamma"])}
+        term = _fira_term(residual_norms, group["alpha"], group["residual"], group["gamma"], group["fold_residual"])
+        return {"scale": group["alpha"], "fira": term}
 
 
-def _fira_term(residual_norms: list[Tensor | None], alpha: float, residual: str, gamma: float) -> FiraTerm:
+def _fira_term(
+    residual_norms: list[Tensor | None], alpha: float, residual: str, gamma: float, fold_residual: bool
+) -> FiraTerm:
     """The step's Fira term for ``alpha`` and the ``residual`` form (:func:`fira_coefficients`)."""
     subtract, residual_scale = fira_coefficients(alpha, residual)
-    return FiraTerm(residual_norms, subtract, residual_scale, gamma)
+    return FiraTerm(residual_norms, subtract, residual_scale, gamma, fold_residual)
 
 
 def fira_adamw(
@@ -153,6 +189,7 @@ def fira_adamw(
     alpha: float,
     residual: str = "code",
     gamma: float = FIRA_GAMMA,
+    fold_residual: bool = True,
     moment_policy: str = "keep",
     nonfinite: str = "skip",
     foreach: bool | None = None,
@@ -166,7 +203,7 @@ def fira_adamw(
 
     ``residual_norms[i]`` is the limiter state (0-dim fp32 tensor) of projected parameter ``i``, updated
     in place; ``None`` for full-rank parameters. Its first step (``state_steps[i] == 0``) only stores the
-    norm. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts``, ``found_inf`` and ``exchange`` as in
+    norm. ``fold_residual`` as in :class:`FiraAdamW`. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts``, ``found_inf`` and ``exchange`` as in
     :func:`~lowrank_optim.optim.galore_adamw`.
     """
     galore_adamw(
@@ -192,5 +229,5 @@ def fira_adamw(
         skip_counts=skip_counts,
         found_inf=found_inf,
         exchange=exchange,
-        fira=_fira_term(residual_norms, alpha, residual, gamma),
+        fira=_fira_term(residual_norms, alpha, residual, gamma, fold_residual),
     )

@@ -31,14 +31,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..ops import fira_residual_, kernels_available, lowrank_adam_
-from ..ops.fira import fira_residual_accepts
+from ..ops import fira_folded_, fira_residual_, kernels_available, lowrank_adam_
+from ..ops.fira import fira_folded_accepts, fira_residual_accepts
 from ..projection import (
     DCT_SCORING,
     Projection,
@@ -52,6 +52,7 @@ from ..projection import (
     nonfinite_flag,
     project,
     project_back,
+    fira_folded_update_,
     fira_residual,
     fira_scaling,
     limit_norm_growth_,
@@ -247,6 +248,8 @@ class GaLoreAdamW(Optimizer):
         unpickled = "defaults" in state
         super().__setstate__(state)
         for group in self.param_groups:
+            for key, value in self._values_before_option.items():
+                group.setdefault(key, value)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         if unpickled:
@@ -392,6 +395,11 @@ class GaLoreAdamW(Optimizer):
             expected = {key: (value.shape, value.dtype) for key, value in built.items() if key != STEP}
             self._expected_states[cache_key] = expected
         return expected
+
+    #: Options whose default changes the arithmetic, with the value that reproduces what a group saved
+    #: before the option existed did: such a group continues bit-identically (e.g. Fira's
+    #: ``fold_residual=False``). Options not listed take :attr:`defaults`.
+    _values_before_option: ClassVar[dict[str, Any]] = {}
 
     #: The state key of this optimizer's norm-growth limiter (Fira's residual norm, APOLLO's update norm):
     #: a 0-dim fp32 tensor per projected matrix (a bf16 copy would change the limit), or ``None``.
@@ -581,6 +589,8 @@ class FiraTerm(NamedTuple):
     subtract: float
     residual_scale: float
     gamma: float
+    #: Whole fp32/fp64 matrices take the folded update (the ``fira_folded_`` op, :func:`_fira_folded`).
+    fold: bool = True
 
 
 class ApolloTerm(NamedTuple):
@@ -808,6 +818,48 @@ def _limit_residual(
     if skip is not None:
         residual.masked_fill_(skip, 0.0)
     return residual
+
+
+#: Weight and moment dtypes whose basis is orthonormal closely enough for the folded Fira update's norm
+#: identity (a bf16/fp16 basis is orthonormal to ~1e-2 only).
+_FOLDABLE_DTYPES = (torch.float32, torch.float64)
+
+
+def _foldable_dtypes(param_dtype: torch.dtype, moment_dtype: torch.dtype) -> bool:
+    """Whether a whole matrix of these dtypes takes Fira's folded update (``FiraAdamW``'s ``fold_residual``)."""
+    return param_dtype in _FOLDABLE_DTYPES and moment_dtype in _FOLDABLE_DTYPES
+
+
+def _foldable(param: Tensor, normalized: Tensor) -> bool:
+    return _foldable_dtypes(param.dtype, normalized.dtype)
+
+
+def _fira_folded(
+    param: Tensor,
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    subspace: Subspace,
+    fira: FiraTerm,
+    scale: float,
+    index: int,
+    first: bool,
+    step_size: float,
+    skip: Tensor | None,
+    fused: bool,
+) -> None:
+    """Fira's folded update of a whole fp32/fp64 matrix: the ``fira_folded_`` op, or, for dtypes it does not
+    take (fp64 moments of fp32 weights), the same arithmetic as pure functions."""
+    basis = subspace.right if subspace.side is Side.RIGHT else subspace.left
+    options = dict(
+        subtract=fira.subtract, scale=scale, residual_scale=fira.residual_scale, gamma=fira.gamma, first=first,
+        step_size=step_size, skip=skip,
+    )
+    if grad.dtype == param.dtype and fira_folded_accepts(param.dtype, lowrank.dtype, basis.dtype):
+        dim = 1 if subspace.side is Side.RIGHT else 0
+        fira_folded_(param, grad, lowrank, normalized, basis, fira.residual_norms[index], dim=dim, fused=fused, **options)
+    else:
+        fira_folded_update_(param, grad, lowrank, normalized, subspace, fira.residual_norms[index], **options)
 
 
 def _fira_residual(
@@ -1104,6 +1156,8 @@ def _galore_adamw_impl(
             continue  # below, with the collectives its norms need
         elif fira is None:
             add_project_back_(param, block_n[i], subspace, alpha=-step_sizes[i] * scale)
+        elif exchange.whole(i) and fira.fold and _foldable(param, block_n[i]):
+            _fira_folded(param, grads[i], block_r[i], block_n[i], subspace, fira, scale, i, steps[i] == 0, step_sizes[i], skips[i], fused)
         elif exchange.whole(i):
             residual = _fira_residual(
                 grads[i], block_r[i], block_n[i], subspace, fira.residual_norms[i], fira, first=steps[i] == 0, skip=skips[i], fused=fused

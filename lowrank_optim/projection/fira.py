@@ -36,6 +36,8 @@ __all__ = [
     "FIRA_GAMMA",
     "FIRA_RESIDUALS",
     "fira_coefficients",
+    "apply_folded_update_",
+    "fira_folded_terms",
     "fira_folded_update_",
     "fira_residual",
     "fira_scaling",
@@ -260,11 +262,52 @@ def fira_folded_update_(
     scales the channels of the one unprojected dimension, and a two-sided projection has none (FiraAdamW
     refuses ``proj_type="full"`` for the same reason). Returns ``param``.
     """
+    if grad.shape != param.shape or grad.dim() != 2:
+        raise ValueError(f"grad.shape={tuple(grad.shape)} must equal param.shape={tuple(param.shape)} (2-D)")
+    first_factor, second_factor, coefficient = fira_folded_terms(
+        grad,
+        lowrank,
+        normalized,
+        subspace,
+        residual_norm,
+        subtract=subtract,
+        scale=scale,
+        residual_scale=residual_scale,
+        gamma=gamma,
+        first=first,
+        skip=skip,
+        norm_dtype=norm_dtype,
+        dtype=param.dtype,
+    )
+    return apply_folded_update_(param, grad, first_factor, second_factor, coefficient, step_size, skip)
+
+
+def fira_folded_terms(
+    grad: Tensor,
+    lowrank: Tensor,
+    normalized: Tensor,
+    subspace: Subspace,
+    residual_norm: Tensor,
+    *,
+    subtract: float,
+    scale: float,
+    residual_scale: float,
+    gamma: float,
+    first: bool,
+    skip: Tensor | None = None,
+    norm_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The state half of :func:`fira_folded_update_`: ``(A, B, c)`` with the update ``W -= step · (A B + c ∘ G)``
+    (``A B`` the back-projection of the ``r``-sized term, ``c`` the channel coefficient, ``m x 1`` or
+    ``1 x n``), all in ``dtype`` (default ``grad``'s); ``residual_norm`` is updated (kept where ``skip``).
+    Reads ``G`` once (its channel sums of squares); no host read."""
     side = subspace.side
     if side is Side.FULL:
         raise ValueError("Fira's scaling needs a one-sided projection; proj_type 'full' has none.")
-    if grad.shape != param.shape or grad.dim() != 2:
-        raise ValueError(f"grad.shape={tuple(grad.shape)} must equal param.shape={tuple(param.shape)} (2-D)")
+    if grad.dim() != 2:
+        raise ValueError(f"grad.shape={tuple(grad.shape)} must be 2-D")
+    dtype = dtype or grad.dtype
     dim = 1 if side is Side.RIGHT else 0
     if norm_dtype is None:
         norm_dtype = torch.promote_types(torch.promote_types(grad.dtype, residual_norm.dtype), torch.float32)
@@ -281,17 +324,31 @@ def fira_folded_update_(
     limiter = norm_growth_limiter_(norm, residual_norm, gamma=gamma, first=first, skip=skip)
 
     # c = residual_scale · phi / lim (channel-sized); the r-sized term scale·N - subtract·c∘R.
-    coefficient = phi * residual_scale if limiter is None else phi.to(norm_dtype) * residual_scale / limiter
-    combined = torch.mul(normalized, scale).to(torch.promote_types(normalized.dtype, coefficient.dtype))
+    coefficient = phi.to(norm_dtype) * residual_scale
+    if limiter is not None:
+        coefficient = coefficient / limiter
+    # Widened before scaling: fp32 moments of fp64 weights are not rounded to fp32 once more here.
+    combined = normalized.to(torch.promote_types(normalized.dtype, coefficient.dtype)).mul(scale)
     combined.addcmul_(coefficient, lowrank, value=-subtract)
-    combined = combined.to(param.dtype)
-    coefficient = coefficient.to(param.dtype)
-    left, right = subspace.left, subspace.right
+    combined = combined.to(dtype)
+    coefficient = coefficient.to(dtype)
     if side is Side.RIGHT:
-        first_factor, second_factor = combined, right.to(param.dtype)
-    else:
-        first_factor, second_factor = left.to(param.dtype), combined
+        return combined, subspace.right.to(dtype), coefficient
+    return subspace.left.to(dtype), combined, coefficient
 
+
+def apply_folded_update_(
+    param: Tensor,
+    grad: Tensor,
+    first_factor: Tensor,
+    second_factor: Tensor,
+    coefficient: Tensor,
+    step_size: float,
+    skip: Tensor | None = None,
+) -> Tensor:
+    """``W -= step_size · (A B + c ∘ G)`` in place (``c`` broadcast over ``G``); with ``skip`` true, ``W``
+    is left bit-for-bit as it was, even where ``G`` holds NaN/Inf. The default kernel of the
+    ``fira_update_`` op (:mod:`lowrank_optim.ops.fira`), and its reference."""
     if skip is None:
         param.addmm_(first_factor, second_factor, alpha=-step_size)
         return param.addcmul_(grad, coefficient, value=-step_size)

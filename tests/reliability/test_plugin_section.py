@@ -88,6 +88,8 @@ NUMBER = "Must be a finite number."
         ("correct_bias", "true", "Must be true or false."),
         ("correct_bias", 1, "Must be true or false."),
         ("correct_bias", None, "Must be true or false."),
+        ("fold_residual", "false", "Must be true or false."),
+        ("fold_residual", 0, "Must be true or false."),
         ("optimizer", 3, "Must be one of galore_adamw, fira_adamw, dct_adamw."),
         ("optimizer", None, "Must be one of galore_adamw, fira_adamw, dct_adamw."),
         ("proj_type", "middle", "Must be one of std, reverse_std, left, right, full."),
