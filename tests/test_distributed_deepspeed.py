@@ -38,6 +38,8 @@ EQUALITY = [
     "fira:3:zinit",
     "dct:3:zinit",
     "galore:3:replicated",
+    "galore:2:random",
+    "galore:3:random",
 ]
 BF16 = ["galore:0:bf16", "fira:0:bf16", "galore:1:bf16", "galore:2:bf16", "galore:3:bf16", "fira:2:bf16", "dct:3:bf16"]
 CHECKPOINT = [
@@ -50,6 +52,8 @@ CHECKPOINT = [
     "fira:3:ckpt",
     "dct:2:ckpt",
     "dct:3:ckpt",
+    "galore:1:ckpt+random",
+    "galore:3:ckpt+random",
 ]
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
 # Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.

@@ -7,6 +7,7 @@ DeepSpeed needed.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import threading
@@ -114,7 +115,12 @@ def _zero12_layout(shapes, world_size: int, *, round_robin: bool, alignment: int
     total = math.ceil(offset / (2 * world_size)) * 2 * world_size
     size = total // world_size
     names = [f"w{index}" for index in order]
-    plans = [zero12_plans(names, [shapes[i] for i in order], paddings, size, world_size, k) for k in range(world_size)]
+    # Ordinals as bind gives them: each matrix's position among the parameters the optimizer was built with.
+    ordinals = [index + 1 for index in order]
+    plans = [
+        zero12_plans(names, [shapes[i] for i in order], paddings, size, world_size, k, ordinals=ordinals)
+        for k in range(world_size)
+    ]
     return order, offsets, total, size, plans
 
 
@@ -141,7 +147,8 @@ def _run_case(
     if zero3:
         names = [f"w{i}" for i in range(len(shapes))]
         pns = [math.ceil(math.prod(shape) / world_size) for shape in shapes]
-        plans = [zero3_plans(names, shapes, pns, world_size, k) for k in range(world_size)]
+        ordinals = list(range(1, len(shapes) + 1))
+        plans = [zero3_plans(names, shapes, pns, world_size, k, ordinals=ordinals) for k in range(world_size)]
 
         def partition(tensors: list[Tensor], rank: int) -> Tensor:
             return torch.cat(
@@ -214,6 +221,8 @@ OPTIMIZERS = {
     "galore_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, moment_policy="rotate", weight_decay=0.1),
     "galore_full_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="full", eps=1e-2, moment_policy="rotate"),
     "dct_rotate": lambda groups: DCTAdamW(groups, lr=1e-2, moment_policy="rotate"),
+    # A seed per matrix (its position among the optimizer's parameters, from the plan), shared by the owner.
+    "random": lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="random", weight_decay=0.1),
 }
 #: Warm-started from the previous basis (gathered on the refresh owner, also from sharded pieces). Not in
 #: the randomized table above: there, on some shapes (e.g. 4 x 10 at rank 3), the randomized SVD computed
@@ -344,14 +353,41 @@ def test_zero12_plan_covers_every_element_once() -> None:
     assert isinstance(plans[0], PartitionPlan)
 
 
-def test_a_projector_whose_seeds_zero_checkpoints_cannot_restore_is_refused() -> None:
-    """ZeRO's loader casts nested state to the fp32 partition's dtype: a 63-bit seed would not survive."""
-    with pytest.raises(ValueError, match=re.escape("the 'random' projector keeps integers beyond fp32's exact range")):
-        _run_case(lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="random"), [(9, 7), (7, 9)], 2, zero3=False)
+@pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_integer_state_survives_load_state_dict(zero3: bool) -> None:
+    """torch's loader casts every nested tensor to the fp32 partition's dtype: the random projector's seeds
+    (63-bit after the refreshes at steps 3 and 6) and the shard bounds come back exactly, as int64, through a
+    ``weights_only`` round trip; the moments keep their dtype."""
+    _, optimizers = _run_case(OPTIMIZERS["random"], [(9, 7), (61, 47), (7, 9)], 2, zero3=zero3, shard=zero3)
+    for optimizer in optimizers:
+        before = {
+            (name, key): value.clone()
+            for state in optimizer.state.values()
+            for name, matrix in state["matrices"].items()
+            for key, value in matrix.items()
+            if isinstance(value, torch.Tensor)
+        }
+        seeds = [value for (_, key), value in before.items() if key == "projection_seed"]
+        assert seeds and all(abs(int(seed)) > 2**24 for seed in seeds), "the seeds must lie beyond fp32's exact range"
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        buffer.seek(0)
+        optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+        after = {
+            (name, key): value
+            for state in optimizer.state.values()
+            for name, matrix in state["matrices"].items()
+            for key, value in matrix.items()
+            if isinstance(value, torch.Tensor)
+        }
+        assert after.keys() == before.keys()
+        for key, value in before.items():
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
 
 
 def test_apollo_is_refused_under_zero() -> None:
-    """Its matrix-wise norms would count a cut matrix's replicated R once per holder."""
+    """Not yet: a rank holding only padding deadlocked in APOLLO's step (notes/projectors.md)."""
     from lowrank_optim import APOLLOAdamW
 
     with pytest.raises(RuntimeError, match=re.escape("APOLLOAdamW does not run under DeepSpeed ZeRO yet")):

@@ -42,6 +42,7 @@ whose partition holds no element of any matrix (only padding) still takes part, 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
@@ -102,6 +103,11 @@ class _Matrix(NamedTuple):
     r: int
     sharded: bool
 
+    @property
+    def ordinal(self) -> int | None:
+        """The matrix's position among the optimizer's parameters (:attr:`MatrixPlan.ordinal`)."""
+        return self.plan.ordinal
+
 
 class FragmentLayout:
     """Steps projected param groups whose tensors are flat partitions described by :class:`PartitionPlan`.
@@ -110,10 +116,9 @@ class FragmentLayout:
     holding a tensor this layout was not bound to raises.
     """
 
-    #: The projected gradient ``R`` of a matrix cut between ranks (not sharded) is kept whole on each of
-    #: its holders, so a sum over the blocks' ``R`` counts it once per holder (APOLLO's matrix-wise norms
-    #: need pieces that partition it; APOLLOAdamW refuses this layout).
-    replicates_lowranks = True
+    #: APOLLOAdamW refuses this layout for now: with a rank that holds only padding its step deadlocked
+    #: (tests/test_one_step.py, 8 ranks; notes/projectors.md).
+    refuses_apollo = True
 
     def __init__(self) -> None:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
@@ -159,12 +164,47 @@ class FragmentLayout:
     def attach(self, optimizer: Any) -> None:
         """Make ``optimizer`` step through this layout and keep its nested state dtypes across loading."""
         optimizer.layout = self
+        self._held: list[tuple[Tensor, str, str, Tensor]] = []
+        optimizer.register_load_state_dict_pre_hook(self._hold_integers)
         optimizer.register_load_state_dict_post_hook(self._restore_dtypes)
 
+    def _hold_integers(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """torch's loader casts every nested tensor, integer or not, to the flat fp32 partition's dtype, which
+        a seed (up to 2^63) does not survive: the matrices' integer tensors (seeds, DCT indices, shard
+        bounds) are taken out of the incoming state dict (a shallow copy: the caller's is not changed) and
+        put back as they were by :meth:`_restore_dtypes`. Saved ids pair with the current tensors in group
+        order, as the loader pairs them."""
+        saved = itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        current = itertools.chain.from_iterable(group["params"] for group in optimizer.param_groups)
+        tensor_of = dict(zip(saved, current))
+        self._held = []
+        state = {}
+        for pid, param_state in state_dict["state"].items():
+            flat = tensor_of.get(pid)
+            matrices = param_state.get(MATRICES) if isinstance(param_state, dict) else None
+            if flat is None or id(flat) not in self._partitions or not isinstance(matrices, dict):
+                state[pid] = param_state
+                continue
+            kept_matrices = {}
+            for name, matrix in matrices.items():
+                kept = {}
+                for key, value in matrix.items():
+                    if isinstance(value, Tensor) and not (value.is_floating_point() or value.is_complex()):
+                        self._held.append((flat, name, key, value))
+                    else:
+                        kept[key] = value
+                kept_matrices[name] = kept
+            state[pid] = {**param_state, MATRICES: kept_matrices}
+        return {**state_dict, "state": state}
+
     def _restore_dtypes(self, optimizer: Any) -> None:
-        # torch's loader casts every nested tensor, integer or not, to the flat fp32 partition's dtype: the
-        # DCT indices and shard bounds must be int64 again, the moments in their group's moment_dtype. (The
-        # state is walked directly: ZeRO-3 empties the groups' params outside its step.)
+        # The integer tensors held back from the loader go back unchanged (on the partition's device); the
+        # moments are cast back to their group's moment_dtype (fp32 -> bf16 of a bf16 value is exact), and
+        # the projectors' fixed-dtype tensors to their dtype. (The state is walked directly: ZeRO-3 empties
+        # the groups' params outside its step.)
+        for flat, name, key, value in self._held:
+            optimizer.state[flat][MATRICES][name][key] = value.to(device=flat.device)
+        self._held = []
         for flat, part in self._partitions.values():
             flat_state = optimizer.state.get(flat, {})
             moment_dtype = optimizer.param_groups[part.group_index]["moment_dtype"] or flat.dtype
@@ -180,14 +220,6 @@ class FragmentLayout:
         state is built here); a full-rank group's flat partitions are checked as whole tensors."""
         if "rank" not in group:
             return self._dense.check_group(optimizer, group)
-        if group["projector"].large_integers:
-            # torch's loader casts this layout's nested state to the fp32 partition's dtype, which a seed
-            # (up to 2^63) does not survive: a resumed run would draw other matrices.
-            raise ValueError(
-                f"{type(optimizer).__name__}: the {group['projector'].name!r} projector keeps integers beyond "
-                "fp32's exact range, which DeepSpeed ZeRO checkpoints would not restore; it is not supported "
-                "under ZeRO yet (use it on whole tensors or under FSDP2)."
-            )
         for position, flat in enumerate(group["params"]):
             if id(flat) not in self._partitions:
                 raise RuntimeError(
@@ -907,22 +939,43 @@ class _Exchange:
         return terms_n, terms_r
 
     def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
-        given = dict(zip(indices, residuals))
+        # ||S||_F of a split matrix from its holders' partial sums of squares (own elements only).
+        return self._norms(indices, residuals, lambda part, mp, block: _fragment(block, mp))
+
+    def lowrank_norms(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+        # A sharded matrix's holders each keep a share of its low-rank tensors; an unsharded split one's
+        # holders each keep all of them, so its owner alone contributes.
+        def own(part: _Partition, mp: MatrixPlan, tensor: Tensor) -> Tensor | None:
+            return tensor if self._is_sharded(part, mp) or mp.holders[0] == part.comm.rank else None
+
+        return self._norms(indices, tensors, own)
+
+    def _norms(self, indices: Sequence[int], tensors: Sequence[Tensor], own: Any) -> list[Tensor]:
+        """Frobenius norms per matrix: a whole one's from its own tensor, a split one's from the sums of
+        squares of ``own(part, mp, tensor)`` (``None``: nothing) all-reduced over the partition's ranks
+        (one bucket per partition, called alike by every rank); the empty placeholder block gets 0."""
+        given = dict(zip(indices, tensors))
         result: dict[int, Tensor] = {}
         for flat, part, names in self.partitions:
             split = self._split(part)
-            # ||S||_F of split matrices from the holders' partial sums of squares (own elements only).
             squares = torch.zeros(len(split), dtype=torch.float32, device=flat.device)
             for slot, mp in enumerate(split):
                 index = names.get(mp.name)
                 if index is not None and index in given:
-                    squares[slot] = _fragment(given[index], mp).float().square().sum()
+                    mine = own(part, mp, given[index])
+                    if mine is not None:
+                        squares[slot] = mine.float().square().sum()
             if split:
                 part.comm.all_reduce(squares)
             for slot, mp in enumerate(split):
                 index = names.get(mp.name)
                 if index is not None and index in given:
                     result[index] = squares[slot].sqrt()
+            for mp in part.plan.matrices:
+                index = names.get(mp.name)
+                if index is not None and index in given and not mp.split:
+                    tensor = given[index]
+                    result[index] = torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
         return [result.get(i, torch.zeros((), device=given[i].device)) for i in indices]
 
     def finish(self) -> None:

@@ -326,6 +326,10 @@ class _Exchange:
                     terms_r[k] = wholes[len(left) + position]
         return terms_n, terms_r
 
+    def lowrank_norms(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+        # Each rank's moment rows (right side) or its share of the reduced R (left side) partition them.
+        return self.residual_norms(indices, tensors)
+
     def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
         if not residuals:  # e.g. a full-rank group (alike on every rank: every matrix is split)
             return []

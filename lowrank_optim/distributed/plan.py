@@ -38,6 +38,9 @@ class MatrixPlan:
     piece: Piece | None
     #: Where each holder's piece starts in the row-major matrix (aligned with ``holders``; ascending).
     starts: tuple[int, ...]
+    #: The parameter's 1-based position among those the optimizer was built with (what a whole-tensor
+    #: run gives the projector, e.g. the random projector's seed offset); ``None`` when unknown.
+    ordinal: int | None = None
 
     @property
     def split(self) -> bool:
@@ -74,16 +77,19 @@ def zero12_plans(
     partition_size: int,
     world_size: int,
     rank: int,
+    ordinals: Sequence[int | None] | None = None,
 ) -> PartitionPlan:
     """The plan of rank ``rank``'s ZeRO-1/2 partition of one param group.
 
     ``names``/``shapes``/``paddings`` follow the order of the flat buffer (DeepSpeed's
     ``round_robin_bit16_groups[i]`` and ``round_robin_bit16_padding[i]``); matrix ``j`` starts after the
     elements and padding of the ones before it, and rank ``k`` holds ``[k·size, (k+1)·size)``.
+    ``ordinals`` (aligned with ``names``): each parameter's :attr:`MatrixPlan.ordinal`.
     """
     matrices = []
     offset = 0
-    for name, shape, padding in zip(names, shapes, paddings):
+    ordinals = [None] * len(names) if ordinals is None else list(ordinals)
+    for name, shape, padding, ordinal in zip(names, shapes, paddings, ordinals, strict=True):
         numel = math.prod(shape)
         holders = tuple(
             k
@@ -95,7 +101,9 @@ def zero12_plans(
         if mine is not None:
             piece = Piece(param_start=mine[0] - offset, numel=mine[1] - mine[0], flat_start=mine[0] - rank * partition_size)
         starts = tuple(max(k * partition_size - offset, 0) for k in holders)
-        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece, starts=starts))
+        matrices.append(
+            MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece, starts=starts, ordinal=ordinal)
+        )
         offset += numel + padding
     return PartitionPlan(matrices=tuple(matrices))
 
@@ -106,21 +114,26 @@ def zero3_plans(
     partition_numels: Sequence[int],
     world_size: int,
     rank: int,
+    ordinals: Sequence[int | None] | None = None,
 ) -> PartitionPlan:
     """The plan of rank ``rank``'s ZeRO-3 sub-group partition.
 
     ZeRO-3 cuts every parameter on its own: rank ``k`` holds elements ``[k·pn, (k+1)·pn)`` of it
     (``pn = partition_numel()``, the last ranks' tails are padding), and the sub-group's flat fp32
-    partition concatenates those slices at cumulative offsets of ``pn``.
+    partition concatenates those slices at cumulative offsets of ``pn``. ``ordinals`` as for
+    :func:`zero12_plans`.
     """
     matrices = []
     flat_offset = 0
-    for name, shape, pn in zip(names, shapes, partition_numels):
+    ordinals = [None] * len(names) if ordinals is None else list(ordinals)
+    for name, shape, pn, ordinal in zip(names, shapes, partition_numels, ordinals, strict=True):
         numel = math.prod(shape)
         holders = tuple(k for k in range(world_size) if _intersect(0, numel, k * pn, (k + 1) * pn))
         mine = _intersect(0, numel, rank * pn, (rank + 1) * pn)
         piece = None if mine is None else Piece(param_start=mine[0], numel=mine[1] - mine[0], flat_start=flat_offset)
         starts = tuple(k * pn for k in holders)
-        matrices.append(MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece, starts=starts))
+        matrices.append(
+            MatrixPlan(name=name, shape=tuple(shape), holders=holders, piece=piece, starts=starts, ordinal=ordinal)
+        )
         flat_offset += pn
     return PartitionPlan(matrices=tuple(matrices))

@@ -120,8 +120,7 @@ class LowRankSection:
             if not isinstance(getattr(self, key), bool):
                 raise _invalid(key, getattr(self, key), "true or false")
         _check_choice("proj_type", self.proj_type, PROJ_TYPES)
-        # The projectors ZeRO runs (not those whose state its loader cannot restore, see FragmentLayout).
-        names = [name for name in projector_names() if not resolve_projector(name).large_integers]
+        names = projector_names()
         if self.projector is not None and self.projector not in names:
             raise _invalid("projector", self.projector, f"null (the optimizer's default) or one of {', '.join(names)}")
         _check_choice("moment_policy", self.moment_policy, MOMENT_POLICIES)

@@ -130,6 +130,7 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
                 zero.bit16_groups_flat[index].numel() // world_size,
                 world_size,
                 rank,
+                ordinals=[base.param_ordinal(p) for p in params],
             )
             values = [
                 p.detach().reshape(-1)[m.piece.param_start :] if m.piece else p for p, m in zip(params, plan.matrices)
@@ -158,6 +159,7 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
                 [p.partition_numel() for p in params],
                 world_size,
                 rank,
+                ordinals=[base.param_ordinal(p) for p in params],
             )
             if flat.numel() != sum(p.partition_numel() for p in params):
                 raise _mismatch(f"ZeRO-3 sub-group {sub_group}", names[id(params[0])])

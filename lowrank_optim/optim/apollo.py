@@ -139,7 +139,7 @@ class APOLLOAdamW(GaLoreAdamW):
             )
 
     def _check_step(self, group: dict[str, Any], index: int) -> None:
-        if getattr(self.layout, "replicates_lowranks", False):
+        if getattr(self.layout, "refuses_apollo", False):
             raise RuntimeError(_NOT_UNDER_ZERO)
         super()._check_step(group, index)
 
@@ -155,9 +155,11 @@ class APOLLOAdamW(GaLoreAdamW):
         return {"scale": 1.0, "apollo": apollo}  # nothing is back-projected
 
 
+
+
 _NOT_UNDER_ZERO = (
-    "APOLLOAdamW does not run under DeepSpeed ZeRO yet (its matrix-wise norms need the pieces of each matrix's "
-    "projected gradient to partition it, which ZeRO's flat partitions do not); whole tensors and FSDP2 are supported."
+    "APOLLOAdamW does not run under DeepSpeed ZeRO yet (a rank holding only padding of the flat partitions "
+    "does not take part in its step's collectives alike); whole tensors and FSDP2 are supported."
 )
 
 

@@ -119,6 +119,12 @@ class Exchange(Protocol):
         """``||S||_F`` of each (split) matrix from the blocks' residuals (0-dim, fp32 or wider)."""
         ...
 
+    def lowrank_norms(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The Frobenius norm of each matrix's low-rank tensor (``R``, ``N``) from the pieces the blocks
+        hold as the moments are held (0-dim, fp32 or wider): each element counted once, however the
+        layout shares or replicates them."""
+        ...
+
 
 class LocalExchange:
     """Whole tensors in one process: every block is its matrix, every collective the identity."""
@@ -169,6 +175,9 @@ class LocalExchange:
 
     def residual_norms(self, indices: Sequence[int], residuals: Sequence[Tensor]) -> list[Tensor]:
         return [torch.linalg.vector_norm(r, dtype=torch.promote_types(r.dtype, torch.float32)) for r in residuals]
+
+    def lowrank_norms(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
+        return self.residual_norms(indices, tensors)
 
 
 #: The exchange of the whole-tensor case (stateless, shared).

@@ -269,6 +269,13 @@ class GaLoreAdamW(Optimizer):
             StateDtypeKeeper(self, self._intended_state_dtype)
             self._register_projector_hooks()
 
+    def param_ordinal(self, param: Tensor) -> int | None:
+        """``param``'s 1-based position among the parameters this optimizer was built with (in group
+        order, as given), or ``None`` for a tensor it was not: what a projector's initial state may depend
+        on (the random projector's seed), and what a layout that replaces the groups' tensors (DeepSpeed
+        ZeRO's flat partitions) records for each matrix so that its state starts the same."""
+        return self._ordinals.get(id(param))
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating it here so that ``step()`` never meets a bad setting."""
         params = param_group["params"]
@@ -429,8 +436,10 @@ class GaLoreAdamW(Optimizer):
             moment_shape = lowrank_shape(param.shape, rank, side)
             moments = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
             projector: Projector = group["projector"]
+            # A layout's stand-in for a piece of a matrix (DeepSpeed's fragments) carries the position.
+            ordinal = self._ordinals.get(id(param), getattr(param, "ordinal", None))
             for spec in projector.tensors(tuple(param.shape), rank, side):
-                value = projector.initial(spec, param.device, self._ordinals.get(id(param)))
+                value = projector.initial(spec, param.device, ordinal)
                 if value is None:
                     value = new(param, spec.shape, spec.dtype or param.dtype, spec.sharding, column_major=spec.column_major)
                 state[spec.key] = value
@@ -627,13 +636,13 @@ def _apollo_updates_(
     The channel factor of a block comes from ``N`` and ``R`` as its back-projection would read them
     (``block_terms``: its rows' on the right, all of them on the left); the matrix-wise factor and the
     limiter's norm from sums of squares over the pieces that partition the matrix (``moment_terms``: the
-    moments' pieces; the blocks' updates), combined by :meth:`Exchange.residual_norms`, which every
-    process calls alike."""
+    moments' pieces, combined by :meth:`Exchange.lowrank_norms`; the blocks' updates, by
+    :meth:`Exchange.residual_norms`), which every process calls alike."""
     block_n, block_r = block_terms
     moment_n, moment_r = moment_terms
     if not apollo.channel:
-        n_norms = exchange.residual_norms(indices, [moment_n[i] for i in indices])
-        r_norms = exchange.residual_norms(indices, [moment_r[i] for i in indices])
+        n_norms = exchange.lowrank_norms(indices, [moment_n[i] for i in indices])
+        r_norms = exchange.lowrank_norms(indices, [moment_r[i] for i in indices])
     updates = {}
     for k, i in enumerate(indices):
         if apollo.channel:

@@ -88,9 +88,6 @@ class Projector:
     uses_previous: ClassVar[bool] = False
     #: Whether its bases are orthonormal (``P Pᵀ = I``): ``moment_policy="rotate"`` and Fira need it.
     orthonormal: ClassVar[bool] = True
-    #: Whether its state holds integers beyond fp32's exact range (seeds), which a layout whose loader
-    #: casts nested state to fp32 (DeepSpeed ZeRO's flat partitions) cannot restore.
-    large_integers: ClassVar[bool] = False
     #: State keys whose dtype is fixed whatever the parameter's (kept through ``load_state_dict``).
     fixed_dtypes: ClassVar[dict[str, torch.dtype]] = {}
 

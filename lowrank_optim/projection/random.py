@@ -14,8 +14,10 @@ chain (:func:`next_seed`); the first refresh uses the initial seed, ``seed`` plu
 position among the optimizer's parameters where the optimizer knows it (apollo-torch's rule for
 ``seed=0``). Reading the seed is a host read, so each drawn matrix is cached with the seed tensor it came
 from (until that tensor changes): a step between refreshes never synchronizes. The cache holds the
-matrix, so the memory in use is that of a basis; what the seed saves is checkpoint size. DeepSpeed ZeRO
-refuses this projector (:attr:`Projector.large_integers`): its loader casts nested state to fp32.
+matrix, so the memory in use is that of a basis; what the seed saves is checkpoint size. Under DeepSpeed
+ZeRO the seed (up to 2^63) survives checkpoints because the fragment layout keeps nested integer state
+away from the loader's fp32 cast (:class:`~lowrank_optim.distributed.fragment.FragmentLayout`), and each
+matrix's position comes from its plan (:attr:`~lowrank_optim.distributed.plan.MatrixPlan.ordinal`).
 """
 
 from __future__ import annotations
@@ -73,14 +75,14 @@ class RandomProjector(Projector):
     """A Gaussian random subspace, re-drawn at every refresh from a seed chain (see the module docstring).
 
     Args:
-        seed: added to each matrix's position (1-based) to give its initial seed; ``0`` is apollo-torch's
-            rule. Where the position is unknown (DeepSpeed ZeRO partitions) every matrix starts from ``seed``.
+        seed: added to each matrix's position (1-based, among the parameters the optimizer was built
+            with) to give its initial seed; ``0`` is apollo-torch's rule. Where no position is known (a
+            matrix the layout cannot place) it starts from ``seed``.
     """
 
     name: ClassVar[str] = "random"
     uses_previous: ClassVar[bool] = True  # the next seed follows from the current one
     orthonormal: ClassVar[bool] = False
-    large_integers: ClassVar[bool] = True
     fixed_dtypes: ClassVar[dict[str, torch.dtype]] = {PROJECTION_SEED: torch.int64}
     seed: int = 0
 

@@ -20,7 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 import deepspeed
+from lowrank_optim import APOLLOAdamW
 from lowrank_optim.deepspeed import (
+    bind,
     initialize,
     load_lowrank_state,
     optimizer_factory,
@@ -63,11 +65,31 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(x).float() - y) ** 2).mean()
 
 
-def section_for(name: str) -> dict:
-    return {**SECTIONS[name], "rank": 4, "update_proj_gap": 3, "lr": 1e-2, "weight_decay": 0.01, "target_modules": ["mlp"]}
+def section_for(name: str, options: set[str] = frozenset()) -> dict:
+    """The plugin section of a case; option ``random``: the seeded random projector (its 63-bit seeds must
+    survive ZeRO's checkpoints, whose loader casts nested state to fp32)."""
+    section = {**SECTIONS[name], "rank": 4, "update_proj_gap": 3, "lr": 1e-2, "weight_decay": 0.01, "target_modules": ["mlp"]}
+    if "random" in options:
+        section["projector"] = "random"
+    return section
 
 
-def reference(name: str, clip: float, bf16: bool, hidden: int) -> list[torch.Tensor]:
+def apollo_groups(model: nn.Module) -> list[dict]:
+    """``apollo``: APOLLOAdamW built by hand (the plugin offers the GaLore family only), on the mlp matrices,
+    with apollo-torch's random projection (seeds by position) and its channel-wise scaling."""
+    matrices = [p for n, p in model.named_parameters() if "mlp" in n and p.dim() == 2]
+    ids = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": matrices, "rank": 4, "update_proj_gap": 3, "proj": "random"}]
+
+
+def make_optimizer(name: str, groups: list[dict], options: set[str] = frozenset()) -> torch.optim.Optimizer:
+    if name == "apollo":
+        return APOLLOAdamW(groups, lr=1e-2, weight_decay=0.01)
+    return optimizer_factory(section_for(name, options))(groups)
+
+
+def reference(name: str, clip: float, bf16: bool, hidden: int, options: set[str] = frozenset()) -> list[torch.Tensor]:
     """One process, whole batch; bf16: a bf16 model with fp32 master weights, as DeepSpeed keeps them."""
     torch.manual_seed(0)
     model = Net(hidden)
@@ -76,8 +98,9 @@ def reference(name: str, clip: float, bf16: bool, hidden: int) -> list[torch.Ten
         model = model.bfloat16()
     masters = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
     by_id = {id(p): m for p, m in zip(model.parameters(), masters)}
-    groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in param_groups_for(model, section_for(name))]
-    optimizer = optimizer_factory(section_for(name))(groups)
+    built = apollo_groups(model) if name == "apollo" else param_groups_for(model, section_for(name, options))
+    groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in built]
+    optimizer = make_optimizer(name, groups, options)
     for step in range(STEPS):
         model.zero_grad()
         loss_fn(model, inputs[step].to(next(model.parameters()).dtype), targets[step]).backward()
@@ -169,14 +192,31 @@ def run_case(case: str) -> dict:
         "gradient_clipping": clip,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
-        "lowrank_optim": {**section_for(name), **({"zero3_moments": "replicated"} if "replicated" in options else {})},
     }
+    if name != "apollo":
+        config["lowrank_optim"] = {
+            **section_for(name, options), **({"zero3_moments": "replicated"} if "replicated" in options else {})
+        }
+
+    def start(model: nn.Module):
+        if name != "apollo":
+            return initialize(model, config)[0]
+        # What a trainer that calls deepspeed.initialize itself does: its own optimizer, then bind.
+        engine = deepspeed.initialize(
+            model=model,
+            optimizer=lambda groups: make_optimizer(name, groups),
+            model_parameters=apollo_groups(model),
+            config={**config, "zero_allow_untested_optimizer": True},
+        )[0]
+        bind(engine)
+        return engine
+
     def build():
         torch.manual_seed(0)
         if "zinit" in options:
             with deepspeed.zero.Init(config_dict_or_path={k: v for k, v in config.items() if k != "lowrank_optim"}):
-                return initialize(Net(hidden), config)[0]
-        return initialize(Net(hidden), config)[0]
+                return start(Net(hidden))
+        return start(Net(hidden))
 
     inputs, targets = data()
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -241,7 +281,7 @@ def run_case(case: str) -> dict:
     else:
         train(engine, range(STEPS))
         result = parameters(engine)
-    expected = reference(name, clip, bf16, hidden)
+    expected = reference(name, clip, bf16, hidden, options)
     diff = max((a - b).abs().max().item() for a, b in zip(result, expected))
     torch.manual_seed(0)
     moved = max((a - b).abs().max().item() for a, b in zip(result, [p.detach().float() for p in Net(hidden).parameters()]))
