@@ -40,6 +40,13 @@ EQUALITY = [
     "galore:3:replicated",
     "galore:2:random",
     "galore:3:random",
+    # APOLLOAdamW built by the trainer, then bind (the plugin builds the GaLore family only).
+    "apollo:0",
+    "apollo:1",
+    "apollo:2",
+    "apollo:3",
+    "apollo:2:gas2",
+    "apollo:3:clip",
 ]
 BF16 = ["galore:0:bf16", "fira:0:bf16", "galore:1:bf16", "galore:2:bf16", "galore:3:bf16", "fira:2:bf16", "dct:3:bf16"]
 CHECKPOINT = [
@@ -54,6 +61,8 @@ CHECKPOINT = [
     "dct:3:ckpt",
     "galore:1:ckpt+random",
     "galore:3:ckpt+random",
+    "apollo:1:ckpt",
+    "apollo:3:ckpt",
 ]
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
 # Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.

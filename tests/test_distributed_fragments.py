@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import threading
 from typing import Callable
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lowrank_optim import DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW
 from lowrank_optim.distributed.comm import all_reduce_sent, chunk_sent
 from lowrank_optim.distributed.fragment import FragmentLayout
 from lowrank_optim.distributed.plan import PartitionPlan, zero3_plans, zero12_plans
@@ -223,6 +222,12 @@ OPTIMIZERS = {
     "dct_rotate": lambda groups: DCTAdamW(groups, lr=1e-2, moment_policy="rotate"),
     # A seed per matrix (its position among the optimizer's parameters, from the plan), shared by the owner.
     "random": lambda groups: GaLoreAdamW(groups, lr=1e-2, projector="random", weight_decay=0.1),
+    # APOLLO: channel factors from N and R of the block's rows (cut rows from their owners), the limiter's
+    # norm from every piece's sum of squares; APOLLO-Mini's matrix-wise factor from the moments' pieces
+    # (each element counted once, also where a split matrix's holders all keep its moments).
+    "apollo": lambda groups: APOLLOAdamW(groups, lr=1e-2, weight_decay=0.1),
+    "apollo_mini": lambda groups: APOLLOAdamW(groups, lr=1e-2, scale_type="tensor", scale=128, proj_type="left"),
+    "apollo_svd": lambda groups: APOLLOAdamW(groups, lr=1e-2, projector="svd", scale_front=True),
 }
 #: Warm-started from the previous basis (gathered on the refresh owner, also from sharded pieces). Not in
 #: the randomized table above: there, on some shapes (e.g. 4 x 10 at rank 3), the randomized SVD computed
@@ -266,7 +271,7 @@ def test_fragments_match_dense(name: str, world_size: int, zero3: bool) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
-@pytest.mark.parametrize("name", ["galore", "dct", "fira", "galore_rotate", "dct_rotate", *WARM_STARTED])
+@pytest.mark.parametrize("name", ["galore", "dct", "fira", "galore_rotate", "dct_rotate", "apollo", "apollo_mini", *WARM_STARTED])
 def test_sharded_moments_at_zero12_and_small_params(name: str) -> None:
     """Sharded moments where holders differ per matrix; params smaller than the world size."""
     make = {**OPTIMIZERS, **WARM_STARTED}[name]
@@ -384,11 +389,3 @@ def test_integer_state_survives_load_state_dict(zero3: bool) -> None:
         assert after.keys() == before.keys()
         for key, value in before.items():
             assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
-
-
-def test_apollo_is_refused_under_zero() -> None:
-    """Not yet: a rank holding only padding deadlocked in APOLLO's step (notes/projectors.md)."""
-    from lowrank_optim import APOLLOAdamW
-
-    with pytest.raises(RuntimeError, match=re.escape("APOLLOAdamW does not run under DeepSpeed ZeRO yet")):
-        _run_case(lambda groups: APOLLOAdamW(groups, lr=1e-2, projector="svd"), [(9, 7), (7, 9)], 2, zero3=False)

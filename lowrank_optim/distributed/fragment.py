@@ -65,7 +65,7 @@ from ..projection import (
     resolve_side,
     rotates,
 )
-from ..state_keys import BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, RESIDUAL_NORM, STEP
+from ..state_keys import BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
 from .comm import Communicator
 from .plan import MatrixPlan, PartitionPlan
 
@@ -97,7 +97,7 @@ class _Matrix(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    plan: MatrixPlan
+    plan: MatrixPlan | None  # None: the empty placeholder of a rank that holds only padding
     rank: int
     side: Side
     r: int
@@ -106,7 +106,7 @@ class _Matrix(NamedTuple):
     @property
     def ordinal(self) -> int | None:
         """The matrix's position among the optimizer's parameters (:attr:`MatrixPlan.ordinal`)."""
-        return self.plan.ordinal
+        return None if self.plan is None else self.plan.ordinal
 
 
 class FragmentLayout:
@@ -115,10 +115,6 @@ class FragmentLayout:
     Groups without ``rank`` are elementwise Adam on the flat tensor (the dense path). A projected group
     holding a tensor this layout was not bound to raises.
     """
-
-    #: APOLLOAdamW refuses this layout for now: with a rank that holds only padding its step deadlocked
-    #: (tests/test_one_step.py, 8 ranks; notes/projectors.md).
-    refuses_apollo = True
 
     def __init__(self) -> None:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
@@ -276,11 +272,14 @@ class FragmentLayout:
             blocks.append(Block(block, _block(tensor.grad, mp), matrices[mp.name], state[STEP], mp.shape))
             pending.append((mp, block))
         if not blocks:
-            empty = tensor.new_zeros(0, 0)
-            placeholder: dict[str, Any] = {EXP_AVG: empty, EXP_AVG_SQ: empty, RESIDUAL_NORM: tensor.new_zeros(())}
+            # The optimizer's own state of a 0 x 0 matrix (its moments, projector tensors and limiter
+            # norm, as empty as they get): whatever the optimizer keeps, the placeholder has it too.
             side = resolve_side(group["proj_type"], (0, 0))
-            for spec in group["projector"].tensors((0, 0), 0, side):  # the projector's, as empty as it gets
-                placeholder[spec.key] = torch.zeros(spec.shape, dtype=spec.dtype or tensor.dtype, device=tensor.device)
+            like = _Matrix((0, 0), tensor.dtype, tensor.device, None, part.comm.rank, side, 0, False)
+            placeholder: dict[str, Any] = {}
+            init(like, placeholder)
+            placeholder.pop(STEP, None)
+            empty = tensor.new_zeros(0, 0)
             blocks.append(Block(empty, tensor.new_zeros(0, 0), placeholder, state[STEP], (0, 0)))
             pending.append((None, empty))
         self._pending[id(tensor)] = (int(state[STEP].item()), pending)

@@ -61,7 +61,8 @@ class APOLLOAdamW(GaLoreAdamW):
     ``proj_type="full"`` is refused (no unprojected channel; apollo-torch raises too). Where apollo-torch's
     channel factor follows the weight's shape rather than the projected side (``reverse_std``, ``left`` on
     tall or ``right`` on wide matrices), it crashes unless ``rank`` is 1; here the factor follows the
-    unprojected dimension. Runs on whole tensors and under FSDP2; DeepSpeed ZeRO is refused for now.
+    unprojected dimension. Runs on whole tensors, under DeepSpeed ZeRO 1-3 (build it, then
+    :func:`lowrank_optim.distributed.bind` the engine) and under FSDP2.
     """
 
     _limiter_key = UPDATE_NORM
@@ -138,11 +139,6 @@ class APOLLOAdamW(GaLoreAdamW):
                 "channel scaling needs one unprojected dimension."
             )
 
-    def _check_step(self, group: dict[str, Any], index: int) -> None:
-        if getattr(self.layout, "refuses_apollo", False):
-            raise RuntimeError(_NOT_UNDER_ZERO)
-        super()._check_step(group, index)
-
     def _update_terms(self, group: dict[str, Any], batch: _Batch) -> dict[str, Any]:
         apollo = ApolloTerm(
             [state.get(UPDATE_NORM) for state in batch.states],
@@ -154,13 +150,6 @@ class APOLLOAdamW(GaLoreAdamW):
         )
         return {"scale": 1.0, "apollo": apollo}  # nothing is back-projected
 
-
-
-
-_NOT_UNDER_ZERO = (
-    "APOLLOAdamW does not run under DeepSpeed ZeRO yet (a rank holding only padding of the flat partitions "
-    "does not take part in its step's collectives alike); whole tensors and FSDP2 are supported."
-)
 
 
 def _check_apollo_options(options: dict[str, Any], where: str) -> None:
