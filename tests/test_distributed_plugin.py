@@ -55,11 +55,23 @@ def test_reads_path_and_strips_section(tmp_path) -> None:
         ({"lowrank_optim": {"rnak": 4}}, r"Unknown key\(s\) \['rnak'\].*Allowed keys"),
         ({"lowrank_optim": {"zero3_moments": "gather"}}, "Invalid 'lowrank_optim.zero3_moments': 'gather'"),
         ({"lowrank_optim": {"scale": 0.5, "alpha": 0.25}}, "sets scale=0.5 and alpha=0.25"),
+        # Fira's settings for another optimizer would be dropped: refused, also at their default values.
+        ({"lowrank_optim": {"gamma": 1.5}}, r"sets \['gamma'\] for optimizer 'galore_adamw', which does not read it"),
+        (
+            {"lowrank_optim": {"optimizer": "dct_adamw", "residual": "code", "fold_residual": True}},
+            r"sets \['residual', 'fold_residual'\] for optimizer 'dct_adamw'.*Remove them or choose fira_adamw",
+        ),
     ],
 )
 def test_refusals(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         read_config(_config(**changes))
+
+
+def test_fira_settings_refused_for_other_optimizers_when_built_directly() -> None:
+    with pytest.raises(ValueError, match=r"sets \['fold_residual'\] for optimizer 'galore_adamw'"):
+        LowRankSection(fold_residual=False)
+    assert LowRankSection(optimizer="fira_adamw", gamma=1.5, fold_residual=False).gamma == 1.5
 
 
 def test_missing_section() -> None:

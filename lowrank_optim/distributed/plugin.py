@@ -34,6 +34,8 @@ OPTIMIZERS: dict[str, type[GaLoreAdamW]] = {
     "dct_adamw": DCTAdamW,
 }
 ZERO3_MOMENTS: tuple[str, ...] = ("sharded", "replicated")
+#: Settings only FiraAdamW reads: refused for the other optimizers rather than silently dropped.
+FIRA_ONLY: tuple[str, ...] = ("residual", "gamma", "fold_residual")
 #: How a value that is not a JSON object is called in the error (the section is written in JSON).
 _JSON_TYPES: dict[type, str] = {
     list: "an array",
@@ -53,6 +55,15 @@ def _invalid(key: str, value: Any, allowed: str) -> ValueError:
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise _invalid(key, value, f"one of {', '.join(choices)}")
+
+
+def _refuse_fira_only(optimizer: str, given: list[str]) -> None:
+    if given:
+        raise ValueError(
+            f"The '{SECTION}' section sets {given} for optimizer {optimizer!r}, which does not read "
+            f"{'it' if len(given) == 1 else 'them'}: {', '.join(FIRA_ONLY)} are Fira's settings (optimizer "
+            "'fira_adamw'). Remove them or choose fira_adamw."
+        )
 
 
 def _allowed_keys() -> list[str]:
@@ -127,6 +138,9 @@ class LowRankSection:
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("residual", self.residual, FIRA_RESIDUALS)
         _check_choice("zero3_moments", self.zero3_moments, ZERO3_MOMENTS)
+        if self.optimizer != "fira_adamw":
+            defaults = {field.name: field.default for field in dataclasses.fields(LowRankSection)}
+            _refuse_fira_only(self.optimizer, [key for key in FIRA_ONLY if getattr(self, key) != defaults[key]])
         # JSON arrays arrive as lists; the frozen section keeps tuples (hashable, not shared with the caller).
         object.__setattr__(self, "betas", tuple(betas))
         object.__setattr__(self, "target_modules", tuple(modules))
@@ -155,6 +169,9 @@ class LowRankSection:
         unknown = sorted(set(values) - set(allowed), key=str)
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in the '{SECTION}' section. Allowed keys: {', '.join(allowed)}.")
+        optimizer = values.get("optimizer", LowRankSection.optimizer)
+        if optimizer != "fira_adamw" and isinstance(optimizer, str) and optimizer in OPTIMIZERS:
+            _refuse_fira_only(optimizer, [key for key in FIRA_ONLY if key in values])  # even at their defaults
         return cls(**values)
 
 
