@@ -76,14 +76,21 @@ class _FakeComm:
         output.copy_(total[self.rank * output.numel() : (self.rank + 1) * output.numel()])
 
 
-def _run_ranks(world_size: int, body: Callable[[int], None]) -> None:
+def _run_ranks(world_size: int, body: Callable[[int], None], group: _FakeGroup | None = None) -> None:
+    """``body(rank)`` in one thread per rank; the first error is re-raised. A rank that fails breaks
+    ``group``'s barrier, so the others stop at their next collective instead of waiting for it (which
+    looked like a deadlock: APOLLO's padding-only rank once raised while the rest waited)."""
     errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         try:
             body(rank)
-        except BaseException as error:  # re-raised in the main thread
+        except threading.BrokenBarrierError as error:  # another rank failed first
             errors.append(error)
+        except BaseException as error:  # re-raised in the main thread
+            errors.insert(0, error)
+            if group is not None:
+                group.barrier.abort()
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
     for thread in threads:
@@ -183,7 +190,7 @@ def _run_case(
             flats[rank].grad = flat_grads[step][rank]
             optimizers[rank].step()
 
-    _run_ranks(world_size, body)
+    _run_ranks(world_size, body, group)
 
     # Reassemble every matrix from the pieces of all ranks and compare with the dense run.
     for index, shape in enumerate(shapes):
