@@ -37,7 +37,8 @@ def _add_model_options(parser: argparse.ArgumentParser, default_config: str) -> 
         "--presets",
         metavar="NAME_OR_JSON",
         help="method presets: packaged size name (test, tiny, 60m, 130m, 350m, 1b, 7b) or a JSON path with one "
-        "object per method (default: the --config name)",
+        "object per method (default: the --config name's, or for a config file those of the packaged size nearest "
+        "in parameter count)",
     )
 
 
@@ -73,7 +74,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
     from .estimate import estimate_memory, format_estimate_table
     from .models import LlamaConfig
-    from .train.methods import load_presets
+    from .train.methods import presets_for_config
 
     dtype = getattr(torch, args.dtype)
     if args.config is None:
@@ -81,7 +82,8 @@ def _estimate(args: argparse.Namespace) -> int:
                                     gradient_checkpointing=args.checkpointing))
         return 0
     config = LlamaConfig.from_name_or_path(args.config)
-    presets = load_presets(args.presets or args.config)
+    presets, _, line = presets_for_config(args.config, config, args.presets)
+    print(line)
     for method in args.methods:
         estimate = estimate_memory(config, presets[method], dtype=dtype, batch_size=args.batch_size,
                                    seq_len=args.seq_len, gradient_checkpointing=args.checkpointing,
@@ -98,10 +100,11 @@ def _measure(args: argparse.Namespace) -> int:
     from .estimate import estimate_memory
     from .models import LlamaConfig
     from .train.measure import measure_training_step
-    from .train.methods import load_presets
+    from .train.methods import presets_for_config
 
     config = LlamaConfig.from_name_or_path(args.config)
-    presets = load_presets(args.presets or args.config)
+    presets, _, line = presets_for_config(args.config, config, args.presets)
+    print(line)
     dtype = getattr(torch, args.dtype)
     for method in args.methods:
         for per_layer in (False, True) if args.per_layer else (False,):
@@ -162,7 +165,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from ._io import atomic_write_text, check_writable_file
     from .data import TokenStream, load_text_files, stdlib_corpus
     from .models import LlamaConfig
-    from .train.methods import load_presets
+    from .train.methods import presets_for_config
     from .train.pretrain import TrainSettings, check_checkpoint_target, check_window_fits, pretrain
 
     if args.tokens is not None and args.text:
@@ -184,6 +187,9 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise ValueError(f"--json ({args.json!r}) and --checkpoint ({args.checkpoint!r}) name the same file")
     config = LlamaConfig.from_name_or_path(args.config)
     check_window_fits(args.seq_len, config, args.config)  # before reading any text
+    presets, _, line = presets_for_config(args.config, config, args.presets)
+    preset = presets[args.method]
+    print(line)
     if args.tokens is not None:
         tokens = _load_tokens(args.tokens, config.vocab_size, args.config)
     elif args.text:
@@ -199,7 +205,6 @@ def _pretrain(args: argparse.Namespace) -> int:
                              accumulation=args.accumulation, per_layer=args.per_layer, eval_every=args.eval_every,
                              eval_batches=args.eval_batches, seed=args.seed, dtype=args.dtype, device=args.device,
                              gradient_checkpointing=args.checkpointing, measure_memory=False)
-    preset = load_presets(args.presets or args.config)[args.method]
     result = pretrain(config, preset, TokenStream(tokens, args.seq_len), settings, checkpoint=args.checkpoint,
                       checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite)
     if args.json is not None:
@@ -233,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Without --config: the table for 60M-7B beside the published estimates. "
                               "With --config: one line per method, in GB (1e9 bytes).")
     sub.add_argument("--config", metavar="NAME_OR_JSON", help="one LLaMA config (default: the 60M-7B table)")
-    sub.add_argument("--presets", metavar="NAME_OR_JSON", help="method presets (default: the --config name)")
+    sub.add_argument("--presets", metavar="NAME_OR_JSON", help="method presets (default: the --config name's, or the packaged size nearest in parameters)")
     sub.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
                      help="methods, comma-separated (default: all)")
     sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="bfloat16",

@@ -25,7 +25,7 @@ from ._io import atomic_write, atomic_write_text, check_writable_directory
 from .data import ByteTokenizer, TokenStream, load_text_files, stdlib_corpus
 from .models import LlamaConfig
 from .train.measure import measure_training_step
-from .train.methods import METHODS, load_presets
+from .train.methods import METHODS, presets_for_config
 from .train.pretrain import TrainSettings, check_window_fits, pretrain
 
 __all__ = ["OUTPUT_FILES", "format_table", "run_comparison", "write_plots"]
@@ -61,7 +61,8 @@ def run_comparison(
             "the byte tokenizer's vocabulary"
         )
     check_window_fits(seq_len, model_config, config)
-    method_presets = load_presets(presets or config)
+    method_presets, presets_name, presets_line = presets_for_config(config, model_config, presets)
+    log(presets_line)
     tokens = load_text_files(text_files) if text_files else stdlib_corpus()
     stream = TokenStream(tokens, seq_len)
     log(
@@ -91,7 +92,7 @@ def run_comparison(
         results.append(result)
     settings_out = {
         "config": config,
-        "presets": presets or config,
+        "presets": presets_name,
         "model_config": model_config.to_dict(),
         "steps": steps,
         "per_layer_steps": per_layer_steps,

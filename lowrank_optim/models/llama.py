@@ -100,7 +100,10 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LlamaConfig:
-        """Build from a mapping, naming unknown keys instead of failing with a bare ``TypeError``."""
+        """Build from a mapping, naming unknown keys instead of failing with a bare ``TypeError``. A Hugging
+        Face ``config.json`` (it has ``model_type`` or ``num_hidden_layers``) is read by :meth:`from_hf_dict`."""
+        if "model_type" in values or "num_hidden_layers" in values:
+            return cls.from_hf_dict(values)
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -110,6 +113,78 @@ class LlamaConfig:
         if missing:
             raise ValueError(f"LlamaConfig is missing required keys {missing}")
         return cls(**values)
+
+    @classmethod
+    def from_hf_dict(cls, values: dict[str, Any]) -> LlamaConfig:
+        """From a Hugging Face ``LlamaConfig`` (``config.json``, transformers 4.x or 5.x field names).
+
+        Renamed: ``num_attention_heads`` -> ``num_heads``, ``num_hidden_layers`` -> ``num_layers``,
+        ``max_position_embeddings`` -> ``max_seq_len``, ``initializer_range`` -> ``init_std``,
+        ``rope_parameters.rope_theta`` (5.x) or ``rope_theta`` (4.x) -> ``rope_theta``. Refused, naming the
+        field: anything our model would build differently (grouped-query attention, tied embeddings,
+        biases, another activation, RoPE scaling, dropout, another head_dim), and unknown fields. Ignored:
+        the metadata in :data:`HF_METADATA_KEYS` (token ids, dtype, versions, ``use_cache``), which do not
+        change the model's shapes or arithmetic.
+        """
+        values = dict(values)
+        if values.get("model_type", "llama") != "llama":
+            raise ValueError(
+                f"model_type ({values['model_type']!r}) is not 'llama': only LLaMA configs describe this package's "
+                "model (for other architectures, build the model with transformers and pass its parameters to "
+                "the optimizers)"
+            )
+        heads = values.get("num_attention_heads")
+        hidden = values.get("hidden_size")
+        same = {  # field: (value our model has, how to say it)
+            "num_key_value_heads": (heads, "num_attention_heads (no grouped-query attention)"),
+            "head_dim": (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None,
+                         "hidden_size / num_attention_heads"),
+            "tie_word_embeddings": (False, "false (the lm_head is untied)"),
+            "hidden_act": ("silu", "'silu' (SwiGLU MLP)"),
+            "attention_bias": (False, "false (no biases)"),
+            "mlp_bias": (False, "false (no biases)"),
+            "attention_dropout": (0.0, "0.0 (no dropout)"),
+            "pretraining_tp": (1, "1"),
+            "rope_scaling": (None, "null (plain RoPE)"),
+        }
+        for key, (ours, allowed) in same.items():
+            if values.get(key) is not None and values[key] != ours:
+                raise ValueError(f"Hugging Face config field {key} ({values[key]!r}) is not supported; must be {allowed}")
+        rope = values.pop("rope_parameters", None)
+        if rope is not None:
+            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or set(rope) - {"rope_theta", "rope_type"}:
+                raise ValueError(f"Hugging Face config field rope_parameters ({rope!r}) is not supported; must be "
+                                 "{'rope_type': 'default', 'rope_theta': <number>} (plain RoPE)")
+            if "rope_theta" in rope:
+                if "rope_theta" in values and values["rope_theta"] != rope["rope_theta"]:
+                    raise ValueError(f"rope_theta ({values['rope_theta']!r}) and rope_parameters.rope_theta "
+                                     f"({rope['rope_theta']!r}) differ; give one")
+                values["rope_theta"] = rope["rope_theta"]
+        renamed = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+                   "max_position_embeddings": "max_seq_len", "initializer_range": "init_std"}
+        ours = {field.name for field in dataclasses.fields(cls)}
+        converted: dict[str, Any] = {}
+        unknown = []
+        for key, value in values.items():
+            if key in renamed:
+                converted[renamed[key]] = value
+            elif key in ours and key not in renamed.values():
+                converted[key] = value
+            elif key not in same and key not in HF_METADATA_KEYS:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(
+                f"unknown Hugging Face LlamaConfig fields {sorted(unknown)}; read are "
+                f"{sorted(set(renamed) | (ours - set(renamed.values())) | {'rope_parameters'})}, checked "
+                f"{sorted(same)}, ignored {sorted(HF_METADATA_KEYS)}"
+            )
+        missing = [hf for hf, name in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                                       ("intermediate_size", "intermediate_size"), ("num_attention_heads", "num_heads"),
+                                       ("num_hidden_layers", "num_layers"), ("max_position_embeddings", "max_seq_len"))
+                   if name not in converted]
+        if missing:
+            raise ValueError(f"Hugging Face LlamaConfig is missing fields {missing}")
+        return cls(**converted)
 
     @classmethod
     def from_name_or_path(cls, name_or_path: str | os.PathLike[str]) -> LlamaConfig:
@@ -125,6 +200,14 @@ class LlamaConfig:
                 f"packaged configs are {available_configs()}"
             )
         return cls.from_dict(json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8")))
+
+
+#: Fields of a Hugging Face ``config.json`` that describe neither shapes nor arithmetic of the model.
+HF_METADATA_KEYS: frozenset[str] = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
+    "eos_token_id", "pad_token_id", "use_cache", "_name_or_path", "output_attentions", "output_hidden_states",
+    "return_dict",
+})
 
 
 class RMSNorm(nn.Module):

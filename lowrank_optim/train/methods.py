@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding
+from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, available_configs
 from ..nn import SLTrainLinear, derive_seed
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
 from ..projection import projector_names
@@ -35,6 +35,7 @@ __all__ = [
     "build_optimizer",
     "cosine_with_warmup",
     "load_presets",
+    "presets_for_config",
 ]
 
 METHODS = ("adamw", "galore", "fira", "dct", "sltrain")
@@ -105,9 +106,41 @@ def load_presets(name_or_path: str | os.PathLike[str]) -> dict[str, MethodPreset
             raise ValueError(f"presets ({text!r}) is neither a JSON path nor a packaged preset; packaged: {available_presets()}")
         path = PRESET_DIR / f"{name}.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
-    return {
-        method: MethodPreset(method=method, **values) for method, values in raw.items() if not method.startswith("_")
-    }
+    if not isinstance(raw, dict):
+        raise ValueError(f"presets file {str(path)!r} must hold a JSON object with one object per method, not {raw!r}")
+    entries = {key: value for key, value in raw.items() if not key.startswith("_")}
+    strangers = [key for key, value in entries.items() if key not in METHODS or not isinstance(value, dict)]
+    if strangers:
+        hint = " (it looks like a model config: pass it as --config)" if "hidden_size" in entries else ""
+        raise ValueError(
+            f"presets file {str(path)!r}: {strangers} are not method presets{hint}; the file must map methods "
+            f"({', '.join(METHODS)}) to objects of their settings, e.g. {{\"galore\": {{\"lr\": 0.01, \"rank\": 128, ...}}}}"
+        )
+    return {method: MethodPreset(method=method, **values) for method, values in entries.items()}
+
+
+def presets_for_config(
+    config_name: str, config: LlamaConfig, presets: str | None = None
+) -> tuple[dict[str, MethodPreset], str, str]:
+    """``(presets, their name or path, a line saying why)`` to train ``config`` with: ``presets`` if given,
+    else the packaged presets of the packaged config ``config_name``, else (a user's JSON, or a packaged
+    size without presets) those of the packaged size nearest in parameter count (log scale)."""
+    if presets is not None:
+        return load_presets(presets), str(presets), f"presets: {presets}"
+    name = str(config_name).lower().removeprefix("llama_")
+    if name in available_presets():
+        return load_presets(name), name, f"presets: {name}"
+
+    def distance(size: str) -> float:
+        packaged = LlamaConfig.from_name_or_path(size).num_parameters()
+        return abs(math.log(packaged / config.num_parameters()))
+
+    nearest = min((size for size in available_presets() if size in available_configs()), key=distance)
+    count = config.num_parameters()
+    return load_presets(nearest), nearest, (
+        f"presets: {nearest} (the packaged size nearest to {config_name}'s {count / 1e6:.1f}M parameters; "
+        "--presets chooses others)"
+    )
 
 
 def cosine_with_warmup(optimizer: Optimizer, total_steps: int) -> LambdaLR:
