@@ -10,6 +10,7 @@ from .sltrain import (
     convert_to_sltrain,
     derive_seed,
     index_dtype_for,
+    merge_sltrain,
     refactorize_,
     sample_support,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "convert_to_sltrain",
     "derive_seed",
     "index_dtype_for",
+    "merge_sltrain",
     "refactorize_",
     "reset_momentum_",
     "sample_support",

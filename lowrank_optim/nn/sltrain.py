@@ -38,6 +38,8 @@ DEFAULT_ALPHA = 32.0
 # The reference starts the learnable scale's pre-activation at 1.0, i.e. s = tanh(1) ≈ 0.7616.
 TRAINABLE_SCALE_INIT = 1.0
 _NAMES_SHOWN_IN_ERRORS = 8
+#: convert_to_sltrain's ``init``: the reference init (pretraining) or from the dense weight.
+_INITS: tuple[str, ...] = ("reference", "dense")
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -430,8 +432,15 @@ def convert_to_sltrain(
     target_modules: Sequence[str] = ("attn", "mlp"),
     seed: int = 0,
     trainable_scale: bool = False,
+    init: str = "reference",
 ) -> ConversionReport:
     """Replace, in place, every ``nn.Linear`` whose qualified name contains a ``target_modules`` string.
+
+    ``init="reference"`` (pretraining from scratch): the reference init, the dense weights dropped.
+    ``init="dense"`` (continuing from a dense or exported model): :meth:`SLTrainLinear.from_linear`, i.e.
+    ``s · B A`` the best rank-``rank`` approximation of the weight and ``S`` the residual on the support,
+    so the layer equals the weight on the support and its rank-``rank`` part elsewhere; with the seed of
+    an earlier conversion the support is that conversion's.
 
     Substring matching as in the GaLore/SLTrain scripts; embeddings, ``lm_head`` and norms stay dense
     unless a pattern names them. Matched containers and parameter-free or vector-parameter modules
@@ -443,6 +452,8 @@ def convert_to_sltrain(
     replacement.
     """
     _check_delta(delta)
+    if init not in _INITS:
+        raise ValueError(f"Invalid init: {init!r}. Must be one of {', '.join(_INITS)}.")
     patterns = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     if not patterns:
         raise ValueError("target_modules=() is empty; name at least one module-name pattern")
@@ -476,18 +487,23 @@ def convert_to_sltrain(
     index_bytes = 0
     for name, linear in targets:
         parent_name, _, child_name = name.rpartition(".")
-        layer = SLTrainLinear(
-            linear.in_features,
-            linear.out_features,
-            rank=rank,
-            delta=delta,
-            alpha=alpha,
-            bias=linear.bias is not None,
-            trainable_scale=trainable_scale,
-            seed=derive_seed(seed, name),
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+        if init == "dense":
+            layer = SLTrainLinear.from_linear(
+                linear, rank=rank, delta=delta, alpha=alpha, trainable_scale=trainable_scale, seed=derive_seed(seed, name)
+            )
+        else:
+            layer = SLTrainLinear(
+                linear.in_features,
+                linear.out_features,
+                rank=rank,
+                delta=delta,
+                alpha=alpha,
+                bias=linear.bias is not None,
+                trainable_scale=trainable_scale,
+                seed=derive_seed(seed, name),
+                device=linear.weight.device,
+                dtype=linear.weight.dtype,
+            )
         setattr(model.get_submodule(parent_name), child_name, layer)
         index_bytes += layer.indices.numel() * layer.indices.element_size()
     return ConversionReport(
@@ -495,6 +511,38 @@ def convert_to_sltrain(
         params_before=params_before,
         params_after=_count_parameters(model),
         index_bytes=index_bytes,
+    )
+
+
+@torch.no_grad()
+def merge_sltrain(model: nn.Module) -> ConversionReport:
+    """Replace, in place, every :class:`SLTrainLinear` of ``model`` by the ``nn.Linear`` holding its dense
+    weight ``W = s · B A + S`` (and its bias): the export of an SLTrain model. Its ``state_dict`` then has
+    the dense model's keys, so e.g. a Hugging Face model converted with :func:`convert_to_sltrain` saves with
+    ``save_pretrained`` and loads with ``from_pretrained`` computing what the trained SLTrain model computed
+    (up to the rounding of composing ``W`` once: the SLTrain forward composes it in the same way).
+
+    Each new layer is on its old device and dtype and keeps ``requires_grad`` of ``B``. A model without an
+    SLTrainLinear is an error (nothing would be exported). Converse: ``convert_to_sltrain(model, ...,
+    init="dense")``; resuming SLTrain training *exactly* needs the SLTrain ``state_dict`` itself (a dense
+    ``W`` does not determine ``B``, ``A`` and ``S``).
+    """
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, SLTrainLinear)]
+    if not targets:
+        raise ValueError(f"merge_sltrain: {type(model).__name__} has no SLTrainLinear module to merge")
+    if any(name == "" for name, _ in targets):
+        raise ValueError("merge_sltrain: the model is itself an SLTrainLinear; use its to_linear()")
+    params_before = _count_parameters(model)
+    for name, layer in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        linear = layer.to_linear()
+        linear.requires_grad_(layer.B.requires_grad)
+        setattr(model.get_submodule(parent_name), child_name, linear)
+    return ConversionReport(
+        converted=tuple(name for name, _ in targets),
+        params_before=params_before,
+        params_after=_count_parameters(model),
+        index_bytes=0,
     )
 
 
