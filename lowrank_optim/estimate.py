@@ -34,6 +34,7 @@ from torch import nn
 
 from .models import LlamaConfig, LlamaForCausalLM
 from .nn import SLTrainLinear, index_dtype_for
+from .targets import find_targets
 from .train.methods import METHODS, TARGET_MODULES, MethodPreset
 
 __all__ = [
@@ -119,10 +120,9 @@ def _meta_model(config: LlamaConfig, preset: MethodPreset) -> nn.Module:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
         if preset.method == "sltrain":
-            for name, module in list(model.named_modules()):
-                if isinstance(module, nn.Linear) and any(target in name for target in TARGET_MODULES):
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child, _MetaSLTrainShapes(module, preset))
+            for target in find_targets(model, TARGET_MODULES).targets:
+                parent, _, child = target.name.rpartition(".")
+                setattr(model.get_submodule(parent), child, _MetaSLTrainShapes(target.module, preset))
     return model
 
 
@@ -167,11 +167,7 @@ def estimate_memory(
     model = _meta_model(config, preset)
     projected = set()
     if preset.method in ("galore", "fira", "dct"):
-        projected = {
-            id(module.weight)
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and any(target in name for target in TARGET_MODULES)
-        }
+        projected = {id(target.weight) for target in find_targets(model, TARGET_MODULES).targets}
     weights = states = projection = 0
     largest_gradient = 0
     for param in model.parameters():

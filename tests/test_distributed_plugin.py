@@ -105,5 +105,6 @@ def test_ds_shape_is_used() -> None:
 
 
 def test_refuses_projected_parameter_that_is_not_2d() -> None:
-    with pytest.raises(ValueError, match=r"'norm.weight' \(shape \(4,\)\) matches target_modules \['norm'\].*only 2-D"):
+    # The rule shared with param_groups and convert_to_sltrain (lowrank_optim.targets).
+    with pytest.raises(ValueError, match=r"pattern 'norm' matches no linear layer .*'norm' \(LayerNorm, weight \(4,\), bias \(4,\)\); only the 2-D weights"):
         param_groups_for(Net(), {"rank": 2, "target_modules": ["norm"]})

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW
-from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number, matrix_shape
+from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number
+from ..targets import DEFAULT_TARGET_MODULES, find_targets
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names, resolve_projector
 from .zero import bind
 
@@ -74,8 +75,9 @@ def _allowed_keys() -> list[str]:
 class LowRankSection:
     """The plugin section. ``scale`` (GaLore, DCT) and ``alpha`` (Fira) are the same setting.
 
-    ``target_modules``: a module whose qualified name contains one of these strings has its direct
-    ``weight`` projected (it must be 2-D); all other trainable parameters get full-rank Adam.
+    ``target_modules``: the linear layers whose qualified names contain one of these strings have their
+    weight projected (:func:`lowrank_optim.targets.find_targets`, the rule of ``param_groups``); all other
+    trainable parameters get full-rank Adam.
     ``zero3_moments``: at ZeRO-3, ``sharded`` splits each one-sided matrix's low-rank moments and SVD
     basis among the ranks holding it, ``replicated`` keeps a full copy on each.
     """
@@ -86,7 +88,7 @@ class LowRankSection:
     scale: float = 0.25
     proj_type: str = "std"
     projector: str | None = None
-    target_modules: tuple[str, ...] = ("attn", "mlp")
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -169,10 +171,10 @@ class LowRankSection:
         unknown = sorted(set(values) - set(allowed), key=str)
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in the '{SECTION}' section. Allowed keys: {', '.join(allowed)}.")
-        optimizer = values.get("optimizer", LowRankSection.optimizer)
-        if optimizer != "fira_adamw" and isinstance(optimizer, str) and optimizer in OPTIMIZERS:
-            _refuse_fira_only(optimizer, [key for key in FIRA_ONLY if key in values])  # even at their defaults
-        return cls(**values)
+        section = cls(**values)  # the values' own checks first
+        if section.optimizer != "fira_adamw":
+            _refuse_fira_only(section.optimizer, [key for key in FIRA_ONLY if key in values])  # even at their defaults
+        return section
 
 
 def read_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], LowRankSection]:
@@ -241,23 +243,9 @@ def param_groups_for(model: nn.Module, section: LowRankSection | Mapping[str, An
     """
     if not isinstance(section, LowRankSection):
         section = LowRankSection.from_dict(section)
-    projected: list[nn.Parameter] = []
-    ids: set[int] = set()
-    for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is None or not weight.requires_grad or not any(t in name for t in section.target_modules):
-            continue
-        if len(matrix_shape(weight)) != 2:
-            raise ValueError(
-                f"Parameter '{name}.weight' (shape {matrix_shape(weight)}) matches target_modules "
-                f"{list(section.target_modules)} but only 2-D weights can be projected. Narrow target_modules so "
-                "that it matches only linear layers."
-            )
-        if id(weight) not in ids:
-            ids.add(id(weight))
-            projected.append(weight)
-    if not projected:
-        raise ValueError(f"target_modules {list(section.target_modules)} match no module with a 2-D weight in the model.")
+    # The rule shared with param_groups and convert_to_sltrain; shapes from ds_shape under zero.Init.
+    projected = [target.weight for target in find_targets(model, section.target_modules).targets]
+    ids = {id(p) for p in projected}
     full_rank = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     scale_key = "alpha" if section.optimizer == "fira_adamw" else "scale"
     group = {

@@ -26,8 +26,9 @@ The optimizer's hyperparameters are the ``TrainingArguments``' (one place for ea
 ``adam_epsilon`` (as for the ``Trainer``'s own AdamW and its built-in GaLore); ``lowrank_options`` go into
 the projected group (``rank``, ``update_proj_gap``, ``scale`` or Fira's ``alpha``, ``proj_type``,
 ``projector``, ``moment_policy``, ...) and may not repeat them. The projected group is the 2-D weight of
-every ``nn.Linear`` whose name contains one of ``target_modules``
-(:func:`lowrank_optim.optim.param_groups`); the other parameters are split as the ``Trainer`` splits them
+every linear layer that ``target_modules`` selects (:func:`lowrank_optim.targets.find_targets`, the rule
+of :func:`lowrank_optim.optim.param_groups`; by default the attention and MLP projections of LLaMA,
+GPT-NeoX, GPT-2, BERT and similar models); the other parameters are split as the ``Trainer`` splits them
 (no weight decay for biases and norms).
 """
 
@@ -41,6 +42,7 @@ from torch import nn
 
 from ..distributed.zero import bind
 from ..optim import GaLoreAdamW, param_groups
+from ..targets import find_targets
 
 __all__ = ["LowRankTrainer", "build_optimizer"]
 
@@ -58,7 +60,7 @@ def build_optimizer(
     args: transformers.TrainingArguments,
     optimizer_cls: type[GaLoreAdamW],
     options: Mapping[str, Any],
-    target_modules: Sequence[str] = ("attn", "mlp"),
+    target_modules: Sequence[str] | None = None,
     decay_parameter_names: Sequence[str] | None = None,
 ) -> GaLoreAdamW:
     """``optimizer_cls`` over ``model``'s trainable parameters with ``args``' hyperparameters (module
@@ -79,7 +81,7 @@ def build_optimizer(
         raise ValueError("lowrank_options must not give 'params': the projected group holds the target_modules' weights.")
     # The shared matching rule picks the weights; the group gets only what the user gave, so the
     # optimizer's own defaults (e.g. APOLLO's scale 1, not GaLore's 0.25) fill in the rest.
-    grouped = param_groups(model, rank=options["rank"], target_modules=tuple(target_modules))
+    grouped = param_groups(model, rank=options["rank"], target_modules=target_modules)
     projected = {"params": grouped[-1]["params"], **options}
     full_rank = grouped[0]["params"] if len(grouped) == 2 else []
     if decay_parameter_names is None:
@@ -115,7 +117,9 @@ class LowRankTrainer(transformers.Trainer):
         lowrank_optimizer: the optimizer class (:class:`~lowrank_optim.GaLoreAdamW`, ``FiraAdamW``,
             ``DCTAdamW``, ``APOLLOAdamW``); or ``None`` with ``optimizers=(optimizer, scheduler)``.
         lowrank_options: the projected group's settings; ``rank`` is required.
-        target_modules: substrings of the module names whose linear weights are projected.
+        target_modules: substrings of the module names whose linear weights are projected (``None``:
+            :data:`~lowrank_optim.targets.DEFAULT_TARGET_MODULES`); what was projected is printed once
+            (rank 0) when the optimizer is built.
     """
 
     def __init__(
@@ -123,7 +127,7 @@ class LowRankTrainer(transformers.Trainer):
         *args: Any,
         lowrank_optimizer: type[GaLoreAdamW] | None = None,
         lowrank_options: Mapping[str, Any] | None = None,
-        target_modules: Sequence[str] = ("attn", "mlp"),
+        target_modules: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         given = (kwargs.get("optimizers") or (None, None))[0]
@@ -142,7 +146,7 @@ class LowRankTrainer(transformers.Trainer):
             raise ValueError("LowRankTrainer builds its optimizer from lowrank_optimizer: drop optimizer_cls_and_kwargs.")
         if isinstance(target_modules, str):
             raise TypeError(f"target_modules must be a sequence of strings, not the string {target_modules!r}.")
-        self._lowrank = (lowrank_optimizer, dict(lowrank_options or {}), tuple(target_modules))
+        self._lowrank = (lowrank_optimizer, dict(lowrank_options or {}), target_modules)
         self._given_optimizer = given
         self._bound_engine: Any = None
         super().__init__(*args, **kwargs)
@@ -168,10 +172,10 @@ class LowRankTrainer(transformers.Trainer):
                 self.optimizer = self._given_optimizer
             else:
                 cls, options, targets = self._lowrank
-                self.optimizer = build_optimizer(
-                    self.model if model is None else model, self.args, cls, options, targets,
-                    self.get_decay_parameter_names(self.model if model is None else model),
-                )
+                model = self.model if model is None else model
+                self.optimizer = build_optimizer(model, self.args, cls, options, targets, self.get_decay_parameter_names(model))
+                if self.is_world_process_zero():
+                    print(find_targets(model, targets))
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..ops import sparse_gather, sparse_scatter_add_
+from ..optim._validation import matrix_shape
+from ..targets import DEFAULT_TARGET_MODULES, Target, find_targets
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -224,6 +226,9 @@ class SLTrainLinear(nn.Module):
     """
 
     indices: Tensor
+    #: The layer type :func:`merge_sltrain` gives back when it is not ``nn.Linear`` (set by
+    #: :func:`convert_to_sltrain` for a Conv1D; not part of the state dict).
+    merges_to: type | None = None
 
     def __init__(
         self,
@@ -429,12 +434,19 @@ def convert_to_sltrain(
     rank: int,
     delta: float = 0.03,
     alpha: float | None = None,
-    target_modules: Sequence[str] = ("attn", "mlp"),
+    target_modules: Sequence[str] | None = None,
     seed: int = 0,
     trainable_scale: bool = False,
     init: str = "reference",
 ) -> ConversionReport:
-    """Replace, in place, every ``nn.Linear`` whose qualified name contains a ``target_modules`` string.
+    """Replace, in place, every linear layer that ``target_modules`` selects by an :class:`SLTrainLinear`.
+
+    The layers are chosen by the rule shared with :func:`~lowrank_optim.optim.param_groups`
+    (:func:`lowrank_optim.targets.find_targets`; ``None``: the attention and MLP projections of the
+    common architectures): ``nn.Linear`` and GPT-2's ``Conv1D`` (whose ``in x out`` weight becomes the
+    layer's ``out x in`` weight; :func:`merge_sltrain` gives a ``Conv1D`` back); embeddings, ``lm_head``
+    and norms stay dense, and a pattern of the user's that matches nothing, or matches a module with a
+    matrix that is not a linear layer, is an error.
 
     ``init="reference"`` (pretraining from scratch): the reference init, the dense weights dropped.
     ``init="dense"`` (continuing from a dense or exported model): :meth:`SLTrainLinear.from_linear`, i.e.
@@ -442,76 +454,66 @@ def convert_to_sltrain(
     so the layer equals the weight on the support and its rank-``rank`` part elsewhere; with the seed of
     an earlier conversion the support is that conversion's.
 
-    Substring matching as in the GaLore/SLTrain scripts; embeddings, ``lm_head`` and norms stay dense
-    unless a pattern names them. Matched containers and parameter-free or vector-parameter modules
-    (activations, norms) are skipped; any other matched module that is not an ``nn.Linear`` (e.g. an
-    embedding or a fused ``Conv1D``) is an error, as is a pattern that matches no module name. The new
-    layers get the reference init (the dense weights are dropped, as in the reference) on the old
-    weight's device and dtype; the layer named ``name`` is seeded with ``derive_seed(seed, name)``, so a
-    conversion is reproducible and identical on every rank. Everything is validated before the first
-    replacement.
+    The new layers are on the old weight's device and dtype; the layer named ``name`` is seeded with
+    ``derive_seed(seed, name)``, so a conversion is reproducible and identical on every rank. Everything
+    is validated before the first replacement.
     """
     _check_delta(delta)
     if init not in _INITS:
         raise ValueError(f"Invalid init: {init!r}. Must be one of {', '.join(_INITS)}.")
-    patterns = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not patterns:
-        raise ValueError("target_modules=() is empty; name at least one module-name pattern")
-    named_modules = [(name, module) for name, module in model.named_modules() if name]
-    for pattern in patterns:
-        if not any(pattern in name for name, _ in named_modules):
-            examples = ", ".join(repr(name) for name, _ in named_modules[:_NAMES_SHOWN_IN_ERRORS])
-            raise ValueError(
-                f"target_modules pattern {pattern!r} matches no module name of {type(model).__name__}; "
-                f"module names include: {examples}"
-            )
-
-    targets: list[tuple[str, nn.Linear]] = []
-    for name, module in named_modules:
-        if not any(pattern in name for pattern in patterns):
-            continue
-        if isinstance(module, nn.Linear):
-            _check_rank(rank, module.in_features, module.out_features, module_name=name)
-            targets.append((name, module))
-        elif isinstance(module, SLTrainLinear):
+    patterns = (target_modules,) if isinstance(target_modules, str) else target_modules
+    for name, module in model.named_modules():
+        if isinstance(module, SLTrainLinear) and any(p in name for p in patterns or DEFAULT_TARGET_MODULES):
             raise TypeError(f"module {name!r} matches target_modules but is already an SLTrainLinear")
-        elif any(param.dim() >= 2 for param in module.parameters(recurse=False)):
-            raise TypeError(
-                f"module {name!r} matches target_modules={patterns!r} but its type is {type(module).__name__}, "
-                "not nn.Linear; narrow target_modules so that it is not matched"
-            )
-    if not targets:
-        raise ValueError(f"target_modules={patterns!r} match module names of {type(model).__name__} but no nn.Linear")
+    targets = find_targets(model, patterns).targets
+    for target in targets:
+        in_features, out_features = _linear_shape(target)
+        _check_rank(rank, in_features, out_features, module_name=target.name)
 
     params_before = _count_parameters(model)
     index_bytes = 0
-    for name, linear in targets:
-        parent_name, _, child_name = name.rpartition(".")
+    for target in targets:
+        parent_name, _, child_name = target.name.rpartition(".")
+        in_features, out_features = _linear_shape(target)
+        weight, bias = target.weight, target.module._parameters.get("bias")
         if init == "dense":
+            dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(weight.t() if target.transposed else weight)
+                if bias is not None:
+                    dense.bias.copy_(bias)
             layer = SLTrainLinear.from_linear(
-                linear, rank=rank, delta=delta, alpha=alpha, trainable_scale=trainable_scale, seed=derive_seed(seed, name)
+                dense, rank=rank, delta=delta, alpha=alpha, trainable_scale=trainable_scale, seed=derive_seed(seed, target.name)
             )
         else:
             layer = SLTrainLinear(
-                linear.in_features,
-                linear.out_features,
+                in_features,
+                out_features,
                 rank=rank,
                 delta=delta,
                 alpha=alpha,
-                bias=linear.bias is not None,
+                bias=bias is not None,
                 trainable_scale=trainable_scale,
-                seed=derive_seed(seed, name),
-                device=linear.weight.device,
-                dtype=linear.weight.dtype,
+                seed=derive_seed(seed, target.name),
+                device=weight.device,
+                dtype=weight.dtype,
             )
+        if target.transposed:
+            layer.merges_to = type(target.module)  # merge_sltrain rebuilds a Conv1D
         setattr(model.get_submodule(parent_name), child_name, layer)
         index_bytes += layer.indices.numel() * layer.indices.element_size()
     return ConversionReport(
-        converted=tuple(name for name, _ in targets),
+        converted=tuple(target.name for target in targets),
         params_before=params_before,
         params_after=_count_parameters(model),
         index_bytes=index_bytes,
     )
+
+
+def _linear_shape(target: Target) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer or a Conv1D (weight ``in x out``)."""
+    rows, cols = matrix_shape(target.weight)
+    return (rows, cols) if target.transposed else (cols, rows)
 
 
 @torch.no_grad()
@@ -536,6 +538,16 @@ def merge_sltrain(model: nn.Module) -> ConversionReport:
     for name, layer in targets:
         parent_name, _, child_name = name.rpartition(".")
         linear = layer.to_linear()
+        conv1d = getattr(layer, "merges_to", None)
+        if conv1d is not None:  # converted from a Conv1D: y = x W + b with W = weightᵀ
+            merged = conv1d(layer.out_features, layer.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+            merged.weight.copy_(linear.weight.t())
+            if merged.bias is not None:
+                if linear.bias is None:
+                    merged.bias = None
+                else:
+                    merged.bias.copy_(linear.bias)
+            linear = merged
         linear.requires_grad_(layer.B.requires_grad)
         setattr(model.get_submodule(parent_name), child_name, linear)
     return ConversionReport(

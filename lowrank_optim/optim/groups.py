@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from ..targets import find_targets
+
 __all__ = ["param_groups"]
 
 
@@ -16,33 +18,23 @@ def param_groups(
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
-    target_modules: Sequence[str] = ("attn", "mlp"),
+    target_modules: Sequence[str] | None = None,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into a full-rank group and a projected group.
 
-    The projected group holds the 2-D ``weight`` of every ``nn.Linear`` whose qualified module name
-    contains one of ``target_modules`` (the pretraining scripts of GaLore and Fira use
-    ``("attn", "mlp")``); embeddings, ``lm_head``, norms and biases stay full-rank. The defaults are
-    the papers' pretraining recipe (gap 200, scale 0.25). ``group_options`` go into the projected
-    group too (e.g. ``moment_policy="reset"``). Returns plain dicts:
+    The projected group holds the 2-D weight of every linear layer that ``target_modules`` selects
+    (:func:`lowrank_optim.targets.find_targets`, the rule shared with SLTrain's conversion and the
+    integrations; ``None``: :data:`~lowrank_optim.targets.DEFAULT_TARGET_MODULES`, the attention and MLP
+    projections of LLaMA, GPT-NeoX, GPT-2, BERT and similar models; the GaLore and Fira scripts use
+    ``("attn", "mlp")``); embeddings, ``lm_head``, norms and biases stay full-rank. The defaults are the
+    papers' pretraining recipe (gap 200, scale 0.25). ``group_options`` go into the projected group too
+    (e.g. ``moment_policy="reset"``). ``print(find_targets(model, target_modules))`` shows what is
+    projected and what is not. Returns plain dicts:
     ``[{"params": full_rank}, {"params": low_rank, "rank": ..., "update_proj_gap": ..., ...}]``.
     """
-    if isinstance(target_modules, str):
-        raise TypeError(f"target_modules must be a sequence of strings, not the string {target_modules!r}.")
-    lowrank_ids: set[int] = set()
-    lowrank = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(target in name for target in target_modules):
-            if module.weight.requires_grad and id(module.weight) not in lowrank_ids:
-                lowrank_ids.add(id(module.weight))
-                lowrank.append(module.weight)
-    if not lowrank:
-        linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        raise ValueError(
-            f"target_modules {tuple(target_modules)} match no nn.Linear module of the model "
-            f"(its Linear modules include {linear_names[:5]})."
-        )
+    lowrank = [target.weight for target in find_targets(model, target_modules).targets]
+    lowrank_ids = {id(p) for p in lowrank}
     full_rank = [p for p in model.parameters() if p.requires_grad and id(p) not in lowrank_ids]
     projected = dict(
         params=lowrank, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, **group_options

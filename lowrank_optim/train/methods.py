@@ -24,6 +24,7 @@ from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, available_c
 from ..nn import SLTrainLinear, derive_seed
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
 from ..projection import projector_names
+from ..targets import find_targets
 
 __all__ = [
     "METHODS",
@@ -40,7 +41,8 @@ __all__ = [
 
 METHODS = ("adamw", "galore", "fira", "dct", "sltrain")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
-#: Module-name substrings of the linears that GaLore/Fira/DCT project and SLTrain replaces (the papers').
+#: Module-name substrings of the linears that GaLore/Fira/DCT project and SLTrain replaces in our LLaMA (the
+#: papers'; :data:`lowrank_optim.targets.DEFAULT_TARGET_MODULES` finds the same ones).
 TARGET_MODULES = ("attn", "mlp")
 WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
@@ -176,20 +178,19 @@ def build_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
     if preset is not None and preset.method == "sltrain":
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and any(target in name for target in TARGET_MODULES):
-                parent, _, child = name.rpartition(".")
-                layer = SLTrainLinear(
-                    module.in_features,
-                    module.out_features,
-                    rank=preset.rank,
-                    delta=preset.delta,
-                    alpha=preset.alpha,
-                    seed=derive_seed(seed, name),
-                    device=device,
-                    dtype=dtype,
-                )
-                setattr(model.get_submodule(parent), child, layer)
+        for target in find_targets(model, TARGET_MODULES).targets:
+            parent, _, child = target.name.rpartition(".")
+            layer = SLTrainLinear(
+                target.module.in_features,
+                target.module.out_features,
+                rank=preset.rank,
+                delta=preset.delta,
+                alpha=preset.alpha,
+                seed=derive_seed(seed, target.name),
+                device=device,
+                dtype=dtype,
+            )
+            setattr(model.get_submodule(parent), child, layer)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:
