@@ -71,7 +71,8 @@ def run_comparison(
     )
     runs = [(method, False, steps) for method in methods] + [(method, True, per_layer_steps) for method in per_layer_methods]
     results = []
-    for method, per_layer, run_steps in runs:
+    for index, (method, per_layer, run_steps) in enumerate(runs, start=1):
+        log(f"method {index} of {len(runs)}: {method}{' with per-layer updates' if per_layer else ''}, {run_steps} updates")
         # Four evaluations along the way, so the eval curve is a curve and not a line from start to end.
         settings = TrainSettings(
             steps=run_steps, batch_size=batch_size, seq_len=seq_len, per_layer=per_layer, eval_batches=eval_batches,

@@ -34,6 +34,7 @@ from ..optim import optimizer_state_bytes
 from .measure import tensor_bytes
 from .methods import MethodPreset, build_model, build_optimizer, cosine_with_warmup
 from .per_layer import PerLayerUpdates
+from .progress import Progress
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -383,6 +384,7 @@ def pretrain(
     data_generator = torch.Generator().manual_seed(settings.seed)
     start_step = 0
     history: dict[str, list] = {"train": [], "eval": []}
+    resumed = saved is not None
     if saved is not None:
         # Loaded on the CPU: the RNG states must be CPU tensors; load_state_dict moves the rest to the
         # parameters' device.
@@ -394,11 +396,14 @@ def pretrain(
         start_step = int(saved["step"])
         history = {"train": [tuple(x) for x in saved["train_curve"]], "eval": [tuple(x) for x in saved["eval_curve"]]}
         saved = None  # the model and optimizer hold what they need: no second copy for the whole run
-        log(f"[{name}] resumed from {checkpoint} at update {start_step}")
+    log_every = settings.log_every or max(1, settings.steps // 10)
+    progress = Progress(settings.steps, name, log=log, every=log_every, start=start_step)
+    if resumed:
+        progress.message(f"[{name}] resumed from {checkpoint} at update {start_step}")
     else:
         initial = evaluate(model, stream, settings.batch_size, settings.eval_batches)
         history["eval"].append((0, initial))
-        log(f"[{name}] update 0/{settings.steps}  eval loss {initial:.4f}")
+        progress.message(f"[{name}] update 0/{settings.steps}  eval loss {initial:.4f}")
 
     def save() -> None:
         save_checkpoint(
@@ -433,7 +438,6 @@ def pretrain(
         scheduler.step()
         return total
 
-    log_every = settings.log_every or max(1, settings.steps // 10)
     tokens_per_update = settings.accumulation * settings.batch_size * settings.seq_len
     peak = None
     profiled_seconds = 0.0  # the profiled update is slower; it is left out of the throughput
@@ -451,14 +455,16 @@ def pretrain(
         else:
             loss = update()
         history["train"].append((step, loss))
-        if step % log_every == 0 or step == settings.steps:
+        if progress.tty or step % log_every == 0 or step == settings.steps:
             elapsed = time.perf_counter() - start_time
             rate = (step - start_step) * tokens_per_update / elapsed
             skipped = _skipped_updates(optimizer)
             note = f"  {skipped} parameter update(s) skipped so far (NaN/Inf gradients)" if skipped else ""
-            log(f"[{name}] update {step}/{settings.steps}  loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {rate:,.0f} tok/s{note}")
+            progress.update(step, loss, scheduler.get_last_lr()[0], rate, note)
         if settings.eval_every and step % settings.eval_every == 0 and step != settings.steps:
-            history["eval"].append((step, evaluate(model, stream, settings.batch_size, settings.eval_batches)))
+            evaluated = evaluate(model, stream, settings.batch_size, settings.eval_batches)
+            history["eval"].append((step, evaluated))
+            progress.message(f"[{name}] update {step}/{settings.steps}  eval loss {evaluated:.4f}")
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
             save()
     seconds = time.perf_counter() - start_time - profiled_seconds
@@ -467,7 +473,7 @@ def pretrain(
     history["eval"].append((settings.steps, final))
     if checkpoint is not None:
         save()
-    log(f"[{name}] final eval loss {final:.4f}  perplexity {math.exp(final):.2f}")
+    progress.message(f"[{name}] final eval loss {final:.4f}  perplexity {math.exp(final):.2f}")
     param_bytes = tensor_bytes(model.parameters())
     return {
         "method": name,
