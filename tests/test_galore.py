@@ -361,3 +361,22 @@ def test_duplicate_params_are_refused() -> None:
     message = "Param 0 of param group 1 (shape (4, 3)) appears more than once in the optimizer."
     with pytest.raises(ValueError, match=re.escape(message)):
         GaLoreAdamW([{"params": [weight]}, {"params": [weight], "rank": 2}])
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "FiraAdamW", "DCTAdamW", "APOLLOAdamW"])
+def test_reference_call_sites_with_no_deprecation_warning_run(name: str) -> None:
+    """galore-torch's and Fira's GaLoreAdamW/FiraAdamW take ``no_deprecation_warning`` as the 7th positional
+    argument (after correct_bias), apollo-torch's by keyword: their call sites run unchanged here."""
+    import lowrank_optim
+
+    cls = getattr(lowrank_optim, name)
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    group = [{"params": [w], "rank": 2, "update_proj_gap": 2}]
+    if name != "APOLLOAdamW":
+        cls(group, 1e-3, (0.9, 0.999), 1e-6, 0.0, True, True)
+    optimizer = cls(group, lr=1e-3, no_deprecation_warning=True)
+    w.grad = torch.randn(6, 4)
+    optimizer.step()
+    assert "no_deprecation_warning" not in optimizer.param_groups[0]
+    with pytest.raises(ValueError, match=re.escape("Invalid no_deprecation_warning: 'yes'. Must be True or False.")):
+        cls(group, lr=1e-3, no_deprecation_warning="yes")

@@ -93,3 +93,51 @@ def test_global_norm_clipping_is_refused() -> None:
     model = build_model(CONFIG)
     with pytest.raises(ValueError, match=r"clip_grad_norm \(1\.0\) is not supported"):
         PerLayerUpdates(torch.optim.AdamW(model.parameters()), clip_grad_norm=1.0)
+
+
+def test_galore_torch_per_layer_recipe_is_one_call() -> None:
+    """galore-torch's README recipe (one optimizer and one scheduler per parameter, stepped from a
+    post-accumulate-grad hook) equals ``PerLayerUpdates(one optimizer)`` with one scheduler, bit for bit."""
+    from lowrank_optim import GaLoreAdamW, param_groups
+    from lowrank_optim.models import LlamaConfig, LlamaForCausalLM
+    from lowrank_optim.train import PerLayerUpdates
+    from lowrank_optim.train.methods import cosine_with_warmup
+
+    config = LlamaConfig.from_name_or_path("test")
+    batches = [torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(5)]
+
+    def model() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+    # galore-torch's recipe, written as its README writes it.
+    theirs = model()
+    projected = {id(p) for p in param_groups(theirs, rank=4, update_proj_gap=2)[-1]["params"]}
+    optimizers, schedulers = {}, {}
+    for p in theirs.parameters():
+        group = {"params": [p], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"} if id(p) in projected else {"params": [p]}
+        optimizers[p] = GaLoreAdamW([group], lr=0.01)
+        schedulers[p] = cosine_with_warmup(optimizers[p], len(batches))
+
+    def hook(p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        optimizers[p].step()
+        optimizers[p].zero_grad()
+        schedulers[p].step()
+
+    for p in theirs.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    for ids in batches:
+        theirs(ids, labels=ids).loss.backward()
+
+    # Ours: one optimizer, one scheduler, one call.
+    ours = model()
+    optimizer = GaLoreAdamW(param_groups(ours, rank=4, update_proj_gap=2, scale=0.25), lr=0.01)
+    scheduler = cosine_with_warmup(optimizer, len(batches))
+    updates = PerLayerUpdates(optimizer)
+    for ids in batches:
+        updates.backward(ours(ids, labels=ids).loss)
+        scheduler.step()
+    for a, b in zip(theirs.parameters(), ours.parameters()):
+        assert torch.equal(a, b)

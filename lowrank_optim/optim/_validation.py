@@ -113,6 +113,13 @@ def matrix_shape(param: Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
+def check_no_deprecation_warning(value: Any) -> None:
+    """galore-torch's, Fira's and apollo-torch's ``no_deprecation_warning`` (they inherit it from
+    transformers' AdamW): accepted so their call sites run unchanged; there is no warning to silence."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid no_deprecation_warning: {value!r}. Must be True or False.")
+
+
 def check_finite_number(name: str, value: Any, where: str = "") -> None:
     """A plain finite real number (``scale``, ``alpha``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

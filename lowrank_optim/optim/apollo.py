@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..projection import FIRA_GAMMA, Projector, SVDProjector, resolve_projector
 from ..state_keys import UPDATE_NORM
-from ._validation import check_finite_number, check_limiter_gamma, normalize_scalars
+from ._validation import check_finite_number, check_limiter_gamma, check_no_deprecation_warning, normalize_scalars
 from .galore import ApolloTerm, GaLoreAdamW, _Batch, group_projector
 
 __all__ = ["APOLLO_SCALE_TYPES", "APOLLOAdamW"]
@@ -91,8 +91,7 @@ class APOLLOAdamW(GaLoreAdamW):
         fused: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        if not isinstance(no_deprecation_warning, bool):
-            raise ValueError(f"Invalid no_deprecation_warning: {no_deprecation_warning!r}. Must be True or False.")
+        check_no_deprecation_warning(no_deprecation_warning)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

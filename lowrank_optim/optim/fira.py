@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..ops.fira import FIRA_FOLDED_DTYPES, FIRA_RESIDUAL_DTYPES, fira_folded_accepts, fira_residual_accepts
 from ..projection import FIRA_GAMMA, Projection, Projector, fira_coefficients
-from ._validation import check_fira_options, normalize_scalars, resolve_alpha_alias
+from ._validation import check_fira_options, check_no_deprecation_warning, normalize_scalars, resolve_alpha_alias
 from .exchange import Exchange
 from ..state_keys import RESIDUAL_NORM
 from .galore import FiraTerm, GaLoreAdamW, _Batch, _foldable_dtypes, galore_adamw, group_projector
@@ -72,6 +72,7 @@ class FiraAdamW(GaLoreAdamW):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        no_deprecation_warning: bool = True,
         *,
         update_proj_gap: int = 200,
         alpha: float = 1.0,
@@ -87,6 +88,7 @@ class FiraAdamW(GaLoreAdamW):
         nonfinite: str = "skip",
         fold_residual: bool = True,
     ) -> None:
+        check_no_deprecation_warning(no_deprecation_warning)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

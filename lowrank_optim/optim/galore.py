@@ -71,6 +71,7 @@ from ._validation import (
     check_group_keys,
     check_implementation_options,
     check_moment_options,
+    check_no_deprecation_warning,
     check_no_duplicates,
     check_nonfinite_policy,
     check_param_tensors,
@@ -174,6 +175,7 @@ class GaLoreAdamW(Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        no_deprecation_warning: bool = True,
         *,
         update_proj_gap: int = 200,
         scale: float = 1.0,
@@ -186,6 +188,7 @@ class GaLoreAdamW(Optimizer):
         fused: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
+        check_no_deprecation_warning(no_deprecation_warning)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
