@@ -148,6 +148,32 @@ def test_deepspeed_on_two_ranks_equals_one_process(deepspeed_runs: Path, case: s
     assert difference <= (4e-6 if "fira" in case else 1e-6), (case, difference)
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_accelerate_with_deepspeed_equals_one_process(tmp_path_factory: pytest.TempPathFactory, stage: int) -> None:
+    """Accelerate's DeepSpeed plugin through lowrank_optim.integrations.accelerate.prepare (which binds the
+    engine) on 2 ranks equals Accelerate in one process."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    out = tmp_path_factory.mktemp(f"accelerate{stage}")
+    worker = str(Path(cases.__file__).parent / "accelerate_case.py")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for command in ([sys.executable, worker, str(out), "-1"],
+                    [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", worker, str(out), str(stage)]):
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-6000:]
+    plain = torch.load(out / "accelerate_-1.pt", weights_only=True)
+    sharded = torch.load(out / f"accelerate_{stage}.pt", weights_only=True)
+    difference = max((a - b).abs().max().item() for a, b in zip(plain, sharded))
+    assert difference <= 1e-6, difference
+
+
+def test_accelerate_prepare_needs_the_optimizer() -> None:
+    from lowrank_optim.integrations.accelerate import prepare
+
+    with pytest.raises(ValueError, match="needs exactly one lowrank_optim optimizer among the objects; got 0 \\(Linear\\)"):
+        prepare(object(), torch.nn.Linear(2, 2))
+
+
 # --- refusals -------------------------------------------------------------------------------------------
 
 
