@@ -254,7 +254,9 @@ def test_fira_folded_kernel_matches_reference(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_reductions_do_not_depend_on_thread_count(dim: int, dtype: torch.dtype) -> None:
     """The CPU kernels' sums (Fira's norms, DCT's scores) are added in a fixed order: bit-identical results
-    with 1 and 2 threads."""
+    with 1 and 2 threads. The folded Fira update's weight is the exception: its back-projection is ATen's
+    GEMM (``addmm_``), whose MKL kernels round with the thread count on some CPUs (seen on AVX-512 + AMX:
+    4.8e-7 at dim 1; bitwise on AVX2), so it is held to a few ulps while its limiter norm stays bitwise."""
     _require_kernels("cpu")
     grad, back, normalized, lowrank = _fira_inputs((300, 777, 24), dim, dtype, torch.float32, "cpu")
     transformed = _randn(300, 777, dtype=torch.float32, device="cpu", seed=15)
@@ -275,12 +277,16 @@ def test_cpu_reductions_do_not_depend_on_thread_count(dim: int, dtype: torch.dty
             for first, grows in ((True, 1.0), (False, 4.0)):
                 OPS.fira_folded_(weight, fgrad * grows, flow * grows, fnorm, fbasis, folded_state, dim, 0.25, 0.25, 1.0,
                                  1.01, first, 0.01)
-                outputs += [weight.clone(), folded_state.clone()]
+                outputs += [("gemm", weight.clone()), folded_state.clone()]
             results.append(outputs)
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*results):
-        assert torch.equal(one, two)
+        if isinstance(one, tuple):
+            (_, one), (_, two) = one, two
+            torch.testing.assert_close(one, two, rtol=0, atol=8 * torch.finfo(one.dtype).eps * one.abs().max().item())
+        else:
+            assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("device", DEVICES)

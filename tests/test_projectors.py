@@ -249,7 +249,8 @@ def test_rotate_is_exact_for_a_signed_permutation_and_keep_for_dct() -> None:
         for grad in grads:
             weight.grad = grad.clone()
             optimizer.step()
-    torch.testing.assert_close(weights[0], weights[1], atol=1e-7, rtol=0)
+    # Equal to rounding: 1 ulp of |w| < 2 apart (seen on AVX-512 + AMX: 1.2e-7 in 1 of 96 elements).
+    torch.testing.assert_close(weights[0], weights[1], atol=2.4e-7, rtol=0)
 
 
 def test_fira_takes_every_policy() -> None:
