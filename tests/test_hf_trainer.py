@@ -125,7 +125,7 @@ def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hf_ds")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(cases.__file__)), str(out)]
-    command += ["zero0", "zero2", "zero3", "zero3:fira", "zero2:ckpt", "zero3:ckpt"]
+    command += ["zero0", "zero2", "zero3", "zero3:fira", "zero2:ckpt", "zero3:ckpt", "zero0:bf16"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if completed.returncode != 0:
         raise AssertionError(f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
@@ -146,6 +146,13 @@ def test_deepspeed_on_two_ranks_equals_one_process(deepspeed_runs: Path, case: s
     # Fira: one process folds the residual into the back-projection, the pieces of a matrix split between
     # ranks form it explicitly (tests/test_distributed_fragments.py, TOLERANCES): a few ulps apart.
     assert difference <= (4e-6 if "fira" in case else 1e-6), (case, difference)
+
+
+def test_deepspeed_stage0_bf16_warm_up_step_is_undone(deepspeed_runs: Path) -> None:
+    """DeepSpeed's stage-0 bf16 wrapper steps the optimizer once with zero gradients while it is built; a
+    Trainer whose create_optimizer returned our optimizer without binding counted 7 steps for 6 updates."""
+    (steps,) = torch.load(deepspeed_runs / "zero0:bf16.pt", weights_only=True)
+    assert steps.tolist() == [float(cases.STEPS)]
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

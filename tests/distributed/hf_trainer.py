@@ -3,7 +3,8 @@
 ``python hf_trainer.py OUT CASE...``: each case trains the tiny LLaMA and saves its final parameters to
 ``OUT/<case>.pt`` (rank 0). Cases: ``plain`` (one process, global batch 8), ``zero<S>`` (DeepSpeed ZeRO-S,
 4 sequences per rank), ``zero<S>:ckpt`` (save at step 3, resume in a new Trainer, final parameters), and
-``<case>:fira`` for FiraAdamW.
+``<case>:fira`` for FiraAdamW; ``zero0:bf16`` saves the optimizer's step counts instead (DeepSpeed's
+stage-0 bf16 wrapper steps once while it is built; bind undoes it).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def arguments(out: Path, world: int, stage: int | None, **changes):
         settings["deepspeed"] = {
             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+            "bf16": {"enabled": "auto"},
         }
     settings.update(changes)
     return transformers.TrainingArguments(**settings)
@@ -83,6 +85,11 @@ def run_case(out: Path, case: str, world: int) -> list[torch.Tensor]:
     stage = None if name == "plain" else int(name.removeprefix("zero"))
     fira = "fira" in options
     work = out / case.replace(":", "_")
+    if "bf16" in options:  # the optimizer's step counts: DeepSpeed's warm-up step must not be one of them
+        run = trainer(work, world, stage, fira, bf16=True)
+        run.train()
+        base = run.accelerator.deepspeed_engine_wrapped.engine.basic_optimizer  # ours
+        return [torch.tensor(sorted({float(state["step"]) for state in base.state.values()}))]
     if "ckpt" in options:
         first = trainer(work, world, stage, fira, save_strategy="steps", save_steps=3)
         first.train()
