@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Without --config: the table for 60M-7B beside the published estimates. "
                               "With --config: one line per method, in GB (1e9 bytes).")
     sub.add_argument("--config", metavar="NAME_OR_JSON", help="one LLaMA config (default: the 60M-7B table)")
-    sub.add_argument("--presets", metavar="NAME_OR_JSON", help="method presets (default: the --config name's, or the packaged size nearest in parameters)")
+    sub.add_argument("--presets", metavar="NAME_OR_JSON",
+                     help="method presets (default: the --config name's, or the packaged size nearest in parameters)")
     sub.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
                      help="methods, comma-separated (default: all)")
     sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="bfloat16",

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .models import LlamaConfig, LlamaForCausalLM
-from .nn import SLTrainLinear, index_dtype_for
+from .nn import index_dtype_for
 from .targets import find_targets
 from .train.methods import METHODS, TARGET_MODULES, MethodPreset
 
@@ -208,7 +208,9 @@ def format_estimate_table(
     """The estimate table for the paper sizes with their presets, beside the published estimates, with notes."""
     from .train.methods import load_presets
 
-    header = ("size", "method", "rank", "weights", "states", "W+S", "published", "vs adamw", "grads", "per-layer grads", "activations")
+    header = (
+        "size", "method", "rank", "weights", "states", "W+S", "published", "vs adamw", "grads", "per-layer grads", "activations"
+    )
     rows = []
     for size in sizes:
         config = LlamaConfig.from_name_or_path(size)
@@ -239,7 +241,10 @@ def format_estimate_table(
                 )
             )
     widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))) for row in (header, *rows)]
+    lines = [
+        "  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+        for row in (header, *rows)
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     dtype_name = str(dtype).removeprefix("torch.")
     notes = f"""

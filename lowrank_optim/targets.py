@@ -39,7 +39,9 @@ _SHOWN = 8
 
 def is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` of shape ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module._parameters.get("weight"), nn.Parameter)
+    return (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module._parameters.get("weight"), nn.Parameter)
+    )
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -23,6 +23,7 @@ masters) are not part of it: save them with the model's ``state_dict`` (at ZeRO-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,8 +38,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
 from ..optim.galore import GaLoreAdamW
-from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
 from ..projection import Side, basis_shapes, effective_rank, keeps_aligned, lowrank_shape, resolve_side
+from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
 from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _my_shard, _Partition, _sharded
 from .plan import MatrixPlan
 
@@ -416,7 +417,7 @@ def _build_fragments(
             if mp.piece is None:
                 continue
             saved = _entry(entries, mp.name)
-            matrix = _init_matrix_state(lambda like, st: optimizer._init_state(group, like, st), group, flat, mp, part)
+            matrix = _init_matrix_state(functools.partial(optimizer._init_state, group), group, flat, mp, part)
             bounds = tuple(matrix[SHARD].tolist()) if SHARD in matrix else None
             side = resolve_side(group["proj_type"], mp.shape)
             rank_r = effective_rank(group["rank"], mp.shape)

@@ -74,7 +74,9 @@ class TorchCommunicator:
         """Every rank's ``input`` into ``outputs`` (rank order) on group rank ``dst`` (``None`` elsewhere)."""
         if self.rank != dst:
             self.elements += input.numel()
-        dist.gather(input, gather_list=outputs, dst=dist.get_global_rank(self.group, dst) if self.group else dst, group=self.group)
+        dist.gather(
+            input, gather_list=outputs, dst=dist.get_global_rank(self.group, dst) if self.group else dst, group=self.group
+        )
 
     def broadcast(self, tensor: Tensor, src: int) -> None:
         """``tensor`` of group rank ``src`` on every rank (counted once, on ``src``)."""

@@ -413,7 +413,9 @@ def _cut_rows(mp: MatrixPlan) -> list[tuple[int, int]]:
     return result
 
 
-def _local_projector(mp: MatrixPlan, part: _Partition, rank: int, side: Side, rank_r: int, specs: list[ProjectorTensor], whole: list[Tensor]) -> list[Tensor]:
+def _local_projector(
+    mp: MatrixPlan, part: _Partition, rank: int, side: Side, rank_r: int, specs: list[ProjectorTensor], whole: list[Tensor]
+) -> list[Tensor]:
     """This holder's pieces of whole projector tensors: of a sharded matrix, its share of each tensor the
     projector keeps aligned with the matrix (:meth:`FragmentLayout.new_state`); all of the others."""
     if not _sharded(part, mp, side):
@@ -455,7 +457,13 @@ def _refresh_owners(plan: PartitionPlan, world_size: int) -> dict[str, int]:
     return owners
 
 
-def _all_reduce_tensors(comm: Communicator, device: torch.device, tensors: list[list[Tensor | None]], specs: list[list[ProjectorTensor]], default: torch.dtype) -> list[list[Tensor]]:
+def _all_reduce_tensors(
+    comm: Communicator,
+    device: torch.device,
+    tensors: list[list[Tensor | None]],
+    specs: list[list[ProjectorTensor]],
+    default: torch.dtype,
+) -> list[list[Tensor]]:
     """Sum, over ranks, lists of whole tensors of the given specs (``None``: contribute zeros), one bucket
     per dtype. Each tensor is written by one rank only, so the sum is exact and alike on every rank."""
     dtypes = sorted({spec.dtype or default for entry in specs for spec in entry}, key=str)

@@ -341,7 +341,7 @@ class _Exchange:
 
     def _all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
         result: list[Tensor | None] = [None] * len(tensors)
-        for dtype, members in _by_dtype(tensors).items():
+        for _dtype, members in _by_dtype(tensors).items():
             flat = torch.cat([tensors[k].reshape(-1) for k in members])
             self.comm.all_reduce(flat)
             offset = 0
@@ -354,7 +354,7 @@ class _Exchange:
         """Whole ``h x n`` tensors from every rank's column chunk (one all-gather per dtype)."""
         result: list[Tensor | None] = [None] * len(locals_)
         world = self.world
-        for dtype, members in _by_dtype(locals_).items():
+        for _dtype, members in _by_dtype(locals_).items():
             chunks = [-(-widths[k] // world) for k in members]
             mine = []
             for k, chunk in zip(members, chunks):
@@ -377,7 +377,7 @@ class _Exchange:
         """This rank's column chunk of the sum over ranks of each ``h x n`` tensor (one reduce-scatter per dtype)."""
         result: list[Tensor | None] = [None] * len(partials)
         world = self.world
-        for dtype, members in _by_dtype(partials).items():
+        for _dtype, members in _by_dtype(partials).items():
             segments, chunks = [], []
             for k in members:
                 h, n = partials[k].shape

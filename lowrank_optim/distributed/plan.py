@@ -27,8 +27,8 @@ class Piece:
 
 @dataclass(frozen=True, kw_only=True)
 class MatrixPlan:
-    """One parameter (a projected matrix, or any full-rank tensor) as seen from one rank: its name and full shape, the ranks that hold a
-    non-empty piece of it (ascending; the first is the owner that computes the projector), and this
+    """One parameter (a projected matrix, or any full-rank tensor) as seen from one rank: its name and full shape, the ranks that
+    hold a non-empty piece of it (ascending; the first is the owner that computes the projector), and this
     rank's piece (``None`` when it holds none). Holder ``holders[j]`` holds ``[starts[j], starts[j + 1])``
     (the last one up to ``numel``)."""
 

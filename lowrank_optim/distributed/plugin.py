@@ -20,8 +20,8 @@ from torch import nn
 
 from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW
 from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number
-from ..targets import DEFAULT_TARGET_MODULES, find_targets
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names
+from ..targets import DEFAULT_TARGET_MODULES, find_targets
 from .zero import bind
 
 __all__ = ["SECTION", "LowRankSection", "initialize", "optimizer_factory", "param_groups_for", "read_config"]

@@ -141,7 +141,9 @@ class LowRankTrainer(transformers.Trainer):
         if lowrank_optimizer is not None:
             _check_optimizer_cls(lowrank_optimizer)
             if not lowrank_options or "rank" not in lowrank_options:
-                raise ValueError(f"lowrank_options ({lowrank_options!r}) must give the projected group's rank, e.g. {{'rank': 128}}.")
+                raise ValueError(
+                    f"lowrank_options ({lowrank_options!r}) must give the projected group's rank, e.g. {{'rank': 128}}."
+                )
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError("LowRankTrainer builds its optimizer from lowrank_optimizer: drop optimizer_cls_and_kwargs.")
         if isinstance(target_modules, str):

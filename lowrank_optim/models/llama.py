@@ -152,7 +152,11 @@ class LlamaConfig:
                 raise ValueError(f"Hugging Face config field {key} ({values[key]!r}) is not supported; must be {allowed}")
         rope = values.pop("rope_parameters", None)
         if rope is not None:
-            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or set(rope) - {"rope_theta", "rope_type"}:
+            if (
+                not isinstance(rope, dict)
+                or rope.get("rope_type", "default") != "default"
+                or set(rope) - {"rope_theta", "rope_type"}
+            ):
                 raise ValueError(f"Hugging Face config field rope_parameters ({rope!r}) is not supported; must be "
                                  "{'rope_type': 'default', 'rope_theta': <number>} (plain RoPE)")
             if "rope_theta" in rope:

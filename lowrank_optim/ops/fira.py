@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from ..projection.fira import fira_folded_update_, scale_and_limit_residual_
-from ..projection.subspace import Subspace
-from ..projection.subspace import Side
+from ..projection.subspace import Side, Subspace
 from . import _library
 from ._library import check_skip, define_op
 
@@ -256,7 +255,9 @@ def _check_folded_args(
             f"{op_name}: residual_norm (shape {tuple(residual_norm.shape)}, {residual_norm.dtype}) must be a "
             "0-dim torch.float32 or torch.float64 tensor"
         )
-    tensors = (("grad", grad), ("lowrank", lowrank), ("normalized", normalized), ("basis", basis), ("residual_norm", residual_norm))
+    tensors = (
+        ("grad", grad), ("lowrank", lowrank), ("normalized", normalized), ("basis", basis), ("residual_norm", residual_norm)
+    )
     for name, tensor in tensors:
         if tensor.device != param.device:
             raise ValueError(f"{op_name}: {name}.device={tensor.device} must equal param.device={param.device}")

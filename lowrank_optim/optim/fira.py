@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..ops.fira import FIRA_FOLDED_DTYPES, FIRA_RESIDUAL_DTYPES, fira_folded_accepts, fira_residual_accepts
 from ..projection import FIRA_GAMMA, Projection, Projector, fira_coefficients
+from ..state_keys import RESIDUAL_NORM
 from ._validation import check_fira_options, check_no_deprecation_warning, normalize_scalars, resolve_alpha_alias
 from .exchange import Exchange
-from ..state_keys import RESIDUAL_NORM
 from .galore import FiraTerm, GaLoreAdamW, _Batch, _foldable_dtypes, galore_adamw, group_projector
 
 __all__ = ["FiraAdamW", "fira_adamw"]
@@ -205,8 +205,8 @@ def fira_adamw(
 
     ``residual_norms[i]`` is the limiter state (0-dim fp32 tensor) of projected parameter ``i``, updated
     in place; ``None`` for full-rank parameters. Its first step (``state_steps[i] == 0``) only stores the
-    norm. ``fold_residual`` as in :class:`FiraAdamW`. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts``, ``found_inf`` and ``exchange`` as in
-    :func:`~lowrank_optim.optim.galore_adamw`.
+    norm. ``fold_residual`` as in :class:`FiraAdamW`. ``nonfinite``, ``on_nonfinite_refresh``, ``skip_counts``, ``found_inf``
+    and ``exchange`` as in :func:`~lowrank_optim.optim.galore_adamw`.
     """
     galore_adamw(
         params,

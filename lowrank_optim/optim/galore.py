@@ -48,22 +48,23 @@ from ..projection import (
     Subspace,
     add_project_back_,
     effective_rank,
-    lowrank_shape,
-    nonfinite_flag,
-    project,
-    project_back,
     fira_folded_update_,
     fira_residual,
     fira_scaling,
     limit_norm_growth_,
+    lowrank_shape,
+    nonfinite_flag,
+    project,
+    project_back,
     projector_state_dtypes,
+    refresh_specs,
     resolve_projector,
     resolve_side,
-    refresh_specs,
     rotate_moments_,
     rotates,
     rotations,
 )
+from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
 from ._state import StateDtypeKeeper
 from ._validation import (
     check_adam_hyperparameters,
@@ -80,7 +81,6 @@ from ._validation import (
     normalize_scalars,
 )
 from .exchange import LOCAL, Exchange
-from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
 from .layout import Layout, layout_for
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
@@ -658,7 +658,9 @@ def _apollo_updates_(
     if apollo.limit:
         norms = exchange.residual_norms(indices, [updates[i] for i in indices])
         for i, norm in zip(indices, norms):
-            limit_norm_growth_(updates[i], apollo.update_norms[i], gamma=apollo.gamma, first=steps[i] == 0, norm=norm, skip=skips[i])
+            limit_norm_growth_(
+                updates[i], apollo.update_norms[i], gamma=apollo.gamma, first=steps[i] == 0, norm=norm, skip=skips[i]
+            )
     for i in indices:
         update = updates.pop(i)
         if not apollo.multiplier_first and apollo.multiplier != 1.0:
@@ -1169,10 +1171,20 @@ def _galore_adamw_impl(
         elif fira is None:
             add_project_back_(param, block_n[i], subspace, alpha=-step_sizes[i] * scale)
         elif exchange.whole(i) and fira.fold and _foldable(param, block_n[i]):
-            _fira_folded(param, grads[i], block_r[i], block_n[i], subspace, fira, scale, i, steps[i] == 0, step_sizes[i], skips[i], fused)
+            _fira_folded(
+                param, grads[i], block_r[i], block_n[i], subspace, fira, scale, i, steps[i] == 0, step_sizes[i], skips[i], fused
+            )
         elif exchange.whole(i):
             residual = _fira_residual(
-                grads[i], block_r[i], block_n[i], subspace, fira.residual_norms[i], fira, first=steps[i] == 0, skip=skips[i], fused=fused
+                grads[i],
+                block_r[i],
+                block_n[i],
+                subspace,
+                fira.residual_norms[i],
+                fira,
+                first=steps[i] == 0,
+                skip=skips[i],
+                fused=fused,
             )
             # The reference adds back(N)·alpha + S first and applies it in one step; so do we.
             param.add_(add_project_back_(residual, block_n[i], subspace, alpha=scale), alpha=-step_sizes[i])

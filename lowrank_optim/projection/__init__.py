@@ -1,6 +1,9 @@
 """Pure tensor functions for low-rank gradient projection (shared by every optimizer and layout), and
 the projectors (:mod:`.projector`) that choose the subspace."""
 
+# isort: off
+# The order of these imports is the projectors' registration order (projector_names(), the choices
+# listed in messages): svd first (the default), then rsvd, dct, random. An import sorter must not touch it.
 from .projector import (
     Projection,
     Projector,
@@ -9,8 +12,8 @@ from .projector import (
     projector_names,
     projector_state_dtypes,
     register_projector,
-    resolve_projector,
     refresh_specs,
+    resolve_projector,
     rotate_moments_,
     rotates,
     rotations,
@@ -37,8 +40,8 @@ from .random import RandomProjector, next_seed, random_matrices  # registered af
 from .fira import (
     FIRA_GAMMA,
     FIRA_RESIDUALS,
-    fira_coefficients,
     apply_folded_update_,
+    fira_coefficients,
     fira_folded_terms,
     fira_folded_update_,
     fira_residual,
@@ -60,6 +63,7 @@ from .subspace import (
     project_back,
     resolve_side,
 )
+# isort: on
 
 __all__ = [
     "DCT_BASES",

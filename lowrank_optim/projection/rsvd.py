@@ -47,7 +47,8 @@ Cost
 Each product with ``A`` or ``Aᵀ`` is ``2 m n k`` FLOPs and there are ``2q + 2`` of them; the ``2q + 1``
 Householder QRs (``geqrf`` + ``orgqr``) cost about ``4 d k²`` each for a ``d x k`` block and the final
 SVD of the ``n' x k`` block ``O(n' k²)``. In total about ``(2q + 2)·2mnk + 4(2q + 1)·max(m, n)·k²``
-FLOPs. At 5461 x 2048, ``r = 512``, ``p = 16`` (``k = 528``): about 62 GFLOP for the warm default ``q = 1`` and 154 GFLOP for the cold default ``q = 4``.
+FLOPs. At 5461 x 2048, ``r = 512``, ``p = 16`` (``k = 528``): about 62 GFLOP for the warm default ``q = 1`` and 154 GFLOP
+for the cold default ``q = 4``.
 That is less of a saving than the SVD's textbook count (``6mn² + 20n³`` for the R-SVD, Golub & Van
 Loan) suggests: LAPACK's ``gesdd`` behind ``torch.linalg.svd`` reduces to ``n x n`` by a QR first and uses
 divide and conquer, and on the 2-core CPU measured it runs that shape in about 2 s, near GEMM speed. The

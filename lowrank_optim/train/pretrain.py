@@ -449,7 +449,7 @@ def pretrain(
             resident = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + optimizer_state_bytes(optimizer)
             losses: list[float] = []
             profile_start = time.perf_counter()
-            peak = resident + peak_extra_memory(lambda: losses.append(update()), device)
+            peak = resident + peak_extra_memory(lambda losses=losses: losses.append(update()), device)
             profiled_seconds = time.perf_counter() - profile_start
             loss = losses[0]
         else:

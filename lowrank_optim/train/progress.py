@@ -73,7 +73,10 @@ class Progress:
         fields = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_second:,.0f} tok/s"
         if self.tty:
             percent = 100 * step / self.total
-            line = f"[{self.name}] {step}/{self.total} {_bar(step / self.total)} {percent:3.0f}%  {fields}  ETA {_clock(eta)}{note}"
+            line = (
+                f"[{self.name}] {step}/{self.total} {_bar(step / self.total)} {percent:3.0f}%  "
+                f"{fields}  ETA {_clock(eta)}{note}"
+            )
             self.stream.write("\r" + line + "\x1b[K")  # erase what a longer previous line left
             self._drawn = True
             if step == self.total:
