@@ -22,7 +22,7 @@ DIFFERENT = {"reverse-std-channel-rank1", "rank-above-dim"}
 
 @pytest.mark.filterwarnings("ignore:rank 10 in param group 0 exceeds")
 @pytest.mark.parametrize("case", [case for case in CASES if case not in DIFFERENT])
-def test_same_trajectory_as_apollo_torch(apollo_adamw: type, case: str) -> None:
+def test_same_trajectory_as_apollo_torch(apollo_adamw: type, case: str) -> None:  # noqa: F811 - the imported pytest fixture
     shape, keys, kw, growth = CASES[case]
     group = group_of(**keys)
     start, grads = sequence(shape, 8, seed=len(case), growth=growth)
@@ -36,11 +36,15 @@ def test_same_trajectory_as_apollo_torch(apollo_adamw: type, case: str) -> None:
     assert_same_trajectory(ours, reference, [start])
 
 
-def test_seeds_count_every_parameter_as_apollo_torch_does(apollo_adamw: type) -> None:
+def test_seeds_count_every_parameter_as_apollo_torch_does(apollo_adamw: type) -> None:  # noqa: F811 - the imported pytest fixture
     """apollo-torch's first seed of a matrix is its 1-based position among all parameters given (a bias
     in an earlier plain group counts)."""
     generator = torch.Generator().manual_seed(3)
-    starts = [torch.randn(5, generator=generator), torch.randn(12, 8, generator=generator), torch.randn(8, 12, generator=generator)]
+    starts = [
+        torch.randn(5, generator=generator),
+        torch.randn(12, 8, generator=generator),
+        torch.randn(8, 12, generator=generator),
+    ]
     grads = [[torch.randn(s.shape, generator=generator) for s in starts] for _ in range(5)]
     results = []
     for cls in (apollo_adamw, APOLLOAdamW):
@@ -103,7 +107,11 @@ def test_apollo_mini_state_is_a_seed_and_two_rows() -> None:
         ({"proj_type": "full"}, {}, "Invalid proj_type in param group 0: 'full'. APOLLOAdamW supports std"),
         ({}, {"gamma": 0.5}, "Invalid gamma: 0.5. Must be a finite number >= 1.0."),
         ({}, {"disable_nl": 1}, "Invalid disable_nl: 1. Must be True or False."),
-        ({}, {"moment_policy": "rotate"}, "Invalid moment_policy in param group 0: 'rotate'. The 'random' projector's basis is not orthonormal"),
+        (
+            {},
+            {"moment_policy": "rotate"},
+            "Invalid moment_policy in param group 0: 'rotate'. The 'random' projector's basis is not orthonormal",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(group_update: dict, kwargs: dict, message: str) -> None:

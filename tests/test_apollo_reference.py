@@ -26,7 +26,6 @@ import types
 from pathlib import Path
 
 import pytest
-from stubs import stub_transformers_version_check
 import torch
 from apollo_reference import (
     ApolloCrash,
@@ -36,6 +35,7 @@ from apollo_reference import (
     apollo_seed_chain,
     refresh_steps,
 )
+from stubs import stub_transformers_version_check
 from torch import nn
 
 APOLLO_PATH = Path(os.environ.get("APOLLO_TORCH_PATH", "/tmp/apollo_pkgs"))
@@ -90,7 +90,9 @@ def run_package(
     return out, optimizer, params
 
 
-def assert_same_trajectory(theirs: list[list[torch.Tensor]], ours: list[list[torch.Tensor]], starts, rtol=1e-5, atol=1e-6) -> float:
+def assert_same_trajectory(
+    theirs: list[list[torch.Tensor]], ours: list[list[torch.Tensor]], starts, rtol=1e-5, atol=1e-6
+) -> float:
     worst = 0.0
     for step_theirs, step_ours in zip(theirs, ours, strict=True):
         for t, o, s in zip(step_theirs, step_ours, starts, strict=True):
@@ -152,7 +154,8 @@ def test_float64_weights_agree_to_1e_12(apollo_adamw: type, shape: tuple[int, in
     start, grads = sequence(shape, 7, seed=5, growth=1.3)
     group = group_of(update_proj_gap=2, scale=3.0)
     theirs, _, _ = run_package(apollo_adamw, [start], [[g] for g in grads], group, dtype=torch.float64, lr=0.05, weight_decay=0.1)
-    ours = apollo_reference([start], [[g] for g in grads], **{k: v for k, v in group.items() if k != "proj"}, lr=0.05, weight_decay=0.1)
+    options = {k: v for k, v in group.items() if k != "proj"}
+    ours = apollo_reference([start], [[g] for g in grads], **options, lr=0.05, weight_decay=0.1)
     for t, o in zip(theirs, ours):
         torch.testing.assert_close(t[0], o[0], rtol=1e-12, atol=1e-12)
 

@@ -82,7 +82,9 @@ def _launch(world_size: int, cases: list[str], tmp_path: Path) -> dict[str, dict
             outcome = json.loads(line[len("RESULT ") :])
             results[outcome["case"]] = outcome
     if completed.returncode != 0 or len(results) != len(cases):
-        raise AssertionError(f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+        )
     return results
 
 

@@ -85,7 +85,8 @@ def test_param_groups_and_factory() -> None:
     groups = param_groups_for(model, section)
     assert [p is model.attn.weight for p in groups[1]["params"]] == [True, False]
     assert groups[1]["alpha"] == 0.5 and groups[1]["rank"] == 2
-    assert {id(p) for p in groups[0]["params"]} == {id(model.attn.bias), id(model.mlp.bias), id(model.norm.weight), id(model.norm.bias)}
+    plain = (model.attn.bias, model.mlp.bias, model.norm.weight, model.norm.bias)
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in plain}
     optimizer = optimizer_factory(section)(groups)
     assert isinstance(optimizer, FiraAdamW) and optimizer.defaults["alpha"] == 0.5
     assert optimizer.defaults["fold_residual"] is True
@@ -106,5 +107,8 @@ def test_ds_shape_is_used() -> None:
 
 def test_refuses_projected_parameter_that_is_not_2d() -> None:
     # The rule shared with param_groups and convert_to_sltrain (lowrank_optim.targets).
-    with pytest.raises(ValueError, match=r"pattern 'norm' matches no linear layer .*'norm' \(LayerNorm, weight \(4,\), bias \(4,\)\); only the 2-D weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"pattern 'norm' matches no linear layer .*'norm' \(LayerNorm, weight \(4,\), bias \(4,\)\); only the 2-D weights",
+    ):
         param_groups_for(Net(), {"rank": 2, "target_modules": ["norm"]})

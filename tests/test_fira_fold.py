@@ -54,7 +54,9 @@ def make_case(side: Side, dtype: torch.dtype, seed: int = 0, shape: tuple[int, i
     return Case(weight, grad, lowrank, normalized, subspace)
 
 
-def explicit(case: Case, prev: torch.Tensor, form: tuple[float, float, float], *, first: bool, skip: torch.Tensor | None) -> torch.Tensor:
+def explicit(
+    case: Case, prev: torch.Tensor, form: tuple[float, float, float], *, first: bool, skip: torch.Tensor | None
+) -> torch.Tensor:
     """What galore.py's Fira branch does for a whole matrix, on copies; returns the new weight."""
     subtract, scale, residual_scale = form
     weight = case.weight.clone()
@@ -66,7 +68,9 @@ def explicit(case: Case, prev: torch.Tensor, form: tuple[float, float, float], *
     return weight
 
 
-def folded(case: Case, prev: torch.Tensor, form: tuple[float, float, float], *, first: bool, skip: torch.Tensor | None, **kwargs) -> torch.Tensor:
+def folded(
+    case: Case, prev: torch.Tensor, form: tuple[float, float, float], *, first: bool, skip: torch.Tensor | None, **kwargs
+) -> torch.Tensor:
     subtract, scale, residual_scale = form
     weight = case.weight.clone()
     out = fira_folded_update_(
@@ -178,7 +182,9 @@ def test_skipped_update_leaves_weight_and_state_unchanged(side: Side, first: boo
         assert prev.item() == 2.5
     # The explicit path agrees where it is defined (N zero).
     prev = torch.tensor(2.5)
-    weight = explicit(case._replace(normalized=torch.zeros_like(case.normalized)), prev, FORMS["code"], first=first, skip=torch.tensor(True))
+    weight = explicit(
+        case._replace(normalized=torch.zeros_like(case.normalized)), prev, FORMS["code"], first=first, skip=torch.tensor(True)
+    )
     assert torch.equal(weight, case.weight) and prev.item() == 2.5
 
 
@@ -237,7 +243,11 @@ def test_cancellation_accuracy_of_the_norm(side: Side, outside: float) -> None:
     grad64 = inside + noise * (outside * inside.norm() / noise.norm())
     truth = None
     errors = {}
-    for name, dtype, norm_dtype in (("fp64", torch.float64, None), ("fp32", torch.float32, None), ("fp32/64", torch.float32, torch.float64)):
+    for name, dtype, norm_dtype in (
+        ("fp64", torch.float64, None),
+        ("fp32", torch.float32, None),
+        ("fp32/64", torch.float32, torch.float64),
+    ):
         basis = p.to(dtype)
         grad = grad64.to(dtype)
         lowrank = grad @ basis.T if side is Side.RIGHT else basis.T @ grad

@@ -307,7 +307,10 @@ def test_param_groups_refuses_patterns_that_match_nothing() -> None:
     # One rule for param_groups, convert_to_sltrain and the plugin (lowrank_optim.targets).
     with pytest.raises(ValueError, match=re.escape("target_modules pattern 'block' matches no module name of TinyBlock")):
         param_groups(TinyBlock(), rank=4, target_modules=("block",))
-    with pytest.raises(ValueError, match=re.escape("target_modules pattern 'norm' matches no linear layer with a trainable weight: it matches 'norm' (")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("target_modules pattern 'norm' matches no linear layer with a trainable weight: it matches 'norm' ("),
+    ):
         param_groups(TinyBlock(), rank=4, target_modules=("attn", "norm"))
     with pytest.raises(TypeError, match=re.escape("not the string 'attn'")):
         param_groups(TinyBlock(), rank=4, target_modules="attn")

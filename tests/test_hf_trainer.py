@@ -128,7 +128,9 @@ def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     command += ["zero0", "zero2", "zero3", "zero3:fira", "zero2:ckpt", "zero3:ckpt", "zero0:bf16"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if completed.returncode != 0:
-        raise AssertionError(f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+        )
     for case in ("plain", "plain:fira"):
         torch.save(cases.run_case(out, case, 1), out / f"{case}.pt")
     return out
@@ -197,8 +199,14 @@ def _build(tmp_path: Path, stage: int | None = None, ds_extra: dict | None = Non
     "kwargs, message",
     [
         ({"lowrank_optimizer": None}, "needs lowrank_optimizer=<class> .* or optimizers=.*would train the Trainer's AdamW"),
-        ({"lowrank_optimizer": torch.optim.AdamW}, "must be a lowrank_optim optimizer class .* not <class 'torch.optim.adamw.AdamW'>"),
-        ({"lowrank_options": {"update_proj_gap": 3}}, r"lowrank_options \(\{'update_proj_gap': 3\}\) must give the projected group's rank"),
+        (
+            {"lowrank_optimizer": torch.optim.AdamW},
+            "must be a lowrank_optim optimizer class .* not <class 'torch.optim.adamw.AdamW'>",
+        ),
+        (
+            {"lowrank_options": {"update_proj_gap": 3}},
+            r"lowrank_options \(\{'update_proj_gap': 3\}\) must give the projected group's rank",
+        ),
         ({"target_modules": "mlp"}, "target_modules must be a sequence of strings, not the string 'mlp'"),
     ],
 )
@@ -209,7 +217,9 @@ def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict, message: str) ->
 
 def test_settings_of_the_training_arguments_are_refused_in_the_options(tmp_path: Path) -> None:
     trainer = _build(tmp_path, lowrank_options={"rank": 4, "lr": 0.1, "eps": 1e-8})
-    with pytest.raises(ValueError, match=r"sets \['eps', 'lr'\], which come from the TrainingArguments \(adam_epsilon, learning_rate\)"):
+    with pytest.raises(
+        ValueError, match=r"sets \['eps', 'lr'\], which come from the TrainingArguments \(adam_epsilon, learning_rate\)"
+    ):
         trainer.train()
 
 

@@ -13,8 +13,9 @@ reference function the op registers as its default. Tolerances:
   bf16 input, in fp32) than the kernels (in double), which moves phi by an ulp and the norm by a few, and
   the residual inherits that through phi and the limiter. CUDA: within 32 ulp (bf16: two ulp).
 - fira_folded_: the weight within 8 ulp of its magnitude (plus 8 ulp of the moments' dtype of how far it moved:
-  the reference rounds the norms of fp32 moments to fp32, the kernel keeps them in double), the limiter state within 1e-5 relative over four
-  steps (the kernel sums the channel norms in double, the reference in the weights' dtype); a skip leaves both
+  the reference rounds the norms of fp32 moments to fp32, the kernel keeps them in double), the limiter state
+  within 1e-5 relative over four steps (the kernel sums the channel norms in double, the reference in the
+  weights' dtype); a skip leaves both
   bit-for-bit, NaN gradient included.
 - dct_topk: the kernel's selection is a valid top-``rank`` of the exactly (fp64) computed scores up to
   the scores' rounding: no unselected score exceeds a selected one by more than 1e-5 relative (ties
@@ -26,7 +27,6 @@ Without compiled kernels for a device the kernel tests skip with the load error 
 from __future__ import annotations
 
 import math
-
 import os
 import platform
 import subprocess

@@ -115,7 +115,9 @@ def test_galore_torch_per_layer_recipe_is_one_call() -> None:
     projected = {id(p) for p in param_groups(theirs, rank=4, update_proj_gap=2)[-1]["params"]}
     optimizers, schedulers = {}, {}
     for p in theirs.parameters():
-        group = {"params": [p], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"} if id(p) in projected else {"params": [p]}
+        group = {"params": [p]}
+        if id(p) in projected:
+            group.update(rank=4, update_proj_gap=2, scale=0.25, proj_type="std")
         optimizers[p] = GaLoreAdamW([group], lr=0.01)
         schedulers[p] = cosine_with_warmup(optimizers[p], len(batches))
 

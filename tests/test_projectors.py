@@ -57,11 +57,16 @@ def test_names_resolve_to_projectors_and_back() -> None:
     [
         (lambda: resolve_projector("qr"), "Invalid projector: 'qr'. Must be one of svd, "),
         (lambda: resolve_projector(3), "Invalid projector: 3. Must be one of svd, "),
-        (lambda: resolve_projector({"name": "svd", "signs": "x"}), "Invalid projector: 'svd' has no option 'signs'. Its options: sign."),
+        (
+            lambda: resolve_projector({"name": "svd", "signs": "x"}),
+            "Invalid projector: 'svd' has no option 'signs'. Its options: sign.",
+        ),
         (lambda: SVDProjector(sign="positive"), "Invalid sign: 'positive'. Must be one of canonical, lapack."),
         (lambda: DCTProjector(scoring="dft"), "Invalid scoring: 'dft'. Must be one of auto, matmul, fft."),
         (
-            lambda: GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(4, 3))], "rank": 2, "projector": {"name": "svd", "sign": 1}}]),
+            lambda: GaLoreAdamW(
+                [{"params": [nn.Parameter(torch.zeros(4, 3))], "rank": 2, "projector": {"name": "svd", "sign": 1}}]
+            ),
             "Invalid sign in param group 0: 1. Must be one of canonical, lapack.",
         ),
         (

@@ -11,8 +11,8 @@ import importlib
 import sys
 
 import pytest
-from stubs import stub_module, stub_transformers_version_check
 import torch
+from stubs import stub_module, stub_transformers_version_check
 from torch import nn
 
 from lowrank_optim import GaLoreAdamW

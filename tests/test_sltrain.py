@@ -30,7 +30,9 @@ def _trained_layer(in_features: int = 20, out_features: int = 14, rank: int = 5,
     return layer
 
 
-def _dense_reference(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: object) -> torch.Tensor:
+def _dense_reference(
+    B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: object
+) -> torch.Tensor:
     sparse = torch.zeros(B.shape[0] * A.shape[1], dtype=values.dtype).scatter(0, indices.long(), values)
     return scale * (B @ A) + sparse.view(B.shape[0], A.shape[1])  # type: ignore[operator]
 
@@ -57,11 +59,15 @@ def test_gradcheck() -> None:
     scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     B, A, values = (t.detach().clone().requires_grad_() for t in (layer.B, layer.A, layer.values))
 
-    def function(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def function(
+        x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
         return _SparsePlusLowRankLinear.apply(x, B, A, values, layer.indices, scale, bias)
 
     assert torch.autograd.gradcheck(function, (x, B, A, values, scale, bias))
-    assert torch.autograd.gradcheck(lambda x, B: _SparsePlusLowRankLinear.apply(x, B, A, values, layer.indices, 0.25, None), (x, B))
+    assert torch.autograd.gradcheck(
+        lambda x, B: _SparsePlusLowRankLinear.apply(x, B, A, values, layer.indices, 0.25, None), (x, B)
+    )
 
 
 def test_only_requested_gradients_are_computed() -> None:
@@ -185,7 +191,12 @@ def test_reset_momentum_keeps_projection_bases_and_plain_int_steps() -> None:
     param = nn.Parameter(torch.randn(4, 3))
     optimizer = torch.optim.AdamW([param])
     basis = torch.randn(3, 2)  # a GaLore-style state: projection basis next to the moments
-    optimizer.state[param] = {"step": 7, "exp_avg": torch.ones(4, 2), "exp_avg_sq": torch.ones(4, 2), "basis_right": basis.clone()}
+    optimizer.state[param] = {
+        "step": 7,
+        "exp_avg": torch.ones(4, 2),
+        "exp_avg_sq": torch.ones(4, 2),
+        "basis_right": basis.clone(),
+    }
     reset_momentum_(optimizer)
     state = optimizer.state[param]
     assert state["step"] == 0 and isinstance(state["step"], int)
@@ -202,7 +213,10 @@ def test_reset_momentum_errors() -> None:
     sgd = torch.optim.SGD([sgd_param], lr=0.1, momentum=0.9)
     sgd_param.sum().backward()
     sgd.step()
-    with pytest.raises(KeyError, match=re.escape("has none of keys=('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'); its keys are ['momentum_buffer']")):
+    with pytest.raises(
+        KeyError,
+        match=re.escape("has none of keys=('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'); its keys are ['momentum_buffer']"),
+    ):
         reset_momentum_(sgd)
     reset_momentum_(sgd, keys=("momentum_buffer",))
     assert torch.count_nonzero(sgd.state[sgd_param]["momentum_buffer"]) == 0
@@ -347,7 +361,13 @@ def test_constructor_errors() -> None:
         with pytest.raises(ValueError, match=re.escape(f"delta={delta!r} is outside the allowed range (0, 1)")):
             SLTrainLinear(8, 6, rank=2, delta=delta)
     for rank in (0, 7):
-        with pytest.raises(ValueError, match=re.escape(f"rank={rank} is outside the allowed range [1, min(in_features, out_features)] = [1, 6] for in_features=8, out_features=6")):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"rank={rank} is outside the allowed range [1, min(in_features, out_features)] = [1, 6]"
+                " for in_features=8, out_features=6"
+            ),
+        ):
             SLTrainLinear(8, 6, rank=rank)
     with pytest.raises(ValueError, match=re.escape("alpha=-1.0 is outside the allowed range (0, inf)")):
         SLTrainLinear(8, 6, rank=2, alpha=-1.0)
@@ -359,17 +379,34 @@ def test_constructor_errors() -> None:
 
 def test_conversion_errors() -> None:
     model = _LlamaShapes(16, 24, 1, vocab=50)
-    with pytest.raises(ValueError, match=re.escape("target_modules pattern 'self_attn' matches no module name of _LlamaShapes; module names include: 'embed_tokens', 'layers', 'layers.0', 'layers.0.input_norm'")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "target_modules pattern 'self_attn' matches no module name of _LlamaShapes; module names include:"
+            " 'embed_tokens', 'layers', 'layers.0', 'layers.0.input_norm'"
+        ),
+    ):
         convert_to_sltrain(model, rank=4, target_modules=("attn", "self_attn"))
-    with pytest.raises(TypeError, match=re.escape("module 'embed_tokens' matches target_modules=('embed',) but its type is Embedding, not nn.Linear")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape("module 'embed_tokens' matches target_modules=('embed',) but its type is Embedding, not nn.Linear"),
+    ):
         convert_to_sltrain(model, rank=4, target_modules=("embed",))
-    with pytest.raises(ValueError, match=re.escape("rank=17 is outside the allowed range [1, min(in_features, out_features)] = [1, 16] for module 'layers.0.attn.q_proj' in_features=16, out_features=16")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "rank=17 is outside the allowed range [1, min(in_features, out_features)] = [1, 16]"
+            " for module 'layers.0.attn.q_proj' in_features=16, out_features=16"
+        ),
+    ):
         convert_to_sltrain(model, rank=17)
     with pytest.raises(ValueError, match=re.escape("delta=1.5 is outside the allowed range (0, 1)")):
         convert_to_sltrain(model, rank=4, delta=1.5)
     assert isinstance(model.layers[0].attn.q_proj, nn.Linear)  # nothing replaced by a failed call
     convert_to_sltrain(model, rank=4)
-    with pytest.raises(TypeError, match=re.escape("module 'layers.0.attn.q_proj' matches target_modules but is already an SLTrainLinear")):
+    with pytest.raises(
+        TypeError, match=re.escape("module 'layers.0.attn.q_proj' matches target_modules but is already an SLTrainLinear")
+    ):
         convert_to_sltrain(model, rank=4)
     with pytest.raises(ValueError, match=re.escape("refactorize_: Linear contains no SLTrainLinear")):
         refactorize_(nn.Linear(2, 2))

@@ -107,7 +107,9 @@ def test_user_patterns_are_checked_and_defaults_are_lenient() -> None:
     with pytest.raises(ValueError, match="target_modules pattern 'attn' matches no module name"):
         convert_to_sltrain(build(), rank=4, target_modules=("attn", "mlp"))
     # A pattern that matches an embedding: an error for the user's patterns.
-    with pytest.raises(TypeError, match="module 'gpt_neox.embed_in' matches target_modules=\\('embed',\\) but its type is Embedding"):
+    with pytest.raises(
+        TypeError, match="module 'gpt_neox.embed_in' matches target_modules=\\('embed',\\) but its type is Embedding"
+    ):
         find_targets(model, ("embed",))
     # Frozen weights are reported and left alone.
     model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.requires_grad_(False)

@@ -15,11 +15,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import deepspeed
 from lowrank_optim import APOLLOAdamW
 from lowrank_optim.deepspeed import (
     bind,

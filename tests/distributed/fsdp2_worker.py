@@ -373,6 +373,24 @@ def _flat(value):
         yield value
 
 
+def _refusal_checks(cls, model, fullrank, projected, replicated) -> dict:
+    """Constructions that `cls` must refuse, each built only when called."""
+    return {
+        "plain_among_fullrank": lambda: cls([*model.parameters(), nn.Parameter(torch.randn(3, 4))], lr=LR),
+        "plain_among_projected": lambda: cls(
+            [fullrank, {**projected, "params": [*projected["params"], nn.Parameter(torch.randn(8, 6))]}], lr=LR
+        ),
+        "replicated_alone": lambda: cls([replicated], lr=LR),
+        "replicated_among_projected": lambda: cls(
+            [fullrank, {**projected, "params": [*projected["params"], replicated]}], lr=LR
+        ),
+        "flat_projected": lambda: cls([{"params": [nn.Parameter(torch.randn(24))], "rank": 2}], lr=LR),
+        "flat_among_fsdp2": lambda: cls(
+            [fullrank, projected, {"params": [nn.Parameter(torch.randn(24))], "rank": 2}], lr=LR
+        ),
+    }
+
+
 def run_refusals(mesh) -> dict:
     world = dist.get_world_size()
     report: dict = {}
@@ -383,20 +401,7 @@ def run_refusals(mesh) -> dict:
         assert "rank" in projected and "rank" not in fullrank, (fullrank.keys(), projected.keys())
         torch.manual_seed(1)  # the same replicated tensor on every rank
         replicated = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Replicate()]))
-        checks = {
-            "plain_among_fullrank": lambda: cls([*model.parameters(), nn.Parameter(torch.randn(3, 4))], lr=LR),
-            "plain_among_projected": lambda: cls(
-                [fullrank, {**projected, "params": [*projected["params"], nn.Parameter(torch.randn(8, 6))]}], lr=LR
-            ),
-            "replicated_alone": lambda: cls([replicated], lr=LR),
-            "replicated_among_projected": lambda: cls(
-                [fullrank, {**projected, "params": [*projected["params"], replicated]}], lr=LR
-            ),
-            "flat_projected": lambda: cls([{"params": [nn.Parameter(torch.randn(24))], "rank": 2}], lr=LR),
-            "flat_among_fsdp2": lambda: cls(
-                [fullrank, projected, {"params": [nn.Parameter(torch.randn(24))], "rank": 2}], lr=LR
-            ),
-        }
+        checks = _refusal_checks(cls, model, fullrank, projected, replicated)
         results = {check: _raised(build) for check, build in checks.items()}
         results["replaced_after_construction"] = _refused_step(name, mesh)
         report[name] = results
@@ -420,7 +425,8 @@ def run_nonfinite(mesh) -> dict:
         for step in (2, 3):
             inputs, targets = data()
             share = GLOBAL_BATCH // world
-            loss_fn(model, inputs[step, rank * share : (rank + 1) * share], targets[step, rank * share : (rank + 1) * share]).backward()
+            mine = slice(rank * share, (rank + 1) * share)
+            loss_fn(model, inputs[step, mine], targets[step, mine]).backward()
             if rank == world - 1:
                 local(model.mlp_mid.weight.grad).view(-1)[0] = float("nan")
             before = gathered(model)
@@ -501,7 +507,10 @@ def run_case(case: str, mesh) -> dict:
     outcome["moved"] = max_diff(result, initial)
     if name != "adamw":  # what the package reports as this rank's state: the local shards
         expected_bytes = sum(
-            local(v).numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+            local(v).numel() * v.element_size()
+            for st in optimizer.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
         )
         assert optimizer_state_bytes(optimizer) == expected_bytes, (optimizer_state_bytes(optimizer), expected_bytes)
     numel: list = [None] * world

@@ -236,7 +236,9 @@ def test_checkpoint_misuse_is_refused_before_training(
 
 def test_resume_needs_an_existing_checkpoint(tmp_path: Path, tokens: Path, no_training: None) -> None:
     missing = tmp_path / "ckpt.pt"
-    with pytest.raises(ValueError, match=rf"--resume needs an existing checkpoint file, got --checkpoint='{re.escape(str(missing))}'"):
+    with pytest.raises(
+        ValueError, match=rf"--resume needs an existing checkpoint file, got --checkpoint='{re.escape(str(missing))}'"
+    ):
         _run(PRETRAIN + ["--tokens", str(tokens), "--checkpoint", str(missing), "--resume"])
 
 

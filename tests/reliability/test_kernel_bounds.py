@@ -214,7 +214,10 @@ def test_load_state_dict_refuses_a_bad_support(change: str) -> None:
     before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
     state = {name: tensor.clone() for name, tensor in _layer().state_dict().items()}
     state["indices"] = _support(layer, change)
-    with pytest.raises(RuntimeError, match=r"Error\(s\) in loading state_dict for SLTrainLinear:\s+state_dict\['indices'\]: " + SUPPORT_ERRORS[change]):
+    with pytest.raises(
+        RuntimeError,
+        match=r"Error\(s\) in loading state_dict for SLTrainLinear:\s+state_dict\['indices'\]: " + SUPPORT_ERRORS[change],
+    ):
         layer.load_state_dict(state)
     for name, tensor in layer.state_dict().items():
         assert torch.equal(tensor, before[name]), name
@@ -246,7 +249,9 @@ def test_values_overlapping_dense_are_refused_by_every_kernel() -> None:
     for scatter in (OPS.sparse_scatter_add_, _scatter_add_default):
         dense = torch.arange(16.0).view(4, 4).contiguous()
         before = dense.clone()
-        outcomes.append(_message(lambda: scatter(dense, torch.tensor([1, 2, 3]), dense.view(-1)[5:8], 1.0)))
+        outcomes.append(
+            _message(lambda scatter=scatter, dense=dense: scatter(dense, torch.tensor([1, 2, 3]), dense.view(-1)[5:8], 1.0))
+        )
         assert torch.equal(dense, before)
     assert outcomes[0] == outcomes[1] and outcomes[0][0] is RuntimeError
     assert "refer to a single memory location" in outcomes[0][1]

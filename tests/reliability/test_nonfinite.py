@@ -279,7 +279,9 @@ def test_skip_argument_is_validated(op: str) -> None:
         if op == "adam":
             _adam_default(lowrank, torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2), 0.9, 0.99, 1e-6, bad)
         else:
-            _fira_default(torch.randn(4, 5), torch.randn(4, 5), lowrank, lowrank, torch.tensor(1.0), 1, 1.0, 1.01, False, 1.0, bad)
+            _fira_default(
+                torch.randn(4, 5), torch.randn(4, 5), lowrank, lowrank, torch.tensor(1.0), 1, 1.0, 1.01, False, 1.0, bad
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -382,7 +384,12 @@ def test_a_bad_gradient_on_one_rank_skips_the_step_on_every_rank(name: str) -> N
         layout.attach(optimizer)
         optimizers.append(optimizer)
     grads = [
-        _flatten12([torch.randn(shape, generator=torch.Generator().manual_seed(10 + 3 * s + i)) for i, shape in enumerate(shapes)], order, offsets, total)
+        _flatten12(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(10 + 3 * s + i)) for i, shape in enumerate(shapes)],
+            order,
+            offsets,
+            total,
+        )
         for s in range(4)
     ]
     grads[2][size + 5] = float("nan")  # step 3 (no refresh): in rank 1's piece only

@@ -35,7 +35,11 @@ REFUSED_GROUPS: dict[str, tuple[dict[str, Any], type, str]] = {
     "typo weight_decy": ({"weight_decy": 0.1}, ValueError, "Did you mean 'weight_decay'?"),
     "unrelated key": ({"momentum": 0.9}, ValueError, "Unknown key 'momentum' in param group 0."),
     "metadata without underscore": ({"layer": 3}, ValueError, "and any key starting with '_' (your own metadata)"),
-    "amsgrad": ({"amsgrad": True}, ValueError, "Invalid amsgrad in param group 0: True. This optimizer only implements amsgrad=False."),
+    "amsgrad": (
+        {"amsgrad": True},
+        ValueError,
+        "Invalid amsgrad in param group 0: True. This optimizer only implements amsgrad=False.",
+    ),
     "maximize": ({"maximize": True}, ValueError, "Invalid maximize in param group 0: True."),
     "not decoupled": (
         {"decoupled_weight_decay": False},
@@ -48,9 +52,17 @@ REFUSED_GROUPS: dict[str, tuple[dict[str, Any], type, str]] = {
     "float tensor rank": ({"rank": torch.tensor(2.5)}, ValueError, "Invalid rank in param group 0: tensor(2.5000)."),
     "1-d tensor rank": ({"rank": torch.tensor([2])}, ValueError, "Invalid rank in param group 0: tensor([2])."),
     "zero gap": ({"rank": 2, "update_proj_gap": np.int64(0)}, ValueError, "Invalid update_proj_gap in param group 0: 0."),
-    "string scale": ({"rank": 2, "scale": "0.25"}, ValueError, "Invalid scale in param group 0: '0.25'. Must be a finite number."),
+    "string scale": (
+        {"rank": 2, "scale": "0.25"},
+        ValueError,
+        "Invalid scale in param group 0: '0.25'. Must be a finite number.",
+    ),
     "nan scale": ({"rank": 2, "scale": torch.tensor(float("nan"))}, ValueError, "Invalid scale in param group 0: nan."),
-    "bad policy": ({"nonfinite": "ignore"}, ValueError, "Invalid nonfinite in param group 0: 'ignore'. Must be one of skip, propagate."),
+    "bad policy": (
+        {"nonfinite": "ignore"},
+        ValueError,
+        "Invalid nonfinite in param group 0: 'ignore'. Must be one of skip, propagate.",
+    ),
 }
 
 
@@ -172,8 +184,16 @@ STEP_FAILURES: dict[str, tuple[Callable[[nn.Parameter], None], type, str]] = {
     "sparse gradient": (_sparse_grad, RuntimeError, "does not support sparse gradients"),
     "flattened matrix": (_flat, RuntimeError, "tensor 0 of a projected param group (rank 2) has shape (48,)"),
     # The parameter changed after its first step (model.to(...), a resized layer): its state no longer fits.
-    "dtype changed": (_to_bf16, RuntimeError, "param 0 of param group 1 is torch.bfloat16 on cpu with shape (6, 8), but its state"),
-    "shape changed": (_resized, RuntimeError, "param 0 of param group 1 is torch.float32 on cpu with shape (8, 8), but its state"),
+    "dtype changed": (
+        _to_bf16,
+        RuntimeError,
+        "param 0 of param group 1 is torch.bfloat16 on cpu with shape (6, 8), but its state",
+    ),
+    "shape changed": (
+        _resized,
+        RuntimeError,
+        "param 0 of param group 1 is torch.float32 on cpu with shape (8, 8), but its state",
+    ),
 }
 
 

@@ -184,7 +184,9 @@ def two_ranks() -> dict[tuple[str, int], dict]:
             outcome = json.loads(line[len("RESULT ") :])
             results[outcome["case"], outcome["rank"]] = outcome
     if completed.returncode != 0 or len(results) != 2 * len(CASES):
-        raise AssertionError(f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun failed (rc {completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
+        )
     return results
 
 
