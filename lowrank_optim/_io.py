@@ -157,7 +157,7 @@ def _describe(error: BaseException, target: Path) -> OSError | None:
 
 
 def atomic_write(
-    path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, checksum: bool = False
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, checksum: bool = False
 ) -> WrittenFile:
     """Write ``path`` atomically: ``write(file)`` fills a temporary file in the same directory, which is
     flushed, ``fsync``-ed and renamed over ``path``; then the directory is ``fsync``-ed.

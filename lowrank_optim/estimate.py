@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -122,7 +123,8 @@ def _meta_model(config: LlamaConfig, preset: MethodPreset) -> nn.Module:
         if preset.method == "sltrain":
             for target in find_targets(model, TARGET_MODULES).targets:
                 parent, _, child = target.name.rpartition(".")
-                setattr(model.get_submodule(parent), child, _MetaSLTrainShapes(target.module, preset))
+                linear = cast(nn.Linear, target.module)  # the targets of our LLaMA are nn.Linear layers
+                setattr(model.get_submodule(parent), child, _MetaSLTrainShapes(linear, preset))
     return model
 
 
@@ -132,6 +134,7 @@ class _MetaSLTrainShapes(nn.Module):
     def __init__(self, linear: nn.Linear, preset: MethodPreset) -> None:
         super().__init__()
         out_features, in_features = linear.out_features, linear.in_features
+        assert preset.delta is not None and preset.rank is not None  # MethodPreset requires them of sltrain
         nnz = int(preset.delta * out_features * in_features)
         self.B = nn.Parameter(torch.empty(out_features, preset.rank))
         self.A = nn.Parameter(torch.empty(preset.rank, in_features))
@@ -175,6 +178,7 @@ def estimate_memory(
         largest_gradient = max(largest_gradient, param.numel() * e_w)
         if id(param) in projected:
             m, n = max(param.shape), min(param.shape)
+            assert preset.rank is not None  # MethodPreset requires it of the projecting methods
             r = min(preset.rank, m, n)
             states += 2 * m * r * e_m + STEP_BYTES + (FP32_BYTES if preset.method == "fira" else 0)
             projection += r * DCT_INDEX_BYTES if preset.method == "dct" else n * r * e_w
@@ -218,7 +222,7 @@ def format_estimate_table(
         baseline = None
         for method in METHODS:
             preset = presets[method]
-            options = dict(
+            options: dict[str, Any] = dict(
                 dtype=dtype, batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing
             )
             estimate = estimate_memory(config, preset, **options)

@@ -132,13 +132,13 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
             buffer = torch.zeros(2 * sum(sizes), dtype=dtype, device=flat.device)
             offset = 0
             for mp, size in zip(sharded, sizes):
-                views = [buffer[offset + k * size : offset + (k + 1) * size].view(shapes[mp.name]) for k in range(2)]
+                halves = [buffer[offset + k * size : offset + (k + 1) * size].view(shapes[mp.name]) for k in range(2)]
                 if mp.piece is not None:
                     start, stop = matrices[mp.name][SHARD].tolist()
-                    for view, key in zip(views, (EXP_AVG, EXP_AVG_SQ)):
+                    for view, key in zip(halves, (EXP_AVG, EXP_AVG_SQ)):
                         chunk = view[start:stop] if sides[mp.name] is Side.RIGHT else view[:, start:stop]
                         chunk.copy_(matrices[mp.name][key])
-                full_moments[mp.name] = views
+                full_moments[mp.name] = halves
                 offset += 2 * size
             part.comm.all_reduce(buffer)
             if keeps_aligned(group["projector"]):
@@ -192,10 +192,12 @@ def _gather_bases(
     """The whole SVD bases of sharded matrices: right side from the holders' even shares of the flattened
     basis, left side from the rows whose first element each holder holds (its kept rows overlap its
     neighbours' at cut rows). Collective."""
-    shapes = {}
+    shapes: dict[str, tuple[int, int]] = {}
     for mp in sharded:
         left, right = basis_shapes(mp.shape, effective_rank(group["rank"], mp.shape), sides[mp.name])
-        shapes[mp.name] = right if sides[mp.name] is Side.RIGHT else left
+        shape = right if sides[mp.name] is Side.RIGHT else left
+        assert shape is not None  # the side in use has its basis
+        shapes[mp.name] = shape
     buffer = flat.new_zeros(sum(math.prod(shape) for shape in shapes.values()))
     views, offset = {}, 0
     for mp in sharded:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -90,6 +90,11 @@ class _Partition:
     shard_moments: bool
 
 
+#: What :meth:`FragmentLayout.blocks` hands the step's exchange of a partition: its step counter and the
+#: (matrix, block) pairs it handed out (``None``: the empty placeholder block).
+_Pending = tuple[int, list[tuple[MatrixPlan | None, Tensor]]]
+
+
 class _Matrix(NamedTuple):
     """What the optimizer's state initialization sees of one matrix of a partition: its whole shape, the
     partition's dtype and device, and (for :meth:`FragmentLayout.new_state`) how its state is cut."""
@@ -121,7 +126,7 @@ class FragmentLayout:
         self._full_rank: dict[int, tuple[Tensor, _Partition]] = {}
         self._dense = DenseLayout()
         #: The blocks handed out since the last exchange, per flat partition (for the exchange).
-        self._pending: dict[int, tuple[int, list[tuple[MatrixPlan | None, Tensor]]]] = {}
+        self._pending: dict[int, _Pending] = {}
 
     def add_partition(
         self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int, shard_moments: bool
@@ -264,12 +269,14 @@ class FragmentLayout:
                 mp.name: _init_matrix_state(init, group, tensor, mp, part) for mp in part.plan.matrices if mp.piece is not None
             }
         matrices = state[MATRICES]
-        blocks, pending = [], []
+        blocks: list[Block] = []
+        pending: list[tuple[MatrixPlan | None, Tensor]] = []
         for mp in part.plan.matrices:
             if mp.piece is None:
                 continue
             block = _block(tensor, mp)
-            blocks.append(Block(block, _block(tensor.grad, mp), matrices[mp.name], state[STEP], mp.shape))
+            # The optimizer asks for the blocks of parameters that have a gradient only.
+            blocks.append(Block(block, _block(cast(Tensor, tensor.grad), mp), matrices[mp.name], state[STEP], mp.shape))
             pending.append((mp, block))
         if not blocks:
             # The optimizer's own state of a 0 x 0 matrix (its moments, projector tensors and limiter
@@ -293,6 +300,7 @@ class FragmentLayout:
             return self._dense.new_state(like, shape, dtype, sharding, column_major=column_major)
         if not like.sharded or sharding == "replicated":
             return torch.zeros(tuple(shape), dtype=dtype, device=like.device)
+        assert like.plan is not None  # only the empty placeholder has no plan, and it is never sharded
         mine = _my_shard(like.plan, like.rank, like.side, like.r)
         if sharding == "rows":  # right side: the moment rows it owns; left side: the basis rows it touches
             start, stop = mine.moments if like.side is Side.RIGHT else mine.basis
@@ -333,18 +341,21 @@ def _rows(plan: MatrixPlan) -> tuple[int, int, int]:
     """``(r0, r1, offset)``: the rows a piece touches and where it starts in that row block."""
     n = plan.shape[1]
     piece = plan.piece
+    assert piece is not None  # asked only of matrices this rank holds a piece of
     r0 = piece.param_start // n
     r1 = (piece.param_start + piece.numel - 1) // n + 1
     return r0, r1, piece.param_start - r0 * n
 
 
 def _whole(plan: MatrixPlan) -> bool:
+    assert plan.piece is not None  # asked only of matrices this rank holds a piece of
     return plan.piece.numel == plan.numel
 
 
 def _block(flat: Tensor, plan: MatrixPlan) -> Tensor:
     """The piece of ``flat`` as its zero-padded row block (a view when the piece is the whole matrix)."""
     piece = plan.piece
+    assert piece is not None  # asked only of matrices this rank holds a piece of
     values = flat[piece.flat_start : piece.flat_start + piece.numel]
     if _whole(plan):
         return values.view(plan.shape)
@@ -357,6 +368,7 @@ def _block(flat: Tensor, plan: MatrixPlan) -> Tensor:
 def _fragment(block: Tensor, plan: MatrixPlan) -> Tensor:
     """The piece's own elements of a row block (drops the zero padding)."""
     offset = _rows(plan)[2]
+    assert plan.piece is not None  # asked only of matrices this rank holds a piece of
     return block.reshape(-1)[offset : offset + plan.piece.numel]
 
 
@@ -460,7 +472,7 @@ def _refresh_owners(plan: PartitionPlan, world_size: int) -> dict[str, int]:
 def _all_reduce_tensors(
     comm: Communicator,
     device: torch.device,
-    tensors: list[list[Tensor | None]],
+    tensors: Sequence[Sequence[Tensor | None] | None],
     specs: list[list[ProjectorTensor]],
     default: torch.dtype,
 ) -> list[list[Tensor]]:
@@ -474,12 +486,14 @@ def _all_reduce_tensors(
         buffer = torch.zeros(sum(sizes), dtype=dtype, device=device)
         offset = 0
         for (i, k), size in zip(slots, sizes):
-            if tensors[i] is not None and tensors[i][k] is not None:
-                buffer[offset : offset + size] = tensors[i][k].reshape(-1).to(dtype)
+            entry = tensors[i]
+            tensor = None if entry is None else entry[k]
+            if tensor is not None:
+                buffer[offset : offset + size] = tensor.reshape(-1).to(dtype)
             result[i][k] = buffer[offset : offset + size].view(specs[i][k].shape)
             offset += size
         comm.all_reduce(buffer)
-    return result
+    return cast("list[list[Tensor]]", result)  # every slot is in its dtype's bucket
 
 
 def _views(buffer: Tensor, plans: list[MatrixPlan], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
@@ -649,7 +663,7 @@ class _Exchange:
 
     batched = True  # each phase's collectives are bucketed over the group's matrices
 
-    def __init__(self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, list]]) -> None:
+    def __init__(self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, _Pending]]) -> None:
         self.group = group
         self.fira = "residual" in group
         # Whether the projector keeps its bases aligned with the matrix (sharded with a sharded matrix)
@@ -681,7 +695,7 @@ class _Exchange:
 
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
         mp = self.entries[index][1]
-        return (0, 0) if mp is None else tuple(mp.shape)
+        return (0, 0) if mp is None else cast("tuple[int, int]", tuple(mp.shape))  # a projected group: matrices
 
     def flags(self, indices: Sequence[int], flags: Sequence[Tensor]) -> list[Tensor]:
         # The group's one shared flag (FragmentLayout.begin_step, the step's found_inf) covers every piece.
@@ -710,7 +724,8 @@ class _Exchange:
             for mp in split:
                 if mp.piece is not None:
                     start = offset + mp.piece.param_start
-                    buffer[start : start + mp.piece.numel] = flat.grad[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
+                    grad = cast(Tensor, flat.grad)  # a partition being stepped has its gradient
+                    buffer[start : start + mp.piece.numel] = grad[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
                 full[mp.name] = buffer[offset : offset + mp.numel].view(mp.shape)
                 offset += mp.numel
             for slot, mp in enumerate(alone):
@@ -734,8 +749,8 @@ class _Exchange:
                     wholes[index] = None
                 else:
                     wholes[index] = full[mp.name] if mp.split else given[index]
-            for index, (entry_part, mp, _) in enumerate(self.entries):
-                if entry_part is part and mp is None and index in given:  # an empty block
+            for index, (entry_part, entry_mp, _) in enumerate(self.entries):
+                if entry_part is part and entry_mp is None and index in given:  # an empty block
                     finite[index], wholes[index] = not any(bad.values()), None
         return [wholes[i] for i in indices], [finite[i] for i in indices]
 
@@ -798,8 +813,9 @@ class _Exchange:
         new: Sequence[list[Tensor] | None],
         finite: Sequence[bool],
     ) -> list[list[Tensor] | None]:
-        computed = dict(zip(indices, new))
-        spec_of = dict(zip(indices, specs))
+        # Keyed by index, looked up by names.get (None: a matrix without a block here, never a key).
+        computed: dict[int | None, list[Tensor] | None] = dict(zip(indices, new))
+        spec_of: dict[int | None, list[ProjectorTensor]] = dict(zip(indices, specs))
         ok = dict(zip(indices, finite))
         result: dict[int, list[Tensor] | None] = {}
         for flat, part, names in self.partitions:
@@ -817,9 +833,13 @@ class _Exchange:
                 index = names.get(mp.name)
                 if index is None or index not in computed:
                     continue
-                tensors = whole.get(mp.name, computed[index])
+                whole_tensors = whole.get(mp.name, computed[index])
+                # A finite refresh has its tensors here: summed for a split matrix, else computed by its one holder.
                 result[index] = (
-                    _local_projector(mp, part, comm.rank, self.sides[mp.name], self.ranks[mp.name], spec_of[index], tensors)
+                    _local_projector(
+                        mp, part, comm.rank, self.sides[mp.name], self.ranks[mp.name], spec_of[index],
+                        cast("list[Tensor]", whole_tensors),
+                    )
                     if ok[index]
                     else None
                 )
@@ -992,13 +1012,14 @@ class _Exchange:
                 if mp.name in names and not _whole(mp):
                     block = self.entries[names[mp.name]][2]
                     piece = mp.piece
+                    assert piece is not None  # names holds the matrices this rank holds a piece of
                     flat[piece.flat_start : piece.flat_start + piece.numel].copy_(_fragment(block, mp))
 
 
 def _specs_of(group: dict[str, Any], mp: MatrixPlan, rotate: bool) -> list[ProjectorTensor]:
     """What a refresh of a matrix shares (:func:`~lowrank_optim.projection.refresh_specs`), for a rank
     that does not hold it."""
-    shape = tuple(mp.shape)
+    shape = cast("tuple[int, int]", tuple(mp.shape))  # a projected group's matrix
     side = resolve_side(group["proj_type"], shape)
     return refresh_specs(group["projector"], shape, effective_rank(group["rank"], shape), side, rotate)
 

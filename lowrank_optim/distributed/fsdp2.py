@@ -29,7 +29,7 @@ param group:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -104,7 +104,8 @@ class FSDP2Layout:
         if not state:
             init(tensor, state)
         local = {key: _local(value) for key, value in state.items()}
-        return [Block(_local(tensor), _local(tensor.grad), local, state["step"], tuple(tensor.shape))]
+        # The optimizer asks for the blocks of parameters that have a gradient only.
+        return [Block(_local(tensor), _local(cast(Tensor, tensor.grad)), local, state["step"], tuple(tensor.shape))]
 
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         return None  # every tensor's flag is combined over its pieces (Exchange.flags)
@@ -173,14 +174,15 @@ class _Exchange:
         self.owner_policy = layout.owners
         self.shapes = [tuple(p.shape) for p in params]
         self.dtypes = [p.dtype for p in params]
-        self.device = params[0].to_local().device if params else torch.device("cpu")
+        # check_group made sure every parameter is a DTensor.
+        self.device = cast(DTensor, params[0]).to_local().device if params else torch.device("cpu")
         self.owners: dict[int, int] = {}
 
     def whole(self, index: int) -> bool:
         return False
 
     def shape(self, index: int, block: Tensor) -> tuple[int, int]:
-        return self.shapes[index]
+        return cast("tuple[int, int]", self.shapes[index])  # asked of matrices only
 
     def finish(self) -> None:
         pass  # the blocks are views of the shards
@@ -271,7 +273,8 @@ class _Exchange:
                     wholes[j] = flat[offset : offset + size].view(entry[j].shape)
                     offset += size
             pieces = []
-            for spec, whole in zip(entry, wholes):
+            # Every slot was filled by its dtype's broadcast.
+            for spec, whole in zip(entry, cast("list[Tensor]", wholes)):
                 if spec.sharding == "rows":  # m x r: this rank's rows
                     pieces.append(whole[slice(*self._rows(index))])
                 elif spec.sharding == "columns":  # r x n: this rank's column chunk
@@ -293,7 +296,10 @@ class _Exchange:
                 result[k] = Subspace(sub.side, left, sub.right)
             elif sub.right is not None:  # aligned: left bases are this rank's rows already, right ones chunks
                 right.append(k)
-        gathered = self._gather_columns([stored[k].right for k in right], [self.shapes[indices[k]][1] for k in right])
+        gathered = self._gather_columns(
+            [cast(Tensor, stored[k].right) for k in right],  # the indices whose right basis is set
+            [self.shapes[indices[k]][1] for k in right],
+        )
         for k, whole in zip(right, gathered):
             result[k] = Subspace(stored[k].side, stored[k].left, whole)
         return result
@@ -348,7 +354,7 @@ class _Exchange:
             for k in members:
                 result[k] = flat[offset : offset + tensors[k].numel()].view(tensors[k].shape)
                 offset += tensors[k].numel()
-        return result
+        return cast("list[Tensor]", result)  # every index is in one dtype's bucket
 
     def _gather_columns(self, locals_: list[Tensor], widths: list[int]) -> list[Tensor]:
         """Whole ``h x n`` tensors from every rank's column chunk (one all-gather per dtype)."""
@@ -356,12 +362,12 @@ class _Exchange:
         world = self.world
         for _dtype, members in _by_dtype(locals_).items():
             chunks = [-(-widths[k] // world) for k in members]
-            mine = []
+            padded_chunks = []
             for k, chunk in zip(members, chunks):
                 padded = locals_[k].new_zeros(locals_[k].shape[0], chunk)
                 padded[:, : locals_[k].shape[1]] = locals_[k]
-                mine.append(padded.reshape(-1))
-            mine = torch.cat(mine)
+                padded_chunks.append(padded.reshape(-1))
+            mine = torch.cat(padded_chunks)
             everything = mine.new_empty(world * mine.numel())
             self.comm.all_gather(everything, mine)
             everything = everything.view(world, -1)
@@ -371,7 +377,7 @@ class _Exchange:
                 part = everything[:, offset : offset + h * chunk].reshape(world, h, chunk)
                 result[k] = part.permute(1, 0, 2).reshape(h, world * chunk)[:, : widths[k]]
                 offset += h * chunk
-        return result
+        return cast("list[Tensor]", result)  # every index is in one dtype's bucket
 
     def _reduce_scatter_columns(self, partials: list[Tensor]) -> list[Tensor]:
         """This rank's column chunk of the sum over ranks of each ``h x n`` tensor (one reduce-scatter per dtype)."""
@@ -395,7 +401,7 @@ class _Exchange:
                 c0, c1 = _chunk(n, world, self.me)
                 result[k] = mine[offset : offset + h * chunk].view(h, chunk)[:, : c1 - c0]
                 offset += h * chunk
-        return result
+        return cast("list[Tensor]", result)  # every index is in one dtype's bucket
 
 
 def _by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, list[int]]:

@@ -85,7 +85,8 @@ def build_optimizer(
     projected = {"params": grouped[-1]["params"], **options}
     full_rank = grouped[0]["params"] if len(grouped) == 2 else []
     if decay_parameter_names is None:
-        decay_parameter_names = transformers.Trainer.get_decay_parameter_names(None, model)
+        # The Trainer's rule without a Trainer: the method reads only its model argument, not self.
+        decay_parameter_names = transformers.Trainer.get_decay_parameter_names(None, model)  # type: ignore[arg-type]
     decayed = set(decay_parameter_names)
     names = {id(p): name for name, p in model.named_parameters()}
     groups = [
@@ -174,7 +175,9 @@ class LowRankTrainer(transformers.Trainer):
                 self.optimizer = self._given_optimizer
             else:
                 cls, options, targets = self._lowrank
+                assert cls is not None  # __init__ requires lowrank_optimizer when no optimizer was given
                 model = self.model if model is None else model
+                assert model is not None  # the Trainer holds its model when it builds the optimizer
                 self.optimizer = build_optimizer(model, self.args, cls, options, targets, self.get_decay_parameter_names(model))
                 if self.is_world_process_zero():
                     print(find_targets(model, targets))

@@ -242,6 +242,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables for rotary position embeddings (Su et al., 2021)."""
 
+    cos: Tensor  # buffers, registered in __init__
+    sin: Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len

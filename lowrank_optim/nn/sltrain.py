@@ -255,7 +255,7 @@ class SLTrainLinear(nn.Module):
         if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha={alpha!r} is outside the allowed range (0, inf)")
         generator = _make_generator(seed, generator)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
         self.in_features = in_features
         self.out_features = out_features
@@ -403,6 +403,7 @@ class SLTrainLinear(nn.Module):
         residual = weight_fp32 - float(layer.scale) * (B @ A)
         layer.values.copy_(sparse_gather(residual, layer.indices))
         if linear.bias is not None:
+            assert layer.bias is not None  # built with bias=linear.bias is not None
             layer.bias.copy_(linear.bias)
         return layer
 

@@ -143,6 +143,7 @@ class FiraAdamW(GaLoreAdamW):
         if group["fused"] is not True or "rank" not in group:
             return
         for position, param in enumerate(params):
+            dtypes: tuple[torch.dtype, ...]
             moment_dtype = group["moment_dtype"] or param.dtype
             if group["fold_residual"] and _foldable_dtypes(param.dtype, moment_dtype):
                 accepted, kernel = fira_folded_accepts(param.dtype, moment_dtype, param.dtype), "folded Fira update"

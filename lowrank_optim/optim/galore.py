@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, ClassVar, Iterable, NamedTuple
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -433,6 +433,7 @@ class GaLoreAdamW(Optimizer):
         new = self.layout.new_state
         # A CPU scalar like torch's Adam: reading it for the refresh decision never syncs a device.
         state[STEP] = torch.tensor(0.0, dtype=torch.float32)
+        moment_shape: Sequence[int]
         if "rank" in group:
             side = resolve_side(group["proj_type"], param.shape)
             rank = effective_rank(group["rank"], param.shape)
@@ -441,7 +442,7 @@ class GaLoreAdamW(Optimizer):
             projector: Projector = group["projector"]
             # A layout's stand-in for a piece of a matrix (DeepSpeed's fragments) carries the position.
             ordinal = self._ordinals.get(id(param), getattr(param, "ordinal", None))
-            for spec in projector.tensors(tuple(param.shape), rank, side):
+            for spec in projector.tensors(cast("tuple[int, int]", tuple(param.shape)), rank, side):
                 value = projector.initial(spec, param.device, ordinal)
                 if value is None:
                     value = new(param, spec.shape, spec.dtype or param.dtype, spec.sharding, column_major=spec.column_major)
@@ -461,7 +462,8 @@ class GaLoreAdamW(Optimizer):
         side = resolve_side(group["proj_type"], shape)
         rank = effective_rank(group["rank"], shape)
         projector: Projector = group["projector"]
-        tensors = tuple(state[spec.key] for spec in projector.tensors(tuple(shape), rank, side))
+        matrix_shape = cast("tuple[int, int]", tuple(shape))  # a projected group holds matrices
+        tensors = tuple(state[spec.key] for spec in projector.tensors(matrix_shape, rank, side))
         return Projection(projector, side, rank, tensors)
 
     def _where(self, param: Tensor) -> tuple[int, int]:
@@ -531,7 +533,7 @@ class GaLoreAdamW(Optimizer):
                 batch.steps.append(block.step)
                 batch.projections.append(self._projection(group, block.shape, block.state))
                 batch.states.append(block.state)
-                batch.skip_counts.append(count)
+                batch.skip_counts.append(cast(Tensor, count))  # set above for a parameter with blocks
                 batch.sources.append(param)
         return batch if batch.params else None
 
@@ -658,15 +660,15 @@ def _apollo_updates_(
     if apollo.limit:
         norms = exchange.residual_norms(indices, [updates[i] for i in indices])
         for i, norm in zip(indices, norms):
-            limit_norm_growth_(
-                updates[i], apollo.update_norms[i], gamma=apollo.gamma, first=steps[i] == 0, norm=norm, skip=skips[i]
-            )
+            update_norm = cast(Tensor, apollo.update_norms[i])  # a projected matrix's limiter state
+            limit_norm_growth_(updates[i], update_norm, gamma=apollo.gamma, first=steps[i] == 0, norm=norm, skip=skips[i])
     for i in indices:
         update = updates.pop(i)
         if not apollo.multiplier_first and apollo.multiplier != 1.0:
             update.mul_(apollo.multiplier)
-        if skips[i] is not None:
-            update.masked_fill_(skips[i], 0.0)
+        skip = skips[i]
+        if skip is not None:
+            update.masked_fill_(skip, 0.0)
         params[i].add_(update, alpha=-step_sizes[i])
 
 
@@ -740,6 +742,10 @@ def galore_adamw(
     else:
         chunks = [slice(i, i + 1) for i in range(len(params))]
     for chunk in chunks:
+
+        def on_refresh(index: int, step: int, outcome: str, offset: int = chunk.start) -> None:
+            report(offset + index, step, outcome)
+
         _galore_adamw_impl(
             params[chunk],
             grads[chunk],
@@ -757,7 +763,7 @@ def galore_adamw(
             scale=scale,
             moment_policy=moment_policy,
             skip_nonfinite=nonfinite == "skip",
-            on_nonfinite_refresh=lambda index, step, outcome, offset=chunk.start: report(offset + index, step, outcome),
+            on_nonfinite_refresh=on_refresh,
             skip_counts=None if skip_counts is None else skip_counts[chunk],
             found_inf=found_inf,
             fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[chunk]),
@@ -865,15 +871,17 @@ def _fira_folded(
     """Fira's folded update of a whole fp32/fp64 matrix: the ``fira_folded_`` op, or, for dtypes it does not
     take (fp64 moments of fp32 weights), the same arithmetic as pure functions."""
     basis = subspace.right if subspace.side is Side.RIGHT else subspace.left
-    options = dict(
+    assert basis is not None  # Fira projects one side, whose basis the subspace carries
+    residual_norm = cast(Tensor, fira.residual_norms[index])  # a projected matrix's limiter state
+    options: dict[str, Any] = dict(
         subtract=fira.subtract, scale=scale, residual_scale=fira.residual_scale, gamma=fira.gamma, first=first,
         step_size=step_size, skip=skip,
     )
     if grad.dtype == param.dtype and fira_folded_accepts(param.dtype, lowrank.dtype, basis.dtype):
         dim = 1 if subspace.side is Side.RIGHT else 0
-        fira_folded_(param, grad, lowrank, normalized, basis, fira.residual_norms[index], dim=dim, fused=fused, **options)
+        fira_folded_(param, grad, lowrank, normalized, basis, residual_norm, dim=dim, fused=fused, **options)
     else:
-        fira_folded_update_(param, grad, lowrank, normalized, subspace, fira.residual_norms[index], **options)
+        fira_folded_update_(param, grad, lowrank, normalized, subspace, residual_norm, **options)
 
 
 def _fira_residual(
@@ -926,16 +934,17 @@ def _install_projector(
         stored.copy_(value)
 
 
-def _count_skips(skip_counts: list[Tensor] | None, indices: list[int], skips: dict[int, Tensor | int | None]) -> None:
+def _count_skips(skip_counts: list[Tensor] | None, indices: list[int], skips: Mapping[int, Tensor | int | None]) -> None:
     """Add each skip to its tensor's counter, once per counter (the matrices of one flat partition share
     one, and one shared decision)."""
     if skip_counts is None:
         return
     counted: set[int] = set()
     for i in indices:
-        if skips[i] is not None and id(skip_counts[i]) not in counted:
+        skip = skips[i]
+        if skip is not None and id(skip_counts[i]) not in counted:
             counted.add(id(skip_counts[i]))
-            skip_counts[i].add_(skips[i])
+            skip_counts[i].add_(skip)
 
 
 def _refresh_due(
@@ -963,6 +972,8 @@ def _refresh_due(
     (:func:`~lowrank_optim.projection.rotations`); both reach every holder through
     :meth:`Exchange.share_projectors`. A projector that reads the one it replaces (a warm start, a seed
     chain), and ``rotate``, get the whole previous projector on the owner (:meth:`Exchange.gather_projectors`)."""
+    # Looked up only at the matrices due, which are all projected.
+    projected = cast("list[Projection]", projections)
     if found_inf is not None and bool(found_inf):  # a skipped step must not refresh the state either
         for index in due:
             on_nonfinite_refresh(index, steps[index], "deferred" if steps[index] == 0 else "skipped")
@@ -976,23 +987,23 @@ def _refresh_due(
         # What each refresh shares: the projector's tensors, then the rotations (refresh_specs).
         shared_specs = {
             index: refresh_specs(
-                projections[index].projector, exchange.shape(index, grads[index]), projections[index].rank,
-                projections[index].side, rotate[index],
+                projected[index].projector, exchange.shape(index, grads[index]), projected[index].rank,
+                projected[index].side, rotate[index],
             )
             for index in chunk
         }
-        specs = {index: shared_specs[index][: len(projections[index].tensors)] for index in chunk}
-        wanted = [i for i in chunk if rotate[i] or projections[i].projector.uses_previous]
-        previous = dict.fromkeys(chunk)
+        specs = {index: shared_specs[index][: len(projected[index].tensors)] for index in chunk}
+        wanted = [i for i in chunk if rotate[i] or projected[i].projector.uses_previous]
+        previous: dict[int, list[Tensor] | None] = dict.fromkeys(chunk)
         if wanted:
-            gathered = exchange.gather_projectors(wanted, [specs[i] for i in wanted], [projections[i].tensors for i in wanted])
+            gathered = exchange.gather_projectors(wanted, [specs[i] for i in wanted], [projected[i].tensors for i in wanted])
             previous.update(zip(wanted, gathered))
         new: list[list[Tensor] | None] = []
         for index, whole, ok in zip(chunk, wholes, finite):
             if whole is None or not ok:
                 new.append(None)
                 continue
-            projection = projections[index]
+            projection = projected[index]
             shape = exchange.shape(index, grads[index])
             old = previous[index] if projection.projector.uses_previous else None
             tensors = projection.projector.refresh(
@@ -1000,8 +1011,10 @@ def _refresh_due(
             )
             if rotate[index]:
                 subspace = projection.projector.subspace
+                # Gathered here: this process, which has the whole gradient, is the matrix's owner.
+                before = cast("list[Tensor]", previous[index])
                 tensors += rotations(
-                    subspace(previous[index], projection.side, shape, projection.rank, torch.float32, whole.device),
+                    subspace(before, projection.side, shape, projection.rank, torch.float32, whole.device),
                     subspace(tensors, projection.side, shape, projection.rank, torch.float32, whole.device),
                 )
             new.append(tensors)
@@ -1024,7 +1037,7 @@ def _refresh_due(
             projector_pieces, rotation = pieces[:count], (pieces[count:] if rotate[index] else None)
             # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to move.
             carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy != "reset" else ()
-            _install_projector(projections[index], projector_pieces, carried, rotation)
+            _install_projector(projected[index], projector_pieces, carried, rotation)
             if step > 0 and moment_policy == "reset":
                 exp_avgs[index].zero_()
                 exp_avg_sqs[index].zero_()
@@ -1033,7 +1046,7 @@ def _refresh_due(
 
 def _projector_specs(projection: Projection, shape: tuple[int, int]) -> list[ProjectorTensor]:
     """The whole shapes of a matrix's projector tensors."""
-    return projection.projector.tensors(tuple(shape), projection.rank, projection.side)
+    return projection.projector.tensors(cast("tuple[int, int]", tuple(shape)), projection.rank, projection.side)
 
 
 def _galore_adamw_impl(
@@ -1102,14 +1115,20 @@ def _galore_adamw_impl(
 
     # 2. R = project(G) as the moments hold it, in their dtype.
     projected = [i for i in active if projections[i] is not None]
-    sides = [projections[i].side for i in projected]
+    projection_of = cast("list[Projection]", projections)  # looked up only at the projected indices
+    sides = [projection_of[i].side for i in projected]
     stored = [
-        projections[i].projector.subspace(
-            projections[i].tensors, sides[k], exchange.shape(i, grads[i]), projections[i].rank, grads[i].dtype, grads[i].device
+        projection_of[i].projector.subspace(
+            projection_of[i].tensors,
+            sides[k],
+            exchange.shape(i, grads[i]),
+            projection_of[i].rank,
+            grads[i].dtype,
+            grads[i].device,
         )
         for k, i in enumerate(projected)
     ]
-    specs = [_projector_specs(projections[i], exchange.shape(i, grads[i])) for i in projected]
+    specs = [_projector_specs(projection_of[i], exchange.shape(i, grads[i])) for i in projected]
     subspaces: dict[int, Subspace] = dict(zip(projected, exchange.subspaces(projected, specs, stored)))
     partials = [project(grads[i], subspaces[i]) for i in projected]
     lowranks: dict[int, Tensor] = dict(zip(projected, exchange.lowranks(projected, sides, partials)))
@@ -1118,6 +1137,7 @@ def _galore_adamw_impl(
         lowranks[i] = lowrank if lowrank.dtype == exp_avgs[i].dtype else lowrank.to(exp_avgs[i].dtype)
 
     # 3. Whether each update is skipped (decided on the device, alike for every piece of a matrix).
+    skips: dict[int, Tensor | None]
     if skip_nonfinite:
         flags = exchange.flags(active, [nonfinite_flag(lowranks[i]) for i in active])
         skips = {i: flag if found_inf is None else flag.logical_or_(found_inf) for i, flag in zip(active, flags)}
@@ -1130,9 +1150,15 @@ def _galore_adamw_impl(
     if foreach:
         moments_m = [exp_avgs[i] for i in active]
         moments_v = [exp_avg_sqs[i] for i in active]
-        flags = [skips[i] for i in active]
+        skip_flags = [skips[i] for i in active]
+        # All tensors or all None (step 3 decides them alike).
         _update_moments_foreach_(
-            [lowranks[i] for i in active], moments_m, moments_v, beta1, beta2, None if flags[0] is None else flags
+            [lowranks[i] for i in active],
+            moments_m,
+            moments_v,
+            beta1,
+            beta2,
+            None if skip_flags[0] is None else cast("list[Tensor]", skip_flags),
         )
         denominators = torch._foreach_sqrt(moments_v)
         torch._foreach_add_(denominators, eps)
@@ -1140,8 +1166,9 @@ def _galore_adamw_impl(
             # Divide per tensor into the denominator's buffer: no second list of temporaries, and the
             # same rounding as the single-tensor path.
             torch.div(exp_avg, update, out=update)
-            if skips[i] is not None:
-                update.masked_fill_(skips[i], 0.0)
+            skip = skips[i]
+            if skip is not None:
+                update.masked_fill_(skip, 0.0)
             normalized[i] = update
     else:
         for i in active:
@@ -1152,14 +1179,14 @@ def _galore_adamw_impl(
         step_t += 1
 
     # 5. The update of each block: W -= step · (scale · back(N) [+ Fira's residual]), then decay.
-    block_n, block_r = exchange.block_terms(
+    n_blocks, r_blocks = exchange.block_terms(
         projected,
         sides,
         [normalized[i] for i in projected],
         None if fira is None and apollo is None else [lowranks[i] for i in projected],
     )
-    block_n = dict(zip(projected, block_n))
-    block_r = {} if block_r is None else dict(zip(projected, block_r))
+    block_n = dict(zip(projected, n_blocks))
+    block_r: dict[int, Tensor] = {} if r_blocks is None else dict(zip(projected, r_blocks))
     step_sizes = {i: _step_size(lr, beta1, beta2, steps[i] + 1, correct_bias) for i in active}
     split_residuals: dict[int, Tensor] = {}
     for i in active:
@@ -1180,7 +1207,7 @@ def _galore_adamw_impl(
                 block_r[i],
                 block_n[i],
                 subspace,
-                fira.residual_norms[i],
+                cast(Tensor, fira.residual_norms[i]),  # a projected matrix's limiter state
                 fira,
                 first=steps[i] == 0,
                 skip=skips[i],
@@ -1200,9 +1227,8 @@ def _galore_adamw_impl(
         indices = list(split_residuals)
         norms = exchange.residual_norms(indices, [split_residuals[i] for i in indices])
         for i, norm in zip(indices, norms):
-            residual = _limit_residual(
-                split_residuals[i], fira, fira.residual_norms[i], first=steps[i] == 0, norm=norm, skip=skips[i]
-            )
+            residual_norm = cast(Tensor, fira.residual_norms[i])  # a projected matrix's limiter state
+            residual = _limit_residual(split_residuals[i], fira, residual_norm, first=steps[i] == 0, norm=norm, skip=skips[i])
             update = add_project_back_(residual, block_n[i], subspaces[i], alpha=scale)
             params[i].add_(update, alpha=-step_sizes[i])
     if weight_decay > 0.0:
@@ -1228,7 +1254,10 @@ def group_projector(projector: Any, scoring: Any = _NOT_GIVEN, where: str = "") 
         raise ValueError(f"Invalid scoring{where}: {scoring!r}. Must be one of {', '.join(DCT_SCORING)}.")
     own = getattr(resolved, "scoring", None)
     if scoring == "auto" or scoring == own:
-        return resolved if isinstance(projector, Projector) or own is None else dataclasses.replace(resolved, scoring=scoring)
+        if isinstance(projector, Projector) or own is None:
+            return resolved
+        # own is not None: a projector class with a scoring field, which the base class Projector lacks.
+        return dataclasses.replace(resolved, scoring=scoring)  # type: ignore[call-arg]
     if own is None:
         raise ValueError(
             f"Invalid scoring{where}: {scoring!r}. The {resolved.name!r} projector has no scoring option "
@@ -1239,7 +1268,8 @@ def group_projector(projector: Any, scoring: Any = _NOT_GIVEN, where: str = "") 
             f"Invalid scoring{where}: {scoring!r} contradicts the projector's own scoring {own!r}: set it on "
             "the projector only."
         )
-    return dataclasses.replace(resolved, scoring=scoring)
+    # own is not None: a projector class with a scoring field, which the base class Projector lacks.
+    return dataclasses.replace(resolved, scoring=scoring)  # type: ignore[call-arg]
 
 
 def _projectors_to_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

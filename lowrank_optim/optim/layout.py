@@ -12,7 +12,7 @@ no extra call. Layouts never import the optimizer, and this package imports noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -103,7 +103,8 @@ class DenseLayout:
     def blocks(self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
         if not state:
             init(tensor, state)
-        return [Block(tensor, tensor.grad, state, state["step"], tuple(tensor.shape))]
+        # The optimizer asks for the blocks of parameters that have a gradient only.
+        return [Block(tensor, cast(Tensor, tensor.grad), state, state["step"], tuple(tensor.shape))]
 
     def begin_step(self, groups: list[dict[str, Any]]) -> Tensor | None:
         """Nothing to share: each parameter decides for itself."""

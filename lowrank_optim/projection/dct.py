@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, ClassVar, NamedTuple, Sequence
+from typing import Callable, ClassVar, NamedTuple, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -153,16 +153,18 @@ def dct_scores(grad: Tensor, side: Side, scoring: str = "auto") -> Tensor:
         # Blocks of rows keep the FFT's temporaries in cache (2-3x faster at d >= 2048 than one pass) and
         # bound their memory; each half is scored where it is computed, never copied into order.
         rows = max(1, _FFT_BLOCK_ELEMENTS // size)
-        lower_scores = upper_scores = None
+        lower_scores: Tensor | None = None
+        upper_scores: Tensor | None = None
         for start in range(0, x.shape[0], rows):
             lower, upper = _dct_ii_halves(x[start : start + rows])
             lower, upper = lower.abs_().sum(dim=0), upper.abs_().sum(dim=0)
-            if lower_scores is None:
+            if lower_scores is None or upper_scores is None:  # both or neither: set together
                 lower_scores, upper_scores = lower, upper
             else:
                 lower_scores += lower
                 upper_scores += upper
-        return torch.cat([lower_scores, upper_scores.flip(0)])
+        # Set by the loop's first block (x has rows).
+        return torch.cat([cast(Tensor, lower_scores), cast(Tensor, upper_scores).flip(0)])
     return (x @ dct_matrix(size, x.dtype, x.device).T).abs_().sum(dim=0)
 
 

@@ -333,7 +333,9 @@ def fira_folded_terms(
     combined = combined.to(dtype)
     coefficient = coefficient.to(dtype)
     if side is Side.RIGHT:
+        assert subspace.right is not None  # a RIGHT subspace carries its right basis
         return combined, subspace.right.to(dtype), coefficient
+    assert subspace.left is not None  # a LEFT subspace carries its left basis
     return subspace.left.to(dtype), combined, coefficient
 
 

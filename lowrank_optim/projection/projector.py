@@ -27,7 +27,7 @@ name (default options) or ``{"name": ..., option: value}`` (:meth:`Projector.to_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -210,11 +210,15 @@ def rotations(old: Subspace, new: Subspace) -> list[Tensor]:
     """The change of coordinates from the old subspace to the new one, per side in use (left first):
     ``C_l = P_l,oldᵀ P_l,new`` (``r x r``) and ``C_r = P_r,old P_r,newᵀ`` (``r x r``), in fp32 (fp64 bases
     stay fp64). A projected gradient ``R`` in old coordinates is ``C_lᵀ R`` / ``R C_r`` in new ones."""
-    dtype = torch.promote_types(torch.float32, (old.left if old.left is not None else old.right).dtype)
+    first = old.left if old.left is not None else old.right
+    assert first is not None  # a subspace has a basis on at least one side
+    dtype = torch.promote_types(torch.float32, first.dtype)
     result = []
     if old.left is not None:
+        assert new.left is not None  # the new subspace has the old one's side
         result.append(old.left.to(dtype).T @ new.left.to(dtype))
     if old.right is not None:
+        assert new.right is not None  # the new subspace has the old one's side
         result.append(old.right.to(dtype) @ new.right.to(dtype).T)
     return result
 
@@ -228,7 +232,7 @@ def rotates(moment_policy: str, step: int) -> bool:
 def refresh_specs(projector: Projector, shape: tuple[int, int], rank: int, side: Side, rotate: bool) -> list[ProjectorTensor]:
     """What a refresh shares with every holder of a matrix: the projector's tensors, then (``rotate``) the
     change of coordinates of :func:`rotations` (replicated ``r x r`` fp32 matrices, left first)."""
-    specs = projector.tensors(tuple(shape), rank, side)
+    specs = projector.tensors(cast("tuple[int, int]", tuple(shape)), rank, side)
     if rotate:
         count = 2 if side is Side.FULL else 1
         specs += [ProjectorTensor(f"rotation_{k}", (rank, rank), torch.float32, "replicated") for k in range(count)]
@@ -256,7 +260,7 @@ def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, side: Side, rotation: S
     for moment, squared in ((exp_avg, False), (exp_avg_sq, True)):
         if moment.numel() == 0:
             continue
-        value = moment.to(left.dtype if left is not None else right.dtype)
+        value = moment.to(left.dtype if left is not None else cast(Tensor, right).dtype)  # one side is always given
         if left is not None:
             value = (left * left if squared else left).T @ value
         if right is not None:

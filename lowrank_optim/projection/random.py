@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import ClassVar, Sequence
+from typing import ClassVar, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -59,7 +59,7 @@ def random_matrices(
     right from one stream), entries standard normal over ``sqrt(rank)``, drawn in fp32 on ``device``."""
     stream = torch.Generator(device=device).manual_seed(seed)
     left_shape, right_shape = basis_shapes(shape, rank, side)
-    drawn = []
+    drawn: list[Tensor | None] = []
     for size in (left_shape, right_shape):
         if size is None:
             drawn.append(None)
@@ -99,6 +99,7 @@ class RandomProjector(Projector):
     def refresh(
         self, grad: Tensor, rank: int, side: Side, previous: Sequence[Tensor] | None, *, fused: bool, first: bool
     ) -> list[Tensor]:
+        assert previous is not None  # uses_previous: a refresh is given the current seed
         (current,) = previous
         seed = int(current) if first else next_seed(int(current))
         return [torch.tensor(seed, dtype=torch.int64, device=current.device)]
@@ -116,7 +117,8 @@ class RandomProjector(Projector):
         key = (tuple(shape), rank, side, dtype, torch.device(device))
         cached = _DRAWN.get(seed)
         if cached is None or cached[0] != seed._version or cached[1] != key:
-            cached = (seed._version, key, random_matrices(int(seed), tuple(shape), rank, side, dtype, device))
+            whole_shape = cast("tuple[int, int]", tuple(shape))
+            cached = (seed._version, key, random_matrices(int(seed), whole_shape, rank, side, dtype, device))
             _DRAWN[seed] = cached
         left, right = cached[2]
         return Subspace(side, left, right)

@@ -337,6 +337,7 @@ class RandomizedSVDProjector(SVDProjector):
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         start = None
         if not first:  # the first refresh replaces zeros: a Gaussian start
+            assert previous is not None  # uses_previous: a refresh is given the bases it replaces
             pair = basis_subspace(previous, side)
             start = (pair.left, pair.right)
         left, right = randomized_basis(

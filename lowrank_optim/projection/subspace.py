@@ -103,9 +103,12 @@ def project(grad: Tensor, subspace: Subspace) -> Tensor:
     """``R``: the gradient expressed in the subspace's coordinates."""
     side, left, right = subspace
     if side is Side.RIGHT:
+        assert right is not None  # a RIGHT subspace carries its right basis
         return grad @ right.T
+    assert left is not None  # a LEFT or FULL subspace carries its left basis
     if side is Side.LEFT:
         return left.T @ grad
+    assert right is not None  # a FULL subspace carries both bases
     return (left.T @ grad) @ right.T
 
 
@@ -113,9 +116,12 @@ def project_back(lowrank: Tensor, subspace: Subspace) -> Tensor:
     """The ``m x n`` matrix whose projection is ``lowrank`` (the basis maps it back)."""
     side, left, right = subspace
     if side is Side.RIGHT:
+        assert right is not None  # a RIGHT subspace carries its right basis
         return lowrank @ right
+    assert left is not None  # a LEFT or FULL subspace carries its left basis
     if side is Side.LEFT:
         return left @ lowrank
+    assert right is not None  # a FULL subspace carries both bases
     return (left @ lowrank) @ right
 
 
@@ -128,9 +134,12 @@ def add_project_back_(weight: Tensor, lowrank: Tensor, subspace: Subspace, alpha
     side, left, right = subspace
     lowrank = lowrank.to(weight.dtype)
     if side is Side.RIGHT:
+        assert right is not None  # a RIGHT subspace carries its right basis
         return weight.addmm_(lowrank, right, alpha=alpha)
+    assert left is not None  # a LEFT or FULL subspace carries its left basis
     if side is Side.LEFT:
         return weight.addmm_(left, lowrank, alpha=alpha)
+    assert right is not None  # a FULL subspace carries both bases
     return weight.addmm_(left @ lowrank, right, alpha=alpha)
 
 

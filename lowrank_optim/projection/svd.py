@@ -20,7 +20,7 @@ or a vector whose two largest-magnitude entries are equal to within rounding and
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Sequence
+from typing import ClassVar, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -71,7 +71,7 @@ def refresh_svd_basis_(grad: Tensor, subspace: Subspace, sign: str = "canonical"
     if not all_finite(grad):
         return False
     side, left, right = subspace
-    rank = (left if left is not None else right.T).shape[1]
+    rank = (left if left is not None else cast(Tensor, right).T).shape[1]  # one side is always given
     new = SVDProjector(sign=sign).refresh(grad, rank, side, None, fused=False, first=False)
     for stored, value in zip([t for t in (left, right) if t is not None], new):
         stored.copy_(value)

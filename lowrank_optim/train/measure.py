@@ -15,10 +15,11 @@ What is measured, and why this way:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..memory import peak_extra_memory
@@ -30,9 +31,9 @@ from .per_layer import PerLayerUpdates
 __all__ = ["StepMeasurement", "measure_training_step", "tensor_bytes"]
 
 
-def tensor_bytes(tensors: object) -> int:
+def tensor_bytes(tensors: Iterable[Tensor | None]) -> int:
     """Total storage bytes of an iterable of tensors (``None`` entries skipped)."""
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)  # type: ignore[union-attr]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass(frozen=True, kw_only=True)

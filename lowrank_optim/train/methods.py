@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -178,11 +178,13 @@ def build_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
     if preset is not None and preset.method == "sltrain":
+        assert preset.rank is not None and preset.delta is not None  # MethodPreset requires them of sltrain
         for target in find_targets(model, TARGET_MODULES).targets:
             parent, _, child = target.name.rpartition(".")
+            linear = cast(nn.Linear, target.module)  # the targets of our LLaMA are nn.Linear layers
             layer = SLTrainLinear(
-                target.module.in_features,
-                target.module.out_features,
+                linear.in_features,
+                linear.out_features,
                 rank=preset.rank,
                 delta=preset.delta,
                 alpha=preset.alpha,
@@ -208,6 +210,8 @@ def build_optimizer(model: nn.Module, preset: MethodPreset) -> Optimizer:
     """
     if preset.method in ("adamw", "sltrain"):
         return torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.0)
+    # MethodPreset requires these of galore, fira and dct.
+    assert preset.rank is not None and preset.update_proj_gap is not None and preset.scale is not None
     groups = param_groups(
         model,
         rank=preset.rank,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -406,6 +406,7 @@ def pretrain(
         progress.message(f"[{name}] update 0/{settings.steps}  eval loss {initial:.4f}")
 
     def save() -> None:
+        assert checkpoint is not None  # called only when a checkpoint path was given
         save_checkpoint(
             checkpoint,
             {
@@ -448,8 +449,12 @@ def pretrain(
             # The last update is a steady-state one (the state exists): measure its allocator peak.
             resident = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()) + optimizer_state_bytes(optimizer)
             losses: list[float] = []
+
+            def measured(losses: list[float] = losses) -> None:  # run once, right here
+                losses.append(update())
+
             profile_start = time.perf_counter()
-            peak = resident + peak_extra_memory(lambda losses=losses: losses.append(update()), device)
+            peak = resident + peak_extra_memory(measured, device)
             profiled_seconds = time.perf_counter() - profile_start
             loss = losses[0]
         else:
@@ -460,7 +465,8 @@ def pretrain(
             rate = (step - start_step) * tokens_per_update / elapsed
             skipped = _skipped_updates(optimizer)
             note = f"  {skipped} parameter update(s) skipped so far (NaN/Inf gradients)" if skipped else ""
-            progress.update(step, loss, scheduler.get_last_lr()[0], rate, note)
+            # The optimizer was built with a float lr, so the scheduler's are floats.
+            progress.update(step, loss, cast(float, scheduler.get_last_lr()[0]), rate, note)
         if settings.eval_every and step % settings.eval_every == 0 and step != settings.steps:
             evaluated = evaluate(model, stream, settings.batch_size, settings.eval_batches)
             history["eval"].append((step, evaluated))
