@@ -27,7 +27,10 @@ $(STAMP): setup.py
 ext: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# Lint and type check first (seconds; configured in ruff.toml and mypy.ini), then the suite.
 test: ext
+	$(PY) -m ruff check lowrank_optim tests
+	$(PY) -m mypy lowrank_optim
 	$(PY) -m pytest -q tests
 
 # For a machine with an NVIDIA GPU, a CUDA build of torch and nvcc: builds the CUDA kernels, runs the

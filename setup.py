@@ -103,7 +103,8 @@ setup(
     # A range that the torch==2.13.0 CPU wheel satisfies, so pip never swaps in another build.
     install_requires=["torch>=2.4,<2.15", "numpy", "matplotlib"],
     extras_require={
-        "test": ["pytest>=8", "scipy", "deepspeed==0.19.8", "tokenizers", "transformers==5.24.0", "accelerate==1.16.0"],
+        "test": ["pytest>=8", "scipy", "deepspeed==0.19.8", "tokenizers", "transformers==5.24.0", "accelerate==1.16.0",
+                 "ruff==0.17.6", "mypy==2.4.1"],
         "transformers": ["transformers>=5", "accelerate"],
     },
     entry_points={"console_scripts": ["lowrank-optim=lowrank_optim.__main__:main"]},
