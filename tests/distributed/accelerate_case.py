@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hf_trainer as cases  # noqa: E402
+from teardown import end_worker  # noqa: E402
 
 
 def main() -> None:
@@ -56,13 +57,7 @@ def main() -> None:
     if rank == 0:
         torch.save(params, out / f"accelerate_{stage}.pt")
     if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # no interpreter teardown (see tests/distributed/equality.py)
+        end_worker()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from teardown import end_worker
 from torch import nn
 
 from lowrank_optim import APOLLOAdamW
@@ -310,16 +311,7 @@ def main() -> None:
         outcome = run_case(case)
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(outcome), flush=True)
-    # Tear the process group down before the interpreter does: left to exit, gloo's threads were once
-    # destroyed while joinable ("terminate called without an active exception", rank 0 aborted after
-    # every case had passed), which failed the whole launch.
-    dist.barrier()
-    dist.destroy_process_group()
-    # And skip the interpreter's teardown: under load it still once aborted a rank after every case had
-    # passed (2026-12-02, same message), from a library thread left joinable. Everything is printed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker()
 
 
 if __name__ == "__main__":

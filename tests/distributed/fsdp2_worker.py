@@ -84,6 +84,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from teardown import end_worker
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -562,14 +563,7 @@ def main() -> None:
                 # Raised on every rank at the same collective boundary: report it and go on.
                 outcome = {"case": case, "world": world, "error": errors[0]}
             print("RESULT " + json.dumps(outcome), flush=True)
-    # Tear the process group down, then leave without the interpreter's teardown: left to exit, a rank
-    # was seen aborting after every case had passed ("terminate called without an active exception": a
-    # joinable std::thread destroyed at exit; see also tests/distributed/equality.py), which fails the launch.
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from teardown import end_worker
 
 STEPS = 6
 GLOBAL_BATCH = 8
@@ -110,13 +111,7 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(result, out / f"{case}.pt")
     if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # no interpreter teardown (see tests/distributed/equality.py)
+        end_worker()
 
 
 if __name__ == "__main__":
