@@ -216,11 +216,13 @@ def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict, message: str) ->
 
 
 def test_settings_of_the_training_arguments_are_refused_in_the_options(tmp_path: Path) -> None:
-    trainer = _build(tmp_path, lowrank_options={"rank": 4, "lr": 0.1, "eps": 1e-8})
-    with pytest.raises(
-        ValueError, match=r"sets \['eps', 'lr'\], which come from the TrainingArguments \(adam_epsilon, learning_rate\)"
-    ):
-        trainer.train()
+    message = r"sets \['eps', 'lr'\], which come from the TrainingArguments \(adam_epsilon, learning_rate\)"
+    with pytest.raises(ValueError, match=message):  # at construction, before any training
+        _build(tmp_path, lowrank_options={"rank": 4, "lr": 0.1, "eps": 1e-8})
+    with pytest.raises(ValueError, match=message):  # and for build_optimizer used on its own
+        build_optimizer(cases.tiny_model(), cases.arguments(tmp_path, 1, None), GaLoreAdamW, {"rank": 4, "lr": 0.1, "eps": 1e-8})
+    with pytest.raises(ValueError, match="must not give 'params'"):
+        _build(tmp_path, lowrank_options={"rank": 4, "params": []})
 
 
 def test_both_an_optimizer_and_a_class_are_refused(tmp_path: Path) -> None:

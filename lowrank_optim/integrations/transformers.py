@@ -68,17 +68,7 @@ def build_optimizer(
     reference loop). ``decay_parameter_names``: the full-rank parameters that get weight decay (default:
     the ``Trainer``'s rule, every parameter but biases and norms)."""
     _check_optimizer_cls(optimizer_cls)
-    repeated = sorted(set(options) & set(FROM_TRAINING_ARGUMENTS))
-    if repeated:
-        raise ValueError(
-            f"lowrank_options sets {repeated}, which come from the TrainingArguments "
-            f"({', '.join(FROM_TRAINING_ARGUMENTS[key] for key in repeated)}): set them there, so that the "
-            "schedule and the logs use the same values."
-        )
-    if "rank" not in options:
-        raise ValueError(f"lowrank_options ({dict(options)!r}) must give the projected group's rank, e.g. {{'rank': 128}}.")
-    if "params" in options:
-        raise ValueError("lowrank_options must not give 'params': the projected group holds the target_modules' weights.")
+    _check_options(options)
     # The shared matching rule picks the weights; the group gets only what the user gave, so the
     # optimizer's own defaults (e.g. APOLLO's scale 1, not GaLore's 0.25) fill in the rest.
     grouped = param_groups(model, rank=options["rank"], target_modules=target_modules)
@@ -101,6 +91,22 @@ def build_optimizer(
         eps=args.adam_epsilon,
         weight_decay=args.weight_decay,
     )
+
+
+def _check_options(options: Mapping[str, Any] | None) -> None:
+    """``lowrank_options``: the projected group's settings, with its rank, and nothing that comes from
+    the ``TrainingArguments`` or that the rule of ``target_modules`` decides."""
+    if not options or "rank" not in options:
+        raise ValueError(f"lowrank_options ({options!r}) must give the projected group's rank, e.g. {{'rank': 128}}.")
+    repeated = sorted(set(options) & set(FROM_TRAINING_ARGUMENTS))
+    if repeated:
+        raise ValueError(
+            f"lowrank_options sets {repeated}, which come from the TrainingArguments "
+            f"({', '.join(FROM_TRAINING_ARGUMENTS[key] for key in repeated)}): set them there, so that the "
+            "schedule and the logs use the same values."
+        )
+    if "params" in options:
+        raise ValueError("lowrank_options must not give 'params': the projected group holds the target_modules' weights.")
 
 
 def _check_optimizer_cls(optimizer_cls: Any) -> None:
@@ -141,10 +147,7 @@ class LowRankTrainer(transformers.Trainer):
             raise ValueError("LowRankTrainer got both lowrank_optimizer and optimizers=(optimizer, ...): give one.")
         if lowrank_optimizer is not None:
             _check_optimizer_cls(lowrank_optimizer)
-            if not lowrank_options or "rank" not in lowrank_options:
-                raise ValueError(
-                    f"lowrank_options ({lowrank_options!r}) must give the projected group's rank, e.g. {{'rank': 128}}."
-                )
+            _check_options(lowrank_options)
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError("LowRankTrainer builds its optimizer from lowrank_optimizer: drop optimizer_cls_and_kwargs.")
         if isinstance(target_modules, str):
