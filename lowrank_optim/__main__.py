@@ -25,6 +25,13 @@ def _method_list(text: str) -> list[str]:
     return methods
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1")
+    return value
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument(
         "--config",
@@ -67,6 +74,12 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
                         help="directory for results.json, loss_curves.png and memory.png (default: %(default)s)")
     parser.add_argument("--no-estimate", dest="estimate", action="store_false",
                         help="skip the estimated-memory table for the paper sizes at the end")
+    parser.add_argument("--sweep-lr", action="store_true",
+                        help="instead of one run per method: each method at 5 learning rates over 1.5 decades around "
+                        "its preset (--steps updates each), then --seeds seeds at the best one; writes sweep.json and "
+                        "sweep_lr.png (about (5 + seeds - 1) x the time of one run per method)")
+    parser.add_argument("--seeds", type=_positive, default=2, metavar="N",
+                        help="with --sweep-lr: seeds at each method's best learning rate (default: %(default)s)")
 
 
 def _estimate(args: argparse.Namespace) -> int:

@@ -28,10 +28,12 @@ from .train.measure import measure_training_step
 from .train.methods import METHODS, presets_for_config
 from .train.pretrain import TrainSettings, check_window_fits, pretrain
 
-__all__ = ["OUTPUT_FILES", "format_table", "run_comparison", "write_plots"]
+__all__ = ["OUTPUT_FILES", "SWEEP_FILES", "format_table", "run_comparison", "run_sweep", "write_plots"]
 
 #: What ``main`` writes into ``--out`` (each atomically: a killed run leaves the previous file or none).
 OUTPUT_FILES = ("results.json", "loss_curves.png", "memory.png")
+#: What ``compare --sweep-lr`` writes into ``--out``.
+SWEEP_FILES = ("sweep.json", "sweep_lr.png")
 
 
 def run_comparison(
@@ -54,17 +56,7 @@ def run_comparison(
         unknown = [method for method in chosen if method not in METHODS]
         if unknown:
             raise ValueError(f"{name} ({list(chosen)}) must be drawn from {list(METHODS)}")
-    model_config = LlamaConfig.from_name_or_path(config)
-    if model_config.vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError(
-            f"vocab_size ({model_config.vocab_size}) of config {config!r} must be >= {ByteTokenizer.vocab_size}, "
-            "the byte tokenizer's vocabulary"
-        )
-    check_window_fits(seq_len, model_config, config)
-    method_presets, presets_name, presets_line = presets_for_config(config, model_config, presets)
-    log(presets_line)
-    tokens = load_text_files(text_files) if text_files else stdlib_corpus()
-    stream = TokenStream(tokens, seq_len)
+    model_config, method_presets, presets_name, tokens, stream = _setup(config, presets, seq_len, text_files, log)
     log(
         f"model {config}: {model_config.num_parameters() / 1e6:.2f}M dense parameters; corpus {len(tokens):,} tokens "
         f"({len(stream.val_tokens):,} held out); {batch_size} x {seq_len} tokens per update; {torch.get_num_threads()} threads"
@@ -146,6 +138,36 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _setup(
+    config: str, presets: str | None, seq_len: int, text_files: Sequence[str | os.PathLike[str]], log: Callable[[str], None]
+) -> tuple[LlamaConfig, dict[str, Any], str, torch.Tensor, TokenStream]:
+    """The model config, presets (and their name), tokens and stream of a comparison or a sweep."""
+    model_config = LlamaConfig.from_name_or_path(config)
+    if model_config.vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(
+            f"vocab_size ({model_config.vocab_size}) of config {config!r} must be >= {ByteTokenizer.vocab_size}, "
+            "the byte tokenizer's vocabulary"
+        )
+    check_window_fits(seq_len, model_config, config)
+    method_presets, presets_name, presets_line = presets_for_config(config, model_config, presets)
+    log(presets_line)
+    tokens = load_text_files(text_files) if text_files else stdlib_corpus()
+    return model_config, method_presets, presets_name, tokens, TokenStream(tokens, seq_len)
+
+
+def run_sweep(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``compare --sweep-lr``: :func:`lowrank_optim.train.sweep.sweep_learning_rates` over ``args.methods``
+    with the comparison's budget (``--steps``, batch, sequence length, ``--seed``) and ``--seeds``."""
+    from .train.sweep import sweep_learning_rates
+
+    model_config, presets, presets_name, _, stream = _setup(args.config, args.presets, args.seq_len, args.text, log)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                             eval_batches=args.eval_batches, seed=args.seed, measure_memory=False)
+    report = sweep_learning_rates(model_config, presets, stream, settings, args.methods, seeds=args.seeds, log=log)
+    report.update(config=args.config, presets=presets_name)
+    return report
+
+
 def write_plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """``loss_curves.png`` (train and eval loss per method) and ``memory.png`` (stacked bars per run:
     weights, optimizer state, gradients, the rest of the peak = activations and temporaries)."""
@@ -204,6 +226,19 @@ def _save_figure(figure: Any, path: Path) -> None:
 def main(args: Any) -> int:
     """The ``compare``/``demo`` command: run, print the table, write JSON and plots, then the estimates."""
     start = time.perf_counter()
+    if getattr(args, "sweep_lr", False):
+        from .train.sweep import format_sweep_table, write_sweep_plot
+
+        check_writable_directory(args.out, "--out", files=SWEEP_FILES)
+        report = run_sweep(args)
+        print()
+        print(format_sweep_table(report))
+        out_dir = Path(args.out)
+        atomic_write_text(out_dir / "sweep.json", json.dumps(report, indent=2) + "\n")
+        plot = write_sweep_plot(report, out_dir / "sweep_lr.png")
+        print(f"\nwrote {out_dir / 'sweep.json'}, {plot}")
+        print(f"\ntotal time {time.perf_counter() - start:.0f} s")
+        return 0
     # The trainings take minutes: an --out that cannot be written must fail now, not after them.
     check_writable_directory(args.out, "--out", files=OUTPUT_FILES)
     report = run_comparison(

@@ -1,0 +1,135 @@
+"""Learning-rate sweeps: each method at a small grid of learning rates on the same token budget, then
+more seeds at its best point, so that methods are compared tuned rather than at their papers' rates.
+
+For each method, the grid is ``preset.lr · 10**offset`` for each of ``offsets``. The default
+:data:`DEFAULT_OFFSETS` is 5 points over 1.5 decades, centred on the preset. Each grid run uses the first
+seed. The best learning rate is the lowest final eval loss; it is then run with ``seeds - 1`` more seeds
+(the model init and the batch order change with the seed). The result per method is the mean and
+sample standard deviation of the final eval loss over those seeds, the tokens per second (mean of the
+best point's runs) and the optimizer-state bytes. A best point at the edge of the grid is flagged:
+the optimum may lie outside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write
+from ..data import TokenStream
+from ..models import LlamaConfig
+from .methods import MethodPreset
+from .pretrain import TrainSettings, pretrain
+
+__all__ = ["DEFAULT_OFFSETS", "format_sweep_table", "sweep_learning_rates", "write_sweep_plot"]
+
+#: log10 offsets of the grid around each preset's lr: 5 points over 1.5 decades.
+DEFAULT_OFFSETS: tuple[float, ...] = (-0.75, -0.375, 0.0, 0.375, 0.75)
+
+
+def sweep_learning_rates(
+    model_config: LlamaConfig,
+    presets: Mapping[str, MethodPreset],
+    stream: TokenStream,
+    settings: TrainSettings,
+    methods: Sequence[str],
+    *,
+    offsets: Sequence[float] = DEFAULT_OFFSETS,
+    seeds: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Sweep every method in ``methods`` (module docstring). ``settings`` gives the budget (steps, batch,
+    sequence length) and the first seed; its ``seed + k`` are the further seeds."""
+    if seeds < 1:
+        raise ValueError(f"seeds ({seeds}) must be >= 1")
+    if not offsets or len(set(offsets)) != len(offsets) or not all(math.isfinite(o) for o in offsets):
+        raise ValueError(f"offsets ({list(offsets)}) must be distinct finite numbers (log10 factors of the preset lr)")
+    unknown = [method for method in methods if method not in presets]
+    if unknown:
+        raise ValueError(f"methods {unknown} have no preset; presets are given for {sorted(presets)}")
+    runs_total = len(methods) * (len(offsets) + seeds - 1)
+    done = 0
+    report: dict[str, Any] = {"offsets": list(offsets), "seeds": [settings.seed + k for k in range(seeds)],
+                              "settings": dataclasses.asdict(settings), "methods": {}}
+    for method in methods:
+        base = presets[method]
+        grid = []
+        for offset in sorted(offsets):
+            lr = base.lr * 10.0**offset
+            done += 1
+            log(f"sweep run {done} of {runs_total}: {method} lr {lr:.3g} seed {settings.seed}")
+            result = pretrain(model_config, dataclasses.replace(base, lr=lr), stream, settings, log=_quiet(log))
+            grid.append({"lr": lr, "final_eval_loss": result["final_eval_loss"], "tokens_per_s": result["tokens_per_s"],
+                         "optimizer_state_bytes": result["optimizer_state_bytes"]})
+        best = min(range(len(grid)), key=lambda k: grid[k]["final_eval_loss"])
+        best_lr = grid[best]["lr"]
+        losses, rates = [grid[best]["final_eval_loss"]], [grid[best]["tokens_per_s"]]
+        for k in range(1, seeds):
+            done += 1
+            seed = settings.seed + k
+            log(f"sweep run {done} of {runs_total}: {method} lr {best_lr:.3g} seed {seed}")
+            result = pretrain(model_config, dataclasses.replace(base, lr=best_lr), stream,
+                              dataclasses.replace(settings, seed=seed), log=_quiet(log))
+            losses.append(result["final_eval_loss"])
+            rates.append(result["tokens_per_s"])
+        report["methods"][method] = {
+            "grid": grid,
+            "best_lr": best_lr,
+            "best_at_edge": best in (0, len(grid) - 1),
+            "preset_lr": base.lr,
+            "seed_losses": losses,
+            "mean_loss": statistics.fmean(losses),
+            "std_loss": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "tokens_per_s": statistics.fmean(rates),
+            "optimizer_state_bytes": grid[best]["optimizer_state_bytes"],
+        }
+    return report
+
+
+def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
+    """Only each run's final line: a sweep is many runs."""
+    return lambda line: log(line) if "final eval loss" in line else None
+
+
+def format_sweep_table(report: Mapping[str, Any]) -> str:
+    """One row per method, best first: best lr (and the preset's), mean ± std of the final eval loss over
+    the seeds, tokens/s, state MiB."""
+    rows = sorted(report["methods"].items(), key=lambda item: item[1]["mean_loss"])
+    header = (f"{'method':10s} {'best lr':>9s} {'preset lr':>9s}  {'final eval loss (mean ± std, n)':>32s} "
+              f"{'tokens/s':>9s} {'state MiB':>9s}")
+    lines = [header, "-" * len(header)]
+    for method, entry in rows:
+        edge = " (grid edge)" if entry["best_at_edge"] else ""
+        loss = f"{entry['mean_loss']:.4f} ± {entry['std_loss']:.4f}, {len(entry['seed_losses'])}"
+        lines.append(f"{method:10s} {entry['best_lr']:9.3g} {entry['preset_lr']:9.3g}  {loss:>32s} "
+                     f"{entry['tokens_per_s']:9,.0f} {entry['optimizer_state_bytes'] / 2**20:9.2f}{edge}")
+    return "\n".join(lines)
+
+
+def write_sweep_plot(report: Mapping[str, Any], path: Path) -> Path:
+    """Final eval loss against lr (log scale), one line per method, the best point's seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for method, entry in report["methods"].items():
+        lrs = [point["lr"] for point in entry["grid"]]
+        losses = [point["final_eval_loss"] for point in entry["grid"]]
+        line = axis.plot(lrs, losses, "o-", label=method)[0]
+        axis.errorbar([entry["best_lr"]], [entry["mean_loss"]], yerr=[entry["std_loss"]], fmt="s",
+                      color=line.get_color(), capsize=4)
+    axis.set_xscale("log")
+    axis.set_xlabel("peak learning rate")
+    axis.set_ylabel("final eval loss (nats)")
+    axis.set_title("Learning-rate sweep (square: best lr, mean ± std over seeds)")
+    axis.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(figure)
+    return path

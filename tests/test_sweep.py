@@ -1,0 +1,85 @@
+"""Learning-rate sweeps (lowrank_optim.train.sweep, ``compare --sweep-lr``): the grid around each preset,
+the best point rerun with more seeds, mean ± std, JSON and plot; refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lowrank_optim.data import TokenStream, stdlib_corpus
+from lowrank_optim.models import LlamaConfig
+from lowrank_optim.train.methods import load_presets
+from lowrank_optim.train.pretrain import TrainSettings, pretrain
+from lowrank_optim.train.sweep import DEFAULT_OFFSETS, format_sweep_table, sweep_learning_rates
+
+SETTINGS = TrainSettings(steps=3, batch_size=2, seq_len=16, eval_batches=1, seed=4, measure_memory=False)
+
+
+@pytest.fixture(scope="module")
+def stream() -> TokenStream:
+    return TokenStream(stdlib_corpus()[:20000], 16)
+
+
+def test_grid_best_point_and_seeds(stream: TokenStream) -> None:
+    config, presets = LlamaConfig.from_name_or_path("test"), load_presets("test")
+    lines: list[str] = []
+    report = sweep_learning_rates(config, presets, stream, SETTINGS, ["adamw", "galore"], offsets=(-0.5, 0.0, 0.5), seeds=2,
+                                  log=lines.append)
+    assert report["seeds"] == [4, 5]
+    assert sum("sweep run" in line for line in lines) == 2 * (3 + 1)
+    assert lines[0] == f"sweep run 1 of 8: adamw lr {presets['adamw'].lr * 10**-0.5:.3g} seed 4"
+    for method in ("adamw", "galore"):
+        entry = report["methods"][method]
+        lrs = [point["lr"] for point in entry["grid"]]
+        assert lrs == pytest.approx([presets[method].lr * 10**o for o in (-0.5, 0.0, 0.5)])
+        best = min(entry["grid"], key=lambda point: point["final_eval_loss"])
+        assert entry["best_lr"] == best["lr"] and entry["seed_losses"][0] == best["final_eval_loss"]
+        assert entry["best_at_edge"] == (best["lr"] in (lrs[0], lrs[-1]))
+        assert len(entry["seed_losses"]) == 2 and entry["seed_losses"][0] != entry["seed_losses"][1]
+        assert entry["mean_loss"] == pytest.approx(sum(entry["seed_losses"]) / 2)
+        assert entry["std_loss"] == pytest.approx(abs(entry["seed_losses"][0] - entry["seed_losses"][1]) / math.sqrt(2))
+    # The second seed's run is an ordinary run at the best lr with that seed.
+    entry = report["methods"]["galore"]
+    import dataclasses
+
+    again = pretrain(config, dataclasses.replace(presets["galore"], lr=entry["best_lr"]), stream,
+                     dataclasses.replace(SETTINGS, seed=5), log=lambda line: None)
+    assert again["final_eval_loss"] == entry["seed_losses"][1]
+    table = format_sweep_table(report)
+    assert table.splitlines()[2].split()[0] in ("adamw", "galore") and "± " in table
+
+
+def test_default_grid_is_five_points_over_a_decade_and_a_half() -> None:
+    assert len(DEFAULT_OFFSETS) == 5 and max(DEFAULT_OFFSETS) - min(DEFAULT_OFFSETS) == 1.5 and 0.0 in DEFAULT_OFFSETS
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seeds": 0}, r"seeds \(0\) must be >= 1"),
+        ({"offsets": (0.0, 0.0)}, r"offsets \(\[0.0, 0.0\]\) must be distinct finite numbers"),
+        ({"offsets": ()}, r"offsets \(\[\]\) must be distinct"),
+        ({"methods": ["lion"]}, r"methods \['lion'\] have no preset"),
+    ],
+)
+def test_refusals(stream: TokenStream, kwargs: dict, message: str) -> None:
+    methods = kwargs.pop("methods", ["adamw"])
+    with pytest.raises(ValueError, match=message):
+        sweep_learning_rates(LlamaConfig.from_name_or_path("test"), load_presets("test"), stream, SETTINGS, methods, **kwargs)
+
+
+def test_compare_sweep_lr_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowrank_optim.__main__ import main
+
+    assert main(["compare", "--config", "test", "--methods", "dct", "--sweep-lr", "--seeds", "2", "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert list(report["methods"]) == ["dct"] and len(report["methods"]["dct"]["grid"]) == 5
+    assert report["presets"] == "test" and (tmp_path / "sweep_lr.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "sweep run 6 of 6: dct" in out and "final eval loss (mean ± std, n)" in out
+    with pytest.raises(SystemExit):
+        main(["compare", "--sweep-lr", "--seeds", "0"])
