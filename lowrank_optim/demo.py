@@ -234,6 +234,7 @@ def main(args: Any) -> int:
         print()
         print(format_sweep_table(report))
         out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "sweep.json", json.dumps(report, indent=2) + "\n")
         plot = write_sweep_plot(report, out_dir / "sweep_lr.png")
         print(f"\nwrote {out_dir / 'sweep.json'}, {plot}")

@@ -74,8 +74,10 @@ def test_refusals(stream: TokenStream, kwargs: dict, message: str) -> None:
 def test_compare_sweep_lr_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lowrank_optim.__main__ import main
 
+    out = tmp_path / "not" / "yet"  # created (a 9-minute sweep once lost its JSON to a missing --out)
     assert main(["compare", "--config", "test", "--methods", "dct", "--sweep-lr", "--seeds", "2", "--steps", "2",
-                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--out", str(tmp_path)]) == 0
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--out", str(out)]) == 0
+    tmp_path = out
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert list(report["methods"]) == ["dct"] and len(report["methods"]["dct"]["grid"]) == 5
     assert report["presets"] == "test" and (tmp_path / "sweep_lr.png").stat().st_size > 0
