@@ -22,6 +22,7 @@ passes silently.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from .optim._validation import matrix_shape
 
-__all__ = ["DEFAULT_TARGET_MODULES", "Target", "TargetReport", "find_targets", "is_conv1d"]
+__all__ = ["DEFAULT_TARGET_MODULES", "Target", "TargetReport", "check_target_modules", "find_targets", "is_conv1d"]
 
 #: Module-name substrings of the attention and MLP projections of the common architectures (module docstring).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("attn", "attention", "mlp", "intermediate.dense", "output.dense")
@@ -58,6 +59,12 @@ class Target:
     weight: nn.Parameter
     transposed: bool
 
+    @property
+    def features(self) -> tuple[int, int]:
+        """``(in_features, out_features)``, whichever way the weight is stored (``ds_shape`` under zero.Init)."""
+        rows, cols = matrix_shape(self.weight)
+        return (rows, cols) if self.transposed else (cols, rows)
+
 
 @dataclass(frozen=True)
 class TargetReport:
@@ -69,7 +76,7 @@ class TargetReport:
     left_out: tuple[tuple[str, tuple[int, ...], str], ...]
 
     def __str__(self) -> str:
-        projected = sum(_numel(matrix_shape(t.weight)) for t in self.targets)
+        projected = sum(math.prod(matrix_shape(t.weight)) for t in self.targets)
         lines = [f"target_modules {list(self.patterns)}: {len(self.targets)} matrices, {projected / 1e6:.2f}M parameters"]
         for target in self.targets:
             kind = "Conv1D, transposed" if target.transposed else type(target.module).__name__
@@ -79,15 +86,9 @@ class TargetReport:
         return "\n".join(lines)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-def _patterns(target_modules: Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
-    """The patterns and whether they are the user's (checked) rather than the defaults."""
+def check_target_modules(target_modules: Sequence[str] | None) -> tuple[tuple[str, ...], bool]:
+    """The patterns and whether they are the user's (checked) rather than the defaults; refuses a string
+    or an empty or non-string entry (callers that match later use it to refuse early)."""
     if target_modules is None:
         return DEFAULT_TARGET_MODULES, False
     if isinstance(target_modules, str):
@@ -105,7 +106,7 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
     """The linear layers of ``model`` that ``target_modules`` (``None``: :data:`DEFAULT_TARGET_MODULES`)
     selects, by the rule of the module docstring; raises where that rule says so, naming the pattern or
     the module."""
-    patterns, checked = _patterns(target_modules)
+    patterns, checked = check_target_modules(target_modules)
     modules = [(name, module) for name, module in model.named_modules() if name]
     if checked:
         for pattern in patterns:

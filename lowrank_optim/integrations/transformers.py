@@ -42,7 +42,7 @@ from torch import nn
 
 from ..distributed.zero import bind
 from ..optim import GaLoreAdamW, param_groups
-from ..targets import find_targets
+from ..targets import check_target_modules, find_targets
 
 __all__ = ["LowRankTrainer", "build_optimizer"]
 
@@ -150,8 +150,7 @@ class LowRankTrainer(transformers.Trainer):
             _check_options(lowrank_options)
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError("LowRankTrainer builds its optimizer from lowrank_optimizer: drop optimizer_cls_and_kwargs.")
-        if isinstance(target_modules, str):
-            raise TypeError(f"target_modules must be a sequence of strings, not the string {target_modules!r}.")
+        check_target_modules(target_modules)  # now, not when train() builds the optimizer
         self._lowrank = (lowrank_optimizer, dict(lowrank_options or {}), target_modules)
         self._given_optimizer = given
         self._bound_engine: Any = None

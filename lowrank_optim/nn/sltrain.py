@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..ops import sparse_gather, sparse_scatter_add_
-from ..optim._validation import matrix_shape
-from ..targets import DEFAULT_TARGET_MODULES, Target, find_targets
+from ..targets import DEFAULT_TARGET_MODULES, find_targets
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -468,14 +467,14 @@ def convert_to_sltrain(
             raise TypeError(f"module {name!r} matches target_modules but is already an SLTrainLinear")
     targets = find_targets(model, patterns).targets
     for target in targets:
-        in_features, out_features = _linear_shape(target)
+        in_features, out_features = target.features
         _check_rank(rank, in_features, out_features, module_name=target.name)
 
     params_before = _count_parameters(model)
     index_bytes = 0
     for target in targets:
         parent_name, _, child_name = target.name.rpartition(".")
-        in_features, out_features = _linear_shape(target)
+        in_features, out_features = target.features
         weight, bias = target.weight, target.module._parameters.get("bias")
         if init == "dense":
             dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
@@ -509,12 +508,6 @@ def convert_to_sltrain(
         params_after=_count_parameters(model),
         index_bytes=index_bytes,
     )
-
-
-def _linear_shape(target: Target) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear layer or a Conv1D (weight ``in x out``)."""
-    rows, cols = matrix_shape(target.weight)
-    return (rows, cols) if target.transposed else (cols, rows)
 
 
 @torch.no_grad()
