@@ -32,6 +32,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _offset_list(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be comma-separated numbers, e.g. -0.5,0,0.5") from None
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0")
+    return value
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument(
         "--config",
@@ -51,11 +67,15 @@ def _add_model_options(parser: argparse.ArgumentParser, default_config: str) -> 
 
 def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser, "tiny")
-    parser.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
-                        help=f"methods to train, comma-separated from {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--per-layer-methods", type=_method_list, default=list(METHODS), metavar="LIST",
-                        help="methods whose per-layer-update variant also runs (default: all; empty string: none)")
-    parser.add_argument("--steps", type=int, default=200, metavar="N", help="updates per method (default: %(default)s)")
+    parser.add_argument("--methods", type=_method_list, metavar="LIST",
+                        help=f"methods to train, comma-separated from {', '.join(METHODS)} (default: every method the "
+                        "presets have)")
+    parser.add_argument("--per-layer-methods", type=_method_list, metavar="LIST",
+                        help="methods whose per-layer-update variant also runs (default: as --methods; empty string: none)")
+    parser.add_argument("--steps", type=_positive, metavar="N", help="updates per run (default: 200)")
+    parser.add_argument("--tokens-budget", type=_positive, metavar="T",
+                        help="instead of --steps: training tokens per run, the same for every method "
+                        "(T // (batch x seq-len) updates)")
     parser.add_argument("--per-layer-steps", type=int, default=30, metavar="N",
                         help="updates per per-layer variant; their arithmetic equals the normal run's, so they only "
                         "measure speed and memory (default: %(default)s)")
@@ -78,8 +98,17 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
                         help="instead of one run per method: each method at 5 learning rates over 1.5 decades around "
                         "its preset (--steps updates each), then --seeds seeds at the best one; writes sweep.json and "
                         "sweep_lr.png (about (5 + seeds - 1) x the time of one run per method)")
-    parser.add_argument("--seeds", type=_positive, default=2, metavar="N",
-                        help="with --sweep-lr: seeds at each method's best learning rate (default: %(default)s)")
+    parser.add_argument("--sweep-offsets", type=_offset_list, metavar="LIST",
+                        help="with --sweep-lr: the grid as comma-separated log10 factors of each preset's lr "
+                        "(default: -0.75,-0.375,0,0.375,0.75; a list starting with '-' is written --sweep-offsets=-0.5,0,0.5)")
+    parser.add_argument("--seeds", type=_positive, metavar="N",
+                        help="seeds per method, --seed, --seed + 1, ...: the table gives the mean ± std of the final "
+                        "eval loss (default: 1; with --sweep-lr: seeds at each method's best learning rate, default 2)")
+    parser.add_argument("--eval-every", type=_positive, metavar="N",
+                        help="updates between evaluations (default: a quarter of the run)")
+    parser.add_argument("--target-loss", type=_positive_float, metavar="L",
+                        help="also report the training tokens and seconds each method needed to reach eval loss L "
+                        "(at the resolution of --eval-every)")
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -87,17 +116,22 @@ def _estimate(args: argparse.Namespace) -> int:
 
     from .estimate import estimate_memory, format_estimate_table
     from .models import LlamaConfig
-    from .train.methods import presets_for_config
+    from .train.methods import check_methods_available, presets_for_config
 
     dtype = getattr(torch, args.dtype)
     if args.config is None:
+        if args.methods is not None or args.presets is not None:
+            given = "--methods" if args.methods is not None else "--presets"
+            raise ValueError(f"{given} applies with --config; without it the table covers every packaged paper size")
         print(format_estimate_table(dtype=dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                                     gradient_checkpointing=args.checkpointing))
         return 0
     config = LlamaConfig.from_name_or_path(args.config)
-    presets, _, line = presets_for_config(args.config, config, args.presets)
+    presets, presets_name, line = presets_for_config(args.config, config, args.presets)
+    methods = list(presets) if args.methods is None else args.methods
+    check_methods_available(methods, presets, presets_name, "--methods")
     print(line)
-    for method in args.methods:
+    for method in methods:
         estimate = estimate_memory(config, presets[method], dtype=dtype, batch_size=args.batch_size,
                                    seq_len=args.seq_len, gradient_checkpointing=args.checkpointing,
                                    per_layer=args.per_layer, accumulation=args.accumulation)
@@ -113,13 +147,15 @@ def _measure(args: argparse.Namespace) -> int:
     from .estimate import estimate_memory
     from .models import LlamaConfig
     from .train.measure import measure_training_step
-    from .train.methods import presets_for_config
+    from .train.methods import check_methods_available, presets_for_config
 
     config = LlamaConfig.from_name_or_path(args.config)
-    presets, _, line = presets_for_config(args.config, config, args.presets)
+    presets, presets_name, line = presets_for_config(args.config, config, args.presets)
+    methods = list(presets) if args.methods is None else args.methods
+    check_methods_available(methods, presets, presets_name, "--methods")
     print(line)
     dtype = getattr(torch, args.dtype)
-    for method in args.methods:
+    for method in methods:
         for per_layer in (False, True) if args.per_layer else (False,):
             measured = measure_training_step(config, presets[method], per_layer=per_layer, batch_size=args.batch_size,
                                              seq_len=args.seq_len, device=args.device, dtype=dtype,
@@ -178,7 +214,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from ._io import atomic_write_text, check_writable_file
     from .data import TokenStream, load_text_files, stdlib_corpus
     from .models import LlamaConfig
-    from .train.methods import presets_for_config
+    from .train.methods import check_methods_available, presets_for_config
     from .train.pretrain import TrainSettings, check_checkpoint_target, check_window_fits, pretrain
 
     if args.tokens is not None and args.text:
@@ -200,7 +236,8 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise ValueError(f"--json ({args.json!r}) and --checkpoint ({args.checkpoint!r}) name the same file")
     config = LlamaConfig.from_name_or_path(args.config)
     check_window_fits(args.seq_len, config, args.config)  # before reading any text
-    presets, _, line = presets_for_config(args.config, config, args.presets)
+    presets, presets_name, line = presets_for_config(args.config, config, args.presets)
+    check_methods_available([args.method], presets, presets_name, "--method")
     preset = presets[args.method]
     print(line)
     if args.tokens is not None:
@@ -235,7 +272,8 @@ def _compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowrank-optim",
-        description="Memory-efficient LLaMA pretraining: estimate, measure and compare AdamW, GaLore, Fira, DCT and SLTrain.",
+        description="Memory-efficient LLaMA pretraining: estimate, measure and compare "
+        f"{', '.join(METHODS)}.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -253,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--config", metavar="NAME_OR_JSON", help="one LLaMA config (default: the 60M-7B table)")
     sub.add_argument("--presets", metavar="NAME_OR_JSON",
                      help="method presets (default: the --config name's, or the packaged size nearest in parameters)")
-    sub.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
-                     help="methods, comma-separated (default: all)")
+    sub.add_argument("--methods", type=_method_list, metavar="LIST",
+                     help="methods, comma-separated (default: every method the presets have)")
     sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="bfloat16",
                      help="weights, gradients and moments (default: %(default)s, the papers' pure bf16)")
     sub.add_argument("--batch-size", type=int, default=1, metavar="B", help="for activations (default: %(default)s)")
@@ -270,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Peak of a steady-state step (forward, backward, optimizer step): "
                               "torch.cuda.max_memory_allocated on CUDA, the profiler's allocation timeline on CPU.")
     _add_model_options(sub, "tiny")
-    sub.add_argument("--methods", type=_method_list, default=list(METHODS), metavar="LIST",
-                     help="methods, comma-separated (default: all)")
+    sub.add_argument("--methods", type=_method_list, metavar="LIST",
+                     help="methods, comma-separated (default: every method the presets have)")
     sub.add_argument("--per-layer", action="store_true", help="also measure each method with per-layer updates")
     sub.add_argument("--batch-size", type=int, default=1, metavar="B", help="(default: %(default)s)")
     sub.add_argument("--seq-len", type=int, default=128, metavar="L", help="(default: %(default)s)")

@@ -11,32 +11,35 @@ weights         all                                    ``numel · e_w``; SLTrain
 gradients       all                                    ``trainable numel · e_w``; per-layer updates
                                                        (no accumulation): the largest single gradient
 states          AdamW, SLTrain (AdamW)                 ``2 · numel · e_m + 4`` (moments, fp32 step)
-                GaLore / DCT / Fira, projected matrix  ``2 · m · r_eff · e_m + 4`` (+ 4: Fira's norm)
+                projecting methods, projected matrix   ``2 · m · r_eff · e_m + 4`` (+ 4: Fira's and APOLLO's
+                                                       fp32 norm of the last update)
 projection      GaLore / Fira (SVD basis)              ``n · r_eff · e_w``
                 DCT (selected frequencies)             ``r_eff · 8`` (int64 indices)
+                APOLLO (random projection)             ``8`` (the int64 seed it is drawn from)
 sparse indices  SLTrain support                        ``nnz · 4`` (int32 below 2³¹ entries, else 8)
 activations     all                                    see :func:`activation_bytes`
 ==============  =====================================  ==========================================
 
-So a GaLore matrix holds ``2·max(m,n)·r + min(m,n)·r`` state elements. Parameters that are not projected
-(embeddings, ``lm_head``, norms) get full Adam in every optimizer. Counts come from the real model
-(built on the meta device, nothing allocated), so they match ``optimizer_state_bytes`` of a real
-optimizer after its first step exactly.
+The per-matrix rows are :meth:`lowrank_optim.train.methods.Method.matrix_state_bytes` (the registry's
+formula: the projector's own :meth:`~lowrank_optim.Projector.tensors` give the projection row, so a
+preset's ``projector`` is counted too). So a GaLore matrix holds ``2·max(m,n)·r + min(m,n)·r`` state
+elements. Parameters that are not projected (embeddings, ``lm_head``, norms) get full Adam in every
+optimizer. Counts come from the real model (built on the meta device, nothing allocated), so they match
+``optimizer_state_bytes`` of a real optimizer after its first step exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
 from .models import LlamaConfig, LlamaForCausalLM
-from .nn import index_dtype_for
 from .targets import find_targets
-from .train.methods import METHODS, TARGET_MODULES, MethodPreset
+from .train.methods import METHODS, STEP_BYTES, TARGET_MODULES, MethodPreset
 
 __all__ = [
     "PUBLISHED_GB",
@@ -54,8 +57,6 @@ PUBLISHED_GB: dict[str, dict[str, float]] = {
 }
 
 FP32_BYTES = 4
-STEP_BYTES = 4  # every optimizer here keeps its step count as a 0-dim fp32 tensor per parameter
-DCT_INDEX_BYTES = 8  # int64
 
 
 def galore_state_elements(m: int, n: int, rank: int) -> int:
@@ -118,28 +119,11 @@ def activation_bytes(
 
 
 def _meta_model(config: LlamaConfig, preset: MethodPreset) -> nn.Module:
+    """The model ``preset``'s method trains, on the meta device (shapes only: nothing allocated or sampled)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-        if preset.method == "sltrain":
-            for target in find_targets(model, TARGET_MODULES).targets:
-                parent, _, child = target.name.rpartition(".")
-                linear = cast(nn.Linear, target.module)  # the targets of our LLaMA are nn.Linear layers
-                setattr(model.get_submodule(parent), child, _MetaSLTrainShapes(linear, preset))
+    preset.spec.convert(model, preset, seed=0, device="meta", dtype=None)
     return model
-
-
-class _MetaSLTrainShapes(nn.Module):
-    """Shapes of an :class:`SLTrainLinear` without sampling its support (which costs ``m·n`` on the CPU)."""
-
-    def __init__(self, linear: nn.Linear, preset: MethodPreset) -> None:
-        super().__init__()
-        out_features, in_features = linear.out_features, linear.in_features
-        assert preset.delta is not None and preset.rank is not None  # MethodPreset requires them of sltrain
-        nnz = int(preset.delta * out_features * in_features)
-        self.B = nn.Parameter(torch.empty(out_features, preset.rank))
-        self.A = nn.Parameter(torch.empty(preset.rank, in_features))
-        self.values = nn.Parameter(torch.empty(nnz))
-        self.index_bytes = nnz * torch.empty((), dtype=index_dtype_for(out_features * in_features)).element_size()
 
 
 def estimate_memory(
@@ -165,11 +149,12 @@ def estimate_memory(
         raise ValueError(f"preset.method ({preset.method!r}) must be one of {list(METHODS)}")
     if accumulation < 1:
         raise ValueError(f"accumulation ({accumulation}) must be >= 1")
+    method = preset.spec
     e_w = torch.empty((), dtype=dtype).element_size()
     e_m = torch.empty((), dtype=moment_dtype or dtype).element_size()
     model = _meta_model(config, preset)
     projected = set()
-    if preset.method in ("galore", "fira", "dct"):
+    if method.projects:
         projected = {id(target.weight) for target in find_targets(model, TARGET_MODULES).targets}
     weights = states = projection = 0
     largest_gradient = 0
@@ -177,17 +162,19 @@ def estimate_memory(
         weights += param.numel() * e_w
         largest_gradient = max(largest_gradient, param.numel() * e_w)
         if id(param) in projected:
-            m, n = max(param.shape), min(param.shape)
-            assert preset.rank is not None  # MethodPreset requires it of the projecting methods
-            r = min(preset.rank, m, n)
-            states += 2 * m * r * e_m + STEP_BYTES + (FP32_BYTES if preset.method == "fira" else 0)
-            projection += r * DCT_INDEX_BYTES if preset.method == "dct" else n * r * e_w
+            shape = (param.shape[0], param.shape[1])
+            matrix_states, matrix_projection = method.matrix_state_bytes(shape, preset, weight_bytes=e_w, moment_bytes=e_m)
+            states += matrix_states
+            projection += matrix_projection
         else:
             states += 2 * param.numel() * e_m + STEP_BYTES
     gradients = largest_gradient if per_layer and accumulation == 1 else weights
     # The rotary cos/sin tables (buffers in ``dtype``) belong to the resident model too.
     weights += 2 * config.max_seq_len * config.head_dim * e_w
-    sparse_indices = sum(m.index_bytes for m in model.modules() if isinstance(m, _MetaSLTrainShapes))
+    # Integer buffers are index tensors (SLTrain's supports); their dtype is the real one on meta too.
+    sparse_indices = sum(
+        buffer.numel() * buffer.element_size() for buffer in model.buffers() if not buffer.is_floating_point()
+    )
     activations = activation_bytes(
         config, batch_size=batch_size, seq_len=seq_len, dtype=dtype, gradient_checkpointing=gradient_checkpointing
     )
@@ -220,8 +207,7 @@ def format_estimate_table(
         config = LlamaConfig.from_name_or_path(size)
         presets = load_presets(size)
         baseline = None
-        for method in METHODS:
-            preset = presets[method]
+        for method, preset in presets.items():
             options: dict[str, Any] = dict(
                 dtype=dtype, batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing
             )

@@ -85,3 +85,21 @@ def test_compare_sweep_lr_writes_json_and_plot(tmp_path: Path, capsys: pytest.Ca
     assert "sweep run 6 of 6: dct" in out and "final eval loss (mean ± std, n)" in out
     with pytest.raises(SystemExit):
         main(["compare", "--sweep-lr", "--seeds", "0"])
+
+
+def test_compare_sweep_offsets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowrank_optim.__main__ import main
+
+    assert main(["compare", "--config", "test", "--methods", "adamw", "--sweep-lr", "--sweep-offsets=-0.5,0.5",
+                 "--seeds", "1", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert report["offsets"] == [-0.5, 0.5]
+    assert [point["lr"] for point in report["methods"]["adamw"]["grid"]] == pytest.approx([1e-3 * 10**-0.5, 1e-3 * 10**0.5])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["compare", "--sweep-offsets", "0,1"])
+    assert "--sweep-offsets sets the grid of --sweep-lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--sweep-lr", "--sweep-offsets", "0,x"])
+    assert "'0,x': must be comma-separated numbers" in capsys.readouterr().err

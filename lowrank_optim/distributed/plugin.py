@@ -13,15 +13,16 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch.distributed as dist
 from torch import nn
 
-from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW
+from ..optim import FiraAdamW, GaLoreAdamW
 from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names
 from ..targets import DEFAULT_TARGET_MODULES, find_targets
+from ..train.methods import METHODS
 from .zero import bind
 
 __all__ = ["SECTION", "LowRankSection", "initialize", "optimizer_factory", "param_groups_for", "read_config"]
@@ -29,10 +30,11 @@ __all__ = ["SECTION", "LowRankSection", "initialize", "optimizer_factory", "para
 #: The plugin's top-level key in a DeepSpeed config.
 SECTION = "lowrank_optim"
 
+#: The optimizers the plugin builds: the registered methods that name one (``Method.deepspeed_optimizer``).
 OPTIMIZERS: dict[str, type[GaLoreAdamW]] = {
-    "galore_adamw": GaLoreAdamW,
-    "fira_adamw": FiraAdamW,
-    "dct_adamw": DCTAdamW,
+    method.deepspeed_optimizer: cast(type[GaLoreAdamW], method.optimizer)
+    for method in METHODS.values()
+    if method.deepspeed_optimizer is not None
 }
 ZERO3_MOMENTS: tuple[str, ...] = ("sharded", "replicated")
 #: Settings only FiraAdamW reads: refused for the other optimizers rather than silently dropped.
@@ -199,7 +201,7 @@ def read_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str
         )
     zero = config.get("zero_optimization", {})
     misplaced = sorted(set(zero) & ({field.name for field in dataclasses.fields(LowRankSection)} | {"alpha"}))
-    misplaced += sorted(key for key in zero if key.startswith(("galore", "lowrank", "fira", "dct")))
+    misplaced += sorted(key for key in zero if key.startswith(("lowrank", *METHODS)))  # e.g. "galore_rank"
     if misplaced:
         raise ValueError(
             f"Key(s) {misplaced} are inside 'zero_optimization'; the low-rank settings belong in the top-level "

@@ -13,6 +13,7 @@ from .sltrain import (
     merge_sltrain,
     refactorize_,
     sample_support,
+    support_size,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "refactorize_",
     "reset_momentum_",
     "sample_support",
+    "support_size",
 ]

@@ -73,6 +73,11 @@ def _make_generator(seed: int | None, generator: torch.Generator | None) -> torc
     return torch.Generator().manual_seed(seed)
 
 
+def support_size(out_features: int, in_features: int, delta: float) -> int:
+    """``nnz = int(delta · out · in)``, the number of sparse entries, exactly as the reference computes it."""
+    return int(delta * (out_features * in_features))  # delta · total, in this order: float products differ
+
+
 def sample_support(
     out_features: int, in_features: int, delta: float, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -84,7 +89,7 @@ def sample_support(
     """
     _check_delta(delta)
     total = out_features * in_features
-    nnz = int(delta * total)
+    nnz = support_size(out_features, in_features, delta)
     permutation = torch.randperm(total, generator=generator, dtype=index_dtype_for(total))
     return permutation[:nnz].sort().values
 
@@ -261,14 +266,23 @@ class SLTrainLinear(nn.Module):
         self.rank = rank
         self.delta = delta
         self.alpha = alpha
-        self.register_buffer("indices", sample_support(out_features, in_features, delta, generator).to(device))
+        # On the meta device (shapes only, e.g. for the memory estimator) nothing is sampled: drawing
+        # the support costs an out x in permutation on the CPU.
+        meta = torch.empty(0, device=device).is_meta
+        if meta:
+            total = out_features * in_features
+            indices = torch.empty(support_size(out_features, in_features, delta), dtype=index_dtype_for(total), device="meta")
+        else:
+            indices = sample_support(out_features, in_features, delta, generator).to(device)
+        self.register_buffer("indices", indices)
         self._support_checked: tuple | None = None  # see _checked_indices
         self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.values = nn.Parameter(torch.empty(self.indices.numel(), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.scale_raw = nn.Parameter(torch.empty((), **factory)) if trainable_scale else None
-        self.reset_parameters(generator)
+        if not meta:
+            self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -1,9 +1,17 @@
-"""The compared methods: presets per model size, and building a model plus its optimizer for a method.
+"""The methods, written once: a registry (:data:`METHODS`) that the pretraining loop, the estimator, the
+presets, the CLI and the DeepSpeed plugin iterate over; presets per model size; building a model plus its
+optimizer for a method.
 
-A method is an optimizer (``adamw``, ``galore``, ``fira``, ``dct``) or a parametrization trained with
-AdamW (``sltrain``). Presets live in ``lowrank_optim/configs/presets/<size>.json``, one object per
-method, so no method is tuned more than another: AdamW lr 1e-3; GaLore/Fira/DCT lr 1e-2 with scale
-(Fira: alpha) 0.25; SLTrain lr 3e-3 with its rank/alpha/delta recipe.
+A method is an optimizer (``adamw``, ``galore``, ``fira``, ``dct``, ``apollo``) or a parametrization
+trained with AdamW (``sltrain``). A :class:`Method` holds everything the package needs to know about it:
+the preset fields it requires, its optimizer, whether it projects the target matrices (then the state of
+each projected matrix follows from its projector, :meth:`Method.matrix_state_bytes`) or replaces the
+target linears (:attr:`Method.layer`), and its name in the DeepSpeed plugin. A new method is one
+:func:`register_method` call, plus a preset in the size files where it should run.
+
+Presets live in ``lowrank_optim/configs/presets/<size>.json``, one object per method. A size file may
+leave a method out: the method is then not available at that size, and the commands that default to
+"every method" take the ones the file has, in registration order.
 """
 
 from __future__ import annotations
@@ -11,8 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import torch
@@ -22,38 +33,247 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, available_configs
 from ..nn import SLTrainLinear, derive_seed
-from ..optim import DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
-from ..projection import projector_names
+from ..optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
+from ..projection import effective_rank, lowrank_shape, projector_names, resolve_projector, resolve_side
 from ..targets import find_targets
 
 __all__ = [
     "METHODS",
     "PRESET_DIR",
+    "PRESET_FIELDS",
     "TARGET_MODULES",
+    "Method",
     "MethodPreset",
     "available_presets",
     "build_model",
     "build_optimizer",
+    "check_methods_available",
     "cosine_with_warmup",
     "load_presets",
     "presets_for_config",
+    "register_method",
 ]
 
-METHODS = ("adamw", "galore", "fira", "dct", "sltrain")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
-#: Module-name substrings of the linears that GaLore/Fira/DCT project and SLTrain replaces in our LLaMA (the
-#: papers'; :data:`lowrank_optim.targets.DEFAULT_TARGET_MODULES` finds the same ones).
+#: Module-name substrings of the linears that the projecting methods project and SLTrain replaces in our
+#: LLaMA (the papers'; :data:`lowrank_optim.targets.DEFAULT_TARGET_MODULES` finds the same ones).
 TARGET_MODULES = ("attn", "mlp")
 WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
+#: The optional fields of a preset, beyond ``lr`` (see :class:`MethodPreset`).
+PRESET_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap", "alpha", "delta", "projector")
+#: What a projecting method's preset must give: the keys of its projected param group.
+PROJECTED_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap")
+#: Every optimizer here keeps its step count as a 0-dim fp32 tensor per parameter.
+STEP_BYTES = 4
+#: A layer replacing one target linear: ``(linear, preset, seed, device, dtype) -> module``.
+LayerFactory = Callable[[nn.Linear, "MethodPreset", int, "torch.device | str", "torch.dtype | None"], nn.Module]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """One method, in one place (see the module docstring).
+
+    Args:
+        name: what presets, ``--methods`` and results call it (lower-case letters, digits, ``_``).
+        summary: one line for listings (the CLI's help).
+        fields: the preset fields it requires beyond ``lr``, drawn from :data:`PRESET_FIELDS` (not
+            ``projector``, which is always optional); a preset may set no others.
+        optimizer: its optimizer class or factory, called as ``optimizer(params_or_groups, lr=...,
+            weight_decay=0.0, **options)``.
+        projects: the target matrices (:data:`TARGET_MODULES`) get a projected param group with the
+            preset's ``rank``, ``scale`` and ``update_proj_gap``; every other parameter full-rank Adam.
+        projector: for a projecting method, the registered projector its optimizer uses by default.
+        projector_option: a preset may name another registered projector (``"projector": "rsvd"``).
+        matrix_scalar_bytes: bytes of per-matrix scalar state beyond the step count and the projector's
+            tensors (Fira's and APOLLO's fp32 norm of the previous update: 4).
+        layer: replaces each target linear (SLTrain); the other parameters stay as they are.
+        deepspeed_optimizer: its name in the DeepSpeed plugin's ``"optimizer"`` key (``None``: the plugin
+            does not build it).
+    """
+
+    name: str
+    summary: str
+    fields: tuple[str, ...] = ()
+    optimizer: Callable[..., Optimizer]
+    projects: bool = False
+    projector: str | None = None
+    projector_option: bool = False
+    matrix_scalar_bytes: int = 0
+    layer: LayerFactory | None = None
+    deepspeed_optimizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(
+                f"method name ({self.name!r}) must be lower-case letters, digits and '_', starting with a letter"
+            )
+        allowed = [field for field in PRESET_FIELDS if field != "projector"]
+        unknown = [field for field in self.fields if field not in allowed]
+        if unknown:
+            raise ValueError(f"method {self.name!r}: fields {unknown} must be drawn from {allowed}")
+        if self.matrix_scalar_bytes < 0:
+            raise ValueError(f"method {self.name!r}: matrix_scalar_bytes ({self.matrix_scalar_bytes}) must be >= 0")
+        if self.projects:
+            missing = [field for field in PROJECTED_FIELDS if field not in self.fields]
+            if missing:
+                raise ValueError(f"method {self.name!r} projects, so its fields must include {missing}")
+            if self.projector not in projector_names():
+                raise ValueError(
+                    f"method {self.name!r}: projector ({self.projector!r}) must be one of {list(projector_names())}"
+                )
+            if self.layer is not None:
+                raise ValueError(f"method {self.name!r} cannot both project the target matrices and replace their layers")
+        elif self.projector is not None or self.projector_option or self.matrix_scalar_bytes:
+            raise ValueError(
+                f"method {self.name!r} does not project: projector, projector_option and matrix_scalar_bytes do not apply"
+            )
+
+    def convert(
+        self, model: nn.Module, preset: MethodPreset, *, seed: int, device: torch.device | str, dtype: torch.dtype | None
+    ) -> None:
+        """Replace the target linears of ``model`` by :attr:`layer`, in place (nothing without a layer).
+        The layer of target ``name`` is seeded ``derive_seed(seed, name)``, so it is exactly what
+        ``convert_to_sltrain(model, seed=seed)`` would build."""
+        if self.layer is None:
+            return
+        for target in find_targets(model, TARGET_MODULES).targets:
+            parent, _, child = target.name.rpartition(".")
+            linear = cast(nn.Linear, target.module)  # the targets of our LLaMA are nn.Linear layers
+            setattr(model.get_submodule(parent), child, self.layer(linear, preset, derive_seed(seed, target.name), device, dtype))
+
+    def build_optimizer(self, model: nn.Module, preset: MethodPreset) -> Optimizer:
+        """Its optimizer over ``model`` (built for ``preset`` by :func:`build_model`); weight decay 0, as in
+        the papers' pretraining runs."""
+        if not self.projects:
+            return self.optimizer(model.parameters(), lr=preset.lr, weight_decay=0.0)
+        assert preset.rank is not None and preset.update_proj_gap is not None and preset.scale is not None
+        groups = param_groups(
+            model, rank=preset.rank, update_proj_gap=preset.update_proj_gap, scale=preset.scale, target_modules=TARGET_MODULES
+        )
+        options = {} if preset.projector is None else {"projector": preset.projector}
+        return self.optimizer(groups, lr=preset.lr, weight_decay=0.0, **options)
+
+    def matrix_state_bytes(
+        self, shape: tuple[int, int], preset: MethodPreset, *, weight_bytes: int, moment_bytes: int
+    ) -> tuple[int, int]:
+        """``(states, projection)``: bytes of one projected ``m x n`` matrix's state. States: the two
+        moments of its low-rank gradient (``r x n`` or ``m x r``, ``r = min(rank, m, n)``, on the side
+        ``proj_type="std"`` projects), the step count and :attr:`matrix_scalar_bytes`. Projection: the
+        tensors its projector keeps (:meth:`~lowrank_optim.Projector.tensors`: an SVD basis in the weights'
+        dtype, DCT indices, a seed)."""
+        if not self.projects:
+            raise ValueError(f"method {self.name!r} does not project matrices")
+        assert preset.rank is not None  # required of every projecting method
+        projector = resolve_projector(preset.projector or self.projector)
+        side = resolve_side("std", shape)
+        rank = effective_rank(preset.rank, shape)
+        rows, columns = lowrank_shape(shape, rank, side)
+        states = 2 * rows * columns * moment_bytes + STEP_BYTES + self.matrix_scalar_bytes
+        projection = 0
+        for spec in projector.tensors(shape, rank, side):
+            size = weight_bytes if spec.dtype is None else torch.empty((), dtype=spec.dtype).element_size()
+            projection += math.prod(spec.shape) * size
+        return states, projection
+
+
+_REGISTRY: dict[str, Method] = {}
+#: The registered methods by name, in registration order (read-only: :func:`register_method` adds).
+METHODS: Mapping[str, Method] = MappingProxyType(_REGISTRY)
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (a taken name is refused); returns it."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method expects a Method, got {type(method).__name__}")
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered; registered: {list(_REGISTRY)}")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _sltrain_layer(
+    linear: nn.Linear, preset: MethodPreset, seed: int, device: torch.device | str, dtype: torch.dtype | None
+) -> nn.Module:
+    assert preset.rank is not None and preset.delta is not None  # required of sltrain
+    return SLTrainLinear(
+        linear.in_features,
+        linear.out_features,
+        rank=preset.rank,
+        delta=preset.delta,
+        alpha=preset.alpha,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
+
+
+register_method(Method(name="adamw", summary="full-rank AdamW (torch.optim.AdamW), the baseline", optimizer=torch.optim.AdamW))
+register_method(
+    Method(
+        name="galore",
+        summary="GaLore: Adam on SVD-projected gradients (Zhao et al., 2024)",
+        fields=PROJECTED_FIELDS,
+        optimizer=GaLoreAdamW,
+        projects=True,
+        projector="svd",
+        projector_option=True,
+        deepspeed_optimizer="galore_adamw",
+    )
+)
+register_method(
+    Method(
+        name="fira",
+        summary="Fira: GaLore plus the scaled full-rank residual (Chen et al., 2024)",
+        fields=PROJECTED_FIELDS,
+        optimizer=FiraAdamW,
+        projects=True,
+        projector="svd",
+        projector_option=True,
+        matrix_scalar_bytes=4,
+        deepspeed_optimizer="fira_adamw",
+    )
+)
+register_method(
+    Method(
+        name="dct",
+        summary="GaLore with the SVD-free DCT projection (Modoranu et al., 2025)",
+        fields=PROJECTED_FIELDS,
+        optimizer=DCTAdamW,
+        projects=True,
+        projector="dct",
+        deepspeed_optimizer="dct_adamw",
+    )
+)
+register_method(
+    Method(
+        name="sltrain",
+        summary="SLTrain: sparse plus low-rank weights, trained with AdamW (Han et al., 2024)",
+        fields=("rank", "alpha", "delta"),
+        optimizer=torch.optim.AdamW,
+        layer=_sltrain_layer,
+    )
+)
+register_method(
+    Method(
+        name="apollo",
+        summary="APOLLO: AdamW scaled per channel from a random projection (Zhu et al., 2024)",
+        fields=PROJECTED_FIELDS,
+        optimizer=APOLLOAdamW,
+        projects=True,
+        projector="random",
+        projector_option=True,
+        matrix_scalar_bytes=4,
+    )
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MethodPreset:
-    """Hyperparameters of one method. ``scale`` is GaLore/DCT's scale or Fira's alpha; ``alpha`` and
-    ``delta`` are SLTrain's (``W = alpha/rank · B A + S``, ``delta`` = density of ``S``). ``projector``
-    (GaLore, Fira: a registered name such as ``"rsvd"``; ``None``: the optimizer's default) chooses the
-    subspace."""
+    """Hyperparameters of one method. ``scale`` is GaLore/DCT/APOLLO's scale or Fira's alpha; ``alpha``
+    and ``delta`` are SLTrain's (``W = alpha/rank · B A + S``, ``delta`` = density of ``S``). ``projector``
+    (methods with :attr:`Method.projector_option`: a registered name such as ``"rsvd"``; ``None``: the
+    optimizer's default) chooses the subspace. Which fields a method needs: its :attr:`Method.fields`."""
 
     method: str
     lr: float
@@ -67,23 +287,30 @@ class MethodPreset:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method ({self.method!r}) must be one of {list(METHODS)}")
-        needed = {
-            "adamw": (),
-            "galore": ("rank", "scale", "update_proj_gap"),
-            "fira": ("rank", "scale", "update_proj_gap"),
-            "dct": ("rank", "scale", "update_proj_gap"),
-            "sltrain": ("rank", "alpha", "delta"),
-        }[self.method]
-        missing = [name for name in needed if getattr(self, name) is None]
+        spec = METHODS[self.method]
+        missing = [name for name in spec.fields if getattr(self, name) is None]
         if missing:
             raise ValueError(f"preset of method {self.method!r} is missing {missing}")
+        unused = [
+            name for name in PRESET_FIELDS if name != "projector" and name not in spec.fields and getattr(self, name) is not None
+        ]
+        if unused:
+            raise ValueError(
+                f"preset of method {self.method!r} sets {unused}, which it does not use; its fields: {list(spec.fields)}"
+            )
         if self.projector is not None:
-            if self.method not in ("galore", "fira"):
-                raise ValueError(f"projector ({self.projector!r}) applies to methods galore and fira, not {self.method!r}")
+            if not spec.projector_option:
+                takes = [name for name, method in METHODS.items() if method.projector_option]
+                raise ValueError(f"projector ({self.projector!r}) applies to methods {', '.join(takes)}, not {self.method!r}")
             if self.projector not in projector_names():
                 raise ValueError(f"projector ({self.projector!r}) must be one of {list(projector_names())}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr ({self.lr!r}) must be a finite number > 0")
+
+    @property
+    def spec(self) -> Method:
+        """The registered :class:`Method` of this preset."""
+        return METHODS[self.method]
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if value is not None}
@@ -95,7 +322,8 @@ def available_presets() -> list[str]:
 
 
 def load_presets(name_or_path: str | os.PathLike[str]) -> dict[str, MethodPreset]:
-    """All method presets of a packaged size (``"60m"``, ``"tiny"``, ...) or of a JSON file path.
+    """The method presets of a packaged size (``"60m"``, ``"tiny"``, ...) or of a JSON file path, in
+    registration order (the file may leave methods out).
 
     Keys starting with ``_`` (e.g. ``"_source"``) are comments.
     """
@@ -118,7 +346,23 @@ def load_presets(name_or_path: str | os.PathLike[str]) -> dict[str, MethodPreset
             f"presets file {str(path)!r}: {strangers} are not method presets{hint}; the file must map methods "
             f"({', '.join(METHODS)}) to objects of their settings, e.g. {{\"galore\": {{\"lr\": 0.01, \"rank\": 128, ...}}}}"
         )
-    return {method: MethodPreset(method=method, **values) for method, values in entries.items()}
+    return {method: MethodPreset(method=method, **entries[method]) for method in METHODS if method in entries}
+
+
+def check_methods_available(
+    methods: Sequence[str], presets: Mapping[str, MethodPreset], presets_name: str, what: str = "methods"
+) -> None:
+    """Refuse ``methods`` that are not registered or that ``presets`` (called ``presets_name``) has no
+    preset for; ``what`` names the argument in the message."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise ValueError(f"{what} ({list(methods)}): {unknown} not registered; the methods are {list(METHODS)}")
+    absent = [method for method in methods if method not in presets]
+    if absent:
+        raise ValueError(
+            f"{what} ({list(methods)}): presets {presets_name!r} have no preset for {absent}; they have "
+            f"{list(presets)} (add one to the presets file, or choose other presets)"
+        )
 
 
 def presets_for_config(
@@ -170,29 +414,15 @@ def build_model(
     """A LLaMA for ``preset``'s method, built on the meta device and materialized on ``device`` in ``dtype``.
 
     No full-size tensor is allocated anywhere but in its final place: the dense model is created on
-    ``meta``; for SLTrain the target linears are replaced by :class:`SLTrainLinear` layers built directly on
-    ``device`` (seeded ``derive_seed(seed, name)``, i.e. exactly what ``convert_to_sltrain(model, seed=seed)``
-    would produce); then the remaining parameters are allocated on ``device`` and initialised (normal
-    with ``init_std`` from ``torch.manual_seed(seed)``, norm gains 1, rotary tables recomputed).
+    ``meta``; a method with a :attr:`Method.layer` (SLTrain) has its target linears replaced by layers built
+    directly on ``device`` (:meth:`Method.convert`); then the remaining parameters are allocated on
+    ``device`` and initialised (normal with ``init_std`` from ``torch.manual_seed(seed)``, norm gains 1,
+    rotary tables recomputed).
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
-    if preset is not None and preset.method == "sltrain":
-        assert preset.rank is not None and preset.delta is not None  # MethodPreset requires them of sltrain
-        for target in find_targets(model, TARGET_MODULES).targets:
-            parent, _, child = target.name.rpartition(".")
-            linear = cast(nn.Linear, target.module)  # the targets of our LLaMA are nn.Linear layers
-            layer = SLTrainLinear(
-                linear.in_features,
-                linear.out_features,
-                rank=preset.rank,
-                delta=preset.delta,
-                alpha=preset.alpha,
-                seed=derive_seed(seed, target.name),
-                device=device,
-                dtype=dtype,
-            )
-            setattr(model.get_submodule(parent), child, layer)
+    if preset is not None:
+        preset.spec.convert(model, preset, seed=seed, device=device, dtype=dtype)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:
@@ -204,21 +434,6 @@ def build_model(
 
 
 def build_optimizer(model: nn.Module, preset: MethodPreset) -> Optimizer:
-    """The optimizer of ``preset.method`` over ``model`` (built by :func:`build_model` for the same preset).
-
-    Weight decay 0 for every method (the papers' pretraining runs).
-    """
-    if preset.method in ("adamw", "sltrain"):
-        return torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.0)
-    # MethodPreset requires these of galore, fira and dct.
-    assert preset.rank is not None and preset.update_proj_gap is not None and preset.scale is not None
-    groups = param_groups(
-        model,
-        rank=preset.rank,
-        update_proj_gap=preset.update_proj_gap,
-        scale=preset.scale,
-        target_modules=TARGET_MODULES,
-    )
-    optimizer_class = {"galore": GaLoreAdamW, "fira": FiraAdamW, "dct": DCTAdamW}[preset.method]
-    options = {} if preset.projector is None else {"projector": preset.projector}
-    return optimizer_class(groups, lr=preset.lr, **options)
+    """The optimizer of ``preset.method`` over ``model`` (built by :func:`build_model` for the same preset):
+    :meth:`Method.build_optimizer`."""
+    return preset.spec.build_optimizer(model, preset)

@@ -20,16 +20,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from .._io import atomic_save, check_writable_file
 from ..data import TokenStream
 from ..memory import peak_extra_memory
-from ..models import LlamaConfig, LlamaForCausalLM
+from ..models import LlamaConfig
 from ..optim import optimizer_state_bytes
 from .measure import tensor_bytes
 from .methods import MethodPreset, build_model, build_optimizer, cosine_with_warmup
@@ -97,7 +98,7 @@ def check_window_fits(seq_len: int, model_config: LlamaConfig, config_name: str 
 
 
 @torch.no_grad()
-def evaluate(model: LlamaForCausalLM, stream: TokenStream, batch_size: int, max_batches: int) -> float:
+def evaluate(model: nn.Module, stream: TokenStream, batch_size: int, max_batches: int) -> float:
     """Mean next-token loss over the first ``max_batches`` validation batches (the same every call)."""
     was_training = model.training
     model.eval()
@@ -262,13 +263,45 @@ def _data_fingerprint(stream: TokenStream) -> dict[str, Any]:
     }
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as what a checkpoint's run description may hold (``torch.load(weights_only=True)`` and
+    the checksum read plain numbers, strings, None, lists and dicts); anything else by its ``repr``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return repr(value)
+
+
+def _model_description(model: nn.Module) -> dict[str, Any]:
+    """What identifies a user's model for a resume: its class, parameter count and a SHA-256 over its
+    parameter names and shapes (the values are the checkpoint's)."""
+    hasher = hashlib.sha256()
+    for name, param in model.named_parameters():
+        hasher.update(f"{name}:{tuple(param.shape)};".encode())
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "parameters": sum(param.numel() for param in model.parameters()),
+        "shapes_sha256": hasher.hexdigest(),
+    }
+
+
+def _optimizer_description(optimizer: Optimizer) -> dict[str, Any]:
+    """A user's optimizer for a resume: its class and defaults (the per-group values are in its state dict)."""
+    cls = type(optimizer)
+    return {"optimizer": f"{cls.__module__}.{cls.__qualname__}", "defaults": _plain(optimizer.defaults)}
+
+
 def _run_description(
-    model_config: LlamaConfig, preset: MethodPreset, settings: TrainSettings, stream: TokenStream
+    name: str, preset: dict[str, Any], model: dict[str, Any], settings: TrainSettings, stream: TokenStream
 ) -> dict[str, Any]:
     return {
-        "method": preset.method,
-        "preset": preset.to_dict(),
-        "model_config": model_config.to_dict(),
+        "method": name,
+        "preset": preset,
+        "model_config": model,
         "settings": asdict(settings),
         "data": _data_fingerprint(stream),
     }
@@ -333,53 +366,131 @@ def check_checkpoint_target(
         )
 
 
+def _check_user_model(model: nn.Module, settings: TrainSettings) -> None:
+    """A user's model is trained as it is: the settings that the built-in LLaMA is built from must agree
+    with it rather than be silently ignored."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(f"model ({type(model).__name__}) has no parameters to train")
+    devices = sorted({str(param.device) for param in params})
+    dtypes = sorted({str(param.dtype).removeprefix("torch.") for param in params})
+    if devices != [str(torch.device(settings.device))]:
+        raise ValueError(
+            f"settings.device ({settings.device!r}) must be where the model's parameters are ({devices}): a "
+            "model passed to pretrain is trained where it is (move it, or change settings.device)"
+        )
+    if dtypes != [settings.dtype]:
+        raise ValueError(
+            f"settings.dtype ({settings.dtype!r}) must be the dtype of the model's parameters ({dtypes}): a model "
+            "passed to pretrain is trained in its own dtype (convert it, or change settings.dtype)"
+        )
+    if settings.gradient_checkpointing:
+        raise ValueError(
+            "settings.gradient_checkpointing=True applies to the built-in LLaMA; a model passed to pretrain is "
+            "trained as it is (switch checkpointing on in the model itself)"
+        )
+
+
 def pretrain(
-    model_config: LlamaConfig,
-    preset: MethodPreset,
+    model: LlamaConfig | nn.Module,
+    method: MethodPreset | Optimizer | Callable[[nn.Module], Optimizer],
     stream: TokenStream,
     settings: TrainSettings,
     *,
+    scheduler: Callable[[Optimizer, int], LRScheduler] | None = None,
+    name: str | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train ``model_config`` with ``preset`` on ``stream``; returns curves and summary figures.
+    """Train a model with a method on ``stream``; returns curves and summary figures.
+
+    ``model``: a :class:`LlamaConfig` (the built-in LLaMA, built for the method by :func:`build_model`
+    from ``settings.seed``, ``dtype``, ``device`` and ``gradient_checkpointing``) or your own
+    ``nn.Module``, trained as it is. A module is called ``model(input_ids, labels=input_ids)`` and must
+    return an object with a scalar ``.loss`` (the next-token convention of our LLaMA and Hugging Face
+    causal LMs: the shift happens inside); its parameters must be on ``settings.device`` in
+    ``settings.dtype``. ``method``: a :class:`MethodPreset` (its registered method builds the optimizer;
+    with your own module, only methods that do not replace layers: convert first, e.g.
+    ``convert_to_sltrain``, and pass an optimizer), an optimizer over the model's parameters, or a
+    callable ``model -> optimizer``. ``scheduler``: ``(optimizer, total_steps) -> LRScheduler``,
+    stepped once per update (default :func:`cosine_with_warmup`). ``name``: how logs and results call
+    the run (default: the method's name, or the optimizer's class name).
 
     ``checkpoint``: file written atomically every ``checkpoint_every`` updates and at the end (model,
     optimizer, scheduler, update count, data-sampler and global RNG states, the run's description and a
     checksum; see :func:`save_checkpoint`). With ``resume=True`` training continues from it
     bit-identically (loaded with ``torch.load(weights_only=True)``), after it has been verified against
-    this run (:func:`load_checkpoint`, :func:`check_resumable`). Without ``resume`` an existing
+    this run (:func:`load_checkpoint`, :func:`check_resumable`; for your own model: its class, parameter
+    names and shapes, and the optimizer's class and defaults). Without ``resume`` an existing
     ``checkpoint`` is replaced only with ``overwrite=True``. All of this is checked before the model is
     built, so a mistake costs seconds, not a run.
     """
     if settings.seq_len != stream.seq_len:
         raise ValueError(f"settings.seq_len ({settings.seq_len}) must equal the stream's seq_len ({stream.seq_len})")
-    check_window_fits(settings.seq_len, model_config)
+    if isinstance(model, LlamaConfig):
+        check_window_fits(settings.seq_len, model)
+        if not isinstance(method, MethodPreset):
+            raise ValueError(
+                f"method ({type(method).__name__}) must be a MethodPreset when model is a LlamaConfig: the model is "
+                "built for the method; to train with your own optimizer, pass your model as well"
+            )
+    elif isinstance(model, nn.Module):
+        _check_user_model(model, settings)
+        if isinstance(method, MethodPreset) and method.spec.layer is not None:
+            raise ValueError(
+                f"method {method.method!r} replaces the target linears (Method.layer), which pretrain does not do to "
+                "a model you pass: convert it first (e.g. lowrank_optim.nn.convert_to_sltrain) and pass its optimizer "
+                "(torch.optim.AdamW(model.parameters(), ...))"
+            )
+    else:
+        raise ValueError(f"model ({type(model).__name__}) must be a LlamaConfig or an nn.Module")
+    if not isinstance(method, (MethodPreset, Optimizer)) and not callable(method):
+        raise ValueError(
+            f"method ({type(method).__name__}) must be a MethodPreset, an optimizer, or a callable model -> optimizer"
+        )
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every ({checkpoint_every}) must be >= 0 (0: only at the end)")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"name ({name!r}) must be a non-empty string")
     check_checkpoint_target(checkpoint, resume=resume, overwrite=overwrite)
-    run = _run_description(model_config, preset, settings, stream)
+    # The run's description first (for a resume check before anything slow); the built-in model after.
+    optimizer: Optimizer | None = None
+    if isinstance(method, MethodPreset):
+        method_name, preset_info = method.method, method.to_dict()
+    else:
+        assert isinstance(model, nn.Module)  # a LlamaConfig with anything but a preset is refused above
+        optimizer = method if isinstance(method, Optimizer) else method(model)
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(f"the optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        _check_optimizes(optimizer, model)
+        method_name, preset_info = type(optimizer).__name__, _optimizer_description(optimizer)
+    model_info = model.to_dict() if isinstance(model, LlamaConfig) else _model_description(model)
+    run = _run_description(method_name, preset_info, model_info, settings, stream)
     saved: dict[str, Any] | None = None
     if resume:
         assert checkpoint is not None  # check_checkpoint_target refuses resume without one
         saved = load_checkpoint(checkpoint)
         check_resumable(saved.get("run"), run, checkpoint)
-    name = preset.method + ("+per-layer" if settings.per_layer else "")
     device = torch.device(settings.device)
-    model = build_model(
-        model_config,
-        preset=preset,
-        device=device,
-        dtype=settings.torch_dtype,
-        seed=settings.seed,
-        gradient_checkpointing=settings.gradient_checkpointing,
-    )
+    if isinstance(model, LlamaConfig):
+        assert isinstance(method, MethodPreset)  # checked above
+        model = build_model(
+            model,
+            preset=method,
+            device=device,
+            dtype=settings.torch_dtype,
+            seed=settings.seed,
+            gradient_checkpointing=settings.gradient_checkpointing,
+        )
+    if optimizer is None:
+        assert isinstance(method, MethodPreset)
+        optimizer = build_optimizer(model, method)
+    name = (name or method_name) + ("+per-layer" if settings.per_layer else "")
     model.train()
-    optimizer = build_optimizer(model, preset)
-    scheduler = cosine_with_warmup(optimizer, settings.steps)
+    schedule = (scheduler or cosine_with_warmup)(optimizer, settings.steps)
     updates = PerLayerUpdates(optimizer) if settings.per_layer else None
     data_generator = torch.Generator().manual_seed(settings.seed)
     start_step = 0
@@ -390,7 +501,7 @@ def pretrain(
         # parameters' device.
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        schedule.load_state_dict(saved["scheduler"])
         data_generator.set_state(saved["data_rng"])
         torch.set_rng_state(saved["cpu_rng"])
         start_step = int(saved["step"])
@@ -413,7 +524,7 @@ def pretrain(
                 "run": run,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "scheduler": schedule.state_dict(),
                 "data_rng": data_generator.get_state(),
                 "cpu_rng": torch.get_rng_state(),
                 "step": step,
@@ -436,7 +547,7 @@ def pretrain(
         if updates is None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        schedule.step()
         return total
 
     tokens_per_update = settings.accumulation * settings.batch_size * settings.seq_len
@@ -465,8 +576,8 @@ def pretrain(
             rate = (step - start_step) * tokens_per_update / elapsed
             skipped = _skipped_updates(optimizer)
             note = f"  {skipped} parameter update(s) skipped so far (NaN/Inf gradients)" if skipped else ""
-            # The optimizer was built with a float lr, so the scheduler's are floats.
-            progress.update(step, loss, cast(float, scheduler.get_last_lr()[0]), rate, note)
+            # float(): a user's scheduler may hold its lrs as 0-dim tensors.
+            progress.update(step, loss, float(schedule.get_last_lr()[0]), rate, note)
         if settings.eval_every and step % settings.eval_every == 0 and step != settings.steps:
             evaluated = evaluate(model, stream, settings.batch_size, settings.eval_batches)
             history["eval"].append((step, evaluated))
@@ -483,7 +594,7 @@ def pretrain(
     param_bytes = tensor_bytes(model.parameters())
     return {
         "method": name,
-        "preset": preset.to_dict(),
+        "preset": preset_info,
         "settings": asdict(settings),
         "initial_eval_loss": history["eval"][0][1],
         "final_eval_loss": final,
@@ -502,6 +613,28 @@ def pretrain(
         # started (nonfinite="skip"); torch's AdamW does not skip, so always 0 for adamw and sltrain.
         "skipped_updates": _skipped_updates(optimizer),
     }
+
+
+def _check_optimizes(optimizer: Optimizer, model: nn.Module) -> None:
+    """Refuse an optimizer that does not update every trainable parameter of ``model``, or updates
+    tensors that are not the model's (a model copied after the optimizer was built, say)."""
+    owned = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    ids = {id(param) for param in model.parameters()}
+    missing = [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in owned]
+    strangers = len(owned - ids)
+    if missing or strangers:
+        details = []
+        if missing:
+            details.append(
+                f"{len(missing)} of the model's {len(trainable)} trainable parameters are not in it (first: {missing[:3]})"
+            )
+        if strangers:
+            details.append(f"it holds {strangers} tensor(s) that are not parameters of the model")
+        raise ValueError(
+            f"the optimizer ({type(optimizer).__name__}) must update exactly the model's trainable parameters: "
+            + "; ".join(details)
+        )
 
 
 def _skipped_updates(optimizer: Optimizer) -> int:

@@ -25,10 +25,16 @@ from ..models import LlamaConfig
 from .methods import MethodPreset
 from .pretrain import TrainSettings, pretrain
 
-__all__ = ["DEFAULT_OFFSETS", "format_sweep_table", "sweep_learning_rates", "write_sweep_plot"]
+__all__ = ["DEFAULT_OFFSETS", "format_sweep_table", "mean_std", "sweep_learning_rates", "write_sweep_plot"]
 
 #: log10 offsets of the grid around each preset's lr: 5 points over 1.5 decades.
 DEFAULT_OFFSETS: tuple[float, ...] = (-0.75, -0.375, 0.0, 0.375, 0.75)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of the final losses of a method's seeds."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def sweep_learning_rates(
@@ -82,8 +88,8 @@ def sweep_learning_rates(
             "best_at_edge": best in (0, len(grid) - 1),
             "preset_lr": base.lr,
             "seed_losses": losses,
-            "mean_loss": statistics.fmean(losses),
-            "std_loss": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "mean_loss": mean_std(losses)[0],
+            "std_loss": mean_std(losses)[1],
             "tokens_per_s": statistics.fmean(rates),
             "optimizer_state_bytes": grid[best]["optimizer_state_bytes"],
         }

@@ -1,0 +1,203 @@
+"""The methods registry (lowrank_optim.train.methods): one entry per method drives presets, model and
+optimizer building, the estimator, the CLI and the DeepSpeed plugin; a new method is one registration."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowrank_optim import GaLoreAdamW, optimizer_state_bytes
+from lowrank_optim.data import TokenStream, stdlib_corpus
+from lowrank_optim.distributed import plugin
+from lowrank_optim.estimate import estimate_memory
+from lowrank_optim.models import LlamaConfig
+from lowrank_optim.nn import SLTrainLinear, sample_support, support_size
+from lowrank_optim.train import methods as registry
+from lowrank_optim.train.methods import (
+    METHODS,
+    PROJECTED_FIELDS,
+    Method,
+    MethodPreset,
+    build_model,
+    build_optimizer,
+    check_methods_available,
+    load_presets,
+    register_method,
+)
+from lowrank_optim.train.pretrain import TrainSettings, pretrain
+
+TEST = LlamaConfig.from_name_or_path("test")
+
+
+@pytest.fixture
+def scratch_registry() -> Iterator[None]:
+    """Methods registered inside a test are removed after it."""
+    before = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+
+
+def test_builtin_methods_in_registration_order() -> None:
+    assert list(METHODS) == ["adamw", "galore", "fira", "dct", "sltrain", "apollo"]
+    with pytest.raises(TypeError):
+        METHODS["lion"] = METHODS["adamw"]  # type: ignore[index]
+    assert [m.name for m in METHODS.values() if m.projects] == ["galore", "fira", "dct", "apollo"]
+    assert [m.name for m in METHODS.values() if m.layer is not None] == ["sltrain"]
+
+
+def test_plugin_optimizers_come_from_the_registry() -> None:
+    expected = {m.deepspeed_optimizer: m.optimizer for m in METHODS.values() if m.deepspeed_optimizer}
+    assert plugin.OPTIMIZERS == expected
+    assert list(plugin.OPTIMIZERS) == ["galore_adamw", "fira_adamw", "dct_adamw"]
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "random", "dct"])
+def test_estimate_counts_the_presets_projector(projector: str) -> None:
+    """The projection row comes from the projector's own tensors: a basis, indices or a seed."""
+    base = load_presets("test")["galore"]
+    preset = MethodPreset(**{**base.to_dict(), "projector": projector})
+    model = build_model(TEST, preset=preset)
+    optimizer = build_optimizer(model, preset)
+    batch = torch.randint(0, TEST.vocab_size, (2, 17))
+    model(batch, labels=batch).loss.backward()
+    optimizer.step()
+    assert estimate_memory(TEST, preset, dtype=torch.float32).state_bytes == optimizer_state_bytes(optimizer)
+
+
+def test_a_new_method_is_one_registration(scratch_registry: None, tmp_path: Path) -> None:
+    """Registered once, a method has presets, a model, an optimizer, an exact estimate, a CLI name and a
+    pretraining run, with nothing else edited."""
+    method = register_method(
+        Method(
+            name="galore_rsvd",
+            summary="GaLore with the randomized SVD by default",
+            fields=PROJECTED_FIELDS,
+            optimizer=functools.partial(GaLoreAdamW, projector="rsvd"),
+            projects=True,
+            projector="rsvd",
+        )
+    )
+    assert METHODS["galore_rsvd"] is method
+    presets_file = tmp_path / "mine.json"
+    presets_file.write_text(json.dumps({"galore_rsvd": {"lr": 0.01, "rank": 8, "scale": 0.25, "update_proj_gap": 2},
+                                        "adamw": {"lr": 0.001}}))
+    presets = load_presets(presets_file)
+    assert list(presets) == ["adamw", "galore_rsvd"]  # registration order, not the file's
+    preset = presets["galore_rsvd"]
+    model = build_model(TEST, preset=preset)
+    optimizer = build_optimizer(model, preset)
+    batch = torch.randint(0, TEST.vocab_size, (2, 17))
+    model(batch, labels=batch).loss.backward()
+    optimizer.step()
+    assert estimate_memory(TEST, preset, dtype=torch.float32).state_bytes == optimizer_state_bytes(optimizer)
+    stream = TokenStream(stdlib_corpus()[:20000], 16)
+    settings = TrainSettings(steps=2, batch_size=2, seq_len=16, eval_batches=1, measure_memory=False)
+    result = pretrain(TEST, preset, stream, settings, log=lambda line: None)
+    assert result["method"] == "galore_rsvd" and result["final_eval_loss"] < result["initial_eval_loss"]
+    from lowrank_optim.__main__ import build_parser
+
+    args = build_parser().parse_args(["compare", "--methods", "galore_rsvd"])
+    assert args.methods == ["galore_rsvd"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"name": "GaLore"}, "method name ('GaLore') must be lower-case letters, digits and '_'"),
+        ({"name": "a+b"}, "method name ('a+b') must be"),
+        ({"fields": ("rank", "beta")}, "method 'm': fields ['beta'] must be drawn from ['rank', 'scale', "),
+        ({"fields": ("projector",)}, "fields ['projector'] must be drawn from"),
+        ({"projects": True, "fields": ("rank",), "projector": "svd"},
+         "projects, so its fields must include ['scale', 'update_proj_gap']"),
+        ({"projects": True, "fields": PROJECTED_FIELDS, "projector": "qr"},
+         "projector ('qr') must be one of ['svd', 'rsvd', 'dct', 'random']"),
+        ({"projector": "svd"}, "method 'm' does not project: projector, projector_option and matrix_scalar_bytes do not apply"),
+        ({"matrix_scalar_bytes": -4}, "matrix_scalar_bytes (-4) must be >= 0"),
+    ],
+)
+def test_method_refusals(options: dict, message: str) -> None:
+    fields = dict(name="m", summary="s", optimizer=torch.optim.AdamW)
+    fields.update(options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Method(**fields)
+
+
+def test_a_method_cannot_project_and_replace_layers() -> None:
+    with pytest.raises(ValueError, match="cannot both project the target matrices and replace their layers"):
+        Method(name="m", summary="s", optimizer=GaLoreAdamW, fields=PROJECTED_FIELDS, projects=True, projector="svd",
+               layer=lambda *args: torch.nn.Identity())
+
+
+def test_registration_refusals() -> None:
+    with pytest.raises(ValueError, match=re.escape("method 'galore' is already registered; registered: ['adamw', 'galore'")):
+        register_method(METHODS["galore"])
+    with pytest.raises(TypeError, match="register_method expects a Method, got dict"):
+        register_method({"name": "x"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": "adamw", "lr": 1e-3, "rank": 8},
+         "preset of method 'adamw' sets ['rank'], which it does not use; its fields: []"),
+        ({"method": "sltrain", "lr": 1e-3, "rank": 8, "alpha": 2.0, "delta": 0.03, "scale": 1.0},
+         "preset of method 'sltrain' sets ['scale']"),
+        ({"method": "apollo", "lr": 1e-2, "rank": 8, "scale": 1.0}, "preset of method 'apollo' is missing ['update_proj_gap']"),
+        ({"method": "dct", "lr": 1e-2, "rank": 8, "scale": 1.0, "update_proj_gap": 2, "projector": "svd"},
+         "projector ('svd') applies to methods galore, fira, apollo, not 'dct'"),
+        ({"method": "lion", "lr": 1e-3},
+         "method ('lion') must be one of ['adamw', 'galore', 'fira', 'dct', 'sltrain', 'apollo']"),
+    ],
+)
+def test_preset_refusals(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MethodPreset(**fields)
+
+
+def test_presets_files_may_leave_methods_out() -> None:
+    sixty = load_presets("60m")
+    assert "apollo" not in sixty and list(sixty) == ["adamw", "galore", "fira", "dct", "sltrain"]
+    check_methods_available(["galore"], sixty, "60m")
+    with pytest.raises(ValueError, match=re.escape(
+        "--methods (['galore', 'apollo']): presets '60m' have no preset for ['apollo']; they have "
+        "['adamw', 'galore', 'fira', 'dct', 'sltrain']"
+    )):
+        check_methods_available(["galore", "apollo"], sixty, "60m", "--methods")
+    with pytest.raises(ValueError, match=re.escape("methods (['lion']): ['lion'] not registered")):
+        check_methods_available(["lion"], sixty, "60m")
+
+
+def test_cli_default_methods_are_the_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    from lowrank_optim.__main__ import main
+
+    assert main(["estimate", "--config", "60m"]) == 0
+    out = capsys.readouterr().out
+    assert "sltrain " in out and "apollo" not in out
+    assert main(["estimate", "--config", "test", "--methods", "apollo"]) == 0
+    assert capsys.readouterr().out.count("apollo ") == 1
+    with pytest.raises(SystemExit):
+        main(["estimate", "--config", "60m", "--methods", "apollo"])
+    assert "presets '60m' have no preset for ['apollo']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["estimate", "--methods", "adamw"])
+    assert "--methods applies with --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", "60m", "--method", "apollo"])
+    assert "--method (['apollo']): presets '60m' have no preset" in capsys.readouterr().err
+
+
+def test_sltrain_on_meta_samples_nothing_and_has_the_real_shapes() -> None:
+    meta = SLTrainLinear(300, 70, rank=4, delta=0.03, device="meta")
+    real = SLTrainLinear(300, 70, rank=4, delta=0.03, seed=0)
+    assert meta.indices.is_meta and meta.indices.shape == real.indices.shape and meta.indices.dtype == real.indices.dtype
+    assert {name: p.shape for name, p in meta.named_parameters()} == {name: p.shape for name, p in real.named_parameters()}
+    assert support_size(70, 300, 0.03) == sample_support(70, 300, 0.03).numel() == int(0.03 * (70 * 300))
+    with torch.device("meta"):
+        assert SLTrainLinear(300, 70, rank=4).indices.is_meta  # the device context counts too
