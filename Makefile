@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup ext test test-gpu cuda-build-check demo bench bench-gpu bench-kernels clean
+.PHONY: setup ext test test-gpu cuda-build-check demo sweep bench bench-gpu bench-kernels clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ cuda-build-check:
 
 demo: ext
 	$(PY) -m lowrank_optim demo
+
+# The learning-rate sweep behind the tiny presets (5 learning rates per method, then 2 seeds at the best;
+# about 11 minutes on 2 cores for the 6 methods, so not part of `make demo`). Writes sweep_out/.
+sweep: ext
+	$(PY) -m lowrank_optim compare --config tiny --sweep-lr --seeds 2 --out sweep_out
 
 bench: ext
 	$(PY) bench/bench_galore_step.py

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 _DTYPE_NAMES = ("float32", "bfloat16")
+#: Seeds per method of ``demo`` (``compare``: 1) unless ``--seeds`` says.
+DEMO_SEEDS = 3
 
 
 def _method_list(text: str) -> list[str]:
@@ -101,9 +103,12 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-offsets", type=_offset_list, metavar="LIST",
                         help="with --sweep-lr: the grid as comma-separated log10 factors of each preset's lr "
                         "(default: -0.75,-0.375,0,0.375,0.75; a list starting with '-' is written --sweep-offsets=-0.5,0,0.5)")
+    parser.add_argument("--grid-seeds", type=_positive, metavar="K",
+                        help="with --sweep-lr: seeds at every grid point, the best being the lowest mean (default: 1)")
     parser.add_argument("--seeds", type=_positive, metavar="N",
                         help="seeds per method, --seed, --seed + 1, ...: the table gives the mean ± std of the final "
-                        "eval loss (default: 1; with --sweep-lr: seeds at each method's best learning rate, default 2)")
+                        f"eval loss (default: compare 1, demo {DEMO_SEEDS}; with --sweep-lr: seeds at each method's best "
+                        "learning rate, default 2)")
     parser.add_argument("--eval-every", type=_positive, metavar="N",
                         help="updates between evaluations (default: a quarter of the run)")
     parser.add_argument("--target-loss", type=_positive_float, metavar="L",
@@ -277,13 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (
-        ("demo", "the CPU comparison on the tiny LLaMA with all methods, plots and the estimate table (make demo)"),
-        ("compare", "train chosen methods from the same start on the same batches; table, JSON and PNG plots"),
+    for name, help_text, seeds in (
+        ("demo", "the CPU comparison on the tiny LLaMA with all methods at their tuned learning rates, "
+         f"{DEMO_SEEDS} seeds each, plots and the estimate table (make demo)", DEMO_SEEDS),
+        ("compare", "train chosen methods from the same start on the same batches; table, JSON and PNG plots", 1),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _add_compare_options(sub)
-        sub.set_defaults(handler=_compare)
+        sub.set_defaults(handler=_compare, default_seeds=seeds)
 
     sub = commands.add_parser("estimate", help="estimated memory per component from shapes alone",
                               description="Without --config: the table for 60M-7B beside the published estimates. "

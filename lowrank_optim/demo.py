@@ -272,7 +272,8 @@ def run_sweep(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                              eval_batches=args.eval_batches, seed=args.seed, measure_memory=False)
     seeds = SWEEP_SEEDS if args.seeds is None else args.seeds
     offsets = DEFAULT_OFFSETS if args.sweep_offsets is None else args.sweep_offsets
-    report = sweep_learning_rates(model_config, presets, stream, settings, methods, offsets=offsets, seeds=seeds, log=log)
+    report = sweep_learning_rates(model_config, presets, stream, settings, methods, offsets=offsets, seeds=seeds,
+                                  grid_seeds=args.grid_seeds or 1, log=log)
     report.update(config=args.config, presets=presets_name)
     return report
 
@@ -339,8 +340,9 @@ def _save_figure(figure: Any, path: Path) -> None:
 def main(args: Any) -> int:
     """The ``compare``/``demo`` command: run, print the table, write JSON and plots, then the estimates."""
     start = time.perf_counter()
-    if args.sweep_offsets is not None and not args.sweep_lr:
-        raise ValueError("--sweep-offsets sets the grid of --sweep-lr; add --sweep-lr or leave it out")
+    for option, value in (("--sweep-offsets", args.sweep_offsets), ("--grid-seeds", args.grid_seeds)):
+        if value is not None and not args.sweep_lr:
+            raise ValueError(f"{option} sets the grid of --sweep-lr; add --sweep-lr or leave it out")
     if args.sweep_lr:
         from .train.sweep import format_sweep_table, write_sweep_plot
 
@@ -369,7 +371,7 @@ def main(args: Any) -> int:
         seq_len=args.seq_len,
         text_files=args.text,
         seed=args.seed,
-        seeds=1 if args.seeds is None else args.seeds,
+        seeds=args.default_seeds if args.seeds is None else args.seeds,
         eval_batches=args.eval_batches,
         eval_every=args.eval_every,
         target_loss=args.target_loss,

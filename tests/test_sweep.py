@@ -60,6 +60,7 @@ def test_default_grid_is_five_points_over_a_decade_and_a_half() -> None:
     "kwargs, message",
     [
         ({"seeds": 0}, r"seeds \(0\) must be >= 1"),
+        ({"grid_seeds": 0}, r"grid_seeds \(0\) must be >= 1"),
         ({"offsets": (0.0, 0.0)}, r"offsets \(\[0.0, 0.0\]\) must be distinct finite numbers"),
         ({"offsets": ()}, r"offsets \(\[\]\) must be distinct"),
         ({"methods": ["lion"]}, r"methods \['lion'\] have no preset"),
@@ -101,5 +102,21 @@ def test_compare_sweep_offsets(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["compare", "--sweep-offsets", "0,1"])
     assert "--sweep-offsets sets the grid of --sweep-lr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["compare", "--grid-seeds", "2"])
+    assert "--grid-seeds sets the grid of --sweep-lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["compare", "--sweep-lr", "--sweep-offsets", "0,x"])
     assert "'0,x': must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_grid_seeds_pick_the_best_mean(stream: TokenStream) -> None:
+    config, presets = LlamaConfig.from_name_or_path("test"), load_presets("test")
+    lines: list[str] = []
+    report = sweep_learning_rates(config, presets, stream, SETTINGS, ["adamw"], offsets=(-0.5, 0.5), seeds=3, grid_seeds=2,
+                                  log=lines.append)
+    assert sum("sweep run" in line for line in lines) == 2 * 2 + 1 and report["grid_seeds"] == [4, 5]
+    entry = report["methods"]["adamw"]
+    for point in entry["grid"]:
+        assert len(point["seed_losses"]) == 2 and point["final_eval_loss"] == pytest.approx(sum(point["seed_losses"]) / 2)
+    best = min(entry["grid"], key=lambda point: point["final_eval_loss"])
+    assert entry["best_lr"] == best["lr"] and entry["seed_losses"][:2] == best["seed_losses"] and len(entry["seed_losses"]) == 3

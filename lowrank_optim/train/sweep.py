@@ -2,9 +2,10 @@
 more seeds at its best point, so that methods are compared tuned rather than at their papers' rates.
 
 For each method, the grid is ``preset.lr · 10**offset`` for each of ``offsets``. The default
-:data:`DEFAULT_OFFSETS` is 5 points over 1.5 decades, centred on the preset. Each grid run uses the first
-seed. The best learning rate is the lowest final eval loss; it is then run with ``seeds - 1`` more seeds
-(the model init and the batch order change with the seed). The result per method is the mean and
+:data:`DEFAULT_OFFSETS` is 5 points over 1.5 decades, centred on the preset. Each grid point is run with
+the first ``grid_seeds`` seeds (default 1). The best learning rate is the lowest mean final eval loss;
+it is then run with more seeds, up to ``seeds`` (the model init and the batch order change with the
+seed). The result per method is the mean and
 sample standard deviation of the final eval loss over those seeds, the tokens per second (mean of the
 best point's runs) and the optimizer-state bytes. A best point at the edge of the grid is flagged:
 the optimum may lie outside it.
@@ -46,50 +47,64 @@ def sweep_learning_rates(
     *,
     offsets: Sequence[float] = DEFAULT_OFFSETS,
     seeds: int = 2,
+    grid_seeds: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Sweep every method in ``methods`` (module docstring). ``settings`` gives the budget (steps, batch,
-    sequence length) and the first seed; its ``seed + k`` are the further seeds."""
+    sequence length) and the first seed; its ``seed + k`` are the further seeds. ``grid_seeds``: seeds
+    run at every grid point, the best point being the lowest mean over them (one seed picks the luckiest
+    point as often as the best one: on ``tiny`` neighbouring points of one seed differ by up to 0.1);
+    the best point then gets ``seeds`` seeds in all (``max(seeds, grid_seeds)``)."""
     if seeds < 1:
         raise ValueError(f"seeds ({seeds}) must be >= 1")
+    if grid_seeds < 1:
+        raise ValueError(f"grid_seeds ({grid_seeds}) must be >= 1")
     if not offsets or len(set(offsets)) != len(offsets) or not all(math.isfinite(o) for o in offsets):
         raise ValueError(f"offsets ({list(offsets)}) must be distinct finite numbers (log10 factors of the preset lr)")
     unknown = [method for method in methods if method not in presets]
     if unknown:
         raise ValueError(f"methods {unknown} have no preset; presets are given for {sorted(presets)}")
-    runs_total = len(methods) * (len(offsets) + seeds - 1)
+    seeds = max(seeds, grid_seeds)
+    runs_total = len(methods) * (len(offsets) * grid_seeds + seeds - grid_seeds)
     done = 0
     report: dict[str, Any] = {"offsets": list(offsets), "seeds": [settings.seed + k for k in range(seeds)],
+                              "grid_seeds": [settings.seed + k for k in range(grid_seeds)],
                               "settings": dataclasses.asdict(settings), "methods": {}}
+
+    def run(method: str, lr: float, seed: int) -> dict[str, Any]:
+        nonlocal done
+        done += 1
+        log(f"sweep run {done} of {runs_total}: {method} lr {lr:.3g} seed {seed}")
+        return pretrain(model_config, dataclasses.replace(presets[method], lr=lr), stream,
+                        dataclasses.replace(settings, seed=seed), log=_quiet(log))
+
     for method in methods:
         base = presets[method]
         grid = []
         for offset in sorted(offsets):
             lr = base.lr * 10.0**offset
-            done += 1
-            log(f"sweep run {done} of {runs_total}: {method} lr {lr:.3g} seed {settings.seed}")
-            result = pretrain(model_config, dataclasses.replace(base, lr=lr), stream, settings, log=_quiet(log))
-            grid.append({"lr": lr, "final_eval_loss": result["final_eval_loss"], "tokens_per_s": result["tokens_per_s"],
-                         "optimizer_state_bytes": result["optimizer_state_bytes"]})
+            results = [run(method, lr, settings.seed + k) for k in range(grid_seeds)]
+            grid.append({"lr": lr, "final_eval_loss": mean_std([r["final_eval_loss"] for r in results])[0],
+                         "seed_losses": [r["final_eval_loss"] for r in results],
+                         "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in results),
+                         "optimizer_state_bytes": results[0]["optimizer_state_bytes"]})
         best = min(range(len(grid)), key=lambda k: grid[k]["final_eval_loss"])
         best_lr = grid[best]["lr"]
-        losses, rates = [grid[best]["final_eval_loss"]], [grid[best]["tokens_per_s"]]
-        for k in range(1, seeds):
-            done += 1
-            seed = settings.seed + k
-            log(f"sweep run {done} of {runs_total}: {method} lr {best_lr:.3g} seed {seed}")
-            result = pretrain(model_config, dataclasses.replace(base, lr=best_lr), stream,
-                              dataclasses.replace(settings, seed=seed), log=_quiet(log))
+        losses = list(grid[best]["seed_losses"])
+        rates = [grid[best]["tokens_per_s"]] * grid_seeds
+        for k in range(grid_seeds, seeds):
+            result = run(method, best_lr, settings.seed + k)
             losses.append(result["final_eval_loss"])
             rates.append(result["tokens_per_s"])
+        mean, std = mean_std(losses)
         report["methods"][method] = {
             "grid": grid,
             "best_lr": best_lr,
             "best_at_edge": best in (0, len(grid) - 1),
             "preset_lr": base.lr,
             "seed_losses": losses,
-            "mean_loss": mean_std(losses)[0],
-            "std_loss": mean_std(losses)[1],
+            "mean_loss": mean,
+            "std_loss": std,
             "tokens_per_s": statistics.fmean(rates),
             "optimizer_state_bytes": grid[best]["optimizer_state_bytes"],
         }
