@@ -1,9 +1,13 @@
 """``compare`` / ``demo``: pretrain the same small LLaMA with each method and compare loss, speed and memory.
 
 Every method starts from the same seed and sees the same batches, under the papers' schedule (cosine,
-10% warmup, to 10% of the peak lr), with its preset from ``configs/presets/<size>.json`` (no method is
-tuned more than another). Per-layer variants do the same arithmetic as their normal runs (bit-identical,
-see ``tests/test_per_layer.py``), so they run fewer updates, only to measure their speed and memory.
+10% warmup, to 10% of the peak lr), with its preset from ``configs/presets/<size>.json``. The ``tiny``
+presets' learning rates come from the same sweep for every method (``compare --sweep-lr``, recorded in
+``bench/results/cpu-sweep-tiny-*.txt``); the other sizes keep the papers' rates. With ``seeds > 1`` each
+method runs at seeds ``seed, seed + 1, ...`` (other initial weights and batch order, the same for every
+method) and the table gives the mean ± sample std of the final eval loss. Per-layer variants do the same
+arithmetic as their normal runs (bit-identical, see ``tests/test_per_layer.py``), so they run fewer
+updates, once, only to measure their speed and memory.
 
 Memory is reported twice: the allocator peak of the last training update at the training batch (there,
 activations dominate on a tiny model), and the peak of one steady-state step at batch 1 with activation

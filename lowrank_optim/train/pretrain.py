@@ -17,7 +17,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -374,7 +374,12 @@ def _check_user_model(model: nn.Module, settings: TrainSettings) -> None:
         raise ValueError(f"model ({type(model).__name__}) has no parameters to train")
     devices = sorted({str(param.device) for param in params})
     dtypes = sorted({str(param.dtype).removeprefix("torch.") for param in params})
-    if devices != [str(torch.device(settings.device))]:
+    target = torch.device(settings.device)
+    # "cuda" means the current CUDA device: parameters report "cuda:0", which is the same place.
+    placed = len({param.device for param in params}) == 1 and all(
+        param.device.type == target.type and target.index in (None, param.device.index) for param in params
+    )
+    if not placed:
         raise ValueError(
             f"settings.device ({settings.device!r}) must be where the model's parameters are ({devices}): a "
             "model passed to pretrain is trained where it is (move it, or change settings.device)"
@@ -399,6 +404,7 @@ def pretrain(
     *,
     scheduler: Callable[[Optimizer, int], LRScheduler] | None = None,
     name: str | None = None,
+    callbacks: Sequence[Callable[[int, nn.Module], None]] = (),
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
@@ -417,7 +423,8 @@ def pretrain(
     ``convert_to_sltrain``, and pass an optimizer), an optimizer over the model's parameters, or a
     callable ``model -> optimizer``. ``scheduler``: ``(optimizer, total_steps) -> LRScheduler``,
     stepped once per update (default :func:`cosine_with_warmup`). ``name``: how logs and results call
-    the run (default: the method's name, or the optimizer's class name).
+    the run (default: the method's name, or the optimizer's class name). ``callbacks``: each is called
+    ``callback(update, model)`` after every update (e.g. :class:`lowrank_optim.welore.SpectrumTracker`).
 
     ``checkpoint``: file written atomically every ``checkpoint_every`` updates and at the end (model,
     optimizer, scheduler, update count, data-sampler and global RNG states, the run's description and a
@@ -488,6 +495,7 @@ def pretrain(
     if optimizer is None:
         assert isinstance(method, MethodPreset)
         optimizer = build_optimizer(model, method)
+    device = next(model.parameters()).device  # batches go where the model is ("cuda" resolved to its index)
     name = (name or method_name) + ("+per-layer" if settings.per_layer else "")
     model.train()
     schedule = (scheduler or cosine_with_warmup)(optimizer, settings.steps)
@@ -571,6 +579,8 @@ def pretrain(
         else:
             loss = update()
         history["train"].append((step, loss))
+        for callback in callbacks:
+            callback(step, model)
         if progress.tty or step % log_every == 0 or step == settings.steps:
             elapsed = time.perf_counter() - start_time
             rate = (step - start_step) * tokens_per_update / elapsed
@@ -603,8 +613,11 @@ def pretrain(
         "train_seconds": seconds,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "weight_bytes": param_bytes + tensor_bytes(model.buffers()),
-        # Full gradients exist only without per-layer updates, or between accumulated micro-batches.
-        "gradient_bytes": 0 if settings.per_layer and settings.accumulation == 1 else param_bytes,
+        # Full gradients (of the trainable parameters: a user's model may freeze some) exist only without
+        # per-layer updates, or between accumulated micro-batches.
+        "gradient_bytes": 0 if settings.per_layer and settings.accumulation == 1 else tensor_bytes(
+            param for param in model.parameters() if param.requires_grad
+        ),
         "peak_bytes": peak,
         "train_curve": history["train"],
         "eval_curve": history["eval"],
