@@ -34,7 +34,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _offset_list(text: str) -> list[float]:
+def _number_list(text: str) -> list[float]:
     try:
         return [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -100,7 +100,7 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
                         help="instead of one run per method: each method at 5 learning rates over 1.5 decades around "
                         "its preset (--steps updates each), then --seeds seeds at the best one; writes sweep.json and "
                         "sweep_lr.png (about (5 + seeds - 1) x the time of one run per method)")
-    parser.add_argument("--sweep-offsets", type=_offset_list, metavar="LIST",
+    parser.add_argument("--sweep-offsets", type=_number_list, metavar="LIST",
                         help="with --sweep-lr: the grid as comma-separated log10 factors of each preset's lr "
                         "(default: -0.75,-0.375,0,0.375,0.75; a list starting with '-' is written --sweep-offsets=-0.5,0,0.5)")
     parser.add_argument("--grid-seeds", type=_positive, metavar="K",
@@ -268,6 +268,61 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _welore(args: argparse.Namespace) -> int:
+    import copy
+    import math
+
+    from ._io import atomic_write_text, check_writable_file
+    from .data import TokenStream, load_text_files, stdlib_corpus
+    from .nn import SLTrainLinear, merge_sltrain
+    from .train.methods import TARGET_MODULES
+    from .train.pretrain import data_fingerprint, evaluate, load_trained_model
+    from .welore import compress, uniform_plan, weight_spectra, welore_plan
+
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
+    for target in args.targets:
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"--targets: {target!r} must be a fraction in (0, 1)")
+    model, run = load_trained_model(args.checkpoint)
+    settings = run["settings"]
+    tokens = load_text_files(args.text) if args.text else stdlib_corpus()
+    stream = TokenStream(tokens, settings["seq_len"])
+    same = data_fingerprint(stream) == run.get("data")
+    config = run["model_config"]
+    print(f"checkpoint {args.checkpoint}: {run['method']}, hidden {config['hidden_size']}, {config['num_layers']} layers; "
+          "held-out tokens " + ("of the run" if same else "NOT the run's (other --text): the losses are on other data"))
+    if any(isinstance(module, SLTrainLinear) for module in model.modules()):
+        merge_sltrain(model)  # WeLore factors dense matrices: W = s·BA + S of each SLTrain layer
+        print("SLTrain layers merged into their dense weights (merge_sltrain) before the analysis")
+    spectra = weight_spectra(model, TARGET_MODULES)
+    print(f"{'matrix':40s} {'shape':>11s} {'stable rank':>11s} {'90% energy':>10s}")
+    for spectrum in spectra:
+        shape = f"{spectrum.shape[0]}x{spectrum.shape[1]}"
+        print(f"{spectrum.name:40s} {shape:>11s} {spectrum.stable_rank:11.2f} {spectrum.energy_rank(0.9):10d}")
+    batch_size = settings["batch_size"]
+    dense = evaluate(model, stream, batch_size, args.eval_batches)
+    rows = [{"rule": "dense", "target": 0.0, "eval_loss": dense}]
+    print(f"\ndense: eval loss {dense:.4f}, ppl {math.exp(dense):.2f} ({args.eval_batches} held-out batches)")
+    print(f"{'compression':>26} {'params removed':>14} {'ranks removed':>13} {'LRCs':>5} {'eval loss':>9} {'ppl':>8}")
+    for target in args.targets:
+        for rule, planner in (("welore", welore_plan), ("uniform", uniform_plan)):
+            plan = planner(spectra, target, by=args.by, min_ratio=args.min_ratio)
+            compressed = copy.deepcopy(model)
+            compress(compressed, plan, TARGET_MODULES)
+            loss = evaluate(compressed, stream, batch_size, args.eval_batches)
+            label = f"{rule} {target:.0%} of {args.by}"
+            print(f"{label:>26} {plan.parameter_reduction:14.1%} {plan.rank_reduction:13.1%} "
+                  f"{sum(m.lrc for m in plan.matrices):5d} {loss:9.4f} {math.exp(loss):8.2f}")
+            rows.append({"rule": rule, "target": target, "eval_loss": loss, "plan": plan.to_dict()})
+    if args.json is not None:
+        report = {"checkpoint": str(args.checkpoint), "by": args.by, "min_ratio": args.min_ratio,
+                  "held_out_of_the_run": same, "spectra": {s.name: s.to_dict() for s in spectra}, "results": rows}
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -355,6 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "checkpoint is an error)")
     sub.add_argument("--json", metavar="FILE", help="write the results (curves included) here")
     sub.set_defaults(handler=_pretrain)
+
+    sub = commands.add_parser("welore", help="WeLore on a pretrain checkpoint: weight spectra, and held-out loss after "
+                              "non-uniform (WeLore) vs uniform compression",
+                              description="Stable and energy ranks of the attention and MLP matrices of a `pretrain` "
+                              "checkpoint, then its held-out loss compressed at each target by WeLore's ranks and by one "
+                              "uniform rank ratio (lowrank_optim.welore).")
+    sub.add_argument("--checkpoint", required=True, metavar="FILE", help="a checkpoint written by `pretrain`")
+    sub.add_argument("--targets", type=_number_list, default=[0.3, 0.5], metavar="LIST",
+                     help="fractions to remove, comma-separated (default: 0.3,0.5)")
+    sub.add_argument("--by", choices=("ranks", "parameters"), default="parameters",
+                     help="what the targets count (default: %(default)s)")
+    sub.add_argument("--min-ratio", type=float, default=0.0, metavar="R",
+                     help="an LRC must drop more than this fraction of its ranks (default: %(default)s)")
+    sub.add_argument("--text", nargs="+", default=[], metavar="FILE", help="held-out text (default: the built-in corpus)")
+    sub.add_argument("--eval-batches", type=_positive, default=16, metavar="N", help="(default: %(default)s)")
+    sub.add_argument("--json", metavar="FILE", help="write the spectra, plans and losses here")
+    sub.set_defaults(handler=_welore)
     return parser
 
 

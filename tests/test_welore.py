@@ -248,3 +248,29 @@ def test_spectrum_tracker_in_pretraining(tmp_path: Path) -> None:
         SpectrumTracker(3).write(tmp_path / "x.json")
     with pytest.raises(ValueError, match=re.escape("energy fraction (1.5) must be in (0, 1]")):
         MatrixSpectrum("a", (2, 2), torch.tensor([1.0, 0.5])).energy_rank(1.5)
+
+
+def test_cli_welore_on_a_pretrain_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowrank_optim.__main__ import main
+    from lowrank_optim.train.pretrain import load_trained_model
+
+    checkpoint = tmp_path / "run.pt"
+    assert main(["pretrain", "--config", "test", "--method", "sltrain", "--steps", "3", "--batch-size", "2",
+                 "--seq-len", "16", "--eval-batches", "1", "--checkpoint", str(checkpoint)]) == 0
+    model, run = load_trained_model(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    assert run["method"] == "sltrain" and all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    capsys.readouterr()
+    out = tmp_path / "welore.json"
+    assert main(["welore", "--checkpoint", str(checkpoint), "--targets", "0.2", "--eval-batches", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out tokens of the run" in text and "welore 20% of parameters" in text and "uniform 20% of parameters" in text
+    report = json.loads(out.read_text())
+    assert [row["rule"] for row in report["results"]] == ["dense", "welore", "uniform"]
+    assert report["results"][1]["plan"]["parameter_reduction"] >= 0.2
+    with pytest.raises(SystemExit):
+        main(["welore", "--checkpoint", str(checkpoint), "--targets", "1.5"])
+    assert "--targets: 1.5 must be a fraction in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["welore", "--checkpoint", str(tmp_path / "none.pt")])
+    assert "does not exist or is not a file" in capsys.readouterr().err

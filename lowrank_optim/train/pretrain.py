@@ -39,6 +39,7 @@ from .progress import Progress
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "data_fingerprint",
     "CHECKPOINT_VERSION",
     "RESUME_SETTINGS",
     "TrainSettings",
@@ -46,6 +47,7 @@ __all__ = [
     "check_resumable",
     "evaluate",
     "load_checkpoint",
+    "load_trained_model",
     "pretrain",
     "save_checkpoint",
 ]
@@ -251,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return content
 
 
-def _data_fingerprint(stream: TokenStream) -> dict[str, Any]:
+def data_fingerprint(stream: TokenStream) -> dict[str, Any]:
     """Sizes and SHA-256 of the token stream: the saved data-sampler state only means the same batches on
     the same tokens. Hashing is about 1 GB/s, a small fraction of even one update per token."""
     hasher = hashlib.sha256()
@@ -261,6 +263,26 @@ def _data_fingerprint(stream: TokenStream) -> dict[str, Any]:
         "val_tokens": len(stream.val_tokens),
         "sha256": hasher.hexdigest(),
     }
+
+
+def load_trained_model(path: str | os.PathLike[str], *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, run description)``: the built-in model a :func:`pretrain` checkpoint trained, with its
+    weights (verified by :func:`load_checkpoint`), rebuilt from the recorded config, preset, seed and
+    dtype. A checkpoint of a user's own model is refused: load its ``"model"`` state dict into that model."""
+    content = load_checkpoint(path)
+    run = content.get("run") or {}
+    model_info = run.get("model_config") or {}
+    if "class" in model_info:
+        raise ValueError(
+            f"checkpoint ({str(path)!r}) holds a model of your own ({model_info['class']}), which cannot be rebuilt "
+            "from it: load its 'model' state dict (load_checkpoint(path)['model']) into that model"
+        )
+    config = LlamaConfig.from_dict(model_info)
+    preset = MethodPreset(**run["preset"])
+    settings = run["settings"]
+    model = build_model(config, preset=preset, device=device, dtype=_DTYPES[settings["dtype"]], seed=settings["seed"])
+    model.load_state_dict(content["model"])
+    return model, run
 
 
 def _plain(value: Any) -> Any:
@@ -303,7 +325,7 @@ def _run_description(
         "preset": preset,
         "model_config": model,
         "settings": asdict(settings),
-        "data": _data_fingerprint(stream),
+        "data": data_fingerprint(stream),
     }
 
 
