@@ -105,6 +105,11 @@ def test_own_model_resumes_bit_identically_and_is_verified(stream: TokenStream, 
                              {"params": [model.mlp.weight], "rank": 4, "update_proj_gap": 2}], lr=2e-2)
     with pytest.raises(ValueError, match=r"checkpoint .* does not match this run, so it is not resumed: preset field 'defaults'"):
         pretrain(model, optimizer, stream, SETTINGS, checkpoint=part, resume=True, **QUIET)
+    model = Bigram()  # the same defaults, another rank in one group
+    optimizer = GaLoreAdamW([{"params": [model.embed.weight, model.head.weight]},
+                             {"params": [model.mlp.weight], "rank": 2, "update_proj_gap": 2}], lr=1e-2)
+    with pytest.raises(ValueError, match=r"not resumed: preset field 'groups'"):
+        pretrain(model, optimizer, stream, SETTINGS, checkpoint=part, resume=True, **QUIET)
 
 
 def test_own_model_refusals(stream: TokenStream) -> None:

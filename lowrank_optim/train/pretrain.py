@@ -312,9 +312,14 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
 
 
 def _optimizer_description(optimizer: Optimizer) -> dict[str, Any]:
-    """A user's optimizer for a resume: its class and defaults (the per-group values are in its state dict)."""
+    """A user's optimizer for a resume: its class, defaults and the settings of each param group (with its
+    size), as built: loading the saved state dict would otherwise replace changed group settings silently."""
     cls = type(optimizer)
-    return {"optimizer": f"{cls.__module__}.{cls.__qualname__}", "defaults": _plain(optimizer.defaults)}
+    groups = [
+        {"parameters": len(group["params"]), **{key: _plain(value) for key, value in group.items() if key != "params"}}
+        for group in optimizer.param_groups
+    ]
+    return {"optimizer": f"{cls.__module__}.{cls.__qualname__}", "defaults": _plain(optimizer.defaults), "groups": groups}
 
 
 def _run_description(
