@@ -68,6 +68,7 @@ def main() -> None:
         preset = presets[method]
         model = build_model(config, preset=preset, seed=0)
         tracker = SpectrumTracker(20, target_modules=TARGET_MODULES)
+        tracker.record(0, model)  # the random init: where the spectra start
         pretrain(model, preset, stream, settings, callbacks=[tracker], **quiet)
         tracker.write(spectra_dir / f"{method}.json", spectra_dir / f"{method}.png")
         dense = evaluate(model, stream, 16, args.eval_batches)
@@ -75,7 +76,7 @@ def main() -> None:
         stable = [(first[name]["stable_rank"], last[name]["stable_rank"]) for name in last]
         say()
         say(f"## {method} (lr {preset.lr:.3g}), {args.steps} updates: dense eval loss {dense:.4f}, ppl {math.exp(dense):.2f}")
-        say(f"stable rank of the {len(stable)} target matrices, update 20 -> {args.steps}: mean "
+        say(f"stable rank of the {len(stable)} target matrices, init -> update {args.steps}: mean "
             f"{sum(a for a, _ in stable) / len(stable):.2f} -> {sum(b for _, b in stable) / len(stable):.2f}, "
             f"min {min(b for _, b in stable):.2f}, max {max(b for _, b in stable):.2f} (their full ranks: "
             f"{sorted({m['max_rank'] for m in last.values()})})")
