@@ -35,6 +35,16 @@ from lowrank_optim.train.pretrain import TrainSettings, pretrain
 TEST = LlamaConfig.from_name_or_path("test")
 
 
+def assert_estimate_is_exact(preset: MethodPreset) -> None:
+    """The estimator's state bytes equal the real optimizer's after one step of the built model."""
+    model = build_model(TEST, preset=preset)
+    optimizer = build_optimizer(model, preset)
+    batch = torch.randint(0, TEST.vocab_size, (2, 17))
+    model(batch, labels=batch).loss.backward()
+    optimizer.step()
+    assert estimate_memory(TEST, preset, dtype=torch.float32).state_bytes == optimizer_state_bytes(optimizer)
+
+
 @pytest.fixture
 def scratch_registry() -> Iterator[None]:
     """Methods registered inside a test are removed after it."""
@@ -63,12 +73,7 @@ def test_estimate_counts_the_presets_projector(projector: str) -> None:
     """The projection row comes from the projector's own tensors: a basis, indices or a seed."""
     base = load_presets("test")["galore"]
     preset = MethodPreset(**{**base.to_dict(), "projector": projector})
-    model = build_model(TEST, preset=preset)
-    optimizer = build_optimizer(model, preset)
-    batch = torch.randint(0, TEST.vocab_size, (2, 17))
-    model(batch, labels=batch).loss.backward()
-    optimizer.step()
-    assert estimate_memory(TEST, preset, dtype=torch.float32).state_bytes == optimizer_state_bytes(optimizer)
+    assert_estimate_is_exact(preset)
 
 
 def test_a_new_method_is_one_registration(scratch_registry: None, tmp_path: Path) -> None:
@@ -91,12 +96,7 @@ def test_a_new_method_is_one_registration(scratch_registry: None, tmp_path: Path
     presets = load_presets(presets_file)
     assert list(presets) == ["adamw", "galore_rsvd"]  # registration order, not the file's
     preset = presets["galore_rsvd"]
-    model = build_model(TEST, preset=preset)
-    optimizer = build_optimizer(model, preset)
-    batch = torch.randint(0, TEST.vocab_size, (2, 17))
-    model(batch, labels=batch).loss.backward()
-    optimizer.step()
-    assert estimate_memory(TEST, preset, dtype=torch.float32).state_bytes == optimizer_state_bytes(optimizer)
+    assert_estimate_is_exact(preset)
     stream = TokenStream(stdlib_corpus()[:20000], 16)
     settings = TrainSettings(steps=2, batch_size=2, seq_len=16, eval_batches=1, measure_memory=False)
     result = pretrain(TEST, preset, stream, settings, log=lambda line: None)
