@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -112,3 +113,33 @@ def test_refuses_projected_parameter_that_is_not_2d() -> None:
         match=r"pattern 'norm' matches no linear layer .*'norm' \(LayerNorm, weight \(4,\), bias \(4,\)\); only the 2-D weights",
     ):
         param_groups_for(Net(), {"rank": 2, "target_modules": ["norm"]})
+
+
+def test_apollo_through_the_plugin() -> None:
+    from lowrank_optim import APOLLOAdamW
+
+    model = Net()
+    section = LowRankSection.from_dict({"optimizer": "apollo_adamw", "rank": 1, "scale": 128, "scale_type": "tensor",
+                                        "gamma": 1.02, "disable_nl": True, "target_modules": ["attn", "mlp"]})
+    optimizer = optimizer_factory(section)(param_groups_for(model, section))
+    assert isinstance(optimizer, APOLLOAdamW)
+    assert (optimizer.defaults["scale_type"], optimizer.defaults["gamma"], optimizer.defaults["scale"]) == ("tensor", 1.02, 128)
+    assert optimizer.defaults["disable_nl"] is True and optimizer.param_groups[1]["scale"] == 128
+    with pytest.raises(ValueError, match=re.escape(
+        "sets ['scale_type'] for optimizer 'galore_adamw', which does not read it: scale_type is read by apollo_adamw. "
+        "Remove it or choose apollo_adamw."
+    )):
+        LowRankSection.from_dict({"scale_type": "channel"})
+    with pytest.raises(ValueError, match=re.escape(
+        "sets ['residual'] for optimizer 'apollo_adamw', which does not read it: residual is read by fira_adamw"
+    )):
+        LowRankSection.from_dict({"optimizer": "apollo_adamw", "residual": "code"})
+    with pytest.raises(ValueError, match=re.escape(
+        "sets ['gamma'] for optimizer 'dct_adamw', which does not read it: gamma is read by fira_adamw and apollo_adamw. "
+        "Remove it or choose fira_adamw or apollo_adamw."
+    )):
+        LowRankSection.from_dict({"optimizer": "dct_adamw", "gamma": 1.01})
+    with pytest.raises(ValueError, match=re.escape("Invalid 'lowrank_optim.scale_type': 'row'. Must be one of channel, tensor")):
+        LowRankSection.from_dict({"optimizer": "apollo_adamw", "scale_type": "row"})
+    with pytest.raises(ValueError, match=re.escape("Invalid 'lowrank_optim.disable_nl': 1. Must be true or false")):
+        LowRankSection.from_dict({"optimizer": "apollo_adamw", "disable_nl": 1})

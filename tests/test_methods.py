@@ -65,7 +65,7 @@ def test_builtin_methods_in_registration_order() -> None:
 def test_plugin_optimizers_come_from_the_registry() -> None:
     expected = {m.deepspeed_optimizer: m.optimizer for m in METHODS.values() if m.deepspeed_optimizer}
     assert plugin.OPTIMIZERS == expected
-    assert list(plugin.OPTIMIZERS) == ["galore_adamw", "fira_adamw", "dct_adamw"]
+    assert list(plugin.OPTIMIZERS) == ["galore_adamw", "fira_adamw", "dct_adamw", "apollo_adamw"]
 
 
 @pytest.mark.parametrize("projector", ["svd", "rsvd", "random", "dct"])

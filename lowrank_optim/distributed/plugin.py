@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping, cast
 import torch.distributed as dist
 from torch import nn
 
-from ..optim import FiraAdamW, GaLoreAdamW
+from ..optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW
 from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number
+from ..optim.apollo import APOLLO_SCALE_TYPES
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names
 from ..targets import DEFAULT_TARGET_MODULES, find_targets
 from ..train.methods import METHODS
@@ -37,8 +38,15 @@ OPTIMIZERS: dict[str, type[GaLoreAdamW]] = {
     if method.deepspeed_optimizer is not None
 }
 ZERO3_MOMENTS: tuple[str, ...] = ("sharded", "replicated")
-#: Settings only FiraAdamW reads: refused for the other optimizers rather than silently dropped.
-FIRA_ONLY: tuple[str, ...] = ("residual", "gamma", "fold_residual")
+#: Settings that only some optimizers read, and which: refused for the others rather than silently dropped.
+READ_BY: dict[str, tuple[str, ...]] = {
+    "residual": ("fira_adamw",),
+    "fold_residual": ("fira_adamw",),
+    "gamma": ("fira_adamw", "apollo_adamw"),
+    "scale_type": ("apollo_adamw",),
+    "scale_front": ("apollo_adamw",),
+    "disable_nl": ("apollo_adamw",),
+}
 #: How a value that is not a JSON object is called in the error (the section is written in JSON).
 _JSON_TYPES: dict[type, str] = {
     list: "an array",
@@ -60,12 +68,15 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise _invalid(key, value, f"one of {', '.join(choices)}")
 
 
-def _refuse_fira_only(optimizer: str, given: list[str]) -> None:
+def _refuse_unread(optimizer: str, given: list[str]) -> None:
+    """Refuse settings (``given``) that ``optimizer`` does not read, naming the optimizers that do."""
     if given:
+        readers = [name for name in OPTIMIZERS if all(name in READ_BY[key] for key in given)]
+        who = "; ".join(f"{key} is read by {' and '.join(READ_BY[key])}" for key in given)
+        choose = f" or choose {' or '.join(readers)}" if readers else ""
         raise ValueError(
             f"The '{SECTION}' section sets {given} for optimizer {optimizer!r}, which does not read "
-            f"{'it' if len(given) == 1 else 'them'}: {', '.join(FIRA_ONLY)} are Fira's settings (optimizer "
-            "'fira_adamw'). Remove them or choose fira_adamw."
+            f"{'it' if len(given) == 1 else 'them'}: {who}. Remove {'it' if len(given) == 1 else 'them'}{choose}."
         )
 
 
@@ -75,7 +86,11 @@ def _allowed_keys() -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class LowRankSection:
-    """The plugin section. ``scale`` (GaLore, DCT) and ``alpha`` (Fira) are the same setting.
+    """The plugin section. ``optimizer``: one of :data:`OPTIMIZERS` (the registered methods that name a
+    DeepSpeed optimizer: ``galore_adamw``, ``fira_adamw``, ``dct_adamw``, ``apollo_adamw``). ``scale``
+    (GaLore, DCT, APOLLO) and ``alpha`` (Fira) are the same setting. ``residual``, ``fold_residual``
+    (Fira), ``scale_type``, ``scale_front``, ``disable_nl`` (APOLLO) and ``gamma`` (both) are read only
+    by the optimizers :data:`READ_BY` names, and refused for the others.
 
     ``target_modules``: the linear layers whose qualified names contain one of these strings have their
     weight projected (:func:`lowrank_optim.targets.find_targets`, the rule of ``param_groups``); all other
@@ -101,6 +116,9 @@ class LowRankSection:
     residual: str = "code"
     gamma: float = 1.01
     fold_residual: bool = True
+    scale_type: str = "channel"
+    scale_front: bool = False
+    disable_nl: bool = False
     zero3_moments: str = "sharded"
 
     def __post_init__(self) -> None:
@@ -131,7 +149,7 @@ class LowRankSection:
                 modules,
                 "a non-empty list of non-empty strings (substrings of module names; '' would match every module)",
             )
-        for key in ("correct_bias", "fold_residual"):
+        for key in ("correct_bias", "fold_residual", "scale_front", "disable_nl"):
             if not isinstance(getattr(self, key), bool):
                 raise _invalid(key, getattr(self, key), "true or false")
         _check_choice("proj_type", self.proj_type, PROJ_TYPES)
@@ -141,10 +159,13 @@ class LowRankSection:
         _check_choice("moment_policy", self.moment_policy, MOMENT_POLICIES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("residual", self.residual, FIRA_RESIDUALS)
+        _check_choice("scale_type", self.scale_type, APOLLO_SCALE_TYPES)
         _check_choice("zero3_moments", self.zero3_moments, ZERO3_MOMENTS)
-        if self.optimizer != "fira_adamw":
-            defaults = {field.name: field.default for field in dataclasses.fields(LowRankSection)}
-            _refuse_fira_only(self.optimizer, [key for key in FIRA_ONLY if getattr(self, key) != defaults[key]])
+        defaults = {field.name: field.default for field in dataclasses.fields(LowRankSection)}
+        _refuse_unread(
+            self.optimizer,
+            [key for key, readers in READ_BY.items() if self.optimizer not in readers and getattr(self, key) != defaults[key]],
+        )
         # JSON arrays arrive as lists; the frozen section keeps tuples (hashable, not shared with the caller).
         object.__setattr__(self, "betas", tuple(betas))
         object.__setattr__(self, "target_modules", tuple(modules))
@@ -174,8 +195,9 @@ class LowRankSection:
         if unknown:
             raise ValueError(f"Unknown key(s) {unknown} in the '{SECTION}' section. Allowed keys: {', '.join(allowed)}.")
         section = cls(**values)  # the values' own checks first
-        if section.optimizer != "fira_adamw":
-            _refuse_fira_only(section.optimizer, [key for key in FIRA_ONLY if key in values])  # even at their defaults
+        # Even at their defaults: a key written for another optimizer says the config means something else.
+        unread = [key for key, readers in READ_BY.items() if key in values and section.optimizer not in readers]
+        _refuse_unread(section.optimizer, unread)
         return section
 
 
@@ -281,6 +303,14 @@ def optimizer_factory(section: LowRankSection | Mapping[str, Any]) -> Callable[[
     if cls is FiraAdamW:
         options.update(
             alpha=section.scale, residual=section.residual, gamma=section.gamma, fold_residual=section.fold_residual
+        )
+    elif cls is APOLLOAdamW:
+        options.update(
+            scale=section.scale,
+            scale_type=section.scale_type,
+            scale_front=section.scale_front,
+            disable_nl=section.disable_nl,
+            gamma=section.gamma,
         )
     else:
         options["scale"] = section.scale

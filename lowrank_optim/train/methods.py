@@ -264,6 +264,7 @@ register_method(
         projector="random",
         projector_option=True,
         matrix_scalar_bytes=4,
+        deepspeed_optimizer="apollo_adamw",
     )
 )
 
