@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../common/sparse_checks.h"
+#include "../common/spmm_checks.h"
 #include "launchers.h"
 
 namespace lowrank_optim {
@@ -190,6 +191,108 @@ at::Tensor dct_topk_cuda(const at::Tensor& transformed, int64_t rank, int64_t di
   return std::get<0>(std::get<1>(at::topk(scores, rank, 0, /*largest=*/true, /*sorted=*/false)).sort());
 }
 
+// ---- SLTrain's sparse products (lowrank_optim/ops/spmm.py) ----------------------------------------
+
+// check_indices: every index in [0, m·n) (IndexError at the first that is not; the validation kernel of the
+// sparse ops, one synchronization) and row_ptr the support's (ValueError at the first row where it is
+// not). Returns whether the support is strictly increasing (spmm_add_'s CSR kernel needs that).
+bool validate_spmm_support(const char* op, const at::Tensor& indices, const at::Tensor& row_ptr, int64_t m,
+                           int64_t n) {
+  const int64_t nnz = indices.numel();
+  bool increasing = true;
+  if (nnz > 0) {
+    at::Tensor result = at::full({2}, 0, indices.options().dtype(at::kLong));
+    result[0].fill_(nnz);
+    check_launch(cuda::validate_support(indices.const_data_ptr(), index_type(indices), nnz, m * n,
+                                        reinterpret_cast<unsigned long long*>(result.data_ptr<int64_t>()),
+                                        c10::cuda::getCurrentCUDAStream()),
+                 op);
+    const at::Tensor host = result.cpu();
+    const int64_t first_bad = host[0].item<int64_t>();
+    if (first_bad < nnz) spmm::throw_out_of_range(op, first_bad, indices[first_bad].item<int64_t>(), m, n);
+    increasing = host[1].item<int64_t>() == 0;
+  }
+  // The entries per row, prefix-summed: the definition of row_ptr for any order (lowrank_optim/ops/spmm.py).
+  at::Tensor expected = at::zeros({m + 1}, row_ptr.options());
+  if (nnz > 0) {
+    expected.slice(0, 1).copy_(at::bincount(indices.floor_divide(n).to(at::kLong), {}, m).cumsum(0));
+  }
+  const at::Tensor differs = expected.ne(row_ptr).nonzero();
+  if (differs.size(0) > 0) {
+    const int64_t row = differs[0][0].item<int64_t>();
+    spmm::throw_bad_row_ptr(op, row, row_ptr[row].item<int64_t>(), expected[row].item<int64_t>(), m, n);
+  }
+  return increasing;
+}
+
+at::ScalarType accumulate_type(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void spmm_cuda(const char* op, bool transposed, at::Tensor out, const at::Tensor& dense, const char* dense_name,
+               const at::Tensor& values, const at::Tensor& flat_indices, const at::Tensor& row_ptr,
+               bool check_indices) {
+  const std::pair<int64_t, int64_t> shape =
+      spmm::check_spmm_args(op, transposed, out, dense, dense_name, values, flat_indices, row_ptr);
+  const int64_t m = shape.first, n = shape.second;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor indices = flat_indices.contiguous();
+  const at::Tensor pointers = row_ptr.contiguous();
+  // check_indices=false: the caller vouches for a strictly increasing support and its row_ptr (no sync).
+  const bool increasing = !check_indices || validate_spmm_support(op, indices, pointers, m, n);
+  const int64_t tokens = out.size(0);
+  if (indices.numel() == 0 || tokens == 0) return;
+  const at::Tensor weights = values.contiguous();
+  const at::Tensor dense_t = dense.t().contiguous();  // features x tokens: coalesced reads over tokens
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cuda::ElementType type = element_type(out, op, "out");
+  if (!transposed && increasing) {
+    check_launch(cuda::spmm_csr_add(out.data_ptr(), out.stride(0), out.stride(1), dense_t.const_data_ptr(),
+                                    weights.const_data_ptr(), indices.const_data_ptr(), pointers.const_data_ptr(),
+                                    index_type(indices), type, tokens, m, n, stream),
+                 op);
+    return;
+  }
+  const int64_t features = out.size(1);
+  at::Tensor buffer = at::zeros({features, tokens}, out.options().dtype(accumulate_type(out)));
+  check_launch(cuda::spmm_coo_accumulate(buffer.data_ptr(), dense_t.const_data_ptr(), weights.const_data_ptr(),
+                                         indices.const_data_ptr(), index_type(indices), type, indices.numel(), tokens,
+                                         n, transposed, stream),
+               op);
+  check_launch(cuda::spmm_finish(out.data_ptr(), out.stride(0), out.stride(1), buffer.const_data_ptr(), type, tokens,
+                                 features, stream),
+               op);
+}
+
+void spmm_add_cuda(at::Tensor out, const at::Tensor& input, const at::Tensor& values, const at::Tensor& flat_indices,
+                   const at::Tensor& row_ptr, bool check_indices) {
+  spmm_cuda("spmm_add_", false, out, input, "input", values, flat_indices, row_ptr, check_indices);
+}
+
+void spmm_t_add_cuda(at::Tensor out, const at::Tensor& grad, const at::Tensor& values,
+                     const at::Tensor& flat_indices, const at::Tensor& row_ptr, bool check_indices) {
+  spmm_cuda("spmm_t_add_", true, out, grad, "grad", values, flat_indices, row_ptr, check_indices);
+}
+
+at::Tensor sddmm_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& flat_indices,
+                      const at::Tensor& row_ptr, bool check_indices) {
+  const char* op = "sddmm";
+  const std::pair<int64_t, int64_t> shape = spmm::check_sddmm_args(grad, input, flat_indices, row_ptr);
+  const int64_t m = shape.first, n = shape.second;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor indices = flat_indices.contiguous();
+  if (check_indices) validate_spmm_support(op, indices, row_ptr.contiguous(), m, n);  // any order is fine
+  at::Tensor result = at::zeros({indices.numel()}, grad.options());
+  if (indices.numel() == 0 || grad.size(0) == 0) return result;
+  const at::Tensor grad_t = grad.t().contiguous();
+  const at::Tensor input_t = input.t().contiguous();
+  check_launch(cuda::sddmm(result.data_ptr(), grad_t.const_data_ptr(), input_t.const_data_ptr(),
+                           indices.const_data_ptr(), index_type(indices), element_type(grad, op, "grad"),
+                           indices.numel(), grad.size(0), n, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank_optim, CUDA, m) {
@@ -198,6 +301,9 @@ TORCH_LIBRARY_IMPL(lowrank_optim, CUDA, m) {
   m.impl("lowrank_adam_", &lowrank_adam_cuda);
   m.impl("fira_residual_", &fira_residual_cuda);
   m.impl("dct_topk", &dct_topk_cuda);
+  m.impl("spmm_add_", &spmm_add_cuda);
+  m.impl("spmm_t_add_", &spmm_t_add_cuda);
+  m.impl("sddmm", &sddmm_cuda);
 }
 
 }  // namespace lowrank_optim

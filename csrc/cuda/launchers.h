@@ -60,4 +60,24 @@ int64_t dct_workspace_doubles(int64_t rows, int64_t cols, int reduce_dim);
 cudaError_t dct_scores(const void* x, ElementType element_type, int64_t rows, int64_t cols, int reduce_dim,
                        double* workspace, void* scores, bool scores_are_double, cudaStream_t stream);
 
+// SLTrain's sparse products (spmm.cu; lowrank_optim/ops/spmm.py), S m x n at `indices` (flat row-major).
+// `input_t`, `dense_t`, `grad_t`: the dense operand transposed, features x tokens, contiguous; `out`
+// tokens x features with the given strides (elements); `buffer`: features x tokens in the accumulation
+// type (float, double for double), zeroed by the caller.
+// out[t, o] += Σ_{k in row o} values[k] · input_t[c_k, t]; indices strictly increasing, row_ptr its CSR rows.
+cudaError_t spmm_csr_add(void* out, int64_t out_row_stride, int64_t out_col_stride, const void* input_t,
+                         const void* values, const void* indices, const void* row_ptr, IndexType index_type,
+                         ElementType element_type, int64_t tokens, int64_t m, int64_t n, cudaStream_t stream);
+// buffer[target_k, t] += values[k] · dense_t[source_k, t] (atomics; any support): source = column, target =
+// row of entry k, or the reverse when `transposed`.
+cudaError_t spmm_coo_accumulate(void* buffer, const void* dense_t, const void* values, const void* indices,
+                                IndexType index_type, ElementType element_type, int64_t nnz, int64_t tokens,
+                                int64_t n, bool transposed, cudaStream_t stream);
+// out[t, f] += buffer[f, t], rounded once.
+cudaError_t spmm_finish(void* out, int64_t row_stride, int64_t col_stride, const void* buffer,
+                        ElementType element_type, int64_t tokens, int64_t features, cudaStream_t stream);
+// result[k] = Σ_t grad_t[r_k, t] · input_t[c_k, t] (any support).
+cudaError_t sddmm(void* result, const void* grad_t, const void* input_t, const void* indices, IndexType index_type,
+                  ElementType element_type, int64_t nnz, int64_t tokens, int64_t n, cudaStream_t stream);
+
 }  // namespace lowrank_optim::cuda

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..ops import sparse_gather, sparse_scatter_add_
+from ..ops import sddmm, sparse_gather, sparse_row_pointers, sparse_scatter_add_, spmm_add_, spmm_t_add_
 from ..targets import DEFAULT_TARGET_MODULES, find_targets
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "PATHS",
+    "SPARSE_FLOP_COST",
     "ConversionReport",
     "SLTrainLinear",
     "balanced_factors",
@@ -30,6 +32,7 @@ __all__ = [
     "convert_to_sltrain",
     "derive_seed",
     "index_dtype_for",
+    "path_costs",
     "refactorize_",
     "sample_support",
 ]
@@ -41,6 +44,13 @@ TRAINABLE_SCALE_INIT = 1.0
 _NAMES_SHOWN_IN_ERRORS = 8
 #: convert_to_sltrain's ``init``: the reference init (pretraining) or from the dense weight.
 _INITS: tuple[str, ...] = ("reference", "dense")
+#: SLTrainLinear's ``path``: chosen per call by :func:`path_costs`, or always one of the two.
+PATHS: tuple[str, ...] = ("auto", "dense", "factored")
+#: The cost rule's ``kappa``: the time of one multiply-add of the compiled sparse kernels (``spmm_add_``,
+#: ``spmm_t_add_``, ``sddmm``) over the time of one multiply-add of a dense GEMM, by (device type, dtype),
+#: as bench/bench_sltrain_layer.py measures it. Where a pair has no entry, or its device has no compiled
+#: sparse kernels, ``path="auto"`` runs the dense path.
+SPARSE_FLOP_COST: dict[tuple[str, torch.dtype], float] = {}
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -210,6 +220,141 @@ class _SparsePlusLowRankLinear(torch.autograd.Function):
         return grad_x, grad_B, grad_A, grad_values, None, grad_scale, grad_bias
 
 
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _FactoredSparsePlusLowRankLinear(torch.autograd.Function):
+    """``y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias``: the same function as :class:`_SparsePlusLowRankLinear`, never
+    forming an ``out x in`` matrix. ``row_ptr`` is :func:`~lowrank_optim.ops.sparse_row_pointers` of the
+    (checked, strictly increasing) support.
+
+    With ``X`` the input (``T x n``, batch dims flattened), ``G`` the output gradient (``T x m``),
+    ``H = X Aᵀ`` and ``P = G B`` (both ``T x r``):
+
+    - forward: ``y = s·H Bᵀ + bias`` (two GEMMs, the bias fused into the second), then ``y += X Sᵀ``
+      (:func:`~lowrank_optim.ops.spmm_add_`);
+    - backward: ``dX = s·P A + G S`` (GEMM, then :func:`~lowrank_optim.ops.spmm_t_add_`), ``dA = s·Pᵀ X``,
+      ``dB = s·Gᵀ H``, ``d values[k] = Σ_t G[t, r_k] X[t, c_k]`` (:func:`~lowrank_optim.ops.sddmm`),
+      ``ds = <P, H>`` (``= <Bᵀ Gᵀ X, A>``, the dense path's formula), ``d bias = Σ_t G``.
+
+    Saved for backward: ``x`` and the factors (``B``, ``A``, ``values``, the support, ``row_ptr``); ``H`` is
+    recomputed (one ``T·n·r`` GEMM) rather than kept. Backward's transients: ``P`` and ``H`` (``T x r``
+    each), ``dX`` (``T x n``), the parameter gradients, and per thread a token tile of the kernels (for
+    fp32, 64 tokens x ``max(in, out)`` floats).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        B: Tensor,
+        A: Tensor,
+        values: Tensor,
+        indices: Tensor,
+        row_ptr: Tensor,
+        scale: float | Tensor,
+        bias: Tensor | None,
+    ) -> Tensor:
+        out_features, in_features = B.shape[0], A.shape[1]
+        inputs = x.reshape(-1, in_features)
+        hidden = torch.mm(inputs, A.t())
+        # Scale the smaller of H (T x r) and B (out x r); H is this function's own temporary.
+        if hidden.shape[0] <= out_features:
+            left, right = hidden.mul_(scale), B.t()
+        else:
+            left, right = hidden, (B * scale).t()
+        output = torch.mm(left, right) if bias is None else torch.addmm(bias, left, right)
+        spmm_add_(output, inputs, values, indices, row_ptr, check_indices=False)
+        scale_tensor = scale if isinstance(scale, Tensor) else None
+        ctx.save_for_backward(x, B, A, values, indices, row_ptr, scale_tensor)
+        ctx.scale_float = None if isinstance(scale, Tensor) else scale
+        return output.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x, B, A, values, indices, row_ptr, scale_tensor = ctx.saved_tensors
+        scale = scale_tensor if scale_tensor is not None else ctx.scale_float
+        need_x, need_B, need_A, need_values, _, _, need_scale, need_bias = ctx.needs_input_grad
+        out_features, in_features = B.shape[0], A.shape[1]
+        grad_out_2d = grad_output.reshape(-1, out_features)
+        inputs = x.reshape(-1, in_features)
+
+        projected = torch.mm(grad_out_2d, B) if need_x or need_A or need_scale else None  # P = G B
+        hidden = torch.mm(inputs, A.t()) if need_B or need_scale else None  # H = X Aᵀ, recomputed
+        grad_scale = None
+        if need_scale:
+            assert projected is not None and hidden is not None and scale_tensor is not None
+            accumulate = _accumulate_dtype(projected.dtype)
+            grad_scale = torch.sum(projected * hidden, dtype=accumulate).to(scale_tensor.dtype)
+
+        grad_x = grad_A = grad_B = None
+        if need_x or need_A:
+            assert projected is not None
+            projected.mul_(scale)  # s·P, in place: P is no longer needed unscaled
+            if need_x:
+                grad_x_2d = torch.mm(projected, A)
+                spmm_t_add_(grad_x_2d, grad_out_2d, values, indices, row_ptr, check_indices=False)
+                grad_x = grad_x_2d.view(x.shape)
+            if need_A:
+                grad_A = torch.mm(projected.t(), inputs)
+        del projected
+        if need_B:
+            assert hidden is not None
+            grad_B = torch.mm(grad_out_2d.t(), hidden.mul_(scale))
+        del hidden
+        grad_values = sddmm(grad_out_2d, inputs, indices, row_ptr, check_indices=False) if need_values else None
+        grad_bias = grad_out_2d.sum(0) if need_bias else None
+        return grad_x, grad_B, grad_A, grad_values, None, None, grad_scale, grad_bias
+
+
+def path_costs(
+    tokens: int, in_features: int, out_features: int, rank: int, nnz: int, *, sparse_flop_cost: float
+) -> tuple[float, float]:
+    """``(dense, factored)``: the GEMM-equivalent multiply-adds of one SLTrainLinear forward+backward on each path.
+
+    With ``T`` tokens, ``m x n`` = ``out x in``, rank ``r`` and ``kappa = sparse_flop_cost`` (the time of a
+    sparse kernel's multiply-add in units of a GEMM's, :data:`SPARSE_FLOP_COST`):
+
+    - dense: compose ``W`` (``m·n·r``), ``x Wᵀ`` (``T·m·n``), compose again, ``dX = G W`` and ``dW = Gᵀ X``
+      (``2·T·m·n``), ``dB = dW Aᵀ`` and ``dA = Bᵀ dW`` (``2·m·n·r``): ``4·m·n·r + 3·T·m·n``;
+    - factored: ``H = X Aᵀ``, ``H Bᵀ``, ``P = G B``, ``P A``, ``Pᵀ X``, ``H`` again and ``Gᵀ H``
+      (``T·r·(3m + 4n)``), and ``X Sᵀ``, ``G S`` and the SDDMM (``3·kappa·T·nnz``).
+
+    The factored cost grows with ``T`` from zero, the dense one starts at the two compositions'
+    ``4·m·n·r``: the factored path is cheaper below ``T* = 4·m·n·r / (r·(3m + 4n) + 3·kappa·nnz − 3·m·n)``
+    tokens, and at every ``T`` when that denominator is not positive (rank and density low enough).
+    """
+    m, n, r, t = out_features, in_features, rank, tokens
+    kappa = sparse_flop_cost
+    return 4.0 * m * n * r + 3.0 * t * m * n, t * (r * (3.0 * m + 4.0 * n) + 3.0 * kappa * nnz)
+
+
+def _check_path(path: object) -> str:
+    if not isinstance(path, str) or path not in PATHS:
+        raise ValueError(f"path={path!r}; allowed: {', '.join(repr(choice) for choice in PATHS)}")
+    return path
+
+
+def _has_compiled_sparse_kernels(device: torch.device) -> bool:
+    """Whether the factored path's three ops have a compiled kernel for ``device`` (not only the defaults)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_optim::{op}", key)
+        for op in ("spmm_add_", "spmm_t_add_", "sddmm")
+    )
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``device_type`` now, or None when it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 class SLTrainLinear(nn.Module):
     """Linear layer with weight ``W = s · B A + S`` (SLTrain, arXiv 2406.02214).
 
@@ -225,8 +370,24 @@ class SLTrainLinear(nn.Module):
       reference's ``trainable_scaling``), and ``alpha`` must be left unset. ``S`` is never scaled.
 
     Pass ``seed`` or a CPU ``generator`` to make the layer reproducible and identical on every rank;
-    with neither, the global CPU generator is used. The dense weight is only ever a temporary of the
-    forward and backward passes.
+    with neither, the global CPU generator is used.
+
+    ``path`` (also settable later, ``layer.path = ...``) says how ``y = x Wᵀ + bias`` is computed; both
+    paths compute the same function (to the rounding of the dtype) and save only ``x`` and the factors:
+
+    - ``"dense"``: compose the dense ``W`` in forward and again in backward (the reference design), form
+      ``dW = Gᵀ X`` once and derive the gradients of ``B``, ``A`` and ``values`` from it; two ``out x in``
+      transients (``W``, then ``dW``);
+    - ``"factored"``: ``y = s·(x Aᵀ) Bᵀ + x Sᵀ`` with the sparse kernels of :mod:`lowrank_optim.ops.spmm`;
+      no ``out x in`` matrix at all (:class:`_FactoredSparsePlusLowRankLinear`);
+    - ``"auto"`` (default): per training call, the cheaper by :func:`path_costs` for the call's tokens,
+      with ``kappa`` from :data:`SPARSE_FLOP_COST` for the device and dtype; the dense path where there is
+      no measured ``kappa`` or no compiled sparse kernel, and when no gradient is needed (evaluation: the
+      layer then computes bit for bit what its :func:`merge_sltrain` export computes) (:meth:`path_for`).
+
+    Under ``torch.autocast`` the layer casts its input and parameters (floating, not fp64) to the autocast
+    dtype, as autocast casts a linear layer's operands, and runs in that dtype (gradients flow back to the
+    parameters in their own dtype).
     """
 
     indices: Tensor
@@ -248,8 +409,10 @@ class SLTrainLinear(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        path: str = "auto",
     ) -> None:
         super().__init__()
+        _check_path(path)
         _check_rank(rank, in_features, out_features)
         _check_delta(delta)
         if trainable_scale and alpha is not None:
@@ -276,6 +439,8 @@ class SLTrainLinear(nn.Module):
             indices = sample_support(out_features, in_features, delta, generator).to(device)
         self.register_buffer("indices", indices)
         self._support_checked: tuple | None = None  # see _checked_indices
+        self._row_ptr: Tensor | None = None  # the support's row pointer, derived once per checked support
+        self._path = path
         self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.values = nn.Parameter(torch.empty(self.indices.numel(), **factory))
@@ -348,12 +513,83 @@ class SLTrainLinear(nn.Module):
         if seen != self._support_checked:
             check_support(indices, self.out_features, self.in_features, self.values.numel(), where="SLTrainLinear.indices")
             self._support_checked = seen
+            self._row_ptr = None  # belongs to the support seen before
         return indices
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _SparsePlusLowRankLinear.apply(
-            x, self.B, self.A, self.values, self._checked_indices(), self.scale, self.bias
+    def _row_pointers(self, indices: Tensor) -> Tensor:
+        """:func:`~lowrank_optim.ops.sparse_row_pointers` of the checked support, cached with the check
+        (recomputed whenever :meth:`_checked_indices` checks a support again)."""
+        if self._row_ptr is None:
+            if indices.is_meta:
+                self._row_ptr = torch.empty(self.out_features + 1, dtype=indices.dtype, device=indices.device)
+            else:
+                self._row_ptr = sparse_row_pointers(indices, self.out_features, self.in_features)
+        return self._row_ptr
+
+    @property
+    def path(self) -> str:
+        """``"auto"``, ``"dense"`` or ``"factored"`` (see the class docstring); validated when set."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self._path = _check_path(value)
+
+    def path_for(
+        self, tokens: int, *, backward: bool, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> str:
+        """The path a call with ``tokens`` tokens (``x.numel() // in_features``) runs on ``device`` in
+        ``dtype``, ``backward`` saying whether a gradient will be computed: :attr:`path` unless it is
+        ``"auto"``; then ``"factored"`` when a backward follows, the device has compiled sparse kernels and
+        :func:`path_costs` says it is cheaper with the ``kappa`` of :data:`SPARSE_FLOP_COST`, else
+        ``"dense"``."""
+        if self._path != "auto":
+            return self._path
+        device = torch.device(device)
+        kappa = SPARSE_FLOP_COST.get((device.type, dtype))
+        if not backward or kappa is None or not _has_compiled_sparse_kernels(device):
+            return "dense"
+        dense, factored = path_costs(
+            tokens, self.in_features, self.out_features, self.rank, self.values.numel(), sparse_flop_cost=kappa
         )
+        return "factored" if factored < dense else "dense"
+
+    def forward(self, x: Tensor) -> Tensor:
+        indices = self._checked_indices()
+        B: Tensor = self.B
+        A: Tensor = self.A
+        values: Tensor = self.values
+        bias: Tensor | None = self.bias
+        scale = self.scale
+        autocast_dtype = _autocast_dtype(x.device.type)
+        if autocast_dtype is not None:
+            # What autocast does to a linear layer's operands: floating tensors other than fp64 are cast
+            # (differentiably: their gradients come back in their own dtype); the layer then runs with
+            # autocast off, so that its own matmuls run on exactly these dtypes in forward and backward.
+            def cast(tensor: Tensor) -> Tensor:
+                eligible = tensor.is_floating_point() and tensor.dtype != torch.float64
+                return tensor.to(autocast_dtype) if eligible else tensor
+
+            x, B, A, values = cast(x), cast(B), cast(A), cast(values)
+            bias = cast(bias) if bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return self._run(x, B, A, values, indices, scale, bias)
+        return self._run(x, B, A, values, indices, scale, bias)
+
+    def _run(
+        self, x: Tensor, B: Tensor, A: Tensor, values: Tensor, indices: Tensor, scale: float | Tensor, bias: Tensor | None
+    ) -> Tensor:
+        if x.dtype != B.dtype:
+            raise TypeError(
+                f"SLTrainLinear: input dtype {x.dtype} differs from the parameters' dtype {B.dtype}; cast the input "
+                "(or the layer), or run it under torch.autocast"
+            )
+        operands = (x, B, A, values, bias, scale if isinstance(scale, Tensor) else None)
+        backward = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in operands)
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        if self.path_for(tokens, backward=backward, device=x.device, dtype=x.dtype) == "factored":
+            return _FactoredSparsePlusLowRankLinear.apply(x, B, A, values, indices, self._row_pointers(indices), scale, bias)
+        return _SparsePlusLowRankLinear.apply(x, B, A, values, indices, scale, bias)
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:
@@ -424,7 +660,8 @@ class SLTrainLinear(nn.Module):
         scale = "tanh(scale_raw)" if self.scale_raw is not None else f"alpha/rank={self.alpha}/{self.rank}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"delta={self.delta}, nnz={self.values.numel()}, scale={scale}, bias={self.bias is not None}"
+            f"delta={self.delta}, nnz={self.values.numel()}, scale={scale}, bias={self.bias is not None}, "
+            f"path={self._path!r}"
         )
 
 

@@ -9,6 +9,7 @@ from .adam import lowrank_adam_
 from .dct import dct_topk
 from .fira import fira_folded_, fira_residual_
 from .sparse import sparse_gather, sparse_scatter_add_
+from .spmm import sddmm, sparse_row_pointers, spmm_add_, spmm_t_add_
 
 __all__ = [
     "dct_topk",
@@ -17,6 +18,10 @@ __all__ = [
     "kernel_load_error",
     "kernels_available",
     "lowrank_adam_",
+    "sddmm",
     "sparse_gather",
+    "sparse_row_pointers",
     "sparse_scatter_add_",
+    "spmm_add_",
+    "spmm_t_add_",
 ]
