@@ -76,8 +76,9 @@ def section_for(name: str, options: set[str] = frozenset()) -> dict:
 
 
 def apollo_groups(model: nn.Module) -> list[dict]:
-    """``apollo``: APOLLOAdamW built by hand and bound (the plugin builds it too: tests/test_distributed_plugin.py), on the mlp matrices,
-    with apollo-torch's random projection (seeds by position) and its channel-wise scaling."""
+    """``apollo``: APOLLOAdamW built by hand and bound (the plugin builds it too:
+    tests/test_distributed_plugin.py), on the mlp matrices, with apollo-torch's random projection (seeds
+    by position) and its channel-wise scaling."""
     matrices = [p for n, p in model.named_parameters() if "mlp" in n and p.dim() == 2]
     ids = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in ids]
