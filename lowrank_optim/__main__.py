@@ -103,6 +103,9 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-offsets", type=_number_list, metavar="LIST",
                         help="with --sweep-lr: the grid as comma-separated log10 factors of each preset's lr "
                         "(default: -0.75,-0.375,0,0.375,0.75; a list starting with '-' is written --sweep-offsets=-0.5,0,0.5)")
+    parser.add_argument("--sweep-field", choices=("lr", "other_lr"),
+                        help="with --sweep-lr: the rate swept, lr or other_lr (the embeddings', lm_head's and norms' "
+                        "rate, centred on the preset's other_lr or lr) (default: lr)")
     parser.add_argument("--grid-seeds", type=_positive, metavar="K",
                         help="with --sweep-lr: seeds at every grid point, the best being the lowest mean (default: 1)")
     parser.add_argument("--seeds", type=_positive, metavar="N",

@@ -277,7 +277,7 @@ def run_sweep(args: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     seeds = SWEEP_SEEDS if args.seeds is None else args.seeds
     offsets = DEFAULT_OFFSETS if args.sweep_offsets is None else args.sweep_offsets
     report = sweep_learning_rates(model_config, presets, stream, settings, methods, offsets=offsets, seeds=seeds,
-                                  grid_seeds=args.grid_seeds or 1, log=log)
+                                  grid_seeds=args.grid_seeds or 1, field=args.sweep_field or "lr", log=log)
     report.update(config=args.config, presets=presets_name)
     return report
 
@@ -344,7 +344,8 @@ def _save_figure(figure: Any, path: Path) -> None:
 def main(args: Any) -> int:
     """The ``compare``/``demo`` command: run, print the table, write JSON and plots, then the estimates."""
     start = time.perf_counter()
-    for option, value in (("--sweep-offsets", args.sweep_offsets), ("--grid-seeds", args.grid_seeds)):
+    for option, value in (("--sweep-offsets", args.sweep_offsets), ("--grid-seeds", args.grid_seeds),
+                          ("--sweep-field", args.sweep_field)):
         if value is not None and not args.sweep_lr:
             raise ValueError(f"{option} sets the grid of --sweep-lr; add --sweep-lr or leave it out")
     if args.sweep_lr:

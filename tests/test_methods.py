@@ -201,3 +201,42 @@ def test_sltrain_on_meta_samples_nothing_and_has_the_real_shapes() -> None:
     assert support_size(70, 300, 0.03) == sample_support(70, 300, 0.03).numel() == int(0.03 * (70 * 300))
     with torch.device("meta"):
         assert SLTrainLinear(300, 70, rank=4).indices.is_meta  # the device context counts too
+
+
+def test_other_lr_gives_the_non_target_parameters_their_own_group() -> None:
+    test = load_presets("test")
+    for method in METHODS:
+        preset = MethodPreset(**{**test[method].to_dict(), "other_lr": 0.05})
+        model = build_model(TEST, preset=preset)
+        optimizer = build_optimizer(model, preset)
+        names = {id(p): name for name, p in model.named_parameters()}
+        other = [g for g in optimizer.param_groups if g["lr"] == 0.05]
+        assert len(other) == 1, method
+        other_names = {names[id(p)] for p in other[0]["params"]}
+        assert other_names == {n for n in names.values() if ".attn." not in n and ".mlp." not in n}, method
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+    # Unset: one group for the single-rate methods, as before the field existed.
+    model = build_model(TEST)
+    assert len(build_optimizer(model, test["adamw"]).param_groups) == 1
+
+
+def test_other_lr_run_equals_a_hand_built_two_group_adamw() -> None:
+    stream = TokenStream(stdlib_corpus()[:20000], 16)
+    settings = TrainSettings(steps=3, batch_size=2, seq_len=16, eval_batches=1, measure_memory=False)
+    preset = MethodPreset(method="adamw", lr=1e-3, other_lr=1e-2)
+    by_preset = pretrain(TEST, preset, stream, settings, log=lambda line: None)
+    from lowrank_optim.targets import find_targets
+
+    model = build_model(TEST)
+    matrices = [t.weight for t in find_targets(model, ("attn", "mlp")).targets]
+    ids = {id(p) for p in matrices}
+    optimizer = torch.optim.AdamW([{"params": matrices}, {"params": [p for p in model.parameters() if id(p) not in ids],
+                                                          "lr": 1e-2}], lr=1e-3, weight_decay=0.0)
+    by_hand = pretrain(model, optimizer, stream, settings, log=lambda line: None)
+    assert by_hand["train_curve"] == by_preset["train_curve"]
+
+
+@pytest.mark.parametrize("value", [0, -1e-3, float("nan"), True, "0.1"])
+def test_other_lr_refusals(value: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"other_lr ({value!r}) must be a finite number > 0")):
+        MethodPreset(method="adamw", lr=1e-3, other_lr=value)  # type: ignore[arg-type]

@@ -120,3 +120,23 @@ def test_grid_seeds_pick_the_best_mean(stream: TokenStream) -> None:
         assert len(point["seed_losses"]) == 2 and point["final_eval_loss"] == pytest.approx(sum(point["seed_losses"]) / 2)
     best = min(entry["grid"], key=lambda point: point["final_eval_loss"])
     assert entry["best_lr"] == best["lr"] and entry["seed_losses"][:2] == best["seed_losses"] and len(entry["seed_losses"]) == 3
+
+
+def test_sweeping_other_lr(stream: TokenStream, capsys: pytest.CaptureFixture[str]) -> None:
+    config, presets = LlamaConfig.from_name_or_path("test"), load_presets("test")
+    report = sweep_learning_rates(config, presets, stream, SETTINGS, ["galore"], offsets=(0.0, 1.0), seeds=1,
+                                  field="other_lr", log=lambda line: None)
+    entry = report["methods"]["galore"]
+    assert report["field"] == "other_lr" and entry["preset_lr"] == presets["galore"].lr  # unset: centred on lr
+    assert [p["lr"] for p in entry["grid"]] == pytest.approx([presets["galore"].lr, 10 * presets["galore"].lr])
+    # The grid point at offset 0 is the preset itself (other_lr = lr): the same run as without the field.
+    plain = pretrain(config, presets["galore"], stream, SETTINGS, log=lambda line: None)
+    assert entry["grid"][0]["final_eval_loss"] == plain["final_eval_loss"]
+    assert "best other_lr" in format_sweep_table(report)
+    with pytest.raises(ValueError, match=r"field \('alpha'\) must be one of lr, other_lr"):
+        sweep_learning_rates(config, presets, stream, SETTINGS, ["galore"], field="alpha")
+    from lowrank_optim.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--sweep-field", "other_lr"])
+    assert "--sweep-field sets the grid of --sweep-lr" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from ..targets import find_targets
 __all__ = [
     "METHODS",
     "PRESET_DIR",
+    "COMMON_FIELDS",
     "PRESET_FIELDS",
     "TARGET_MODULES",
     "Method",
@@ -61,7 +62,9 @@ TARGET_MODULES = ("attn", "mlp")
 WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
 #: The optional fields of a preset, beyond ``lr`` (see :class:`MethodPreset`).
-PRESET_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap", "alpha", "delta", "projector")
+PRESET_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap", "alpha", "delta", "projector", "other_lr")
+#: Fields any method's preset may set (the others only if the method lists them in ``fields``).
+COMMON_FIELDS: tuple[str, ...] = ("projector", "other_lr")
 #: What a projecting method's preset must give: the keys of its projected param group.
 PROJECTED_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap")
 #: Every optimizer here keeps its step count as a 0-dim fp32 tensor per parameter.
@@ -77,8 +80,8 @@ class Method:
     Args:
         name: what presets, ``--methods`` and results call it (lower-case letters, digits, ``_``).
         summary: one line for listings (the CLI's help).
-        fields: the preset fields it requires beyond ``lr``, drawn from :data:`PRESET_FIELDS` (not
-            ``projector``, which is always optional); a preset may set no others.
+        fields: the preset fields it requires beyond ``lr``, drawn from :data:`PRESET_FIELDS` (not the
+            :data:`COMMON_FIELDS`, which are optional for every method); a preset may set no others.
         optimizer: its optimizer class or factory, called as ``optimizer(params_or_groups, lr=...,
             weight_decay=0.0, **options)``.
         projects: the target matrices (:data:`TARGET_MODULES`) get a projected param group with the
@@ -108,7 +111,7 @@ class Method:
             raise ValueError(
                 f"method name ({self.name!r}) must be lower-case letters, digits and '_', starting with a letter"
             )
-        allowed = [field for field in PRESET_FIELDS if field != "projector"]
+        allowed = [field for field in PRESET_FIELDS if field not in COMMON_FIELDS]
         unknown = [field for field in self.fields if field not in allowed]
         if unknown:
             raise ValueError(f"method {self.name!r}: fields {unknown} must be drawn from {allowed}")
@@ -144,15 +147,39 @@ class Method:
 
     def build_optimizer(self, model: nn.Module, preset: MethodPreset) -> Optimizer:
         """Its optimizer over ``model`` (built for ``preset`` by :func:`build_model`); weight decay 0, as in
-        the papers' pretraining runs."""
+        the papers' pretraining runs. With ``preset.other_lr`` the parameters outside the target layers
+        (embeddings, ``lm_head``, norms: what a projecting method trains with full-rank Adam) form a
+        group of their own at that rate; without it, one group (exactly as before the field existed)."""
         if not self.projects:
-            return self.optimizer(model.parameters(), lr=preset.lr, weight_decay=0.0)
+            if preset.other_lr is None:
+                return self.optimizer(model.parameters(), lr=preset.lr, weight_decay=0.0)
+            targets = self._target_parameters(model)
+            others = [p for p in model.parameters() if id(p) not in {id(t) for t in targets}]
+            groups_: list[dict[str, Any]] = [{"params": targets}, {"params": others, "lr": preset.other_lr}]
+            return self.optimizer(groups_, lr=preset.lr, weight_decay=0.0)
         assert preset.rank is not None and preset.update_proj_gap is not None and preset.scale is not None
         groups = param_groups(
             model, rank=preset.rank, update_proj_gap=preset.update_proj_gap, scale=preset.scale, target_modules=TARGET_MODULES
         )
+        if preset.other_lr is not None:
+            if "rank" in groups[0]:
+                raise ValueError(f"method {self.name!r}: other_lr is set but every parameter of the model is projected")
+            groups[0]["lr"] = preset.other_lr
         options = {} if preset.projector is None else {"projector": preset.projector}
         return self.optimizer(groups, lr=preset.lr, weight_decay=0.0, **options)
+
+    def _target_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of the target layers: their weights as :func:`find_targets` finds them (what a
+        projecting method projects), or, for a method with a :attr:`layer`, every parameter of the
+        modules that replaced them (leaf modules whose name contains one of :data:`TARGET_MODULES`)."""
+        if self.layer is None:
+            return [target.weight for target in find_targets(model, TARGET_MODULES).targets]
+        return [
+            param
+            for name, module in model.named_modules()
+            if any(pattern in name for pattern in TARGET_MODULES) and not list(module.children())
+            for param in module.parameters(recurse=False)
+        ]
 
     def matrix_state_bytes(
         self, shape: tuple[int, int], preset: MethodPreset, *, weight_bytes: int, moment_bytes: int
@@ -274,7 +301,9 @@ class MethodPreset:
     """Hyperparameters of one method. ``scale`` is GaLore/DCT/APOLLO's scale or Fira's alpha; ``alpha``
     and ``delta`` are SLTrain's (``W = alpha/rank · B A + S``, ``delta`` = density of ``S``). ``projector``
     (methods with :attr:`Method.projector_option`: a registered name such as ``"rsvd"``; ``None``: the
-    optimizer's default) chooses the subspace. Which fields a method needs: its :attr:`Method.fields`."""
+    optimizer's default) chooses the subspace. ``other_lr`` (any method; ``None``: ``lr``): the peak lr
+    of the parameters outside the target layers (embeddings, ``lm_head``, norms), which every method
+    trains with full-rank Adam. Which fields a method needs: its :attr:`Method.fields`."""
 
     method: str
     lr: float
@@ -284,6 +313,7 @@ class MethodPreset:
     alpha: float | None = None
     delta: float | None = None
     projector: str | None = None
+    other_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -293,7 +323,9 @@ class MethodPreset:
         if missing:
             raise ValueError(f"preset of method {self.method!r} is missing {missing}")
         unused = [
-            name for name in PRESET_FIELDS if name != "projector" and name not in spec.fields and getattr(self, name) is not None
+            name
+            for name in PRESET_FIELDS
+            if name not in COMMON_FIELDS and name not in spec.fields and getattr(self, name) is not None
         ]
         if unused:
             raise ValueError(
@@ -305,8 +337,11 @@ class MethodPreset:
                 raise ValueError(f"projector ({self.projector!r}) applies to methods {', '.join(takes)}, not {self.method!r}")
             if self.projector not in projector_names():
                 raise ValueError(f"projector ({self.projector!r}) must be one of {list(projector_names())}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr ({self.lr!r}) must be a finite number > 0")
+        for name in ("lr", "other_lr"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (math.isfinite(value) and value > 0)):
+                raise ValueError(f"{name} ({value!r}) must be a finite number > 0")
 
     @property
     def spec(self) -> Method:

@@ -26,8 +26,10 @@ from ..models import LlamaConfig
 from .methods import MethodPreset
 from .pretrain import TrainSettings, pretrain
 
-__all__ = ["DEFAULT_OFFSETS", "format_sweep_table", "mean_std", "sweep_learning_rates", "write_sweep_plot"]
+__all__ = ["DEFAULT_OFFSETS", "SWEEP_FIELDS", "format_sweep_table", "mean_std", "sweep_learning_rates", "write_sweep_plot"]
 
+#: The rates a sweep can vary (``MethodPreset`` fields).
+SWEEP_FIELDS: tuple[str, ...] = ("lr", "other_lr")
 #: log10 offsets of the grid around each preset's lr: 5 points over 1.5 decades.
 DEFAULT_OFFSETS: tuple[float, ...] = (-0.75, -0.375, 0.0, 0.375, 0.75)
 
@@ -48,13 +50,19 @@ def sweep_learning_rates(
     offsets: Sequence[float] = DEFAULT_OFFSETS,
     seeds: int = 2,
     grid_seeds: int = 1,
+    field: str = "lr",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Sweep every method in ``methods`` (module docstring). ``settings`` gives the budget (steps, batch,
     sequence length) and the first seed; its ``seed + k`` are the further seeds. ``grid_seeds``: seeds
     run at every grid point, the best point being the lowest mean over them (one seed picks the luckiest
     point as often as the best one: on ``tiny`` neighbouring points of one seed differ by up to 0.1);
-    the best point then gets ``seeds`` seeds in all (``max(seeds, grid_seeds)``)."""
+    the best point then gets ``seeds`` seeds in all (``max(seeds, grid_seeds)``). ``field``: the rate
+    swept, ``lr`` or ``other_lr`` (the rate of the parameters outside the target layers, centred on the
+    preset's ``other_lr``, or its ``lr`` where unset); the report's ``best_lr`` / ``preset_lr`` are that
+    rate's."""
+    if field not in SWEEP_FIELDS:
+        raise ValueError(f"field ({field!r}) must be one of {', '.join(SWEEP_FIELDS)}")
     if seeds < 1:
         raise ValueError(f"seeds ({seeds}) must be >= 1")
     if grid_seeds < 1:
@@ -67,22 +75,24 @@ def sweep_learning_rates(
     seeds = max(seeds, grid_seeds)
     runs_total = len(methods) * (len(offsets) * grid_seeds + seeds - grid_seeds)
     done = 0
-    report: dict[str, Any] = {"offsets": list(offsets), "seeds": [settings.seed + k for k in range(seeds)],
+    report: dict[str, Any] = {"field": field, "offsets": list(offsets), "seeds": [settings.seed + k for k in range(seeds)],
                               "grid_seeds": [settings.seed + k for k in range(grid_seeds)],
                               "settings": dataclasses.asdict(settings), "methods": {}}
 
     def run(method: str, lr: float, seed: int) -> dict[str, Any]:
         nonlocal done
         done += 1
-        log(f"sweep run {done} of {runs_total}: {method} lr {lr:.3g} seed {seed}")
-        return pretrain(model_config, dataclasses.replace(presets[method], lr=lr), stream,
+        log(f"sweep run {done} of {runs_total}: {method} {field} {lr:.3g} seed {seed}")
+        changes: dict[str, Any] = {field: lr}
+        return pretrain(model_config, dataclasses.replace(presets[method], **changes), stream,
                         dataclasses.replace(settings, seed=seed), log=_quiet(log))
 
     for method in methods:
         base = presets[method]
+        centre = base.lr if field == "lr" or base.other_lr is None else base.other_lr
         grid = []
         for offset in sorted(offsets):
-            lr = base.lr * 10.0**offset
+            lr = centre * 10.0**offset
             results = [run(method, lr, settings.seed + k) for k in range(grid_seeds)]
             grid.append({"lr": lr, "final_eval_loss": mean_std([r["final_eval_loss"] for r in results])[0],
                          "seed_losses": [r["final_eval_loss"] for r in results],
@@ -101,7 +111,7 @@ def sweep_learning_rates(
             "grid": grid,
             "best_lr": best_lr,
             "best_at_edge": best in (0, len(grid) - 1),
-            "preset_lr": base.lr,
+            "preset_lr": centre,
             "seed_losses": losses,
             "mean_loss": mean,
             "std_loss": std,
@@ -120,13 +130,14 @@ def format_sweep_table(report: Mapping[str, Any]) -> str:
     """One row per method, best first: best lr (and the preset's), mean ± std of the final eval loss over
     the seeds, tokens/s, state MiB."""
     rows = sorted(report["methods"].items(), key=lambda item: item[1]["mean_loss"])
-    header = (f"{'method':10s} {'best lr':>9s} {'preset lr':>9s}  {'final eval loss (mean ± std, n)':>32s} "
+    field = report.get("field", "lr")
+    header = (f"{'method':10s} {'best ' + field:>12s} {'preset':>9s}  {'final eval loss (mean ± std, n)':>32s} "
               f"{'tokens/s':>9s} {'state MiB':>9s}")
     lines = [header, "-" * len(header)]
     for method, entry in rows:
         edge = " (grid edge)" if entry["best_at_edge"] else ""
         loss = f"{entry['mean_loss']:.4f} ± {entry['std_loss']:.4f}, {len(entry['seed_losses'])}"
-        lines.append(f"{method:10s} {entry['best_lr']:9.3g} {entry['preset_lr']:9.3g}  {loss:>32s} "
+        lines.append(f"{method:10s} {entry['best_lr']:12.3g} {entry['preset_lr']:9.3g}  {loss:>32s} "
                      f"{entry['tokens_per_s']:9,.0f} {entry['optimizer_state_bytes'] / 2**20:9.2f}{edge}")
     return "\n".join(lines)
 
@@ -146,7 +157,7 @@ def write_sweep_plot(report: Mapping[str, Any], path: Path) -> Path:
         axis.errorbar([entry["best_lr"]], [entry["mean_loss"]], yerr=[entry["std_loss"]], fmt="s",
                       color=line.get_color(), capsize=4)
     axis.set_xscale("log")
-    axis.set_xlabel("peak learning rate")
+    axis.set_xlabel("peak learning rate" if report.get("field", "lr") == "lr" else "peak lr of the non-target parameters")
     axis.set_ylabel("final eval loss (nats)")
     axis.set_title("Learning-rate sweep (square: best lr, mean ± std over seeds)")
     axis.legend(fontsize=8)
