@@ -10,6 +10,7 @@ the fp32 sum's error. The layer's two paths must agree with the fp64 dense refer
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,8 +32,9 @@ OPS = torch.ops.lowrank_optim
 KERNELS = ["compiled", "default"]
 INDEX_DTYPES = [torch.int32, torch.int64]
 # (tokens, out m, in n): empty, one token, ragged token tiles (67, 130 are not multiples of any tile), a
-# LLaMA-like ragged width (5461 is too slow for every combination: 333 keeps the shape ragged).
-SHAPES = [(0, 5, 7), (1, 9, 13), (67, 33, 40), (130, 20, 333)]
+# LLaMA-like ragged width (5461 is too slow for every combination: 333 keeps the shape ragged), and enough
+# tokens (>= 256) for the CPU kernel of spmm_t_add_ to gather over the transposed support.
+SHAPES = [(0, 5, 7), (1, 9, 13), (67, 33, 40), (130, 20, 333), (300, 24, 50)]
 DENSITIES = [0.0, 0.03, 0.3, 1.0]
 
 
@@ -169,6 +171,42 @@ def test_compiled_kernels_do_not_depend_on_the_thread_count() -> None:
     for other in results[1:]:
         for first, second in zip(results[0], other):
             assert torch.equal(first, second)
+
+
+def test_spmm_t_add_gathers_and_scatters_to_the_same_bits() -> None:
+    """From 256 tokens on the CPU kernel transposes the support and gathers; below it scatters. Each output
+    is summed over the rows in the same order either way."""
+    _require_compiled("cpu")
+    m, n = 300, 257
+    indices = _support(m, n, 0.05, torch.int32, "cpu")
+    row_ptr = sparse_row_pointers(indices, m, n)
+    values = _randn(indices.numel(), dtype=torch.float32, device="cpu", seed=1)
+    g = _randn(300, m, dtype=torch.float32, device="cpu", seed=3)
+    gathered, scattered = torch.zeros(300, n), torch.zeros(200, n)
+    OPS.spmm_t_add_(gathered, g, values, indices, row_ptr)
+    OPS.spmm_t_add_(scattered, g[:200], values, indices, row_ptr)
+    assert torch.equal(gathered[:200], scattered)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the narrower variants exist on x86 only")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_cpu_variants_match_the_reference(capability: str) -> None:
+    """ATen's capability picks the kernels' variant (csrc/cpu/common.h): run the kernel tests under each."""
+    _require_compiled("cpu")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    if check.stdout.strip() != capability.upper():
+        pytest.skip(f"this CPU cannot run ATen at {capability!r} (got {check.stdout.strip()!r})")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "test_sltrain_factored.py", "-k",
+         "compiled and cpu and (dense_reference or any_support) or thread_count"],
+        env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.split("\n")[-2], result.stdout[-2000:]
 
 
 # ---- errors: the same type and message from every kernel -----------------------------------------------
