@@ -22,7 +22,7 @@ from devices import DEVICES
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowrank_optim.nn import SLTrainLinear
+from lowrank_optim.nn import SLTrainLinear, convert_to_sltrain
 from lowrank_optim.nn import sltrain as sltrain_module
 from lowrank_optim.nn.sltrain import PATHS, _FactoredSparsePlusLowRankLinear, path_costs
 from lowrank_optim.ops import kernel_load_error, kernels_available, sddmm, sparse_row_pointers, spmm_add_, spmm_t_add_
@@ -460,6 +460,17 @@ def test_path_is_validated_with_a_clear_message() -> None:
         layer.path = None  # type: ignore[assignment]
     assert layer.path == "auto"
     assert PATHS == ("auto", "dense", "factored")
+
+
+def test_convert_to_sltrain_sets_the_path() -> None:
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 16))
+    with pytest.raises(ValueError, match=r"path='fast'; allowed: 'auto', 'dense', 'factored'"):
+        convert_to_sltrain(model, rank=2, target_modules=["0", "2"], path="fast")
+    assert all(isinstance(module, nn.Linear) for module in (model[0], model[2]))  # refused before any change
+    convert_to_sltrain(model, rank=2, target_modules=["0", "2"], path="factored")
+    assert [module.path for module in model.modules() if isinstance(module, SLTrainLinear)] == ["factored"] * 2
+    dense = SLTrainLinear.from_linear(nn.Linear(16, 12), rank=2, seed=0, path="dense")
+    assert dense.path == "dense"
 
 
 def test_path_costs_follow_the_documented_formula() -> None:

@@ -240,8 +240,9 @@ class _FactoredSparsePlusLowRankLinear(torch.autograd.Function):
 
     Saved for backward: ``x`` and the factors (``B``, ``A``, ``values``, the support, ``row_ptr``); ``H`` is
     recomputed (one ``T·n·r`` GEMM) rather than kept. Backward's transients: ``P`` and ``H`` (``T x r``
-    each), ``dX`` (``T x n``), the parameter gradients, and per thread a token tile of the kernels (for
-    fp32, 64 tokens x ``max(in, out)`` floats).
+    each), ``dX`` (``T x n``), the parameter gradients, and the CPU kernels' scratch: per thread a token
+    tile (64 tokens x ``max(in, out)`` fp32 values) and, from 256 tokens, a transposed copy of the support
+    for ``spmm_t_add_`` (``nnz`` indices and values).
     """
 
     @staticmethod
@@ -621,6 +622,7 @@ class SLTrainLinear(nn.Module):
         trainable_scale: bool = False,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        path: str = "auto",
     ) -> SLTrainLinear:
         """Approximate a trained ``linear`` (same shape, device, dtype and bias).
 
@@ -642,6 +644,7 @@ class SLTrainLinear(nn.Module):
             generator=generator,
             device=weight.device,
             dtype=weight.dtype,
+            path=path,
         )
         weight_fp32 = weight.float()
         left, singular, right = torch.linalg.svd(weight_fp32, full_matrices=False)
@@ -689,6 +692,7 @@ def convert_to_sltrain(
     seed: int = 0,
     trainable_scale: bool = False,
     init: str = "reference",
+    path: str = "auto",
 ) -> ConversionReport:
     """Replace, in place, every linear layer that ``target_modules`` selects by an :class:`SLTrainLinear`.
 
@@ -706,10 +710,11 @@ def convert_to_sltrain(
     an earlier conversion the support is that conversion's.
 
     The new layers are on the old weight's device and dtype; the layer named ``name`` is seeded with
-    ``derive_seed(seed, name)``, so a conversion is reproducible and identical on every rank. Everything
-    is validated before the first replacement.
+    ``derive_seed(seed, name)``, so a conversion is reproducible and identical on every rank; ``path`` is
+    every new layer's :attr:`SLTrainLinear.path`. Everything is validated before the first replacement.
     """
     _check_delta(delta)
+    _check_path(path)
     if init not in _INITS:
         raise ValueError(f"Invalid init: {init!r}. Must be one of {', '.join(_INITS)}.")
     patterns = (target_modules,) if isinstance(target_modules, str) else target_modules
@@ -734,7 +739,8 @@ def convert_to_sltrain(
                 if bias is not None:
                     dense.bias.copy_(bias)
             layer = SLTrainLinear.from_linear(
-                dense, rank=rank, delta=delta, alpha=alpha, trainable_scale=trainable_scale, seed=derive_seed(seed, target.name)
+                dense, rank=rank, delta=delta, alpha=alpha, trainable_scale=trainable_scale,
+                seed=derive_seed(seed, target.name), path=path,
             )
         else:
             layer = SLTrainLinear(
@@ -748,6 +754,7 @@ def convert_to_sltrain(
                 seed=derive_seed(seed, target.name),
                 device=weight.device,
                 dtype=weight.dtype,
+                path=path,
             )
         if target.transposed:
             layer.merges_to = type(target.module)  # merge_sltrain rebuilds a Conv1D
