@@ -48,9 +48,14 @@ _INITS: tuple[str, ...] = ("reference", "dense")
 PATHS: tuple[str, ...] = ("auto", "dense", "factored")
 #: The cost rule's ``kappa``: the time of one multiply-add of the compiled sparse kernels (``spmm_add_``,
 #: ``spmm_t_add_``, ``sddmm``) over the time of one multiply-add of a dense GEMM, by (device type, dtype),
-#: as bench/bench_sltrain_layer.py measures it. Where a pair has no entry, or its device has no compiled
-#: sparse kernels, ``path="auto"`` runs the dense path.
-SPARSE_FLOP_COST: dict[tuple[str, torch.dtype], float] = {}
+#: as bench/bench_sltrain_layer.py measures it: the median over its three shapes on this project's 2-core
+#: AVX-512 machine (fp32: 4.39, 5.21, 6.63; bf16: 28.76, 31.62, 58.59, where the GEMMs run on AMX and the
+#: kernels compute in fp32). Where a pair has no entry (CUDA: its kernels have not been measured; fp64,
+#: fp16), or its device has no compiled sparse kernels, ``path="auto"`` runs the dense path.
+SPARSE_FLOP_COST: dict[tuple[str, torch.dtype], float] = {
+    ("cpu", torch.float32): 5.21,
+    ("cpu", torch.bfloat16): 31.62,
+}
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
