@@ -132,7 +132,7 @@ def training_step_table(model_name: str, batch: int, seq: int, repeats: int) -> 
           f"median of {repeats} ==")
     print(f"{'model':<28} {'s/step':>8} {'tokens/s':>9} {'x dense AdamW':>14}")
     base = None
-    for variant in ("dense AdamW", "SLTrain dense path", "SLTrain factored path"):
+    for variant in ("dense AdamW", "SLTrain dense path", "SLTrain factored path", "SLTrain auto path"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
         if variant != "dense AdamW":
@@ -208,9 +208,11 @@ def main() -> None:
     value = kappa(in_features, out_features, 1024, torch.float32, args.repeats)
     print(f"\n== sweep {in_features}->{out_features} r={rank} (kappa {value:.2f}: "
           f"{crossover(in_features, out_features, rank, nnz, value)}) ==")
-    print(f"{'tokens':>6} {'dense ms':>9} {'factored ms':>12} {'measured faster':>16} {'rule picks':>11}")
+    print(f"{'tokens':>6} {'dense ms':>9} {'factored ms':>12} {'measured faster':>16} {'rule picks':>11} "
+          f"{'auto picks':>11}")
     layers = _layers(in_features, out_features, rank, alpha)
     del layers["nn.Linear"]
+    probe = SLTrainLinear(in_features, out_features, rank=rank, delta=DELTA, alpha=alpha, seed=0)  # path "auto"
     for tokens in SWEEP_TOKENS:
         generator = torch.Generator().manual_seed(3)
         x = torch.randn(tokens, in_features, generator=generator, requires_grad=True)
@@ -221,8 +223,9 @@ def main() -> None:
         )
         faster = "factored" if seconds["SLTrain factored"] < seconds["SLTrain dense"] else "dense"
         picked = "factored" if factored_cost < dense_cost else "dense"
+        auto = probe.path_for(tokens, backward=True)  # with SPARSE_FLOP_COST's kappa
         print(f"{tokens:>6} {seconds['SLTrain dense'] * 1e3:>9.1f} {seconds['SLTrain factored'] * 1e3:>12.1f} "
-              f"{faster:>16} {picked:>11}")
+              f"{faster:>16} {picked:>11} {auto:>11}")
 
     if args.model != "none":
         training_step_table(args.model, args.batch, args.seq, max(3, args.repeats // 2))
