@@ -779,7 +779,9 @@ def merge_sltrain(model: nn.Module) -> ConversionReport:
     weight ``W = s · B A + S`` (and its bias): the export of an SLTrain model. Its ``state_dict`` then has
     the dense model's keys, so e.g. a Hugging Face model converted with :func:`convert_to_sltrain` saves with
     ``save_pretrained`` and loads with ``from_pretrained`` computing what the trained SLTrain model computed
-    (up to the rounding of composing ``W`` once: the SLTrain forward composes it in the same way).
+    (bit for bit where the SLTrain layer runs its dense path, which composes ``W`` in the same way: always
+    for ``path="dense"``, and for ``"auto"`` when no gradient is needed, as in evaluation; the factored
+    path agrees to the rounding of the dtype).
 
     Each new layer is on its old device and dtype and keeps ``requires_grad`` of ``B``. A model without an
     SLTrainLinear is an error (nothing would be exported). Converse: ``convert_to_sltrain(model, ...,
