@@ -9,8 +9,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <optional>
 #include <string>
 
@@ -105,6 +107,40 @@ inline bool skipped(const char* op, const std::optional<at::Tensor>& skip, const
                     ": skip is a ", skip->dim(), "-dim ", skip->scalar_type(), " tensor on ", skip->device(),
                     "; allowed: None or a 0-dim torch.bool tensor on ", device);
   return skip->item<bool>();
+}
+
+// One pass over a support of flat indices into an `numel`-element tensor: calls `out_of_range(i, value)`
+// (which must throw) at the first index outside [0, numel), and returns whether the support is strictly
+// increasing. Each chunk of `grain` indices is reduced to its minimum, its maximum and its number of
+// non-increasing steps: branch-free integer reductions that vectorize, in parallel; only an error is
+// located by a second, serial scan. Shared by every kernel that takes a support (sparse.cpp, spmm.cpp).
+template <typename index_t, typename OutOfRange>
+bool scan_support(const index_t* idx, int64_t nnz, int64_t numel, int64_t grain, OutOfRange&& out_of_range) {
+  const int64_t chunks = (nnz + grain - 1) / grain;
+  std::vector<uint8_t> outside(chunks, 0), unordered(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t lo = chunk * grain;
+      const int64_t hi = std::min(nnz, lo + grain);
+      index_t smallest = idx[lo], largest = idx[lo];
+      int64_t descents = lo > 0 && idx[lo - 1] >= idx[lo];  // across the boundary with the previous chunk
+      for (int64_t i = lo + 1; i < hi; ++i) {
+        smallest = std::min(smallest, idx[i]);
+        largest = std::max(largest, idx[i]);
+        descents += idx[i - 1] >= idx[i];
+      }
+      outside[chunk] = static_cast<int64_t>(smallest) < 0 || static_cast<int64_t>(largest) >= numel;
+      unordered[chunk] = descents != 0;
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    if (!outside[chunk]) continue;
+    for (int64_t i = chunk * grain; i < nnz; ++i) {
+      const int64_t value = static_cast<int64_t>(idx[i]);
+      if (value < 0 || value >= numel) out_of_range(i, value);
+    }
+  }
+  return std::none_of(unordered.begin(), unordered.end(), [](uint8_t flag) { return flag != 0; });
 }
 
 }  // namespace lowrank_optim::cpu

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../common/sparse_checks.h"
+#include "common.h"
 
 namespace lowrank_optim {
 namespace {
@@ -43,38 +44,12 @@ inline void prefetch(const T* address, bool write) {
 #endif
 }
 
-// Checks that every index addresses an element of a `numel`-element tensor (raises IndexError at the
-// first one that does not) and returns whether the support is strictly increasing. Each chunk is reduced
-// to its minimum, its maximum and its number of non-increasing steps: branch-free integer reductions
-// that vectorize, in one pass; only an error is located by a second, serial scan.
+// Checks that every index addresses an element of `dense` (IndexError at the first that does not) and
+// returns whether the support is strictly increasing (cpu::scan_support).
 template <typename index_t>
 bool validate_support(const char* op, const index_t* idx, int64_t nnz, const at::Tensor& dense) {
-  const int64_t numel = dense.numel();
-  const int64_t chunks = (nnz + kGrain - 1) / kGrain;
-  std::vector<uint8_t> out_of_range(chunks, 0), unordered(chunks, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t lo = chunk * kGrain;
-      const int64_t hi = std::min(nnz, lo + kGrain);
-      index_t smallest = idx[lo], largest = idx[lo];
-      int64_t descents = lo > 0 && idx[lo - 1] >= idx[lo];  // across the boundary with the previous chunk
-      for (int64_t i = lo + 1; i < hi; ++i) {
-        smallest = std::min(smallest, idx[i]);
-        largest = std::max(largest, idx[i]);
-        descents += idx[i - 1] >= idx[i];
-      }
-      out_of_range[chunk] = static_cast<int64_t>(smallest) < 0 || static_cast<int64_t>(largest) >= numel;
-      unordered[chunk] = descents != 0;
-    }
-  });
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    if (!out_of_range[chunk]) continue;
-    for (int64_t i = chunk * kGrain; i < nnz; ++i) {
-      const int64_t value = static_cast<int64_t>(idx[i]);
-      if (value < 0 || value >= numel) sparse::throw_out_of_range(op, i, value, dense);
-    }
-  }
-  return std::none_of(unordered.begin(), unordered.end(), [](uint8_t flag) { return flag != 0; });
+  return cpu::scan_support(idx, nnz, dense.numel(), kGrain,
+                           [&](int64_t i, int64_t value) { sparse::throw_out_of_range(op, i, value, dense); });
 }
 
 void sparse_scatter_add_cpu(at::Tensor dense, const at::Tensor& flat_indices, const at::Tensor& values,

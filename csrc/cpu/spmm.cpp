@@ -501,36 +501,12 @@ inline int64_t groups_for(int64_t tiles, int64_t size) {
 // ---- validation -------------------------------------------------------------------------------------
 
 // Every index in [0, m·n) (IndexError at the first that is not), and whether the support is strictly
-// increasing; one parallel read-only pass.
+// increasing (cpu::scan_support).
 template <typename index_t>
 bool validate_support(const char* op, const index_t* idx, int64_t nnz, int64_t m, int64_t n) {
   constexpr int64_t kChunk = 16384;
-  const int64_t numel = m * n;
-  const int64_t chunks = (nnz + kChunk - 1) / kChunk;
-  std::vector<uint8_t> out_of_range(chunks, 0), unordered(chunks, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t lo = chunk * kChunk;
-      const int64_t hi = std::min(nnz, lo + kChunk);
-      index_t smallest = idx[lo], largest = idx[lo];
-      int64_t descents = lo > 0 && idx[lo - 1] >= idx[lo];
-      for (int64_t i = lo + 1; i < hi; ++i) {
-        smallest = std::min(smallest, idx[i]);
-        largest = std::max(largest, idx[i]);
-        descents += idx[i - 1] >= idx[i];
-      }
-      out_of_range[chunk] = static_cast<int64_t>(smallest) < 0 || static_cast<int64_t>(largest) >= numel;
-      unordered[chunk] = descents != 0;
-    }
-  });
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    if (!out_of_range[chunk]) continue;
-    for (int64_t i = chunk * kChunk; i < nnz; ++i) {
-      const int64_t value = static_cast<int64_t>(idx[i]);
-      if (value < 0 || value >= numel) spmm::throw_out_of_range(op, i, value, m, n);
-    }
-  }
-  return std::none_of(unordered.begin(), unordered.end(), [](uint8_t flag) { return flag != 0; });
+  return cpu::scan_support(idx, nnz, m * n, kChunk,
+                           [&](int64_t i, int64_t value) { spmm::throw_out_of_range(op, i, value, m, n); });
 }
 
 // row_ptr[o] must be the number of entries in rows < o (ValueError at the first row where it is not).
