@@ -35,6 +35,7 @@ import sys
 import pytest
 import torch
 from devices import DEVICES
+from test_sltrain_factored import spmm_op_samples
 
 from lowrank_optim.ops import kernel_load_error, kernels_available
 from lowrank_optim.ops.adam import _adam_default
@@ -359,6 +360,7 @@ def _op_samples(device: str) -> list[tuple[object, tuple]]:
             (OPS.sparse_gather.default, (dense.t(), indices)),
             (OPS.sparse_gather.default, (dense.clone().requires_grad_(), indices)),
         ]
+    samples += spmm_op_samples(device)  # SLTrain's factored-path ops (tests/test_sltrain_factored.py)
     return samples
 
 
@@ -383,7 +385,7 @@ def test_package_runs_its_ops_without_compiled_code() -> None:
     env = {**os.environ, "LOWRANK_OPTIM_NO_EXTENSIONS": "1"}
     tests_dir = os.path.dirname(__file__)
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=tests_dir, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], env=env, cwd=tests_dir, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
 

@@ -313,7 +313,7 @@ def test_sparse_row_pointers() -> None:
         sparse_row_pointers(indices, 3, 0)
 
 
-def _op_samples(device: str) -> list[tuple[Any, tuple]]:
+def spmm_op_samples(device: str) -> list[tuple[Any, tuple]]:
     samples: list[tuple[Any, tuple]] = []
     m, n, tokens = 6, 7, 5
     for index_dtype in INDEX_DTYPES:
@@ -335,28 +335,7 @@ def _op_samples(device: str) -> list[tuple[Any, tuple]]:
     return samples
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device: str) -> None:
-    """Schema, fake kernel and registrations agree with whichever kernel the device dispatches to."""
-    for op, args in _op_samples(device):
-        torch.library.opcheck(op, args)
-
-
-def test_opcheck_without_compiled_code() -> None:
-    script = (
-        "import torch, lowrank_optim\n"
-        "from lowrank_optim.ops import kernels_available\n"
-        "assert not kernels_available('cpu')\n"
-        "import test_sltrain_factored as t\n"
-        "for op, args in t._op_samples('cpu'):\n"
-        "    torch.library.opcheck(op, args)\n"
-    )
-    env = {**os.environ, "LOWRANK_OPTIM_NO_EXTENSIONS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+# opcheck of these samples, with and without compiled code: tests/test_kernels.py (one table for every op).
 
 
 # ---- the layer ---------------------------------------------------------------------------------------
