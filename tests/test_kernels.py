@@ -35,6 +35,7 @@ import sys
 import pytest
 import torch
 from devices import DEVICES
+from test_quant_ops import quant_op_samples
 from test_sltrain_factored import spmm_op_samples
 
 from lowrank_optim.ops import kernel_load_error, kernels_available
@@ -361,6 +362,7 @@ def _op_samples(device: str) -> list[tuple[object, tuple]]:
             (OPS.sparse_gather.default, (dense.clone().requires_grad_(), indices)),
         ]
     samples += spmm_op_samples(device)  # SLTrain's factored-path ops (tests/test_sltrain_factored.py)
+    samples += quant_op_samples(device)  # the blockwise 8-bit state ops (tests/test_quant_ops.py)
     return samples
 
 
