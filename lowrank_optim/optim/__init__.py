@@ -1,6 +1,7 @@
 """Optimizer classes: thin shells (validation, state) over functional steps."""
 
 from ._state import optimizer_state_bytes
+from .adafactor import GaLoreAdafactor
 from .apollo import APOLLOAdamW
 from .dct import DCTAdamW
 from .fira import FiraAdamW, fira_adamw
@@ -11,6 +12,7 @@ __all__ = [
     "APOLLOAdamW",
     "DCTAdamW",
     "FiraAdamW",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
     "fira_adamw",
     "galore_adamw",
