@@ -37,11 +37,12 @@ trajectories are bit-identical on CPU with ``SVDProjector(sign="lapack")``):
 
 * ``RMS(W)`` in the step size is the RMS of the *whole* weight, while ``RMS(U)`` in the clipping is that
   of the *projected* update (``r`` columns or rows): for an orthonormal basis ``||back(U)||_F = ||U||_F``,
-  so the clipped update's RMS over the weight is ``clip_threshold · sqrt(r / n)`` (right projection), not
-  the paper's ``clip_threshold``. The weight's RMS is read once per step (one norm of ``m x n``).
+  so the clipping bounds the RMS of the back-projected update over the weight by ``clip_threshold ·
+  sqrt(r / n)`` (right projection; ``sqrt(r / m)`` left), before ``alpha``, not by ``clip_threshold`` as
+  for a full-rank weight. The weight's RMS is one norm of ``m x n`` per step.
 * The first moment averages the *scaled, clipped* updates ``alpha · U`` (fairseq's and Hugging Face's
-  order; the paper applies ``beta1`` to ``U`` before the step size), so a changing step size
-  (``relative_step``) is mixed into the momentum; ``scale`` multiplies after both.
+  order), so a changing step size (``relative_step``) is mixed into the momentum; ``scale`` multiplies
+  after both.
 * Weight decay is Hugging Face's: ``W -= weight_decay · alpha · W`` with the step size ``alpha`` of this
   step (including ``RMS(W)`` when ``scale_parameter``), applied to the weight *before* the update.
 * ``eps1`` is added to ``R²`` before the averages; ``eps2`` floors the weight's RMS.
