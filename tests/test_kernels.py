@@ -412,10 +412,10 @@ def test_cpu_kernel_variants_match_reference(capability: str) -> None:
         pytest.skip(f"this CPU cannot run ATen at {capability!r} (got {check.stdout.strip()!r})")
     tests_dir = os.path.dirname(__file__)
     # The kernels against their references, and the optimizers' fused vs reference trajectories.
-    selection = "(cpu and (adam or fira or dct or scatter or gather or thread_count) and not variants) or fused"
+    selection = "(cpu and (adam or fira or dct or scatter or gather or thread_count or quantize) and not variants) or fused"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "test_kernels.py", "test_fused.py",
-         "-k", selection],
+         "test_quant_ops.py", "-k", selection],
         env=env, cwd=tests_dir, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

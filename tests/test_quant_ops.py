@@ -307,7 +307,8 @@ def test_blockwise_adam_tracks_fp32_adam() -> None:
 def test_blockwise_adam_kernel_matches_default(
     device: str, case: tuple[tuple[int, ...], int], betas: tuple[float, ...], skip: bool | None
 ) -> None:
-    """Codes and absmaxes bitwise (so the dequantized moments too); N within 2 ulp (sqrt)."""
+    """Codes and absmaxes bitwise (so the dequantized moments too); N within 2 ulp (sqrt). The last step has a
+    NaN and an Inf in R (unskipped: their blocks' moments become NaN, as in the default)."""
     _require_kernels(device)
     shape, block_size = case
     state = _adam_state(shape, block_size, device)
@@ -315,6 +316,8 @@ def test_blockwise_adam_kernel_matches_default(
     flag = None if skip is None else torch.tensor(skip, device=device)
     for step in range(3):
         lowrank = 1e-2 * _randn(*shape, seed=50 + step, device=device)
+        if step == 2 and lowrank.numel() > 40:  # non-finite gradients: NaN blocks, an Inf block
+            lowrank.view(-1)[[5, 37]] = torch.tensor([math.nan, math.inf], device=device)
         normalized = _adam_step(lowrank, state, betas, block_size, flag, fused=True)
         expected_normalized = _adam_step(lowrank, expected, betas, block_size, flag, fused=False)
         for actual, wanted in zip(state, expected):
