@@ -14,3 +14,5 @@ DCT_INDICES_RIGHT = "dct_indices_right"  # r sorted int64 frequencies of the n-p
 RESIDUAL_NORM = "residual_norm"  # Fira's limiter: 0-dim fp32, the previous residual norm
 PROJECTION_SEED = "projection_seed"  # the random projector's seed of the current matrix: 0-dim int64
 UPDATE_NORM = "update_norm"  # APOLLO's limiter: 0-dim fp32, the previous update norm
+EXP_AVG_ABSMAX = "exp_avg_absmax"  # 8-bit moments (optim.moments.Blockwise8bit): fp32 scale per block of exp_avg
+EXP_AVG_SQ_ABSMAX = "exp_avg_sq_absmax"  # the same for exp_avg_sq

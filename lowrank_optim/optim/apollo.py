@@ -29,6 +29,7 @@ from ..projection import FIRA_GAMMA, Projector, SVDProjector, resolve_projector
 from ..state_keys import UPDATE_NORM
 from ._validation import check_finite_number, check_limiter_gamma, check_no_deprecation_warning, normalize_scalars
 from .galore import ApolloTerm, GaLoreAdamW, _Batch, group_projector
+from .moments import MomentFormat, resolve_moment_format
 
 __all__ = ["APOLLO_SCALE_TYPES", "APOLLOAdamW"]
 
@@ -87,6 +88,7 @@ class APOLLOAdamW(GaLoreAdamW):
         gamma: float = FIRA_GAMMA,
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
+        moment_format: str | MomentFormat = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         nonfinite: str = "skip",
@@ -108,6 +110,7 @@ class APOLLOAdamW(GaLoreAdamW):
             disable_nl=disable_nl,
             moment_dtype=moment_dtype,
             moment_policy=moment_policy,
+            moment_format=resolve_moment_format(moment_format),
             foreach=foreach,
             fused=fused,
             nonfinite=nonfinite,

@@ -23,6 +23,7 @@ from ..state_keys import RESIDUAL_NORM
 from ._validation import check_fira_options, check_no_deprecation_warning, normalize_scalars, resolve_alpha_alias
 from .exchange import Exchange
 from .galore import FiraTerm, GaLoreAdamW, _Batch, _foldable_dtypes, galore_adamw, group_projector
+from .moments import MomentFormat, resolve_moment_format
 
 __all__ = ["FiraAdamW", "fira_adamw"]
 
@@ -83,6 +84,7 @@ class FiraAdamW(GaLoreAdamW):
         scoring: str = "auto",
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
+        moment_format: str | MomentFormat = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         nonfinite: str = "skip",
@@ -103,6 +105,7 @@ class FiraAdamW(GaLoreAdamW):
             projector=group_projector(projector, scoring),
             moment_dtype=moment_dtype,
             moment_policy=moment_policy,
+            moment_format=resolve_moment_format(moment_format),
             foreach=foreach,
             fused=fused,
             nonfinite=nonfinite,
@@ -144,7 +147,7 @@ class FiraAdamW(GaLoreAdamW):
             return
         for position, param in enumerate(params):
             dtypes: tuple[torch.dtype, ...]
-            moment_dtype = group["moment_dtype"] or param.dtype
+            moment_dtype = self._compute_dtype(group, param)
             if group["fold_residual"] and _foldable_dtypes(param.dtype, moment_dtype):
                 accepted, kernel = fira_folded_accepts(param.dtype, moment_dtype, param.dtype), "folded Fira update"
                 dtypes = FIRA_FOLDED_DTYPES

@@ -81,7 +81,15 @@ from ._validation import (
     normalize_scalars,
 )
 from .exchange import LOCAL, Exchange
-from .layout import Layout, layout_for
+from .layout import DenseLayout, Layout, layout_for
+from .moments import (
+    FullPrecision,
+    MomentFormat,
+    QuantizedMoments,
+    quantized_moments,
+    quantized_state_dtypes,
+    resolve_moment_format,
+)
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
@@ -114,6 +122,8 @@ class _Batch(NamedTuple):
     skip_counts: list[Tensor]
     #: The parameters as ``param_groups`` hold them (``params`` are their local blocks, see ``Layout.local``).
     sources: list[Tensor]
+    #: Each block's quantized moments (``moment_format``), or ``None`` where they are plain tensors.
+    moments: list[QuantizedMoments | None]
 
 
 class GaLoreAdamW(Optimizer):
@@ -147,6 +157,12 @@ class GaLoreAdamW(Optimizer):
         moment_policy: at a projector refresh, ``keep`` the moments (reference; for ``dct`` they follow
             their frequencies), ``reset`` them, or ``rotate`` them into the new basis
             (:func:`~lowrank_optim.projection.rotate_moments_`).
+        moment_format: how the moments are stored (:mod:`lowrank_optim.optim.moments`): ``"full"``
+            (plain tensors in ``moment_dtype``) or ``"8bit"`` (block-wise dynamic 8-bit codes with one
+            fp32 scale per 256 elements, about 0.26x the bytes of fp32 moments; moments of fewer than
+            4096 elements stay in ``moment_dtype``), or a format object with options
+            (``Blockwise8bit(block_size=128, min_size=0)``). A group may set its own. 8-bit moments are
+            stepped on whole tensors (one process, per-layer updates); FSDP2 and DeepSpeed ZeRO refuse them.
         foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA) unless
             the step is fused.
         fused: use the compiled kernels of :mod:`lowrank_optim.ops` (moment update, Fira's residual, DCT
@@ -184,6 +200,7 @@ class GaLoreAdamW(Optimizer):
         scoring: str = "auto",
         moment_dtype: torch.dtype | None = None,
         moment_policy: str = "keep",
+        moment_format: str | MomentFormat = "full",
         foreach: bool | None = None,
         fused: bool | None = None,
         nonfinite: str = "skip",
@@ -201,6 +218,7 @@ class GaLoreAdamW(Optimizer):
             projector=group_projector(projector, scoring),
             moment_dtype=moment_dtype,
             moment_policy=moment_policy,
+            moment_format=resolve_moment_format(moment_format),
             foreach=foreach,
             fused=fused,
             nonfinite=nonfinite,
@@ -299,6 +317,8 @@ class GaLoreAdamW(Optimizer):
             param_group["projector"] = group_projector(
                 param_group.get("projector", self.defaults["projector"]), param_group.pop("scoring", _NOT_GIVEN), where
             )
+        if "moment_format" in param_group:
+            param_group["moment_format"] = resolve_moment_format(param_group["moment_format"], where)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -367,6 +387,18 @@ class GaLoreAdamW(Optimizer):
         check_param_tensors(group["params"], index)
         self._check_step_tensors(group, index, group["params"])
 
+    def _check_moment_format(self, group: dict[str, Any], index: int) -> None:
+        """Quantized moments are stepped on whole tensors only: refuse a quantizing format under another
+        layout (whose flat partitions or shards it was not written for) rather than run it wrongly."""
+        fmt: MomentFormat = group["moment_format"]
+        if isinstance(self.layout, DenseLayout) or isinstance(fmt, FullPrecision):
+            return
+        raise ValueError(
+            f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Quantized moments are not yet "
+            f"supported under {type(self.layout).__name__} (FSDP2 or DeepSpeed ZeRO); allowed there: "
+            "moment_format='full' (use moment_dtype=torch.bfloat16 to halve the moments instead)."
+        )
+
     def _check_state(self, group: dict[str, Any]) -> None:
         """The state a parameter already has must still fit it: a model changed after the first step
         (``model.to(dtype or device)``, a resized layer) would otherwise fail half-way through a step (a
@@ -396,7 +428,7 @@ class GaLoreAdamW(Optimizer):
 
     def _expected_state(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """``{key: (shape, dtype)}`` of the state :meth:`_init_state` builds for ``param`` (``step`` aside)."""
-        options = tuple(group.get(key) for key in ("rank", "proj_type", "projector", "moment_dtype"))
+        options = tuple(group.get(key) for key in ("rank", "proj_type", "projector", "moment_dtype", "moment_format"))
         cache_key = (tuple(param.shape), param.dtype, "rank" in group, options)
         expected = self._expected_states.get(cache_key)
         if expected is None:
@@ -417,13 +449,27 @@ class GaLoreAdamW(Optimizer):
 
     @classmethod
     def _intended_state_dtype(cls, group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
-        """Moments are kept in ``moment_dtype``, a projector's fixed-dtype tensors (DCT indices: int64) in
-        their dtype and the limiter's norm in fp32; everything else follows the parameter."""
+        """Moments are kept in ``moment_dtype`` (8-bit moments: ``uint8`` codes and fp32 scales), a
+        projector's fixed-dtype tensors (DCT indices: int64) in their dtype and the limiter's norm in fp32;
+        everything else follows the parameter."""
         if key in (EXP_AVG, EXP_AVG_SQ):
+            fmt = resolve_moment_format(group.get("moment_format", "full"))
+            # A layout's flat partitions never hold quantized moments (refused at step), and have no matrix shape.
+            if not isinstance(fmt, FullPrecision) and fmt.quantizes(_moment_placement(group, param.shape)[0]):
+                return torch.uint8
             return group["moment_dtype"] or param.dtype
         if key == cls._limiter_key:
             return torch.float32
-        return projector_state_dtypes().get(key)
+        return {**projector_state_dtypes(), **quantized_state_dtypes()}.get(key)
+
+    @staticmethod
+    def _compute_dtype(group: dict[str, Any], param: Tensor) -> torch.dtype:
+        """The dtype the step computes ``M``, ``V`` and ``N`` of ``param`` in: fp32 for quantized moments
+        (the ``blockwise_adam_`` op's), else the moments' own dtype."""
+        fmt = group["moment_format"]
+        if not isinstance(fmt, FullPrecision) and fmt.quantizes(_moment_placement(group, param.shape)[0]):
+            return torch.float32
+        return group["moment_dtype"] or param.dtype
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         """The state of one parameter, every tensor made by the layout (:meth:`Layout.new_state`) from its
@@ -433,12 +479,10 @@ class GaLoreAdamW(Optimizer):
         new = self.layout.new_state
         # A CPU scalar like torch's Adam: reading it for the refresh decision never syncs a device.
         state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-        moment_shape: Sequence[int]
+        moment_shape, moments = _moment_placement(group, param.shape)
         if "rank" in group:
             side = resolve_side(group["proj_type"], param.shape)
             rank = effective_rank(group["rank"], param.shape)
-            moment_shape = lowrank_shape(param.shape, rank, side)
-            moments = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
             projector: Projector = group["projector"]
             # A layout's stand-in for a piece of a matrix (DeepSpeed's fragments) carries the position.
             ordinal = self._ordinals.get(id(param), getattr(param, "ordinal", None))
@@ -447,10 +491,10 @@ class GaLoreAdamW(Optimizer):
                 if value is None:
                     value = new(param, spec.shape, spec.dtype or param.dtype, spec.sharding, column_major=spec.column_major)
                 state[spec.key] = value
-        else:
-            moment_shape, moments = param.shape, "rows"
-        state[EXP_AVG] = new(param, moment_shape, moment_dtype, moments)
-        state[EXP_AVG_SQ] = new(param, moment_shape, moment_dtype, moments)
+        fmt: MomentFormat = group["moment_format"]
+        for spec in fmt.tensors(moment_shape, moment_dtype, moments):
+            state[spec.key] = new(param, spec.shape, spec.dtype or moment_dtype, spec.sharding)
+            fmt.initial(spec, state[spec.key])
         if "rank" in group and self._limiter_key is not None:
             state[self._limiter_key] = torch.zeros((), dtype=torch.float32, device=param.device)
 
@@ -513,7 +557,7 @@ class GaLoreAdamW(Optimizer):
     def _collect(self, group: dict[str, Any]) -> _Batch | None:
         """The group's matrices (and full-rank tensors) whose parameter has a gradient, as the local blocks
         the layout gives (:meth:`Layout.blocks`), with their state (initialized on first use)."""
-        batch = _Batch([], [], [], [], [], [], [], [], [])
+        batch = _Batch([], [], [], [], [], [], [], [], [], [])
 
         def init(like: Any, state: dict[str, Any]) -> None:
             self._init_state(group, like, state)
@@ -535,6 +579,8 @@ class GaLoreAdamW(Optimizer):
                 batch.states.append(block.state)
                 batch.skip_counts.append(cast(Tensor, count))  # set above for a parameter with blocks
                 batch.sources.append(param)
+                shape, sharding = _moment_placement(group, block.shape)
+                batch.moments.append(quantized_moments(group["moment_format"], shape, sharding, block.state))
         return batch if batch.params else None
 
     def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
@@ -561,6 +607,7 @@ class GaLoreAdamW(Optimizer):
             skip_counts=batch.skip_counts,
             found_inf=found_inf,
             exchange=self.layout.exchange(group, batch.sources),
+            quantized=batch.moments,
             **self._update_terms(group, batch),
         )
 
@@ -583,6 +630,7 @@ class GaLoreAdamW(Optimizer):
             if self.layout.check_group(self, group):
                 self._check_state(group)
             self._check_step(group, index)
+            self._check_moment_format(group, index)
         found_inf = self.layout.begin_step(self.param_groups)
         for group in self.param_groups:
             batch = self._collect(group)
@@ -698,8 +746,14 @@ def galore_adamw(
     fira: FiraTerm | None = None,
     apollo: ApolloTerm | None = None,
     exchange: Exchange | None = None,
+    quantized: list[QuantizedMoments | None] | None = None,
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
+
+    ``quantized[i]``, where given and not ``None``, holds parameter ``i``'s 8-bit moments
+    (:class:`~lowrank_optim.optim.moments.QuantizedMoments`; ``exp_avgs[i]`` and ``exp_avg_sqs[i]`` are then
+    its code tensors): the step computes in fp32 and updates them with the ``blockwise_adam_`` op, and a
+    refresh's moment policy works on their dequantized values.
 
     ``projections[i]`` is ``None`` for a full-rank parameter, else its projector with its stored tensors
     (:class:`~lowrank_optim.projection.Projection`), refreshed in place at refresh steps. ``fira`` adds Fira's residual term
@@ -768,6 +822,7 @@ def galore_adamw(
             found_inf=found_inf,
             fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[chunk]),
             apollo=None if apollo is None else apollo._replace(update_norms=apollo.update_norms[chunk]),
+            quantized=[None] * (chunk.stop - chunk.start) if quantized is None else quantized[chunk],
             fused=fused,
             foreach=foreach,
             exchange=exchange,
@@ -961,6 +1016,7 @@ def _refresh_due(
     found_inf: Tensor | None,
     fused: bool,
     exchange: Exchange,
+    quantized: list[QuantizedMoments | None],
 ) -> set[int]:
     """Refresh the projectors of the matrices ``due`` now; return those whose update must be skipped
     (their counter stays, so the refresh is retried at the next step): a refresh that met a NaN/Inf
@@ -1036,11 +1092,21 @@ def _refresh_due(
             count = len(specs[index])
             projector_pieces, rotation = pieces[:count], (pieces[count:] if rotate[index] else None)
             # The first refresh finds zero moments, and "reset" zeroes them anyway: nothing to move.
-            carried = (exp_avgs[index], exp_avg_sqs[index]) if step > 0 and moment_policy != "reset" else ()
+            moves = step > 0 and moment_policy != "reset"
+            moments = quantized[index]
+            if moments is None:
+                carried: tuple[Tensor, ...] = (exp_avgs[index], exp_avg_sqs[index]) if moves else ()
+            else:  # the policy works on fp32 values, requantized below (a refresh is rare)
+                carried = moments.load(fused=fused) if moves else ()
             _install_projector(projected[index], projector_pieces, carried, rotation)
+            if moments is not None and carried:
+                moments.store_(*carried, fused=fused)
             if step > 0 and moment_policy == "reset":
-                exp_avgs[index].zero_()
-                exp_avg_sqs[index].zero_()
+                if moments is None:
+                    exp_avgs[index].zero_()
+                    exp_avg_sqs[index].zero_()
+                else:
+                    moments.zero_()
     return skipped
 
 
@@ -1072,6 +1138,7 @@ def _galore_adamw_impl(
     found_inf: Tensor | None,
     fira: FiraTerm | None,
     apollo: ApolloTerm | None,
+    quantized: list[QuantizedMoments | None],
     fused: bool,
     foreach: bool,
     exchange: Exchange,
@@ -1103,6 +1170,7 @@ def _galore_adamw_impl(
             found_inf=found_inf,
             fused=fused,
             exchange=exchange,
+            quantized=quantized,
         )
     if skipped:
         # Matrices that share a step counter (one flat partition) are deferred together: the counter stays.
@@ -1134,7 +1202,8 @@ def _galore_adamw_impl(
     lowranks: dict[int, Tensor] = dict(zip(projected, exchange.lowranks(projected, sides, partials)))
     for i in active:
         lowrank = lowranks.get(i, grads[i])
-        lowranks[i] = lowrank if lowrank.dtype == exp_avgs[i].dtype else lowrank.to(exp_avgs[i].dtype)
+        dtype = torch.float32 if quantized[i] is not None else exp_avgs[i].dtype
+        lowranks[i] = lowrank if lowrank.dtype == dtype else lowrank.to(dtype)
 
     # 3. Whether each update is skipped (decided on the device, alike for every piece of a matrix).
     skips: dict[int, Tensor | None]
@@ -1147,13 +1216,18 @@ def _galore_adamw_impl(
 
     # 4. Moments and N = M / (sqrt(V) + eps).
     normalized: dict[int, Tensor] = {}
-    if foreach:
-        moments_m = [exp_avgs[i] for i in active]
-        moments_v = [exp_avg_sqs[i] for i in active]
-        skip_flags = [skips[i] for i in active]
+    for i in active:
+        moments = quantized[i]
+        if moments is not None:  # one fused op per tensor, whether or not the rest is foreach
+            normalized[i] = moments.update_(lowranks[i], beta1, beta2, eps, skips[i], fused=fused)
+    plain = [i for i in active if quantized[i] is None]
+    if foreach and plain:
+        moments_m = [exp_avgs[i] for i in plain]
+        moments_v = [exp_avg_sqs[i] for i in plain]
+        skip_flags = [skips[i] for i in plain]
         # All tensors or all None (step 3 decides them alike).
         _update_moments_foreach_(
-            [lowranks[i] for i in active],
+            [lowranks[i] for i in plain],
             moments_m,
             moments_v,
             beta1,
@@ -1162,7 +1236,7 @@ def _galore_adamw_impl(
         )
         denominators = torch._foreach_sqrt(moments_v)
         torch._foreach_add_(denominators, eps)
-        for i, exp_avg, update in zip(active, moments_m, denominators):
+        for i, exp_avg, update in zip(plain, moments_m, denominators):
             # Divide per tensor into the denominator's buffer: no second list of temporaries, and the
             # same rounding as the single-tensor path.
             torch.div(exp_avg, update, out=update)
@@ -1170,8 +1244,8 @@ def _galore_adamw_impl(
             if skip is not None:
                 update.masked_fill_(skip, 0.0)
             normalized[i] = update
-    else:
-        for i in active:
+    elif not foreach:
+        for i in plain:
             normalized[i] = lowrank_adam_(
                 lowranks[i], exp_avgs[i], exp_avg_sqs[i], torch.empty_like(exp_avgs[i]), beta1, beta2, eps, skips[i], fused=fused
             )
@@ -1237,6 +1311,19 @@ def _galore_adamw_impl(
     exchange.finish()
 
 
+def _moment_placement(group: dict[str, Any], shape: Sequence[int]) -> tuple[tuple[int, ...], str]:
+    """The whole shape of a parameter's moments in ``group`` and how they line up with it
+    (``optim.layout.SHARDINGS``): the low-rank gradient's (``r x n`` along the columns for a left
+    projection, ``m x r`` along the rows for a right one), or the parameter's own."""
+    whole = tuple(shape)
+    if "rank" not in group:
+        return whole, "rows"
+    side = resolve_side(group["proj_type"], whole)
+    rank = effective_rank(group["rank"], whole)
+    sharding = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
+    return tuple(lowrank_shape(whole, rank, side)), sharding
+
+
 #: ``scoring`` was not given (``None`` is a value, and refused).
 _NOT_GIVEN: Any = object()
 
@@ -1277,6 +1364,8 @@ def _projectors_to_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> di
     for group in state_dict["param_groups"]:
         if isinstance(group.get("projector"), Projector):
             group["projector"] = group["projector"].to_state()
+        if isinstance(group.get("moment_format"), MomentFormat):
+            group["moment_format"] = group["moment_format"].to_state()
     return state_dict
 
 
@@ -1292,5 +1381,7 @@ def _projectors_from_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> 
                 group.pop("scoring", _NOT_GIVEN),
                 f" in saved param group {index}",
             )
+        if "moment_format" in group:
+            group["moment_format"] = resolve_moment_format(group["moment_format"], f" in saved param group {index}")
         groups.append(group)
     return {**state_dict, "param_groups": groups}

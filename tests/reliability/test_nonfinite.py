@@ -23,10 +23,13 @@ from lowrank_optim.ops import kernel_load_error, kernels_available
 from lowrank_optim.ops.adam import _adam_default
 from lowrank_optim.ops.fira import _fira_default
 from lowrank_optim.optim.galore import _decay_
+from lowrank_optim.optim.moments import Blockwise8bit
 from lowrank_optim.projection import limit_norm_growth_
 
 OPS = torch.ops.lowrank_optim
 GAP = 3  # refreshes at steps 1, 4, 7 (counter 0, 3, 6)
+
+_EIGHT_BIT = Blockwise8bit(block_size=4, min_size=0)
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, weight_decay=0.1, **kw),
@@ -41,6 +44,13 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "random": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, projector="random", **kw),
     "apollo": lambda groups, **kw: APOLLOAdamW(groups, lr=0.01, weight_decay=0.1, **kw),
     "apollo_mini": lambda groups, **kw: APOLLOAdamW(groups, lr=0.01, scale_type="tensor", scale=128.0, **kw),
+    # 8-bit moments (blocks of 4, every tensor quantized): the same skips, refreshes and counters.
+    "galore_8bit": lambda groups, **kw: GaLoreAdamW(groups, lr=0.01, weight_decay=0.1, moment_format=_EIGHT_BIT, **kw),
+    "fira_8bit": lambda groups, **kw: FiraAdamW(groups, lr=0.01, alpha=0.5, moment_format=_EIGHT_BIT, **kw),
+    "dct_rotate_8bit": lambda groups, **kw: DCTAdamW(
+        groups, lr=0.01, scoring="matmul", moment_policy="rotate", moment_format=_EIGHT_BIT, **kw
+    ),
+    "apollo_8bit": lambda groups, **kw: APOLLOAdamW(groups, lr=0.01, moment_format=_EIGHT_BIT, **kw),
 }
 
 
