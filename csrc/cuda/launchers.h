@@ -80,4 +80,21 @@ cudaError_t spmm_finish(void* out, int64_t row_stride, int64_t col_stride, const
 cudaError_t sddmm(void* result, const void* grad_t, const void* input_t, const void* indices, IndexType index_type,
                   ElementType element_type, int64_t nnz, int64_t tokens, int64_t n, cudaStream_t stream);
 
+// Blockwise 8-bit state (quant.cu; lowrank_optim/ops/quant.py): contiguous tensors of `rows` rows of `n`
+// elements, blocks of `block_size` (1..4096) along each row, one fp32 absmax per block (rows x
+// ceil(n / block_size)); maps: `*_length` (2..256) ascending fp32 values.
+// codes = the code of each x / (absmax if absmax > 0 else 1), absmax = max |x| per block (NaN-propagating).
+cudaError_t quantize_blockwise(const float* x, const float* code_map, int map_length, int64_t rows, int64_t n,
+                               int block_size, uint8_t* codes, float* absmax, cudaStream_t stream);
+// out = code_map[codes] · absmax per block (codes past the map's end: NaN).
+cudaError_t dequantize_blockwise(const uint8_t* codes, const float* absmax, const float* code_map, int map_length,
+                                 int64_t rows, int64_t n, int block_size, float* out, cudaStream_t stream);
+// lowrank_adam_ on moments stored as codes and maxima (signed map for M, unsigned for V), requantized in
+// place; N = M / (sqrt(V) + eps). `skip`: nullptr, or a device bool that, when set, keeps the state and
+// makes N zero.
+cudaError_t blockwise_adam(const float* lowrank, uint8_t* exp_avg, float* exp_avg_absmax, uint8_t* exp_avg_sq,
+                           float* exp_avg_sq_absmax, float* normalized, const float* signed_map, int signed_length,
+                           const float* unsigned_map, int unsigned_length, int64_t rows, int64_t n, int block_size,
+                           double beta1, double beta2, double eps, const bool* skip, cudaStream_t stream);
+
 }  // namespace lowrank_optim::cuda
