@@ -331,3 +331,72 @@ def test_8bit_training_tracks_fp32_over_200_steps() -> None:
         results[name] = pretrain(model, factory, stream, settings, log=lambda line: None)
     full, eight = results["full"]["final_eval_loss"], results["8bit"]["final_eval_loss"]
     assert math.isfinite(eight) and abs(eight - full) <= 0.01 * full, (full, eight)
+
+
+def _reference_signature(path: str, class_name: str) -> list[tuple[str, Any]]:
+    """``(name, default)`` of a class's ``__init__`` in a reference source file, read without importing it
+    (galore-torch's 8-bit module imports bitsandbytes, which the test environment does not install)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(open(path).read())
+    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
+    init = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    names = [arg.arg for arg in init.args.args[1:]]
+    defaults = [ast.literal_eval(default) for default in init.args.defaults]
+    padded = [inspect.Parameter.empty] * (len(names) - len(defaults)) + defaults
+    return list(zip(names, padded))
+
+
+def test_galore_adamw8bit_has_galore_torch_signature() -> None:
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from lowrank_optim import GaLoreAdamW8bit
+
+    spec = importlib.util.find_spec("galore_torch")
+    if spec is None or spec.origin is None:
+        pytest.skip("galore-torch is not installed")
+    path = Path(spec.origin).parent / "adamw8bit.py"
+    expected = _reference_signature(str(path), "AdamW8bit")
+    ours = [
+        (name, parameter.default)
+        for name, parameter in inspect.signature(GaLoreAdamW8bit.__init__).parameters.items()
+        if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    assert ours == [(name, tuple(value) if isinstance(value, tuple) else value) for name, value in expected]
+
+
+def test_galore_adamw8bit_is_galore_adamw_with_8bit_moments() -> None:
+    from lowrank_optim import GaLoreAdamW8bit
+
+    model = _model()
+    twin = copy.deepcopy(model)
+    drop_in = GaLoreAdamW8bit(_groups(model), lr=0.01, weight_decay=0.0, min_8bit_size=0, update_proj_gap=4)
+    explicit = GaLoreAdamW(_groups(twin), lr=0.01, eps=1e-8, moment_format=Blockwise8bit(min_size=0), update_proj_gap=4)
+    _train(model, drop_in, range(6))
+    _train(twin, explicit, range(6))
+    for param, expected in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(param, expected)
+    assert GaLoreAdamW8bit([nn.Parameter(torch.ones(2))]).defaults["weight_decay"] == 1e-2  # bitsandbytes' default
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"amsgrad": True}, r"Invalid amsgrad: True\. Must be False \(8-bit Adam has no AMSGrad\)\."),
+        ({"args": object()}, r"Invalid args: <object object at .*>\. Must be None"),
+        ({"percentile_clipping": 5}, r"Invalid percentile_clipping: 5\. Must be 100 \(adaptive clipping is not implemented"),
+        ({"block_wise": False}, r"Invalid block_wise: False\. Must be True"),
+        ({"is_paged": True}, r"Invalid is_paged: True\. Must be False \(paged optimizer state is not implemented\)\."),
+        ({"optim_bits": 4}, r"Invalid optim_bits: 4\. Must be 32 or 8"),
+        ({"min_8bit_size": -2}, r"Invalid min_8bit_size: -2\. Must be a non-negative integer\."),
+        ({"moment_format": "full"}, r"Invalid moment_format for GaLoreAdamW8bit: it sets the format itself"),
+    ],
+)
+def test_galore_adamw8bit_refuses_what_it_does_not_implement(options: dict[str, Any], message: str) -> None:
+    from lowrank_optim import GaLoreAdamW8bit
+
+    with pytest.raises(ValueError, match=message):
+        GaLoreAdamW8bit([nn.Parameter(torch.ones(4, 4))], **options)
