@@ -119,6 +119,15 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
                         "(at the resolution of --eval-every)")
 
 
+def _add_moment_format_option(parser: argparse.ArgumentParser) -> None:
+    from .optim.moments import moment_format_names
+
+    parser.add_argument("--moment-format", choices=moment_format_names(), default="full",
+                        help="how every parameter's Adam moments are stored: full (plain tensors) or 8bit (block-wise "
+                        "uint8 codes + one fp32 scale per 256 elements; moments under 4096 elements stay plain) "
+                        "(default: %(default)s)")
+
+
 def _estimate(args: argparse.Namespace) -> int:
     import torch
 
@@ -132,7 +141,7 @@ def _estimate(args: argparse.Namespace) -> int:
             given = "--methods" if args.methods is not None else "--presets"
             raise ValueError(f"{given} applies with --config; without it the table covers every packaged paper size")
         print(format_estimate_table(dtype=dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                                    gradient_checkpointing=args.checkpointing))
+                                    gradient_checkpointing=args.checkpointing, moment_format=args.moment_format))
         return 0
     config = LlamaConfig.from_name_or_path(args.config)
     presets, presets_name, line = presets_for_config(args.config, config, args.presets)
@@ -142,7 +151,8 @@ def _estimate(args: argparse.Namespace) -> int:
     for method in methods:
         estimate = estimate_memory(config, presets[method], dtype=dtype, batch_size=args.batch_size,
                                    seq_len=args.seq_len, gradient_checkpointing=args.checkpointing,
-                                   per_layer=args.per_layer, accumulation=args.accumulation)
+                                   per_layer=args.per_layer, accumulation=args.accumulation,
+                                   moment_format=args.moment_format)
         parts = {name: value / 1e9 for name, value in estimate.__dict__.items()}
         print(f"{method:8s} " + "  ".join(f"{name} {value:.3f}" for name, value in parts.items())
               + f"  weights+states {estimate.weights_and_states / 1e9:.3f}  total {estimate.total / 1e9:.3f} GB")
@@ -167,14 +177,15 @@ def _measure(args: argparse.Namespace) -> int:
         for per_layer in (False, True) if args.per_layer else (False,):
             measured = measure_training_step(config, presets[method], per_layer=per_layer, batch_size=args.batch_size,
                                              seq_len=args.seq_len, device=args.device, dtype=dtype,
-                                             gradient_checkpointing=args.checkpointing)
+                                             gradient_checkpointing=args.checkpointing, moment_format=args.moment_format)
             estimated = estimate_memory(config, presets[method], dtype=dtype, batch_size=args.batch_size,
                                         seq_len=args.seq_len, gradient_checkpointing=args.checkpointing,
-                                        per_layer=per_layer)
+                                        per_layer=per_layer, moment_format=args.moment_format)
             name = method + ("+per-layer" if per_layer else "")
             print(f"{name:18s} peak {measured.peak / 2**20:9.2f} MiB (estimated {estimated.total / 2**20:9.2f})  "
                   f"weights {measured.weights / 2**20:.2f}  grads {measured.gradients / 2**20:.2f}  "
-                  f"states {measured.optimizer_states / 2**20:.2f} MiB  step {measured.step_seconds:.2f} s")
+                  f"states {measured.optimizer_states / 2**20:.2f} MiB (estimated {estimated.state_bytes / 2**20:.2f})  "
+                  f"step {measured.step_seconds:.2f} s")
     return 0
 
 
@@ -366,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--per-layer", action="store_true", help="per-layer updates (one gradient at a time)")
     sub.add_argument("--accumulation", type=int, default=1, metavar="K",
                      help="micro-batches per update; above 1 the full gradients persist (default: %(default)s)")
+    _add_moment_format_option(sub)
     sub.set_defaults(handler=_estimate)
 
     sub = commands.add_parser("measure", help="measured peak memory of one training step, beside the estimate",
@@ -380,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dtype", choices=_DTYPE_NAMES, default="float32", help="(default: %(default)s)")
     sub.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     sub.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    _add_moment_format_option(sub)
     sub.set_defaults(handler=_measure)
 
     sub = commands.add_parser("pretrain", help="pretrain one method; eval, checkpoints, resume, JSON results",

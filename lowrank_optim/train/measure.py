@@ -10,6 +10,12 @@ What is measured, and why this way:
   optimizer state): ``resident + peak_extra_memory(step)``, where ``resident`` is the tensor bytes live
   before the step (weights, buffers, states) and the extra peak comes from CUDA's
   ``max_memory_allocated`` or, on CPU, the profiler's allocation timeline (:mod:`lowrank_optim.memory`).
+
+Moment formats (``moment_format="8bit"``): the presets do not carry a moment format, so
+:func:`build_measured_optimizer` gives it to the optimizer :func:`build_optimizer` builds, before its first
+step (as a param group's own ``moment_format``); ``adamw`` and ``sltrain``, whose optimizer is
+``torch.optim.AdamW`` (full-precision moments only), are stepped with :class:`~lowrank_optim.GaLoreAdamW`'s
+full-rank groups instead, the same Adam over the same groups with torch's ``betas`` and ``eps``.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from torch.optim import Optimizer
 
 from ..memory import peak_extra_memory
 from ..models import LlamaConfig
-from ..optim import optimizer_state_bytes
+from ..optim import GaLoreAdamW, optimizer_state_bytes
+from ..optim.moments import FullPrecision, MomentFormat, resolve_moment_format
 from .methods import MethodPreset, build_model, build_optimizer
 from .per_layer import PerLayerUpdates
 
-__all__ = ["StepMeasurement", "measure_training_step", "tensor_bytes"]
+__all__ = ["StepMeasurement", "build_measured_optimizer", "measure_training_step", "tensor_bytes"]
 
 
 def tensor_bytes(tensors: Iterable[Tensor | None]) -> int:
@@ -45,6 +52,32 @@ class StepMeasurement:
     optimizer_states: int
     peak: int
     step_seconds: float
+
+
+def build_measured_optimizer(
+    model: nn.Module, preset: MethodPreset, moment_format: str | MomentFormat = "full"
+) -> Optimizer:
+    """The optimizer of ``preset`` over ``model`` with its moments stored as ``moment_format`` says (module
+    docstring): for ``"full"`` exactly :func:`build_optimizer`'s."""
+    fmt = resolve_moment_format(moment_format)
+    optimizer = build_optimizer(model, preset)
+    if isinstance(fmt, FullPrecision):
+        return optimizer
+    if isinstance(optimizer, GaLoreAdamW):  # no state yet: every moment is made in the group's format
+        for group in optimizer.param_groups:
+            group["moment_format"] = fmt
+        return optimizer
+    if type(optimizer) is not torch.optim.AdamW:
+        raise ValueError(
+            f"moment_format {fmt.to_state()!r}: method {preset.method!r} builds {type(optimizer).__name__}, which "
+            "has no moment formats; allowed there: moment_format='full'"
+        )
+    defaults = optimizer.defaults
+    groups = [{"params": group["params"], "lr": group["lr"]} for group in optimizer.param_groups]
+    return GaLoreAdamW(
+        groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"],
+        moment_format=fmt,
+    )
 
 
 def _step(model: nn.Module, optimizer: Optimizer, updates: PerLayerUpdates | None, batch: torch.Tensor) -> None:
@@ -69,8 +102,11 @@ def measure_training_step(
     gradient_checkpointing: bool = False,
     seed: int = 0,
     timed_steps: int = 0,
+    moment_format: str | MomentFormat = "full",
 ) -> StepMeasurement:
     """Build the model and optimizer of ``preset`` on ``device`` and measure a steady-state training step.
+
+    ``moment_format``: how the optimizer stores its moments (:func:`build_measured_optimizer`).
 
     ``step_seconds``: the mean wall time of ``timed_steps`` further steps, or of the measured step itself
     (profiler overhead included on CPU) when ``timed_steps`` is 0.
@@ -80,7 +116,7 @@ def measure_training_step(
         config, preset=preset, device=device, dtype=dtype, seed=seed, gradient_checkpointing=gradient_checkpointing
     )
     model.train()
-    optimizer = build_optimizer(model, preset)
+    optimizer = build_measured_optimizer(model, preset, moment_format)
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
 

@@ -34,7 +34,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, available_configs
 from ..nn import SLTrainLinear, derive_seed
 from ..optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
-from ..projection import effective_rank, lowrank_shape, projector_names, resolve_projector, resolve_side
+from ..optim.galore import _moment_placement
+from ..optim.moments import MomentFormat, moment_state_bytes, resolve_moment_format
+from ..projection import effective_rank, projector_names, resolve_projector, resolve_side
 from ..targets import find_targets
 
 __all__ = [
@@ -182,21 +184,30 @@ class Method:
         ]
 
     def matrix_state_bytes(
-        self, shape: tuple[int, int], preset: MethodPreset, *, weight_bytes: int, moment_bytes: int
+        self,
+        shape: tuple[int, int],
+        preset: MethodPreset,
+        *,
+        weight_bytes: int,
+        moment_dtype: torch.dtype,
+        moment_format: str | MomentFormat = "full",
     ) -> tuple[int, int]:
         """``(states, projection)``: bytes of one projected ``m x n`` matrix's state. States: the two
         moments of its low-rank gradient (``r x n`` or ``m x r``, ``r = min(rank, m, n)``, on the side
-        ``proj_type="std"`` projects), the step count and :attr:`matrix_scalar_bytes`. Projection: the
-        tensors its projector keeps (:meth:`~lowrank_optim.Projector.tensors`: an SVD basis in the weights'
-        dtype, DCT indices, a seed)."""
+        ``proj_type="std"`` projects) as ``moment_format`` stores them in ``moment_dtype``
+        (:func:`~lowrank_optim.optim.moments.moment_state_bytes`, the optimizer's own rule: 8-bit codes
+        plus fp32 block scales, or plain tensors), the step count and :attr:`matrix_scalar_bytes`.
+        Projection: the tensors its projector keeps (:meth:`~lowrank_optim.Projector.tensors`: an SVD
+        basis in the weights' dtype, DCT indices, a seed)."""
         if not self.projects:
             raise ValueError(f"method {self.name!r} does not project matrices")
         assert preset.rank is not None  # required of every projecting method
         projector = resolve_projector(preset.projector or self.projector)
         side = resolve_side("std", shape)
         rank = effective_rank(preset.rank, shape)
-        rows, columns = lowrank_shape(shape, rank, side)
-        states = 2 * rows * columns * moment_bytes + STEP_BYTES + self.matrix_scalar_bytes
+        moment_shape, sharding = _moment_placement({"rank": preset.rank, "proj_type": "std"}, shape)
+        moments = moment_state_bytes(resolve_moment_format(moment_format), moment_shape, moment_dtype, sharding)
+        states = moments + STEP_BYTES + self.matrix_scalar_bytes
         projection = 0
         for spec in projector.tensors(shape, rank, side):
             size = weight_bytes if spec.dtype is None else torch.empty((), dtype=spec.dtype).element_size()
