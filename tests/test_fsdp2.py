@@ -233,7 +233,10 @@ def test_matches_single_process_fp32(fsdp2: Launches, world: int, case: str) -> 
 
 
 #: Projectors and moment policies beyond each optimizer's defaults, as plain cases.
-VARIANTS = ("galore_rotate", "dct_rotate", "fira_rotate", "rsvd", "fira_rsvd", "random", "apollo", "apollo_mini")
+VARIANTS = (
+    "galore_rotate", "dct_rotate", "fira_rotate", "rsvd", "fira_rsvd", "random", "apollo", "apollo_mini",
+    "galore_8bit", "dct_rotate_8bit", "fira_8bit", "apollo_8bit",
+)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +257,12 @@ def test_bf16_policy_within_two_ulps(fsdp2: Launches, world: int, case: str) -> 
     _check_common(outcome, world)
 
 
-@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("dcp",)))
+#: 8-bit moments (uint8 codes and fp32 scales as DTensors) through DCP saves, resumes and reshards too.
+_EIGHT_BIT_CHECKPOINTS = [pytest.param(w, "galore_8bit:dcp", id=f"{w}ranks-galore_8bit:dcp") for w in (2, 3)]
+_EIGHT_BIT_RESHARDS = [pytest.param(w, "galore_8bit:resume", id=f"{w}ranks-galore_8bit:resume") for w in (1, 3)]
+
+
+@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("dcp",)) + _EIGHT_BIT_CHECKPOINTS)
 def test_dcp_resume_is_bitwise(fsdp2: Launches, world: int, case: str) -> None:
     outcome = fsdp2.outcome(world, case)
     assert outcome["tolerance"] == 0.0 and outcome["max_diff"] == 0.0, outcome
@@ -262,7 +270,7 @@ def test_dcp_resume_is_bitwise(fsdp2: Launches, world: int, case: str) -> None:
     _check_common(outcome, world)
 
 
-@pytest.mark.parametrize(("world", "case"), _params((1, 3), ("resume",)))
+@pytest.mark.parametrize(("world", "case"), _params((1, 3), ("resume",)) + _EIGHT_BIT_RESHARDS)
 def test_reshard_from_two_ranks(fsdp2: Launches, world: int, case: str) -> None:
     """Saved at 2 ranks after 4 steps (``X:reshard``, itself compared with one process), resumed at
     ``world`` ranks for the last 3, compared with the uninterrupted single-process run."""

@@ -80,6 +80,8 @@ def _round_moments(optimizer: torch.optim.Optimizer, block_size: int) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state[param]
+            if param.dim() < 2:  # 1-D moments stay fp32 (Blockwise8bit.quantizes)
+                continue
             for key, code_map in ((EXP_AVG, signed_code_map()), (EXP_AVG_SQ, unsigned_code_map())):
                 value = state[key]
                 left = "rank" in group and value.shape[0] < value.shape[1] and param.shape[0] < param.shape[1]
@@ -104,6 +106,9 @@ def test_an_8bit_step_is_the_fp32_step_with_rounded_moments(make: Callable[..., 
         assert torch.equal(param, expected), name
     for param, expected in zip(model.parameters(), reference_model.parameters()):
         state, ref = eight.state[param], reference.state[expected]
+        if param.dim() < 2:  # plain fp32 moments
+            assert torch.equal(state[EXP_AVG], ref[EXP_AVG]) and torch.equal(state[EXP_AVG_SQ], ref[EXP_AVG_SQ])
+            continue
         m, v = _dequantized(eight, param)
         assert torch.equal(m, ref[EXP_AVG]) and torch.equal(v, ref[EXP_AVG_SQ])
         assert state[EXP_AVG].dtype == torch.uint8 and state[EXP_AVG_ABSMAX].dtype == torch.float32
@@ -131,8 +136,12 @@ def test_state_layout_codes_scales_and_the_size_threshold() -> None:
     assert left[EXP_AVG].shape == (56, 12) and left[EXP_AVG_SQ_ABSMAX].shape == (56, 2)  # r x 56 stored transposed
     assert state[model["embedding"].weight][EXP_AVG].shape == (30, 20)
     assert state[model["embedding"].weight][EXP_AVG_ABSMAX].shape == (30, 3)
-    bias = state[model["right"].bias]  # 48 elements < min_size: a plain fp32 moment
+    bias = state[model["right"].bias]  # 1-D: a plain fp32 moment, whatever its size
     assert set(bias) == {"step", EXP_AVG, EXP_AVG_SQ} and bias[EXP_AVG].dtype == torch.float32
+    small = GaLoreAdamW([nn.Parameter(torch.randn(9, 10))], moment_format=Blockwise8bit(min_size=100))
+    small.param_groups[0]["params"][0].grad = torch.ones(9, 10)
+    small.step()  # 90 elements < min_size: plain
+    assert next(iter(small.state.values()))[EXP_AVG].dtype == torch.float32
     for key in (EXP_AVG, EXP_AVG_SQ):
         assert right[key].dtype == torch.uint8
 
@@ -217,6 +226,25 @@ def test_zeroed_moments_are_the_bytes_of_fresh_state() -> None:
     blank._init_state(blank.param_groups[1], model["right"].weight, blank_state)
     for key in MOMENT_KEYS:
         assert torch.equal(state[key], blank_state[key]), key
+
+
+def test_a_nonfinite_full_rank_gradient_leaves_8bit_state_untouched() -> None:
+    model = _model()
+    optimizer = GaLoreAdamW(_groups(model), lr=0.01, moment_format=BLOCKS)
+    _train(model, optimizer, range(2))
+    embedding = model["embedding"].weight
+    before = {key: value.clone() for key, value in optimizer.state[embedding].items() if key != "step"}
+    weights = embedding.detach().clone()
+    optimizer.zero_grad()
+    _loss(model, 2).backward()
+    cast_grad = embedding.grad
+    assert cast_grad is not None
+    cast_grad[3, 4] = float("nan")
+    optimizer.step()
+    assert torch.equal(embedding, weights)
+    for key, value in before.items():
+        assert torch.equal(optimizer.state[embedding][key], value), key
+    assert optimizer.skipped_updates() == {(0, 2): 1}
 
 
 def test_bf16_weights_with_8bit_moments() -> None:

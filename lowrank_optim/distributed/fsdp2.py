@@ -76,6 +76,10 @@ class FSDP2Layout:
     :data:`OWNER_POLICIES`.
     """
 
+    #: State tensors are sharded by whole rows (``new_state``), so quantization blocks, which run along
+    #: rows, never straddle two ranks (:mod:`lowrank_optim.optim.moments`).
+    steps_quantized_moments = True
+
     def __init__(self, mesh: Any, owners: str = "balanced") -> None:
         if owners not in OWNER_POLICIES:
             raise ValueError(f"Invalid owners: {owners!r}. Must be one of {', '.join(OWNER_POLICIES)}.")

@@ -81,7 +81,7 @@ from ._validation import (
     normalize_scalars,
 )
 from .exchange import LOCAL, Exchange
-from .layout import DenseLayout, Layout, layout_for
+from .layout import Layout, layout_for
 from .moments import (
     FullPrecision,
     MomentFormat,
@@ -162,7 +162,8 @@ class GaLoreAdamW(Optimizer):
             fp32 scale per 256 elements, about 0.26x the bytes of fp32 moments; moments of fewer than
             4096 elements stay in ``moment_dtype``), or a format object with options
             (``Blockwise8bit(block_size=128, min_size=0)``). A group may set its own. 8-bit moments are
-            stepped on whole tensors (one process, per-layer updates); FSDP2 and DeepSpeed ZeRO refuse them.
+            stepped on whole tensors (one process, per-layer updates) and FSDP2 shards; DeepSpeed ZeRO
+            refuses them.
         foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA) unless
             the step is fused.
         fused: use the compiled kernels of :mod:`lowrank_optim.ops` (moment update, Fira's residual, DCT
@@ -388,14 +389,15 @@ class GaLoreAdamW(Optimizer):
         self._check_step_tensors(group, index, group["params"])
 
     def _check_moment_format(self, group: dict[str, Any], index: int) -> None:
-        """Quantized moments are stepped on whole tensors only: refuse a quantizing format under another
-        layout (whose flat partitions or shards it was not written for) rather than run it wrongly."""
+        """Quantized moments need a layout that keeps every stored row of a state tensor on one process
+        (``Layout.steps_quantized_moments``: whole tensors, FSDP2's row shards); refuse a quantizing format
+        under another (DeepSpeed's flat partitions cut tensors anywhere) rather than run it wrongly."""
         fmt: MomentFormat = group["moment_format"]
-        if isinstance(self.layout, DenseLayout) or isinstance(fmt, FullPrecision):
+        if getattr(self.layout, "steps_quantized_moments", False) or isinstance(fmt, FullPrecision):
             return
         raise ValueError(
             f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Quantized moments are not yet "
-            f"supported under {type(self.layout).__name__} (FSDP2 or DeepSpeed ZeRO); allowed there: "
+            f"supported under {type(self.layout).__name__} (DeepSpeed ZeRO's flat partitions); allowed there: "
             "moment_format='full' (use moment_dtype=torch.bfloat16 to halve the moments instead)."
         )
 

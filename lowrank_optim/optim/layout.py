@@ -81,6 +81,10 @@ class Layout(Protocol):
 class DenseLayout:
     """Every tensor in ``param_groups`` is a whole parameter with its real shape; no communication."""
 
+    #: Whether every stored row of a state tensor lies on one process, which quantized moments need (their
+    #: blocks run along rows, :mod:`lowrank_optim.optim.moments`); a layout without it refuses them.
+    steps_quantized_moments = True
+
     def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> bool:
         """A projected group must still hold the 2-D matrices it was built with."""
         if "rank" not in group:

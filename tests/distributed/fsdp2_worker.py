@@ -93,6 +93,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from lowrank_optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, optimizer_state_bytes, param_groups
 from lowrank_optim.optim import galore as galore_module
+from lowrank_optim.optim.moments import Blockwise8bit
 
 #: The exchanges the one per-matrix step (``galore._galore_adamw_impl``) was called with during a case:
 #: the single-process reference's and the sharded run's must both appear (one step for every layout).
@@ -129,6 +130,14 @@ OPTIMIZERS = {
     "random": functools.partial(GaLoreAdamW, projector="random"),
     "apollo": APOLLOAdamW,
     "apollo_mini": functools.partial(APOLLOAdamW, scale_type="tensor"),
+    # 8-bit moments in blocks of 4 along stored rows (left-projected moments stored transposed): every
+    # block lies in one rank's rows, so the shards quantize exactly what the single process does.
+    "galore_8bit": functools.partial(GaLoreAdamW, moment_format=Blockwise8bit(block_size=4, min_size=0)),
+    "dct_rotate_8bit": functools.partial(
+        DCTAdamW, moment_policy="rotate", moment_format=Blockwise8bit(block_size=4, min_size=0)
+    ),
+    "fira_8bit": functools.partial(FiraAdamW, moment_format=Blockwise8bit(block_size=4, min_size=0)),
+    "apollo_8bit": functools.partial(APOLLOAdamW, moment_format=Blockwise8bit(block_size=4, min_size=0)),
 }
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
