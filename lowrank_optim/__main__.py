@@ -122,10 +122,10 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
 def _add_moment_format_option(parser: argparse.ArgumentParser) -> None:
     from .optim.moments import moment_format_names
 
-    parser.add_argument("--moment-format", choices=moment_format_names(), default="full",
+    parser.add_argument("--moment-format", choices=moment_format_names(), default=None,
                         help="how every parameter's Adam moments are stored: full (plain tensors) or 8bit (block-wise "
-                        "uint8 codes + one fp32 scale per 256 elements; moments under 4096 elements stay plain) "
-                        "(default: %(default)s)")
+                        "uint8 codes + one fp32 scale per 256 elements; moments under 4096 elements and 1-D ones stay "
+                        "plain) (default: the preset's moment_format, else full)")
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -141,7 +141,8 @@ def _estimate(args: argparse.Namespace) -> int:
             given = "--methods" if args.methods is not None else "--presets"
             raise ValueError(f"{given} applies with --config; without it the table covers every packaged paper size")
         print(format_estimate_table(dtype=dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                                    gradient_checkpointing=args.checkpointing, moment_format=args.moment_format))
+                                    gradient_checkpointing=args.checkpointing,
+                                    moment_format=args.moment_format or "full"))
         return 0
     config = LlamaConfig.from_name_or_path(args.config)
     presets, presets_name, line = presets_for_config(args.config, config, args.presets)

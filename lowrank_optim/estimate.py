@@ -152,13 +152,13 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     per_layer: bool = False,
     accumulation: int = 1,
-    moment_format: str | MomentFormat = "full",
+    moment_format: str | MomentFormat | None = None,
 ) -> MemoryEstimate:
     """Estimated bytes per component of a training step of ``config`` with ``preset``'s method.
 
     ``dtype``: weights, gradients and bases (pure bf16 in the papers); ``moment_dtype``: Adam moments
     (default: ``dtype``, as in the papers and the reference optimizers). ``moment_format``: how every
-    parameter's moments are stored, ``"full"``, ``"8bit"`` or a format object such as
+    parameter's moments are stored (default: the preset's, else ``"full"``), ``"full"``, ``"8bit"`` or a format object such as
     ``Blockwise8bit(min_size=0)`` (module docstring; for ``adamw`` and ``sltrain``, whose optimizer is
     ``torch.optim.AdamW``, the state an 8-bit AdamW keeps: this package's full-rank groups with that
     format). ``per_layer``: per-layer updates, which keep one gradient at a time only when
@@ -169,7 +169,7 @@ def estimate_memory(
         raise ValueError(f"preset.method ({preset.method!r}) must be one of {list(METHODS)}")
     if accumulation < 1:
         raise ValueError(f"accumulation ({accumulation}) must be >= 1")
-    fmt = resolve_moment_format(moment_format)
+    fmt = resolve_moment_format(moment_format if moment_format is not None else preset.moment_format or "full")
     method = preset.spec
     e_w = torch.empty((), dtype=dtype).element_size()
     moments_dtype = moment_dtype or dtype

@@ -25,7 +25,6 @@ from lowrank_optim.estimate import (
 )
 from lowrank_optim.models import LlamaConfig
 from lowrank_optim.optim.moments import Blockwise8bit, MomentFormat
-from lowrank_optim.train import measure
 from lowrank_optim.train.measure import build_measured_optimizer, measure_training_step, tensor_bytes
 from lowrank_optim.train.methods import METHODS, build_model, build_optimizer, load_presets
 
@@ -140,13 +139,15 @@ def test_build_measured_optimizer_gives_every_method_its_format() -> None:
             assert all("rank" not in group for group in eight.param_groups)
 
 
-def test_build_measured_optimizer_refuses_an_optimizer_without_formats(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(measure, "build_optimizer", lambda model, preset: torch.optim.SGD(model.parameters(), lr=0.1))
+def test_build_optimizer_refuses_a_format_for_an_optimizer_without_formats() -> None:
+    from lowrank_optim.train.methods import Method
+
+    sgd = Method(name="sgd_unregistered", summary="plain SGD", optimizer=torch.optim.SGD)
     model = build_model(TEST, preset=TEST_PRESETS["adamw"])
-    with pytest.raises(ValueError, match="method 'adamw' builds SGD, which has no moment formats; allowed there: "
-                       "moment_format='full'"):
-        build_measured_optimizer(model, TEST_PRESETS["adamw"], "8bit")
-    assert isinstance(build_measured_optimizer(model, TEST_PRESETS["adamw"], "full"), torch.optim.SGD)
+    with pytest.raises(ValueError, match="moment_format '8bit': method 'sgd_unregistered' builds SGD, which has no "
+                       "moment formats; allowed there: moment_format='full'"):
+        sgd.build_optimizer(model, TEST_PRESETS["adamw"], moment_format="8bit")
+    assert isinstance(sgd.build_optimizer(model, TEST_PRESETS["adamw"], moment_format="full"), torch.optim.SGD)
 
 
 def test_8bit_moment_bytes_by_hand() -> None:

@@ -428,3 +428,26 @@ def test_galore_adamw8bit_refuses_what_it_does_not_implement(options: dict[str, 
 
     with pytest.raises(ValueError, match=message):
         GaLoreAdamW8bit([nn.Parameter(torch.ones(4, 4))], **options)
+
+
+def test_a_preset_carries_the_moment_format_for_every_method() -> None:
+    """``"moment_format": "8bit"`` in a preset: every method's optimizer keeps 8-bit moments (torch AdamW's
+    methods through GaLoreAdamW's full-rank groups with torch's eps); an explicit argument overrides it."""
+    import dataclasses
+
+    from lowrank_optim.models import LlamaConfig
+    from lowrank_optim.train.methods import MethodPreset, build_model, build_optimizer, load_presets
+
+    config = LlamaConfig.from_name_or_path("test")
+    for name, preset in load_presets("test").items():
+        eight = dataclasses.replace(preset, moment_format="8bit")
+        model = build_model(config, preset=eight, seed=0)
+        optimizer = build_optimizer(model, eight)
+        assert isinstance(optimizer, GaLoreAdamW), name
+        assert all(group["moment_format"] == Blockwise8bit() for group in optimizer.param_groups), name
+        if name in ("adamw", "sltrain"):
+            assert optimizer.defaults["eps"] == 1e-8
+        plain = build_optimizer(model, eight, moment_format="full")
+        assert all(isinstance(group.get("moment_format", FullPrecision()), FullPrecision) for group in plain.param_groups)
+    with pytest.raises(ValueError, match=r"moment_format \('4bit'\) must be one of \['full', '8bit'\]"):
+        MethodPreset(method="galore", lr=0.01, rank=8, scale=0.25, update_proj_gap=2, moment_format="4bit")

@@ -11,11 +11,10 @@ What is measured, and why this way:
   before the step (weights, buffers, states) and the extra peak comes from CUDA's
   ``max_memory_allocated`` or, on CPU, the profiler's allocation timeline (:mod:`lowrank_optim.memory`).
 
-Moment formats (``moment_format="8bit"``): the presets do not carry a moment format, so
-:func:`build_measured_optimizer` gives it to the optimizer :func:`build_optimizer` builds, before its first
-step (as a param group's own ``moment_format``); ``adamw`` and ``sltrain``, whose optimizer is
-``torch.optim.AdamW`` (full-precision moments only), are stepped with :class:`~lowrank_optim.GaLoreAdamW`'s
-full-rank groups instead, the same Adam over the same groups with torch's ``betas`` and ``eps``.
+Moment formats (``moment_format="8bit"``, or a preset's ``moment_format``): the optimizer is
+:func:`build_optimizer`'s for that format (``adamw`` and ``sltrain``, whose optimizer is ``torch.optim.AdamW``
+with full-precision moments only, are then stepped by :class:`~lowrank_optim.GaLoreAdamW`'s full-rank
+groups: :meth:`Method.build_optimizer`).
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ from torch.optim import Optimizer
 
 from ..memory import peak_extra_memory
 from ..models import LlamaConfig
-from ..optim import GaLoreAdamW, optimizer_state_bytes
-from ..optim.moments import FullPrecision, MomentFormat, resolve_moment_format
+from ..optim import optimizer_state_bytes
+from ..optim.moments import MomentFormat
 from .methods import MethodPreset, build_model, build_optimizer
 from .per_layer import PerLayerUpdates
 
@@ -55,29 +54,11 @@ class StepMeasurement:
 
 
 def build_measured_optimizer(
-    model: nn.Module, preset: MethodPreset, moment_format: str | MomentFormat = "full"
+    model: nn.Module, preset: MethodPreset, moment_format: str | MomentFormat | None = None
 ) -> Optimizer:
-    """The optimizer of ``preset`` over ``model`` with its moments stored as ``moment_format`` says (module
-    docstring): for ``"full"`` exactly :func:`build_optimizer`'s."""
-    fmt = resolve_moment_format(moment_format)
-    optimizer = build_optimizer(model, preset)
-    if isinstance(fmt, FullPrecision):
-        return optimizer
-    if isinstance(optimizer, GaLoreAdamW):  # no state yet: every moment is made in the group's format
-        for group in optimizer.param_groups:
-            group["moment_format"] = fmt
-        return optimizer
-    if type(optimizer) is not torch.optim.AdamW:
-        raise ValueError(
-            f"moment_format {fmt.to_state()!r}: method {preset.method!r} builds {type(optimizer).__name__}, which "
-            "has no moment formats; allowed there: moment_format='full'"
-        )
-    defaults = optimizer.defaults
-    groups = [{"params": group["params"], "lr": group["lr"]} for group in optimizer.param_groups]
-    return GaLoreAdamW(
-        groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"],
-        moment_format=fmt,
-    )
+    """The optimizer of ``preset`` over ``model`` with its moments stored as ``moment_format`` says
+    (default: the preset's): :func:`build_optimizer`, which holds the rule for every method."""
+    return build_optimizer(model, preset, moment_format=moment_format)
 
 
 def _step(model: nn.Module, optimizer: Optimizer, updates: PerLayerUpdates | None, batch: torch.Tensor) -> None:
@@ -102,7 +83,7 @@ def measure_training_step(
     gradient_checkpointing: bool = False,
     seed: int = 0,
     timed_steps: int = 0,
-    moment_format: str | MomentFormat = "full",
+    moment_format: str | MomentFormat | None = None,
 ) -> StepMeasurement:
     """Build the model and optimizer of ``preset`` on ``device`` and measure a steady-state training step.
 

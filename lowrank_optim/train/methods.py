@@ -35,7 +35,7 @@ from ..models import LlamaConfig, LlamaForCausalLM, RotaryEmbedding, available_c
 from ..nn import SLTrainLinear, derive_seed
 from ..optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
 from ..optim.galore import _moment_placement
-from ..optim.moments import MomentFormat, moment_state_bytes, resolve_moment_format
+from ..optim.moments import FullPrecision, MomentFormat, moment_format_names, moment_state_bytes, resolve_moment_format
 from ..projection import effective_rank, projector_names, resolve_projector, resolve_side
 from ..targets import find_targets
 
@@ -64,9 +64,11 @@ TARGET_MODULES = ("attn", "mlp")
 WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
 #: The optional fields of a preset, beyond ``lr`` (see :class:`MethodPreset`).
-PRESET_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap", "alpha", "delta", "projector", "other_lr")
+PRESET_FIELDS: tuple[str, ...] = (
+    "rank", "scale", "update_proj_gap", "alpha", "delta", "projector", "other_lr", "moment_format"
+)
 #: Fields any method's preset may set (the others only if the method lists them in ``fields``).
-COMMON_FIELDS: tuple[str, ...] = ("projector", "other_lr")
+COMMON_FIELDS: tuple[str, ...] = ("projector", "other_lr", "moment_format")
 #: What a projecting method's preset must give: the keys of its projected param group.
 PROJECTED_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap")
 #: Every optimizer here keeps its step count as a 0-dim fp32 tensor per parameter.
@@ -147,18 +149,38 @@ class Method:
             linear = cast(nn.Linear, target.module)  # the targets of our LLaMA are nn.Linear layers
             setattr(model.get_submodule(parent), child, self.layer(linear, preset, derive_seed(seed, target.name), device, dtype))
 
-    def build_optimizer(self, model: nn.Module, preset: MethodPreset) -> Optimizer:
+    def build_optimizer(
+        self, model: nn.Module, preset: MethodPreset, *, moment_format: str | MomentFormat | None = None
+    ) -> Optimizer:
         """Its optimizer over ``model`` (built for ``preset`` by :func:`build_model`); weight decay 0, as in
         the papers' pretraining runs. With ``preset.other_lr`` the parameters outside the target layers
         (embeddings, ``lm_head``, norms: what a projecting method trains with full-rank Adam) form a
-        group of their own at that rate; without it, one group (exactly as before the field existed)."""
+        group of their own at that rate; without it, one group (exactly as before the field existed).
+
+        ``moment_format`` (default: the preset's, else ``"full"``) stores every moment as
+        :mod:`lowrank_optim.optim.moments` says. A method whose optimizer is ``torch.optim.AdamW`` (which
+        has full-precision moments only) is then stepped by :class:`~lowrank_optim.GaLoreAdamW`'s full-rank
+        groups instead: the same Adam with torch's ``eps`` (1e-8), added before the bias correction."""
+        fmt = resolve_moment_format(moment_format if moment_format is not None else preset.moment_format or "full")
+        optimizer = self.optimizer
+        options: dict[str, Any] = {}
+        if not isinstance(fmt, FullPrecision):
+            options["moment_format"] = fmt
+            if optimizer is torch.optim.AdamW:
+                optimizer, options["eps"] = GaLoreAdamW, 1e-8
+            elif not (isinstance(optimizer, type) and issubclass(optimizer, GaLoreAdamW)):
+                raise ValueError(
+                    f"moment_format {fmt.to_state()!r}: method {self.name!r} builds "
+                    f"{getattr(optimizer, '__name__', repr(optimizer))}, which has no moment formats; allowed there: "
+                    "moment_format='full'"
+                )
         if not self.projects:
             if preset.other_lr is None:
-                return self.optimizer(model.parameters(), lr=preset.lr, weight_decay=0.0)
+                return optimizer(model.parameters(), lr=preset.lr, weight_decay=0.0, **options)
             targets = self._target_parameters(model)
             others = [p for p in model.parameters() if id(p) not in {id(t) for t in targets}]
             groups_: list[dict[str, Any]] = [{"params": targets}, {"params": others, "lr": preset.other_lr}]
-            return self.optimizer(groups_, lr=preset.lr, weight_decay=0.0)
+            return optimizer(groups_, lr=preset.lr, weight_decay=0.0, **options)
         assert preset.rank is not None and preset.update_proj_gap is not None and preset.scale is not None
         groups = param_groups(
             model, rank=preset.rank, update_proj_gap=preset.update_proj_gap, scale=preset.scale, target_modules=TARGET_MODULES
@@ -167,8 +189,9 @@ class Method:
             if "rank" in groups[0]:
                 raise ValueError(f"method {self.name!r}: other_lr is set but every parameter of the model is projected")
             groups[0]["lr"] = preset.other_lr
-        options = {} if preset.projector is None else {"projector": preset.projector}
-        return self.optimizer(groups, lr=preset.lr, weight_decay=0.0, **options)
+        if preset.projector is not None:
+            options["projector"] = preset.projector
+        return optimizer(groups, lr=preset.lr, weight_decay=0.0, **options)
 
     def _target_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters of the target layers: their weights as :func:`find_targets` finds them (what a
@@ -314,7 +337,9 @@ class MethodPreset:
     (methods with :attr:`Method.projector_option`: a registered name such as ``"rsvd"``; ``None``: the
     optimizer's default) chooses the subspace. ``other_lr`` (any method; ``None``: ``lr``): the peak lr
     of the parameters outside the target layers (embeddings, ``lm_head``, norms), which every method
-    trains with full-rank Adam. Which fields a method needs: its :attr:`Method.fields`."""
+    trains with full-rank Adam. ``moment_format`` (any method; ``None``: ``"full"``): a registered moment
+    format name, e.g. ``"8bit"`` (:mod:`lowrank_optim.optim.moments`; :meth:`Method.build_optimizer`).
+    Which fields a method needs: its :attr:`Method.fields`."""
 
     method: str
     lr: float
@@ -325,6 +350,7 @@ class MethodPreset:
     delta: float | None = None
     projector: str | None = None
     other_lr: float | None = None
+    moment_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -348,6 +374,8 @@ class MethodPreset:
                 raise ValueError(f"projector ({self.projector!r}) applies to methods {', '.join(takes)}, not {self.method!r}")
             if self.projector not in projector_names():
                 raise ValueError(f"projector ({self.projector!r}) must be one of {list(projector_names())}")
+        if self.moment_format is not None and self.moment_format not in moment_format_names():
+            raise ValueError(f"moment_format ({self.moment_format!r}) must be one of {list(moment_format_names())}")
         for name in ("lr", "other_lr"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -480,7 +508,9 @@ def build_model(
     return model
 
 
-def build_optimizer(model: nn.Module, preset: MethodPreset) -> Optimizer:
-    """The optimizer of ``preset.method`` over ``model`` (built by :func:`build_model` for the same preset):
-    :meth:`Method.build_optimizer`."""
-    return preset.spec.build_optimizer(model, preset)
+def build_optimizer(
+    model: nn.Module, preset: MethodPreset, *, moment_format: str | MomentFormat | None = None
+) -> Optimizer:
+    """The optimizer of ``preset.method`` over ``model`` (built by :func:`build_model` for the same preset),
+    its moments in ``moment_format`` (default: the preset's): :meth:`Method.build_optimizer`."""
+    return preset.spec.build_optimizer(model, preset, moment_format=moment_format)
