@@ -122,7 +122,7 @@ def quality(args: argparse.Namespace) -> None:
             model = build_model(config, preset=preset, seed=seed)
             result = pretrain(model, keep, stream, settings, log=lambda line: None)
             losses.append(result["final_eval_loss"])
-            speeds.append(result.get("tokens_per_second", float("nan")))
+            speeds.append(result["tokens_per_s"])
             state = _state_bytes(built[-1])
         spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
         print(f"{name:32s} {statistics.mean(losses):>11.4f}{spread:>9s} {state:>12,d} {statistics.mean(speeds):>10,.0f}")
