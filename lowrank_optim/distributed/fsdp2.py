@@ -120,7 +120,8 @@ class FSDP2Layout:
         shape = tuple(shape)
         if not isinstance(param, DTensor) or sharding == "replicated":
             return torch.zeros(shape, dtype=dtype, device=_local(param).device)
-        dim = {"rows": 0, "columns": 1}[sharding]
+        # columns_first: the columns' chunks, as for "columns", along the stored dimension 0.
+        dim = {"rows": 0, "columns": 1, "columns_first": 0}[sharding]
         start, stop = _chunk(shape[dim], self.world, self.rank)
         local_shape = list(shape)
         local_shape[dim] = stop - start

@@ -26,8 +26,10 @@ __all__ = ["Block", "DenseLayout", "Layout", "SHARDINGS", "layout_for", "registe
 
 #: How a state tensor lines up with its parameter, which is what a sharded layout splits it by:
 #: ``rows`` (its dimension 0 runs along the parameter's rows), ``columns`` (its dimension 1 along the
-#: parameter's columns), ``replicated`` (every process keeps all of it).
-SHARDINGS: tuple[str, ...] = ("rows", "columns", "replicated")
+#: parameter's columns), ``columns_first`` (its dimension 0 along the parameter's columns: a
+#: ``columns`` tensor stored transposed, as 8-bit moments store a left projection's, so that a layout
+#: splitting the columns hands each process whole stored rows), ``replicated`` (every process keeps all of it).
+SHARDINGS: tuple[str, ...] = ("rows", "columns", "columns_first", "replicated")
 
 
 class Block(NamedTuple):

@@ -21,8 +21,9 @@ its rows (``rows``) or its columns (``columns``, ``optim.layout.SHARDINGS``). A 
 a shard boundary, or two processes would need each other's elements to quantize it. So the codes of a
 ``columns``-sharded moment (the ``r x n`` moments of a left projection) are stored transposed,
 ``n x r``, and sharded by rows; blocks then run along ``r`` within each stored row, and every stored row
-lies on one process whatever the sharding. The state keys, shapes and dtypes are therefore the same on
-every layout, which is what lets a checkpoint reshard.
+lies on one process whatever the sharding (their sharding label is ``columns_first``: dimension 0 runs along
+the parameter's columns). The state keys, shapes and dtypes are therefore the same on every layout, which
+is what lets a checkpoint reshard.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class Blockwise8bit(MomentFormat):
 def _stored(shape: tuple[int, ...], sharding: str) -> tuple[tuple[int, ...], str]:
     """The stored shape and sharding of a quantized moment of whole ``shape`` (module docstring)."""
     if sharding == "columns" and len(shape) == 2:
-        return (shape[1], shape[0]), "rows"
+        return (shape[1], shape[0]), "columns_first"
     return shape, sharding
 
 
