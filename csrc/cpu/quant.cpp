@@ -26,78 +26,27 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
 
-#include "../common/sparse_checks.h"
+#include "../common/quant_checks.h"
 #include "common.h"
 
 namespace lowrank_optim {
 namespace {
 
-using sparse::dtype_name;
-using sparse::shape_string;
+using quant::kMaxBlockSize;
+using quant::kMaxMapLength;
 
-constexpr int64_t kMaxBlockSize = 4096;
-constexpr int64_t kMinMapLength = 2;
-constexpr int64_t kMaxMapLength = 256;
 // The binary search's table: 255 thresholds at most (a 256-value map), and 8 steps cover them.
 constexpr int kThresholds = kMaxMapLength - 1;
 // Elements per task: enough that scheduling is negligible.
 constexpr int64_t kGrainElements = 32768;
 
-// ---- argument checks: the messages and exception types of the defaults' (ops/quant.py) ------------
-
-void check_block_size(const char* op, int64_t block_size) {
-  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= kMaxBlockSize, op, ": block_size=", block_size,
-                    "; allowed: an int in [1, ", kMaxBlockSize, "]");
-}
-
-std::vector<int64_t> absmax_sizes(at::IntArrayRef sizes, int64_t block_size) {
-  std::vector<int64_t> result(sizes.begin(), sizes.end());
-  result.back() = (result.back() + block_size - 1) / block_size;
-  return result;
-}
-
-// `tensor` has `dtype`, `sizes` (nullptr: any of dim >= 1), `device`, and is contiguous.
-void check_tensor(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
-                  const std::vector<int64_t>* sizes, const c10::Device& device) {
-  TORCH_CHECK_TYPE(tensor.scalar_type() == dtype, op, ": ", name, ".dtype=", dtype_name(tensor.scalar_type()),
-                   "; allowed: ", dtype_name(dtype));
-  if (sizes == nullptr) {
-    TORCH_CHECK_VALUE(tensor.dim() >= 1, op, ": ", name, ".shape=", shape_string(tensor.sizes()),
-                      "; must have dim >= 1 (blocks run along the last)");
-  } else {
-    TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(*sizes), op, ": ", name, ".shape=",
-                      shape_string(tensor.sizes()), "; must be ", shape_string(*sizes));
-  }
-  TORCH_CHECK_VALUE(tensor.device() == device, op, ": ", name, ".device=", tensor.device(),
-                    " must equal the tensors' device=", device);
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous (strides ",
-                    shape_string(tensor.strides()), " for shape ", shape_string(tensor.sizes()), ")");
-}
-
-void check_map(const char* op, const char* name, const at::Tensor& code_map, const c10::Device& device) {
-  TORCH_CHECK_TYPE(code_map.scalar_type() == at::kFloat, op, ": ", name, ".dtype=",
-                   dtype_name(code_map.scalar_type()), "; allowed: torch.float32");
-  TORCH_CHECK_VALUE(code_map.dim() == 1 && code_map.numel() >= kMinMapLength && code_map.numel() <= kMaxMapLength, op,
-                    ": ", name, ".shape=", shape_string(code_map.sizes()), "; allowed: 1-D with ", kMinMapLength,
-                    "..", kMaxMapLength, " values");
-  TORCH_CHECK_VALUE(code_map.device() == device, op, ": ", name, ".device=", code_map.device(),
-                    " must equal the tensors' device=", device);
-  TORCH_CHECK_VALUE(code_map.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-// check_skip's message (ops/_library.py), with Python's dtype names; cpu::skipped then reads the flag.
-void check_skip(const char* op, const std::optional<at::Tensor>& skip, const c10::Device& device) {
-  if (!skip.has_value()) return;
-  TORCH_CHECK_VALUE(skip->dim() == 0 && skip->scalar_type() == at::kBool && skip->device() == device, op,
-                    ": skip is a ", skip->dim(), "-dim ", dtype_name(skip->scalar_type()), " tensor on ",
-                    skip->device(), "; allowed: None or a 0-dim torch.bool tensor on ", device);
-}
+// The argument checks, with the defaults' messages and exception types, are common/quant_checks.h's
+// (shared with the CUDA bindings).
 
 // ---- the tables of one map -----------------------------------------------------------------------
 
@@ -596,14 +545,7 @@ LOWRANK_OPTIM_QUANT_VARIANT(LOWRANK_OPTIM_AVX512_TARGET, fused512, Avx512)
 
 void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code_map, int64_t block_size, at::Tensor codes,
                             at::Tensor absmax) {
-  const char* op = "quantize_blockwise_";
-  check_block_size(op, block_size);
-  check_tensor(op, "x", x, at::kFloat, nullptr, x.device());
-  check_map(op, "code_map", code_map, x.device());
-  const std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  const std::vector<int64_t> blocks = absmax_sizes(x.sizes(), block_size);
-  check_tensor(op, "codes", codes, at::kByte, &shape, x.device());
-  check_tensor(op, "absmax", absmax, at::kFloat, &blocks, x.device());
+  quant::check_quantize_args(x, code_map, block_size, codes, absmax);
   const Geometry g = geometry(x, block_size);
   const MapTables tables = map_tables(code_map);
   const float* x_ptr = x.const_data_ptr<float>();
@@ -614,12 +556,7 @@ void quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& code_map, int
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& code_map,
                                     int64_t block_size) {
-  const char* op = "dequantize_blockwise";
-  check_block_size(op, block_size);
-  check_tensor(op, "codes", codes, at::kByte, nullptr, codes.device());
-  check_map(op, "code_map", code_map, codes.device());
-  const std::vector<int64_t> blocks = absmax_sizes(codes.sizes(), block_size);
-  check_tensor(op, "absmax", absmax, at::kFloat, &blocks, codes.device());
+  quant::check_dequantize_args(codes, absmax, code_map, block_size);
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   const Geometry g = geometry(codes, block_size);
   const MapTables tables = map_tables(code_map);
@@ -635,19 +572,9 @@ void blockwise_adam_cpu(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tenso
                         const at::Tensor& unsigned_map, double beta1, double beta2, double eps, int64_t block_size,
                         const std::optional<at::Tensor>& skip) {
   const char* op = "blockwise_adam_";
-  check_block_size(op, block_size);
+  quant::check_adam_args(lowrank, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, normalized, signed_map,
+                         unsigned_map, block_size, skip);
   const c10::Device device = lowrank.device();
-  check_tensor(op, "lowrank", lowrank, at::kFloat, nullptr, device);
-  const std::vector<int64_t> shape(lowrank.sizes().begin(), lowrank.sizes().end());
-  const std::vector<int64_t> blocks = absmax_sizes(lowrank.sizes(), block_size);
-  check_tensor(op, "normalized", normalized, at::kFloat, &shape, device);
-  check_tensor(op, "exp_avg", exp_avg, at::kByte, &shape, device);
-  check_tensor(op, "exp_avg_absmax", exp_avg_absmax, at::kFloat, &blocks, device);
-  check_tensor(op, "exp_avg_sq", exp_avg_sq, at::kByte, &shape, device);
-  check_tensor(op, "exp_avg_sq_absmax", exp_avg_sq_absmax, at::kFloat, &blocks, device);
-  check_map(op, "signed_map", signed_map, device);
-  check_map(op, "unsigned_map", unsigned_map, device);
-  check_skip(op, skip, device);
   // A skipped update: the state keeps its codes and maxima, and N is zero (read directly on the CPU).
   if (cpu::skipped(op, skip, device)) {
     normalized.zero_();

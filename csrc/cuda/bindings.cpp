@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "../common/quant_checks.h"
 #include "../common/sparse_checks.h"
 #include "../common/spmm_checks.h"
 #include "launchers.h"
@@ -298,82 +299,18 @@ at::Tensor sddmm_cuda(const at::Tensor& grad, const at::Tensor& input, const at:
 
 // ---- blockwise 8-bit state (lowrank_optim/ops/quant.py) ----------------------------------------------
 
-// The checks of cpu/quant.cpp, with the messages and exception types of the Python defaults.
-namespace quant {
-
-using sparse::dtype_name;
-using sparse::shape_string;
-
-constexpr int64_t kMaxBlockSize = 4096;
-constexpr int64_t kMinMapLength = 2;
-constexpr int64_t kMaxMapLength = 256;
-
-void check_block_size(const char* op, int64_t block_size) {
-  TORCH_CHECK_VALUE(block_size >= 1 && block_size <= kMaxBlockSize, op, ": block_size=", block_size,
-                    "; allowed: an int in [1, ", kMaxBlockSize, "]");
-}
-
-std::vector<int64_t> absmax_sizes(at::IntArrayRef sizes, int64_t block_size) {
-  std::vector<int64_t> result(sizes.begin(), sizes.end());
-  result.back() = (result.back() + block_size - 1) / block_size;
-  return result;
-}
-
-// `tensor` has `dtype`, `sizes` (nullptr: any of dim >= 1), `device`, and is contiguous.
-void check_tensor(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
-                  const std::vector<int64_t>* sizes, const c10::Device& device) {
-  TORCH_CHECK_TYPE(tensor.scalar_type() == dtype, op, ": ", name, ".dtype=", dtype_name(tensor.scalar_type()),
-                   "; allowed: ", dtype_name(dtype));
-  if (sizes == nullptr) {
-    TORCH_CHECK_VALUE(tensor.dim() >= 1, op, ": ", name, ".shape=", shape_string(tensor.sizes()),
-                      "; must have dim >= 1 (blocks run along the last)");
-  } else {
-    TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(*sizes), op, ": ", name, ".shape=",
-                      shape_string(tensor.sizes()), "; must be ", shape_string(*sizes));
-  }
-  TORCH_CHECK_VALUE(tensor.device() == device, op, ": ", name, ".device=", tensor.device(),
-                    " must equal the tensors' device=", device);
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous (strides ",
-                    shape_string(tensor.strides()), " for shape ", shape_string(tensor.sizes()), ")");
-}
-
-void check_map(const char* op, const char* name, const at::Tensor& code_map, const c10::Device& device) {
-  TORCH_CHECK_TYPE(code_map.scalar_type() == at::kFloat, op, ": ", name, ".dtype=",
-                   dtype_name(code_map.scalar_type()), "; allowed: torch.float32");
-  TORCH_CHECK_VALUE(code_map.dim() == 1 && code_map.numel() >= kMinMapLength && code_map.numel() <= kMaxMapLength, op,
-                    ": ", name, ".shape=", shape_string(code_map.sizes()), "; allowed: 1-D with ", kMinMapLength,
-                    "..", kMaxMapLength, " values");
-  TORCH_CHECK_VALUE(code_map.device() == device, op, ": ", name, ".device=", code_map.device(),
-                    " must equal the tensors' device=", device);
-  TORCH_CHECK_VALUE(code_map.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-// check_skip's message (ops/_library.py), with Python's dtype names (skip_pointer's own check prints C++'s).
-void check_skip(const char* op, const std::optional<at::Tensor>& skip, const c10::Device& device) {
-  if (!skip.has_value()) return;
-  TORCH_CHECK_VALUE(skip->dim() == 0 && skip->scalar_type() == at::kBool && skip->device() == device, op,
-                    ": skip is a ", skip->dim(), "-dim ", dtype_name(skip->scalar_type()), " tensor on ",
-                    skip->device(), "; allowed: None or a 0-dim torch.bool tensor on ", device);
-}
+// The argument checks are common/quant_checks.h's, shared with cpu/quant.cpp.
 
 // Rows of a tensor whose last dimension holds the blocks (0 for an empty tensor).
-int64_t rows_of(const at::Tensor& tensor) { return tensor.size(-1) == 0 ? 0 : tensor.numel() / tensor.size(-1); }
-
-}  // namespace quant
+int64_t quant_rows(const at::Tensor& tensor) { return tensor.size(-1) == 0 ? 0 : tensor.numel() / tensor.size(-1); }
 
 void quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code_map, int64_t block_size, at::Tensor codes,
                              at::Tensor absmax) {
   const char* op = "quantize_blockwise_";
-  quant::check_block_size(op, block_size);
-  quant::check_tensor(op, "x", x, at::kFloat, nullptr, x.device());
-  quant::check_map(op, "code_map", code_map, x.device());
-  const std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  const std::vector<int64_t> blocks = quant::absmax_sizes(x.sizes(), block_size);
-  quant::check_tensor(op, "codes", codes, at::kByte, &shape, x.device());
-  quant::check_tensor(op, "absmax", absmax, at::kFloat, &blocks, x.device());
+  quant::check_quantize_args(x, code_map, block_size, codes, absmax);
   const c10::cuda::CUDAGuard guard(x.device());
   check_launch(cuda::quantize_blockwise(x.const_data_ptr<float>(), code_map.const_data_ptr<float>(),
-                                        static_cast<int>(code_map.numel()), quant::rows_of(x), x.size(-1),
+                                        static_cast<int>(code_map.numel()), quant_rows(x), x.size(-1),
                                         static_cast<int>(block_size), codes.data_ptr<uint8_t>(),
                                         absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                op);
@@ -382,16 +319,12 @@ void quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& code_map, in
 at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& code_map,
                                      int64_t block_size) {
   const char* op = "dequantize_blockwise";
-  quant::check_block_size(op, block_size);
-  quant::check_tensor(op, "codes", codes, at::kByte, nullptr, codes.device());
-  quant::check_map(op, "code_map", code_map, codes.device());
-  const std::vector<int64_t> blocks = quant::absmax_sizes(codes.sizes(), block_size);
-  quant::check_tensor(op, "absmax", absmax, at::kFloat, &blocks, codes.device());
+  quant::check_dequantize_args(codes, absmax, code_map, block_size);
   const c10::cuda::CUDAGuard guard(codes.device());
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   check_launch(cuda::dequantize_blockwise(codes.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(),
                                           code_map.const_data_ptr<float>(), static_cast<int>(code_map.numel()),
-                                          quant::rows_of(codes), codes.size(-1), static_cast<int>(block_size),
+                                          quant_rows(codes), codes.size(-1), static_cast<int>(block_size),
                                           out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                op);
   return out;
@@ -402,26 +335,16 @@ void blockwise_adam_cuda(const at::Tensor& lowrank, at::Tensor exp_avg, at::Tens
                          const at::Tensor& signed_map, const at::Tensor& unsigned_map, double beta1, double beta2,
                          double eps, int64_t block_size, const std::optional<at::Tensor>& skip) {
   const char* op = "blockwise_adam_";
-  quant::check_block_size(op, block_size);
+  quant::check_adam_args(lowrank, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, normalized, signed_map,
+                         unsigned_map, block_size, skip);
   const c10::Device device = lowrank.device();
-  quant::check_tensor(op, "lowrank", lowrank, at::kFloat, nullptr, device);
-  const std::vector<int64_t> shape(lowrank.sizes().begin(), lowrank.sizes().end());
-  const std::vector<int64_t> blocks = quant::absmax_sizes(lowrank.sizes(), block_size);
-  quant::check_tensor(op, "normalized", normalized, at::kFloat, &shape, device);
-  quant::check_tensor(op, "exp_avg", exp_avg, at::kByte, &shape, device);
-  quant::check_tensor(op, "exp_avg_absmax", exp_avg_absmax, at::kFloat, &blocks, device);
-  quant::check_tensor(op, "exp_avg_sq", exp_avg_sq, at::kByte, &shape, device);
-  quant::check_tensor(op, "exp_avg_sq_absmax", exp_avg_sq_absmax, at::kFloat, &blocks, device);
-  quant::check_map(op, "signed_map", signed_map, device);
-  quant::check_map(op, "unsigned_map", unsigned_map, device);
-  quant::check_skip(op, skip, device);
   const c10::cuda::CUDAGuard guard(device);
   check_launch(cuda::blockwise_adam(lowrank.const_data_ptr<float>(), exp_avg.data_ptr<uint8_t>(),
                                     exp_avg_absmax.data_ptr<float>(), exp_avg_sq.data_ptr<uint8_t>(),
                                     exp_avg_sq_absmax.data_ptr<float>(), normalized.data_ptr<float>(),
                                     signed_map.const_data_ptr<float>(), static_cast<int>(signed_map.numel()),
                                     unsigned_map.const_data_ptr<float>(), static_cast<int>(unsigned_map.numel()),
-                                    quant::rows_of(lowrank), lowrank.size(-1), static_cast<int>(block_size), beta1,
+                                    quant_rows(lowrank), lowrank.size(-1), static_cast<int>(block_size), beta1,
                                     beta2, eps, skip_pointer(op, skip, device), c10::cuda::getCurrentCUDAStream()),
                op);
 }
