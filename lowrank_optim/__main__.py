@@ -124,8 +124,8 @@ def _add_moment_format_option(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--moment-format", choices=moment_format_names(), default=None,
                         help="how every parameter's Adam moments are stored: full (plain tensors) or 8bit (block-wise "
-                        "uint8 codes + one fp32 scale per 256 elements; moments under 4096 elements and 1-D ones stay "
-                        "plain) (default: the preset's moment_format, else full)")
+                        "uint8 codes + one fp32 scale per 256 elements; moments under 4096 elements stay plain) "
+                        "(default: the preset's moment_format, else full)")
 
 
 def _estimate(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ activations     all                                    see :func:`activation_byt
 ``optim.galore._moment_placement``): ``2 · k · e_m`` for full-precision moments; for 8-bit moments
 (``Blockwise8bit``) ``2 · (k + 4 · blocks)`` bytes, uint8 codes plus one fp32 scale per block of
 ``block_size`` along the stored last dimension (a left projection's ``r x n`` moments are stored ``n x
-r``, so their blocks run along ``r``), and ``2 · k · e_m`` for moments below ``min_size`` elements and 1-D ones. Every
+r``, so their blocks run along ``r``), and ``2 · k · e_m`` for moments below ``min_size`` elements. Every
 parameter's moments follow the format: the projected matrices' and the full-rank ones (embeddings,
 ``lm_head``, norms, SLTrain's factors and values), as bitsandbytes' 8-bit Adam does.
 
@@ -364,8 +364,7 @@ def format_paper_7b_table(
         f"here: weights, gradients, projection bases and Adam's moments in {dtype_name}; 8-bit = "
         f"{_format_label(eight_bit)} on every "
         "parameter (projected moments, embeddings, lm_head, norms, SLTrain's factors and values), as bitsandbytes' "
-        f"8-bit Adam, with plain {dtype_name} moments below {eight_bit.min_size} elements and for 1-D tensors (norms); "
-        "grads = all gradients, or "
+        f"8-bit Adam, with plain {dtype_name} moments below {eight_bit.min_size} elements; grads = all gradients, or "
         f"per-layer the largest single one (the {_gb(embedding * e_w)} GB embedding); activations for batch "
         f"{batch_size} x seq {seq_len}, activation checkpointing {'on' if gradient_checkpointing else 'off'}; "
         "total = weights + SLTrain's int32 support indices + states + grads + activations.",

@@ -80,8 +80,6 @@ def _round_moments(optimizer: torch.optim.Optimizer, block_size: int) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state[param]
-            if param.dim() < 2:  # 1-D moments stay fp32 (Blockwise8bit.quantizes)
-                continue
             for key, code_map in ((EXP_AVG, signed_code_map()), (EXP_AVG_SQ, unsigned_code_map())):
                 value = state[key]
                 left = "rank" in group and value.shape[0] < value.shape[1] and param.shape[0] < param.shape[1]
@@ -106,9 +104,6 @@ def test_an_8bit_step_is_the_fp32_step_with_rounded_moments(make: Callable[..., 
         assert torch.equal(param, expected), name
     for param, expected in zip(model.parameters(), reference_model.parameters()):
         state, ref = eight.state[param], reference.state[expected]
-        if param.dim() < 2:  # plain fp32 moments
-            assert torch.equal(state[EXP_AVG], ref[EXP_AVG]) and torch.equal(state[EXP_AVG_SQ], ref[EXP_AVG_SQ])
-            continue
         m, v = _dequantized(eight, param)
         assert torch.equal(m, ref[EXP_AVG]) and torch.equal(v, ref[EXP_AVG_SQ])
         assert state[EXP_AVG].dtype == torch.uint8 and state[EXP_AVG_ABSMAX].dtype == torch.float32
@@ -136,7 +131,7 @@ def test_state_layout_codes_scales_and_the_size_threshold() -> None:
     assert left[EXP_AVG].shape == (56, 12) and left[EXP_AVG_SQ_ABSMAX].shape == (56, 2)  # r x 56 stored transposed
     assert state[model["embedding"].weight][EXP_AVG].shape == (30, 20)
     assert state[model["embedding"].weight][EXP_AVG_ABSMAX].shape == (30, 3)
-    bias = state[model["right"].bias]  # 1-D: a plain fp32 moment, whatever its size
+    bias = state[model["right"].bias]  # 48 elements < min_size: a plain fp32 moment
     assert set(bias) == {"step", EXP_AVG, EXP_AVG_SQ} and bias[EXP_AVG].dtype == torch.float32
     small = GaLoreAdamW([nn.Parameter(torch.randn(9, 10))], moment_format=Blockwise8bit(min_size=100))
     small.param_groups[0]["params"][0].grad = torch.ones(9, 10)
@@ -451,3 +446,37 @@ def test_a_preset_carries_the_moment_format_for_every_method() -> None:
         assert all(isinstance(group.get("moment_format", FullPrecision()), FullPrecision) for group in plain.param_groups)
     with pytest.raises(ValueError, match=r"moment_format \('4bit'\) must be one of \['full', '8bit'\]"):
         MethodPreset(method="galore", lr=0.01, rank=8, scale=0.25, update_proj_gap=2, moment_format="4bit")
+
+
+def test_quantized_vectors_are_refused_where_a_layout_splits_them() -> None:
+    """FSDP2 splits a 1-D parameter anywhere, so its moments cannot be quantized there: refused by name
+    with the two ways out, before anything is updated; 2-D moments and small vectors are fine."""
+    from lowrank_optim.distributed.fsdp2 import FSDP2Layout
+    from lowrank_optim.optim.layout import DenseLayout
+
+    assert FSDP2Layout.steps_quantized_moments and FSDP2Layout.splits_vectors
+    matrix, vector = nn.Parameter(torch.randn(80, 80)), nn.Parameter(torch.randn(5000))
+
+    class SplitsVectors:
+        steps_quantized_moments = True
+        splits_vectors = True
+
+        def check_group(self, optimizer: Any, group: dict[str, Any]) -> bool:
+            return True
+
+    optimizer = GaLoreAdamW([{"params": [matrix]}, {"params": [vector]}], lr=0.01, moment_format="8bit")
+    optimizer.layout = SplitsVectors()  # type: ignore[assignment]
+    matrix.grad, vector.grad = torch.randn(80, 80), torch.randn(5000)
+    message = (
+        r"Invalid moment_format in param group 1: '8bit'\. Param 0 is 1-D \(shape \(5000,\)\), and SplitsVectors splits "
+        r"it between processes at offsets that need not fall on a quantization block, so its moments cannot be "
+        r"quantized\. Allowed: put the 1-D parameters in a param group with moment_format='full', or give this group "
+        r"Blockwise8bit\(min_size=5001\) or more\."
+    )
+    with pytest.raises(ValueError, match=message):
+        optimizer.step()
+    assert not optimizer.state
+    optimizer.param_groups[1]["moment_format"] = Blockwise8bit(min_size=5001)
+    optimizer.layout = DenseLayout()
+    optimizer.step()
+    assert optimizer.state[vector][EXP_AVG].dtype == torch.float32 and optimizer.state[matrix][EXP_AVG].dtype == torch.uint8

@@ -393,7 +393,21 @@ class GaLoreAdamW(Optimizer):
         (``Layout.steps_quantized_moments``: whole tensors, FSDP2's row shards); refuse a quantizing format
         under another (DeepSpeed's flat partitions cut tensors anywhere) rather than run it wrongly."""
         fmt: MomentFormat = group["moment_format"]
-        if getattr(self.layout, "steps_quantized_moments", False) or isinstance(fmt, FullPrecision):
+        if isinstance(fmt, FullPrecision):
+            return
+        if getattr(self.layout, "steps_quantized_moments", False):
+            if not getattr(self.layout, "splits_vectors", False):
+                return
+            for position, param in enumerate(group["params"]):
+                shape = _moment_placement(group, matrix_shape(param))[0]
+                if len(shape) == 1 and fmt.quantizes(shape):
+                    raise ValueError(
+                        f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Param {position} is 1-D "
+                        f"(shape {shape}), and {type(self.layout).__name__} splits it between processes at offsets "
+                        "that need not fall on a quantization block, so its moments cannot be quantized. Allowed: "
+                        "put the 1-D parameters in a param group with moment_format='full', or give this group "
+                        f"Blockwise8bit(min_size={math.prod(shape) + 1}) or more."
+                    )
             return
         raise ValueError(
             f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Quantized moments are not yet "

@@ -14,7 +14,8 @@ registered name or a format object), per param group, for its projected and full
   A step dequantizes a block, updates it in fp32 with the step's own arithmetic, computes ``N`` and
   requantizes it, all in one op (``blockwise_adam_``), so no fp32 copy of a whole moment ever exists
   during an ordinary step. Moments with fewer than ``min_size`` elements (as bitsandbytes'
-  ``min_8bit_size``) and 1-D moments (norms, biases) stay in ``moment_dtype``: they cost little.
+  ``min_8bit_size``) stay in ``moment_dtype``: they cost little. 1-D moments above it (SLTrain's sparse
+  values, large norms) are quantized in blocks along their one dimension.
 
 Why blocks run along rows and how the stored orientation is chosen: a layout shards a state tensor along
 its rows (``rows``) or its columns (``columns``, ``optim.layout.SHARDINGS``). A block must never straddle
@@ -109,8 +110,8 @@ class Blockwise8bit(MomentFormat):
             256, bitsandbytes' and torchao's choice: smaller blocks track outliers better and cost more
             scales).
         min_size: moments with fewer elements stay in ``moment_dtype`` (default 4096, bitsandbytes'
-            ``min_8bit_size``); 0 quantizes every moment of two or more dimensions (1-D moments, of norms
-            and biases, always stay in ``moment_dtype``: see :meth:`quantizes`).
+            ``min_8bit_size``); 0 quantizes every moment. A layout that splits vectors between
+            processes (FSDP2) refuses quantized 1-D moments: their blocks would straddle shards.
     """
 
     name: ClassVar[str] = "8bit"
@@ -125,9 +126,7 @@ class Blockwise8bit(MomentFormat):
             raise ValueError(f"Invalid min_size: {self.min_size!r}. Must be a non-negative integer.")
 
     def quantizes(self, shape: Sequence[int]) -> bool:
-        # 1-D moments (norms, biases) stay plain: a layout shards their one dimension, which is the one
-        # blocks would run along; they are a vanishing part of the state anyway.
-        return len(shape) >= 2 and math.prod(shape) >= max(self.min_size, 1)
+        return len(shape) >= 1 and math.prod(shape) >= max(self.min_size, 1)
 
     def tensors(self, shape: Sequence[int], dtype: torch.dtype, sharding: str) -> list[ProjectorTensor]:
         if not self.quantizes(shape):

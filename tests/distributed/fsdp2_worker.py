@@ -131,13 +131,14 @@ OPTIMIZERS = {
     "apollo": APOLLOAdamW,
     "apollo_mini": functools.partial(APOLLOAdamW, scale_type="tensor"),
     # 8-bit moments in blocks of 4 along stored rows (left-projected moments stored transposed): every
-    # block lies in one rank's rows, so the shards quantize exactly what the single process does.
-    "galore_8bit": functools.partial(GaLoreAdamW, moment_format=Blockwise8bit(block_size=4, min_size=0)),
+    # block lies in one rank's rows, so the shards quantize exactly what the single process does. The
+    # vectors (at most 37 elements) stay below min_size: FSDP2 splits them anywhere (refused otherwise).
+    "galore_8bit": functools.partial(GaLoreAdamW, moment_format=Blockwise8bit(block_size=4, min_size=38)),
     "dct_rotate_8bit": functools.partial(
-        DCTAdamW, moment_policy="rotate", moment_format=Blockwise8bit(block_size=4, min_size=0)
+        DCTAdamW, moment_policy="rotate", moment_format=Blockwise8bit(block_size=4, min_size=38)
     ),
-    "fira_8bit": functools.partial(FiraAdamW, moment_format=Blockwise8bit(block_size=4, min_size=0)),
-    "apollo_8bit": functools.partial(APOLLOAdamW, moment_format=Blockwise8bit(block_size=4, min_size=0)),
+    "fira_8bit": functools.partial(FiraAdamW, moment_format=Blockwise8bit(block_size=4, min_size=38)),
+    "apollo_8bit": functools.partial(APOLLOAdamW, moment_format=Blockwise8bit(block_size=4, min_size=38)),
 }
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
