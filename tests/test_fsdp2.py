@@ -235,7 +235,7 @@ def test_matches_single_process_fp32(fsdp2: Launches, world: int, case: str) -> 
 #: Projectors and moment policies beyond each optimizer's defaults, as plain cases.
 VARIANTS = (
     "galore_rotate", "dct_rotate", "fira_rotate", "rsvd", "fira_rsvd", "random", "apollo", "apollo_mini",
-    "galore_8bit", "dct_rotate_8bit", "fira_8bit", "apollo_8bit",
+    "galore_8bit", "dct_rotate_8bit", "fira_8bit", "apollo_8bit", "galore_8bit_vectors",
 )
 
 

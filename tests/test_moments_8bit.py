@@ -448,30 +448,39 @@ def test_a_preset_carries_the_moment_format_for_every_method() -> None:
         MethodPreset(method="galore", lr=0.01, rank=8, scale=0.25, update_proj_gap=2, moment_format="4bit")
 
 
-def test_quantized_vectors_are_refused_where_a_layout_splits_them() -> None:
-    """FSDP2 splits a 1-D parameter anywhere, so its moments cannot be quantized there: refused by name
-    with the two ways out, before anything is updated; 2-D moments and small vectors are fine."""
-    from lowrank_optim.distributed.fsdp2 import FSDP2Layout
+def test_quantized_vectors_are_refused_where_a_layout_splits_them_off_blocks() -> None:
+    """FSDP2 splits a 1-D parameter at ``torch.chunk``'s offsets: its moments can be quantized only where
+    those fall on block boundaries (a 4096-element norm over 2 ranks), else the step is refused by name
+    with the two ways out, before anything is updated."""
+    from lowrank_optim.distributed.fsdp2 import FSDP2Layout, _chunk
     from lowrank_optim.optim.layout import DenseLayout
 
-    assert FSDP2Layout.steps_quantized_moments and FSDP2Layout.splits_vectors
-    matrix, vector = nn.Parameter(torch.randn(80, 80)), nn.Parameter(torch.randn(5000))
-
-    class SplitsVectors:
+    class Splits:
         steps_quantized_moments = True
-        splits_vectors = True
+
+        def __init__(self, world: int) -> None:
+            self.world = world
 
         def check_group(self, optimizer: Any, group: dict[str, Any]) -> bool:
             return True
 
-    optimizer = GaLoreAdamW([{"params": [matrix]}, {"params": [vector]}], lr=0.01, moment_format="8bit")
-    optimizer.layout = SplitsVectors()  # type: ignore[assignment]
+        def vector_pieces(self, size: int) -> list[tuple[int, int]]:
+            return [_chunk(size, self.world, rank) for rank in range(self.world)]
+
+    assert FSDP2Layout.steps_quantized_moments and hasattr(FSDP2Layout, "vector_pieces")
+    fmt = Blockwise8bit()
+    assert fmt.splits_on_blocks(4096, Splits(2).vector_pieces) and fmt.splits_on_blocks(4096, Splits(16).vector_pieces)
+    assert not fmt.splits_on_blocks(4096, Splits(3).vector_pieces) and fmt.splits_on_blocks(4000, Splits(3).vector_pieces)
+
+    matrix, vector = nn.Parameter(torch.randn(80, 80)), nn.Parameter(torch.randn(5000))
+    optimizer = GaLoreAdamW([{"params": [matrix]}, {"params": [vector]}], lr=0.01, moment_format=fmt)
+    optimizer.layout = Splits(3)  # type: ignore[assignment]
     matrix.grad, vector.grad = torch.randn(80, 80), torch.randn(5000)
     message = (
-        r"Invalid moment_format in param group 1: '8bit'\. Param 0 is 1-D \(shape \(5000,\)\), and SplitsVectors splits "
-        r"it between processes at offsets that need not fall on a quantization block, so its moments cannot be "
-        r"quantized\. Allowed: put the 1-D parameters in a param group with moment_format='full', or give this group "
-        r"Blockwise8bit\(min_size=5001\) or more\."
+        r"Invalid moment_format in param group 1: '8bit'\. Param 0 is 1-D \(shape \(5000,\)\), and Splits splits it "
+        r"between processes at offsets \[1667, 3334\], which are not all on its quantization blocks' boundaries, so "
+        r"its moments cannot be quantized\. Allowed: put the 1-D parameters in a param group with "
+        r"moment_format='full', or give this group Blockwise8bit\(min_size=5001\) or more\."
     )
     with pytest.raises(ValueError, match=message):
         optimizer.step()

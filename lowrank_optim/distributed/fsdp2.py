@@ -79,9 +79,12 @@ class FSDP2Layout:
     #: State tensors are sharded by whole rows (``new_state``), so quantization blocks, which run along
     #: rows, never straddle two ranks (:mod:`lowrank_optim.optim.moments`).
     steps_quantized_moments = True
-    #: But a 1-D parameter is split along its one dimension, at element offsets that need not fall on a
-    #: block boundary: its moments cannot be quantized (the optimizer refuses them, naming the fix).
-    splits_vectors = True
+
+    def vector_pieces(self, size: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` of every rank's piece of a 1-D state tensor of ``size`` elements: a 1-D
+        parameter is split along its one dimension, so its quantized moments work only where the codes'
+        and the block scales' pieces fall on the same block boundaries (the optimizer checks)."""
+        return [_chunk(size, self.world, rank) for rank in range(self.world)]
 
     def __init__(self, mesh: Any, owners: str = "balanced") -> None:
         if owners not in OWNER_POLICIES:

@@ -396,18 +396,23 @@ class GaLoreAdamW(Optimizer):
         if isinstance(fmt, FullPrecision):
             return
         if getattr(self.layout, "steps_quantized_moments", False):
-            if not getattr(self.layout, "splits_vectors", False):
+            pieces = getattr(self.layout, "vector_pieces", None)  # a layout that splits 1-D tensors
+            if pieces is None:
                 return
             for position, param in enumerate(group["params"]):
                 shape = _moment_placement(group, matrix_shape(param))[0]
-                if len(shape) == 1 and fmt.quantizes(shape):
-                    raise ValueError(
-                        f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Param {position} is 1-D "
-                        f"(shape {shape}), and {type(self.layout).__name__} splits it between processes at offsets "
-                        "that need not fall on a quantization block, so its moments cannot be quantized. Allowed: "
-                        "put the 1-D parameters in a param group with moment_format='full', or give this group "
-                        f"Blockwise8bit(min_size={math.prod(shape) + 1}) or more."
-                    )
+                if len(shape) != 1 or not fmt.quantizes(shape):
+                    continue
+                if fmt.splits_on_blocks(shape[0], pieces):
+                    continue
+                codes = pieces(shape[0])
+                raise ValueError(
+                    f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Param {position} is 1-D "
+                    f"(shape {shape}), and {type(self.layout).__name__} splits it between processes at offsets "
+                    f"{[start for start, _ in codes[1:]]}, which are not all on its quantization blocks' boundaries, "
+                    "so its moments cannot be quantized. Allowed: put the 1-D parameters in a param group with "
+                    f"moment_format='full', or give this group Blockwise8bit(min_size={math.prod(shape) + 1}) or more."
+                )
             return
         raise ValueError(
             f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Quantized moments are not yet "

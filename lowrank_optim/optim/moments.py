@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +81,12 @@ class MomentFormat:
     def initial(self, spec: ProjectorTensor, tensor: Tensor) -> None:
         """Set a freshly made (zero) state tensor to the value of zero moments."""
 
+    def splits_on_blocks(self, size: int, pieces: Callable[[int], list[tuple[int, int]]]) -> bool:
+        """Whether a 1-D moment of ``size`` elements survives a layout that cuts every 1-D state tensor of
+        ``n`` elements into ``pieces(n)`` (``[start, stop)`` per process): each process must hold whole
+        blocks, the very blocks whose scales its piece of the scales holds. Plain moments always do."""
+        return True
+
     def to_state(self) -> str | dict[str, Any]:
         """This format as plain values for a state dict: its name, or a dict with its options."""
         options = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -111,7 +117,8 @@ class Blockwise8bit(MomentFormat):
             scales).
         min_size: moments with fewer elements stay in ``moment_dtype`` (default 4096, bitsandbytes'
             ``min_8bit_size``); 0 quantizes every moment. A layout that splits vectors between
-            processes (FSDP2) refuses quantized 1-D moments: their blocks would straddle shards.
+            processes (FSDP2) refuses a quantized 1-D moment whose pieces would cut a block
+            (:meth:`splits_on_blocks`; a 4096-element norm over 2 to 16 ranks is fine).
     """
 
     name: ClassVar[str] = "8bit"
@@ -139,6 +146,15 @@ class Blockwise8bit(MomentFormat):
             ProjectorTensor(EXP_AVG_SQ, stored, torch.uint8, stored_sharding),
             ProjectorTensor(EXP_AVG_SQ_ABSMAX, scales, torch.float32, stored_sharding),
         ]
+
+    def splits_on_blocks(self, size: int, pieces: Callable[[int], list[tuple[int, int]]]) -> bool:
+        if not self.quantizes((size,)):
+            return True
+        blocks = absmax_shape((size,), self.block_size)[0]
+        return all(
+            (start, stop) == (min(first * self.block_size, size), min(last * self.block_size, size))
+            for (start, stop), (first, last) in zip(pieces(size), pieces(blocks))
+        )
 
     def initial(self, spec: ProjectorTensor, tensor: Tensor) -> None:
         # Scales of zero make every code decode to zero; the codes are set to the map's zero anyway, so

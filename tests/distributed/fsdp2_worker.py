@@ -139,6 +139,9 @@ OPTIMIZERS = {
     ),
     "fira_8bit": functools.partial(FiraAdamW, moment_format=Blockwise8bit(block_size=4, min_size=38)),
     "apollo_8bit": functools.partial(APOLLOAdamW, moment_format=Blockwise8bit(block_size=4, min_size=38)),
+    # Blocks of one element: every split of a vector falls on a block boundary, so the biases' and the
+    # norm's 1-D moments are quantized under FSDP2 too.
+    "galore_8bit_vectors": functools.partial(GaLoreAdamW, moment_format=Blockwise8bit(block_size=1, min_size=0)),
 }
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
