@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -259,6 +260,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     presets, presets_name, line = presets_for_config(args.config, config, args.presets)
     check_methods_available([args.method], presets, presets_name, "--method")
     preset = presets[args.method]
+    if args.moment_format is not None:  # e.g. galore-torch's galore_adamw8bit_per_layer: --moment-format 8bit --per-layer
+        preset = dataclasses.replace(preset, moment_format=args.moment_format)
     print(line)
     if args.tokens is not None:
         tokens = _load_tokens(args.tokens, config.vocab_size, args.config)
@@ -401,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "throughput = training tokens per second of wall time.")
     _add_model_options(sub, "tiny")
     sub.add_argument("--method", choices=METHODS, default="galore", help="(default: %(default)s)")
+    _add_moment_format_option(sub)
     sub.add_argument("--text", nargs="+", default=[], metavar="FILE",
                      help="text or .jsonl files (default: the built-in stdlib corpus, byte-level tokens)")
     sub.add_argument("--tokenizer", metavar="JSON",
