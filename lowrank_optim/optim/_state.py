@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["StateDtypeKeeper", "optimizer_state_bytes"]
+__all__ = ["StateDtypeKeeper", "optimizer_state_bytes", "state_mismatch"]
 
 #: ``(saved param group, param, state key) -> dtype the tensor must have, or None for "param dtype"``.
 IntendedDtype = Callable[[dict[str, Any], Tensor, str], "torch.dtype | None"]
@@ -65,6 +65,22 @@ class StateDtypeKeeper:
         for param, key, value, dtype in self._held:
             optimizer.state[param][key] = value.to(device=param.device, dtype=dtype)
         self._held = []
+
+
+def state_mismatch(
+    param: Tensor, state: dict[str, Any], expected: dict[str, tuple[torch.Size, torch.dtype]]
+) -> tuple[str, str, torch.Size, torch.dtype] | None:
+    """The first state tensor that no longer fits ``param`` (``expected``: ``{key: (shape, dtype)}``, on the
+    parameter's device): ``(key, what it is, the shape and dtype it needs)``, or ``None`` when all fit. The
+    one rule behind the optimizers' "the parameter changed after the first step" errors."""
+    for key, (shape, dtype) in expected.items():
+        value = state.get(key)
+        if isinstance(value, Tensor) and value.shape == shape and value.dtype == dtype and value.device == param.device:
+            continue
+        if isinstance(value, Tensor):
+            return key, f"is {value.dtype} on {value.device} with shape {tuple(value.shape)}", shape, dtype
+        return key, "is missing", shape, dtype
+    return None
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:

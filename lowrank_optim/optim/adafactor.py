@@ -108,7 +108,7 @@ from ..projection import (
     resolve_side,
 )
 from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
-from ._state import StateDtypeKeeper
+from ._state import StateDtypeKeeper, state_mismatch
 from ._validation import (
     check_finite_number,
     check_group_keys,
@@ -407,15 +407,9 @@ class GaLoreAdafactor(Optimizer):
             state = self.state.get(param)
             if param.grad is None or not state:
                 continue
-            for key, (shape, dtype) in self._expected_state(group, param).items():
-                value = state.get(key)
-                if isinstance(value, Tensor) and value.shape == shape and value.dtype == dtype and value.device == param.device:
-                    continue
-                found = (
-                    f"is {value.dtype} on {value.device} with shape {tuple(value.shape)}"
-                    if isinstance(value, Tensor)
-                    else "is missing"
-                )
+            mismatch = state_mismatch(param, state, self._expected_state(group, param))
+            if mismatch is not None:
+                key, found, shape, dtype = mismatch
                 raise RuntimeError(
                     f"{type(self).__name__}: param {position} of param group {index} is {param.dtype} on "
                     f"{param.device} with shape {tuple(param.shape)}, but its state {key!r} {found} (it needs "

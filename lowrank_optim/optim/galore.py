@@ -65,7 +65,7 @@ from ..projection import (
     rotations,
 )
 from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
-from ._state import StateDtypeKeeper
+from ._state import StateDtypeKeeper, state_mismatch
 from ._validation import (
     check_adam_hyperparameters,
     check_finite_number,
@@ -429,15 +429,9 @@ class GaLoreAdamW(Optimizer):
             state = self.state.get(param)
             if param.grad is None or not state:
                 continue
-            for key, (shape, dtype) in self._expected_state(group, param).items():
-                value = state.get(key)
-                if isinstance(value, Tensor) and value.shape == shape and value.dtype == dtype and value.device == param.device:
-                    continue
-                found = (
-                    f"is {value.dtype} on {value.device} with shape {tuple(value.shape)}"
-                    if isinstance(value, Tensor)
-                    else "is missing"
-                )
+            mismatch = state_mismatch(param, state, self._expected_state(group, param))
+            if mismatch is not None:
+                key, found, shape, dtype = mismatch
                 index, position = self._where(param)
                 raise RuntimeError(
                     f"{type(self).__name__}: param {position} of param group {index} is {param.dtype} on "

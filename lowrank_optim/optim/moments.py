@@ -36,6 +36,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .._named import NamedRegistry, to_state
 from ..ops.quant import (
     MAX_BLOCK_SIZE,
     absmax_shape,
@@ -89,11 +90,7 @@ class MomentFormat:
 
     def to_state(self) -> str | dict[str, Any]:
         """This format as plain values for a state dict: its name, or a dict with its options."""
-        options = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        defaults = {field.name: getattr(type(self)(), field.name) for field in dataclasses.fields(self)}
-        if options == defaults:
-            return self.name
-        return {"name": self.name, **options}
+        return to_state(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,16 +269,15 @@ def moment_state_bytes(fmt: MomentFormat, shape: Sequence[int], dtype: torch.dty
     return total
 
 
-#: Registered formats by name.
-_REGISTRY: dict[str, type[MomentFormat]] = {}
+#: Registered formats by name (the rule shared with projectors: :mod:`lowrank_optim._named`).
+_FORMATS: NamedRegistry[MomentFormat] = NamedRegistry(
+    "moment_format", MomentFormat, "lowrank_optim.Blockwise8bit(block_size=128)"
+)
 
 
 def register_moment_format(cls: type[MomentFormat]) -> type[MomentFormat]:
     """Make ``cls`` available under ``cls.name`` (usable as a class decorator)."""
-    if not cls.name:
-        raise ValueError(f"Moment format class {cls.__name__} has no name.")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _FORMATS.register(cls)
 
 
 register_moment_format(FullPrecision)
@@ -290,31 +286,13 @@ register_moment_format(Blockwise8bit)
 
 def moment_format_names() -> tuple[str, ...]:
     """The names ``moment_format=`` accepts, in registration order."""
-    return tuple(_REGISTRY)
+    return _FORMATS.names()
 
 
 def resolve_moment_format(value: Any, where: str = "") -> MomentFormat:
     """The format ``value`` names: a registered name, a :class:`MomentFormat`, or the plain form
     :meth:`MomentFormat.to_state` writes (``where`` says which param group, for messages)."""
-    if isinstance(value, MomentFormat):
-        return value
-    if isinstance(value, dict) and value.get("name") in _REGISTRY:
-        cls = _REGISTRY[value["name"]]
-        options = {key: item for key, item in value.items() if key != "name"}
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"Invalid moment_format{where}: {cls.name!r} has no option {unknown[0]!r}. "
-                f"Its options: {', '.join(sorted(known)) or 'none'}."
-            )
-        return cls(**options)
-    if isinstance(value, str) and value in _REGISTRY:
-        return _REGISTRY[value]()
-    raise ValueError(
-        f"Invalid moment_format{where}: {value!r}. Must be one of {', '.join(_REGISTRY)}, or a MomentFormat "
-        "(e.g. lowrank_optim.Blockwise8bit(block_size=128))."
-    )
+    return _FORMATS.resolve(value, where)
 
 
 def quantized_state_dtypes() -> dict[str, torch.dtype]:

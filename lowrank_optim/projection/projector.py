@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence, cast
 import torch
 from torch import Tensor
 
+from .._named import NamedRegistry, to_state
 from .subspace import Side, Subspace
 
 __all__ = [
@@ -130,34 +131,29 @@ class Projector:
 
     def to_state(self) -> str | dict[str, Any]:
         """This projector as plain values for a state dict: its name, or a dict with its options."""
-        options = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        defaults = {field.name: getattr(type(self)(), field.name) for field in dataclasses.fields(self)}
-        if options == defaults:
-            return self.name
-        return {"name": self.name, **options}
+        return to_state(self)
 
 
-#: Registered projector classes by name.
-_REGISTRY: dict[str, type[Projector]] = {}
+#: Registered projector classes by name (the rule shared with moment formats: :mod:`lowrank_optim._named`).
+_PROJECTORS: NamedRegistry[Projector] = NamedRegistry("projector", Projector, "lowrank_optim.SVDProjector(sign='lapack')")
+#: The registered classes by name (the registry's own dict; tests unregister their examples from it).
+_REGISTRY: dict[str, type[Projector]] = _PROJECTORS.classes
 
 
 def register_projector(cls: type[Projector]) -> type[Projector]:
     """Make ``cls`` available under ``cls.name`` (usable as a class decorator)."""
-    if not cls.name:
-        raise ValueError(f"Projector class {cls.__name__} has no name.")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _PROJECTORS.register(cls)
 
 
 def projector_names() -> tuple[str, ...]:
     """The names ``projector=`` accepts, in registration order."""
-    return tuple(_REGISTRY)
+    return _PROJECTORS.names()
 
 
 def projector_state_dtypes() -> dict[str, torch.dtype]:
     """``{state key: dtype}`` of every registered projector's fixed-dtype state tensors."""
     result: dict[str, torch.dtype] = {}
-    for cls in _REGISTRY.values():
+    for cls in _PROJECTORS.classes.values():
         result.update(cls.fixed_dtypes)
     return result
 
@@ -165,36 +161,7 @@ def projector_state_dtypes() -> dict[str, torch.dtype]:
 def resolve_projector(value: Any, where: str = "") -> Projector:
     """The projector ``value`` names: a registered name, a :class:`Projector`, or the plain form
     :meth:`Projector.to_state` writes (``where`` says which param group, for messages)."""
-    if isinstance(value, Projector):
-        return value
-    if isinstance(value, dict) and value.get("name") in _REGISTRY:
-        options = {key: item for key, item in value.items() if key != "name"}
-        return _build(_REGISTRY[value["name"]], options, where)
-    if isinstance(value, str) and value in _REGISTRY:
-        return _REGISTRY[value]()
-    raise ValueError(
-        f"Invalid projector{where}: {value!r}. Must be one of {', '.join(_REGISTRY)}, or a Projector "
-        "(e.g. lowrank_optim.SVDProjector(sign='lapack'))."
-    )
-
-
-def _build(cls: type[Projector], options: dict[str, Any], where: str) -> Projector:
-    """``cls(**options)``, with ``where`` added to its validation messages."""
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(
-            f"Invalid projector{where}: {cls.name!r} has no option {unknown[0]!r}. "
-            f"Its options: {', '.join(sorted(known)) or 'none'}."
-        )
-    try:
-        return cls(**options)
-    except ValueError as error:
-        if not where:
-            raise
-        message = str(error)
-        head, _, tail = message.partition(":")
-        raise ValueError(f"{head}{where}:{tail}") from None
+    return _PROJECTORS.resolve(value, where)
 
 
 def keeps_aligned(projector: Projector) -> bool:
