@@ -118,7 +118,7 @@ from ._validation import (
     matrix_shape,
     normalize_scalars,
 )
-from .galore import _projectors_from_state, _projectors_to_state, group_projector
+from .galore import NONFINITE_REFRESH_OUTCOMES, _projectors_from_state, _projectors_to_state, group_projector
 
 __all__ = ["EXP_AVG_SQ_COL", "EXP_AVG_SQ_ROW", "RMS", "GaLoreAdafactor", "galore_adafactor"]
 
@@ -139,7 +139,7 @@ _FLAGS = ("scale_parameter", "relative_step", "warmup_init")
 
 #: What happened to a parameter whose gradient held a NaN/Inf at a projector refresh.
 _NONFINITE_OUTCOMES = {
-    "deferred": "it has no projector yet, so its update was skipped and the first refresh is retried at the next step",
+    "deferred": NONFINITE_REFRESH_OUTCOMES["deferred"],  # GaLoreAdamW's words: the same outcome
     "applied": "the previous projector is kept and the update (with the NaN/Inf) was applied, as between refreshes",
 }
 
