@@ -176,6 +176,29 @@ def resolve_alpha_alias(group: dict[str, Any], index: int) -> None:
     group["alpha"] = scale
 
 
+def group_tensors(param_group: dict[str, Any]) -> list[Tensor]:
+    """Normalize a user's ``param_group["params"]`` in place to a list (one tensor is wrapped; a set is left
+    for torch to refuse with its own error) and return its tensors (named parameters are ``(name, tensor)``)."""
+    params = param_group["params"]
+    if isinstance(params, Tensor):
+        params = [params]
+    elif not isinstance(params, set):
+        params = list(params)
+    param_group["params"] = params
+    return [p[1] if isinstance(p, tuple) else p for p in params]
+
+
+def add_checked_group(optimizer: torch.optim.Optimizer, param_group: dict[str, Any], check: Any) -> None:
+    """``Optimizer.add_param_group``, then ``check(group)`` on the group as torch completed it (defaults
+    filled in); a group the check refuses is taken out again, so a refused group leaves no trace."""
+    torch.optim.Optimizer.add_param_group(optimizer, param_group)
+    try:
+        check(optimizer.param_groups[-1])
+    except (ValueError, RuntimeError):
+        optimizer.param_groups.pop()
+        raise
+
+
 def check_no_duplicates(params: list[Tensor], existing: list[dict[str, Any]]) -> None:
     """Refuse a parameter listed twice, within the new group or across groups, before torch warns."""
     seen = {id(p) for group in existing for p in group["params"]}

@@ -110,11 +110,13 @@ from ..projection import (
 from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
 from ._state import StateDtypeKeeper, state_mismatch
 from ._validation import (
+    add_checked_group,
     check_finite_number,
     check_group_keys,
     check_no_duplicates,
     check_param_tensors,
     check_projection_group,
+    group_tensors,
     matrix_shape,
     normalize_scalars,
 )
@@ -266,13 +268,7 @@ class GaLoreAdafactor(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating it here so that ``step()`` never meets a bad setting."""
-        params = param_group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch raises its own error for sets
-            params = list(params)
-        param_group["params"] = params
-        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # named parameters: (name, tensor)
+        tensors = group_tensors(param_group)
         index = len(self.param_groups)
         check_no_duplicates(tensors, self.param_groups)
         _normalize_options(param_group)
@@ -281,13 +277,7 @@ class GaLoreAdafactor(Optimizer):
         _check_whole_tensors(tensors, index)
         if "projector" in param_group:
             param_group["projector"] = group_projector(param_group["projector"], where=f" in param group {index}")
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._check_group(group, index)
-        except (ValueError, RuntimeError):
-            self.param_groups.pop()
-            raise
+        add_checked_group(self, param_group, lambda group: self._check_group(group, index))
         start = len(self._ordinals)
         for position, param in enumerate(tensors):
             self._origin[id(param)] = (index, position)

@@ -67,6 +67,7 @@ from ..projection import (
 from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
 from ._state import StateDtypeKeeper, state_mismatch
 from ._validation import (
+    add_checked_group,
     check_adam_hyperparameters,
     check_finite_number,
     check_group_keys,
@@ -77,6 +78,7 @@ from ._validation import (
     check_nonfinite_policy,
     check_param_tensors,
     check_projection_group,
+    group_tensors,
     matrix_shape,
     normalize_scalars,
 )
@@ -300,13 +302,7 @@ class GaLoreAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validating it here so that ``step()`` never meets a bad setting."""
-        params = param_group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch raises its own error for sets
-            params = list(params)
-        param_group["params"] = params
-        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        tensors = group_tensors(param_group)
         index = len(self.param_groups)
         check_no_duplicates(tensors, self.param_groups)
         self._prepare_group(param_group, index)
@@ -320,13 +316,7 @@ class GaLoreAdamW(Optimizer):
             )
         if "moment_format" in param_group:
             param_group["moment_format"] = resolve_moment_format(param_group["moment_format"], where)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._check_group(group, index)
-        except (ValueError, RuntimeError):
-            self.param_groups.pop()
-            raise
+        add_checked_group(self, param_group, lambda group: self._check_group(group, index))
         self._origin.update({id(param): (index, position) for position, param in enumerate(tensors)})
         start = len(self._ordinals)
         self._ordinals.update({id(param): start + position + 1 for position, param in enumerate(tensors)})
