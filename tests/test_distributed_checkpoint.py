@@ -76,3 +76,35 @@ def test_refuses_a_missing_parameter_and_a_missing_model(tmp_path: Path) -> None
         load_lowrank_state(extended, tmp_path, model=bigger)
     with pytest.raises(FileNotFoundError, match="holds no lowrank_state_rank"):
         load_lowrank_state(optimizer, tmp_path / "empty", model=model)
+
+
+def test_8bit_round_trip_continues_bitwise_and_refuses_a_full_precision_optimizer(tmp_path: Path) -> None:
+    """8-bit codes and scales are saved as they are (uint8, fp32); loaded into an optimizer that keeps plain
+    moments they would be read as numbers, so that is refused, naming the parameter and both dtypes."""
+    from lowrank_optim import Blockwise8bit, FullPrecision
+
+    def make(model: nn.Module, moment_format) -> GaLoreAdamW:
+        optimizer = _optimizer(GaLoreAdamW, model)
+        for group in optimizer.param_groups:
+            group["moment_format"] = moment_format
+        return optimizer
+
+    fmt = Blockwise8bit(block_size=4, min_size=0)
+    model = _model()
+    optimizer = make(model, fmt)
+    _train(model, optimizer, range(3))
+    save_lowrank_state(optimizer, tmp_path, model=model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, optimizer, range(3, 7))
+    resumed = _model()
+    resumed.load_state_dict(weights)
+    fresh = make(resumed, fmt)
+    load_lowrank_state(fresh, tmp_path, model=resumed)
+    _train(resumed, fresh, range(3, 7))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    plain_model = _model()
+    plain = make(plain_model, FullPrecision())
+    message = r"parameter '0.bias' exp_avg was saved as torch.uint8 but this optimizer keeps it as torch.float32"
+    with pytest.raises(ValueError, match=message):
+        load_lowrank_state(plain, tmp_path, model=plain_model)

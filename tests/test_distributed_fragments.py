@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from lowrank_optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim import APOLLOAdamW, Blockwise8bit, DCTAdamW, FiraAdamW, GaLoreAdamW
+from lowrank_optim.distributed.checkpoint import _build_fragments, _collect_fragments
 from lowrank_optim.distributed.comm import all_reduce_sent, chunk_sent
 from lowrank_optim.distributed.fragment import FragmentLayout
 from lowrank_optim.distributed.plan import PartitionPlan, zero3_plans, zero12_plans
@@ -138,13 +139,26 @@ def _flatten12(tensors: list[Tensor], order, offsets, total) -> Tensor:
 
 
 def _run_case(
-    make, shapes, world_size: int, *, zero3: bool, round_robin: bool = False, alignment: int = 4, shard=False, tolerance=1e-6
+    make,
+    shapes,
+    world_size: int,
+    *,
+    zero3: bool,
+    round_robin: bool = False,
+    alignment: int = 4,
+    shard=False,
+    tolerance=1e-6,
+    projected: bool = True,
+    out: dict | None = None,
 ):
+    """``projected=False``: one full-rank group (``add_full_rank_partition``) instead of a projected one;
+    ``out`` (a dict) receives the dense run's optimizer (``dense``) and the fake process group (``group``)."""
     torch.manual_seed(1234)
     weights = [torch.randn(shape) for shape in shapes]
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
     dense_params = [w.clone() for w in weights]
-    dense = make([{"params": dense_params, "rank": 3, "update_proj_gap": GAP}])
+    options = {"rank": 3, "update_proj_gap": GAP} if projected else {}
+    dense = make([{"params": dense_params, **options}])
     for step in range(STEPS):
         for param, grad in zip(dense_params, grads[step]):
             param.grad = grad.clone()
@@ -176,12 +190,18 @@ def _run_case(
         ]
 
     group = _FakeGroup(world_size)
+    if out is not None:
+        out.update(dense=dense, group=group)
     optimizers = []
     for rank in range(world_size):
-        optimizer = make([{"params": [w.clone() for w in weights], "rank": 3, "update_proj_gap": GAP}])
+        optimizer = make([{"params": [w.clone() for w in weights], **options}])
         optimizer.param_groups[0]["params"] = [flats[rank]]  # what DeepSpeed does after construction
         layout = FragmentLayout()
-        layout.add_partition(flats[rank], plans[rank], _FakeComm(group, rank), group_index=0, shard_moments=shard)
+        comm = _FakeComm(group, rank)
+        if projected:
+            layout.add_partition(flats[rank], plans[rank], comm, group_index=0, shard_moments=shard)
+        else:
+            layout.add_full_rank_partition(flats[rank], plans[rank], comm, group_index=0)
         layout.attach(optimizer)
         optimizers.append(optimizer)
 
@@ -392,6 +412,179 @@ def test_integer_state_survives_load_state_dict(zero3: bool) -> None:
             for name, matrix in state["matrices"].items()
             for key, value in matrix.items()
             if isinstance(value, torch.Tensor)
+        }
+        assert after.keys() == before.keys()
+        for key, value in before.items():
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+# --- 8-bit moments (issue 14): the same equalities with quantized moments ---------------------------------
+
+#: Blocks of 2 (min_size 0): nearly every moment is many blocks, and every cut falls inside some block.
+EIGHT_BIT = Blockwise8bit(block_size=2, min_size=0)
+
+QUANTIZED = {
+    "galore": lambda groups: GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, scale=0.5, moment_format=EIGHT_BIT),
+    "galore_full": lambda groups: GaLoreAdamW(groups, lr=1e-2, proj_type="full", eps=1e-4, moment_format=EIGHT_BIT),
+    "galore_reverse_reset": lambda groups: GaLoreAdamW(
+        groups, lr=1e-2, proj_type="reverse_std", moment_policy="reset", moment_format=EIGHT_BIT
+    ),
+    "galore_rotate": lambda groups: GaLoreAdamW(groups, lr=1e-2, moment_policy="rotate", moment_format=EIGHT_BIT),
+    "dct_rotate": lambda groups: DCTAdamW(groups, lr=1e-2, moment_policy="rotate", moment_format=EIGHT_BIT),
+    "fira": lambda groups: FiraAdamW(groups, lr=1e-2, alpha=0.5, fold_residual=False, moment_format=EIGHT_BIT),
+    "apollo": lambda groups: APOLLOAdamW(groups, lr=1e-2, weight_decay=0.1, moment_format=EIGHT_BIT),
+}
+#: A rotation multiplies a holder's rows (or columns) of the dequantized moments, which rounds differently
+#: from the whole-matrix product by an ulp; where that ulp crosses a code boundary, the requantized code
+#: differs by one step (1/127 of its block's largest value), which moves the next updates by ~1e-6.
+QUANTIZED_TOLERANCES = {"galore_rotate": 1e-5, "dct_rotate": 1e-5}
+
+
+def _codes(optimizer) -> list[Tensor]:
+    return [
+        value
+        for state in optimizer.state.values()
+        for matrix in state["matrices"].values()
+        for key, value in matrix.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
+@pytest.mark.parametrize("name", sorted(QUANTIZED))
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_quantized_fragments_match_dense(name: str, world_size: int, zero3: bool) -> None:
+    """Projected groups with 8-bit moments under ZeRO (sharded at ZeRO-3, duplicated at 1/2): each holder
+    keeps whole stored rows of its share (left-side moments stored transposed), so the run equals the
+    whole-tensor 8-bit optimizer's."""
+    seed = world_size * 7 + len(name) + zero3
+    _, optimizers = _run_case(
+        QUANTIZED[name], _shapes(seed), world_size, zero3=zero3, round_robin=seed % 2 == 0,
+        alignment=4 if seed % 3 else 1, shard=zero3, tolerance=QUANTIZED_TOLERANCES.get(name, 1e-6),
+    )
+    codes = _codes(optimizers[0])
+    assert codes and all(code.dtype == torch.uint8 for code in codes)
+
+
+#: Full-rank groups: rows (2-D, 3-D), blocks (1-D: 50, 130 elements) and plain moments (7 elements).
+FULL_RANK_SHAPES = [(5, 8), (61, 47), (50,), (7,), (3, 4, 5), (130,), (2, 3)]
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_quantized_full_rank_partitions_match_dense_bitwise(block_size: int, world_size: int, zero3: bool) -> None:
+    """A full-rank partition with 8-bit moments is stepped per parameter piece; a row (1-D: block) cut
+    between two holders is completed by one all-reduce and stepped alike by both. The quantization blocks
+    are the whole-tensor optimizer's, so the run equals it bit for bit."""
+    fmt = Blockwise8bit(block_size=block_size, min_size=20)
+
+    def make(groups):
+        return GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, moment_format=fmt)
+
+    seed = world_size + block_size + zero3
+    _, optimizers = _run_case(
+        make, FULL_RANK_SHAPES, world_size, zero3=zero3, round_robin=seed % 2 == 0, alignment=4 if seed % 3 else 1,
+        projected=False, tolerance=0.0,
+    )
+    codes = [code for optimizer in optimizers for code in _codes(optimizer)]
+    assert any(code.dtype == torch.uint8 for code in codes) and any(code.dtype == torch.float32 for code in codes)
+
+
+def _named_entries(optimizers, world_size: int) -> dict[str, dict[str, Tensor]]:
+    """Every rank's name-keyed entries (save_lowrank_state's content), collected in the ranks' threads."""
+    entries: dict[str, dict[str, Tensor]] = {}
+    lock = threading.Lock()
+
+    def body(rank: int) -> None:
+        mine = _collect_fragments(optimizers[rank], optimizers[rank].layout, rank)
+        with lock:
+            entries.update(mine)
+
+    _run_ranks(world_size, body)
+    return entries
+
+
+@pytest.mark.filterwarnings("ignore:rank 3 in param group 0 exceeds")
+@pytest.mark.parametrize("projected", [True, False], ids=["projected", "full_rank"])
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_quantized_named_state_is_the_dense_state_and_reshards(projected: bool, zero3: bool) -> None:
+    """save_lowrank_state's entries of an 8-bit ZeRO run at 3 ranks and at 2 are the whole-tensor
+    optimizer's state (codes and scales: bit for bit for full-rank parameters); loaded at 2 ranks,
+    they give back the same entries bit for bit (a reshard 3 -> 2 keeps every code)."""
+    fmt = Blockwise8bit(block_size=4, min_size=20)
+    if projected:
+        def make(groups):
+            return GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, moment_format=fmt)
+
+        shapes = [(9, 7), (61, 47), (7, 9), (40, 24)]
+    else:
+        def make(groups):
+            return GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, moment_format=fmt)
+
+        shapes = FULL_RANK_SHAPES
+    dense: dict = {}
+    _, three = _run_case(make, shapes, 3, zero3=zero3, shard=zero3, projected=projected, out=dense)
+    two_out: dict = {}
+    _, two = _run_case(make, shapes, 2, zero3=zero3, shard=zero3, projected=projected, out=two_out)
+    saved3, saved2 = _named_entries(three, 3), _named_entries(two, 2)
+    reference = dense["dense"]
+    params = reference.param_groups[0]["params"]
+    assert set(saved3) == set(saved2) == {f"w{i}" for i in range(len(shapes))}
+    for index, param in enumerate(params):
+        whole = reference.state[param]
+        for entries in (saved3, saved2):
+            entry = entries[f"w{index}"]
+            assert set(entry) == set(whole), (entry.keys(), whole.keys())
+            for key, value in whole.items():
+                assert entry[key].dtype == value.dtype and entry[key].shape == value.shape, key
+                if not projected or key == "step":
+                    assert torch.equal(entry[key], value), (index, key)
+                elif value.dtype == torch.uint8:  # the same codes but where an ulp crossed a code boundary
+                    assert (entry[key] != value).float().mean() <= 0.01, (index, key)
+                else:
+                    torch.testing.assert_close(entry[key], value, rtol=1e-4, atol=1e-6)
+    # The 3-rank entries loaded into the 2-rank optimizers, then collected again: the same bits.
+    built = [_build_fragments(two[rank], two[rank].layout, saved3) for rank in range(2)]
+    for rank, states in enumerate(built):
+        for flat, state in states:
+            two[rank].state[flat].clear()
+            two[rank].state[flat].update(state)
+    again = _named_entries(two, 2)
+    for name, entry in saved3.items():
+        for key, value in entry.items():
+            assert again[name][key].dtype == value.dtype and torch.equal(again[name][key], value), (name, key)
+
+
+@pytest.mark.parametrize("projected", [True, False], ids=["projected", "full_rank"])
+def test_quantized_state_survives_load_state_dict(projected: bool) -> None:
+    """DeepSpeed's own checkpoints: torch's loader casts nested tensors to the fp32 partition's dtype; the
+    8-bit codes come back as uint8 and the scales as fp32, bit for bit, through a ``weights_only`` round trip."""
+    fmt = Blockwise8bit(block_size=4, min_size=20)
+
+    def make(groups):
+        return GaLoreAdamW(groups, lr=1e-2, moment_format=fmt)
+
+    shapes = [(9, 7), (61, 47)] if projected else FULL_RANK_SHAPES
+    _, optimizers = _run_case(make, shapes, 2, zero3=True, shard=True, projected=projected)
+    for optimizer in optimizers:
+        before = {
+            (name, key): value.clone()
+            for state in optimizer.state.values()
+            for name, matrix in state["matrices"].items()
+            for key, value in matrix.items()
+        }
+        assert any(value.dtype == torch.uint8 for value in before.values())
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        buffer.seek(0)
+        optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+        after = {
+            (name, key): value
+            for state in optimizer.state.values()
+            for name, matrix in state["matrices"].items()
+            for key, value in matrix.items()
         }
         assert after.keys() == before.keys()
         for key, value in before.items():

@@ -275,7 +275,8 @@ def test_moment_format_refusals() -> None:
 
 
 def test_quantized_moments_are_refused_under_another_layout() -> None:
-    """FSDP2 and DeepSpeed ZeRO do not step 8-bit moments yet: refused before anything is updated."""
+    """A layout that does not declare ``steps_quantized_moments`` (whole stored rows on one process) is refused
+    8-bit moments before anything is updated (the package's layouts all declare it)."""
     param = nn.Parameter(torch.randn(80, 80))
     optimizer = GaLoreAdamW([param], lr=0.01, moment_format="8bit")
 

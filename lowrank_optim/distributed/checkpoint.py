@@ -30,17 +30,29 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
-from ..optim.galore import GaLoreAdamW
-from ..projection import Side, basis_shapes, effective_rank, keeps_aligned, lowrank_shape, resolve_side
+from ..optim.galore import GaLoreAdamW, _moment_placement
+from ..projection import ProjectorTensor, Side, basis_shapes, effective_rank, keeps_aligned, resolve_side
 from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
-from .fragment import MATRICES, SHARD, FragmentLayout, _init_matrix_state, _my_shard, _Partition, _sharded
+from .fragment import (
+    MATRICES,
+    SHARD,
+    FragmentLayout,
+    _all_reduce_tensors,
+    _init_matrix_state,
+    _my_shard,
+    _Partition,
+    _Piece,
+    _quantizing,
+    _sharded,
+    _span,
+)
 from .plan import MatrixPlan
 
 __all__ = ["load_lowrank_state", "save_lowrank_state"]
@@ -105,6 +117,25 @@ def _writer(mp: MatrixPlan, index: int) -> int:
     return mp.holders[index % len(mp.holders)]
 
 
+def _moment_specs(group: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> list[ProjectorTensor]:
+    """The whole state tensors of a parameter's moments in its group's ``moment_format`` (plain moments, or
+    8-bit codes and scales), as the optimizer's ``_init_state`` builds them for a parameter of ``dtype``."""
+    moment_shape, sharding = _moment_placement(group, shape)
+    return group["moment_format"].tensors(moment_shape, group["moment_dtype"] or dtype, sharding)
+
+
+def _summable(specs: list[ProjectorTensor], default: torch.dtype) -> list[ProjectorTensor]:
+    """``specs`` in a dtype an all-reduce sums exactly: 8-bit codes travel as fp32 (every code is exact)."""
+    return [spec._replace(dtype=torch.float32) if spec.dtype == torch.uint8 else spec._replace(dtype=spec.dtype or default)
+            for spec in specs]
+
+
+def _shard_view(tensor: Tensor, sharding: str, start: int, stop: int) -> Tensor:
+    """A sharded matrix's share ``[start, stop)`` of a whole moment tensor (``SHARD``): rows of ``R`` (right
+    side), columns of ``R`` (left side; rows of quantized moments, which store them transposed)."""
+    return tensor[:, start:stop] if sharding == "columns" else tensor[start:stop]
+
+
 def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int) -> dict[str, dict[str, Tensor]]:
     """What this rank owns, per parameter name. Collective: every rank of each partition calls it."""
     entries: dict[str, dict[str, Tensor]] = {}
@@ -117,30 +148,32 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
             )
         matrices = state[MATRICES]
         sides = {mp.name: resolve_side(group["proj_type"], mp.shape) for mp in part.plan.matrices}
-        shapes = {
-            mp.name: lowrank_shape(mp.shape, effective_rank(group["rank"], mp.shape), sides[mp.name])
-            for mp in part.plan.matrices
-        }
         # Sharded state: holders write their shares into zero-padded whole moments (and SVD bases; each
         # element written by exactly one holder); one all-reduce per dtype.
         sharded = [mp for mp in part.plan.matrices if _sharded(part, mp, sides[mp.name])]
-        full_moments: dict[str, list[Tensor]] = {}
+        full_moments: dict[str, dict[str, Tensor]] = {}
         full_bases: dict[str, Tensor] = {}
         if sharded:
-            dtype = group["moment_dtype"] or flat.dtype
-            sizes = [math.prod(shapes[mp.name]) for mp in sharded]
-            buffer = torch.zeros(2 * sum(sizes), dtype=dtype, device=flat.device)
-            offset = 0
-            for mp, size in zip(sharded, sizes):
-                halves = [buffer[offset + k * size : offset + (k + 1) * size].view(shapes[mp.name]) for k in range(2)]
-                if mp.piece is not None:
-                    start, stop = matrices[mp.name][SHARD].tolist()
-                    for view, key in zip(halves, (EXP_AVG, EXP_AVG_SQ)):
-                        chunk = view[start:stop] if sides[mp.name] is Side.RIGHT else view[:, start:stop]
-                        chunk.copy_(matrices[mp.name][key])
-                full_moments[mp.name] = halves
-                offset += 2 * size
-            part.comm.all_reduce(buffer)
+            specs = [_moment_specs(group, mp.shape, flat.dtype) for mp in sharded]
+            shares: list[list[Tensor | None] | None] = []
+            for mp, entry_specs in zip(sharded, specs):
+                if mp.piece is None:
+                    shares.append(None)
+                    continue
+                start, stop = matrices[mp.name][SHARD].tolist()
+                wholes: list[Tensor | None] = []
+                for spec in _summable(entry_specs, flat.dtype):
+                    whole = torch.zeros(spec.shape, dtype=spec.dtype, device=flat.device)
+                    _shard_view(whole, spec.sharding, start, stop).copy_(matrices[mp.name][spec.key])
+                    wholes.append(whole)
+                shares.append(wholes)
+            summed = _all_reduce_tensors(
+                part.comm, flat.device, shares, [_summable(entry, flat.dtype) for entry in specs], flat.dtype
+            )
+            for mp, entry_specs, tensors in zip(sharded, specs, summed):
+                full_moments[mp.name] = {
+                    spec.key: tensor.to(spec.dtype or flat.dtype) for spec, tensor in zip(entry_specs, tensors)
+                }
             if keeps_aligned(group["projector"]):
                 full_bases = _gather_bases(part, group, matrices, sharded, sides, flat)
         for index, mp in enumerate(part.plan.matrices):
@@ -148,7 +181,7 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
                 continue
             entry = {key: value.clone() for key, value in matrices[mp.name].items() if key != SHARD}
             if mp.name in full_moments:
-                entry[EXP_AVG], entry[EXP_AVG_SQ] = (t.clone() for t in full_moments[mp.name])
+                entry.update({key: value.clone() for key, value in full_moments[mp.name].items()})
             if mp.name in full_bases:
                 entry[BASIS_RIGHT if sides[mp.name] is Side.RIGHT else BASIS_LEFT] = full_bases[mp.name].clone()
             entry[STEP] = state[STEP].clone()
@@ -159,6 +192,9 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
             raise RuntimeError(
                 "save_lowrank_state: the optimizer has not stepped yet (no state to save); save after a step."
             )
+        if MATRICES in state:  # quantized moments, per piece
+            entries.update(_collect_pieces(optimizer.param_groups[part.group_index], flat, part, state, rank))
+            continue
         # Every parameter's moments, zero-padded to its full size, summed over the ranks holding pieces.
         dtype = state[EXP_AVG].dtype
         buffer = torch.zeros(2 * sum(mp.numel for mp in part.plan.matrices), dtype=dtype, device=flat.device)
@@ -178,6 +214,36 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
             if _writer(mp, index) == rank:
                 exp_avg, exp_avg_sq = (view.view(mp.shape).clone() for view in views[mp.name])
                 entries[mp.name] = {STEP: state[STEP].clone(), EXP_AVG: exp_avg, EXP_AVG_SQ: exp_avg_sq}
+    return entries
+
+
+def _collect_pieces(
+    group: dict[str, Any], flat: Tensor, part: _Partition, state: dict[str, Any], rank: int
+) -> dict[str, dict[str, Tensor]]:
+    """The whole moments (codes and scales) of a quantized full-rank partition's parameters: each holder
+    writes the rows (1-D: blocks) whose first element it holds (``_Span.first``; a row cut between holders
+    is kept by both, alike), one all-reduce per dtype. Collective."""
+    fmt = group["moment_format"]
+    specs = [_moment_specs(group, mp.shape, flat.dtype) for mp in part.plan.matrices]
+    shares: list[list[Tensor | None] | None] = []
+    for mp, entry_specs in zip(part.plan.matrices, specs):
+        if mp.piece is None:
+            shares.append(None)
+            continue
+        span = _span(mp, fmt)
+        wholes: list[Tensor | None] = []
+        for spec in _summable(entry_specs, flat.dtype):
+            whole = torch.zeros(spec.shape, dtype=spec.dtype, device=flat.device)
+            local = state[MATRICES][mp.name][spec.key]
+            span.select(whole, spec.shape, span.first, 0).copy_(span.select(local, spec.shape, span.first, span.units[0]))
+            wholes.append(whole)
+        shares.append(wholes)
+    summed = _all_reduce_tensors(part.comm, flat.device, shares, [_summable(e, flat.dtype) for e in specs], flat.dtype)
+    entries = {}
+    for index, (mp, entry_specs, tensors) in enumerate(zip(part.plan.matrices, specs, summed)):
+        if _writer(mp, index) == rank:
+            entry = {spec.key: tensor.to(spec.dtype or flat.dtype) for spec, tensor in zip(entry_specs, tensors)}
+            entries[mp.name] = {STEP: state[STEP].clone(), **entry}
     return entries
 
 
@@ -381,7 +447,30 @@ def _entry(entries: dict[str, dict[str, Tensor]], name: str) -> dict[str, Tensor
     return entries[name]
 
 
+def _saved(saved: dict[str, Tensor], name: str, key: str) -> Tensor:
+    if key not in saved:
+        raise KeyError(
+            f"load_lowrank_state: the saved state of parameter {name!r} has no {key!r} (saved with another "
+            "moment_format or projector?)."
+        )
+    return saved[key]
+
+
+def _check_whole(saved: Tensor, shape: Sequence[int], name: str, key: str) -> None:
+    if tuple(saved.shape) != tuple(shape):
+        raise ValueError(
+            f"load_lowrank_state: parameter {name!r} {key} was saved with shape {tuple(saved.shape)} but this "
+            f"optimizer needs {tuple(shape)} (different rank, proj_type, projector or moment_format?)."
+        )
+
+
 def _fill(target: Tensor, saved: Tensor, name: str, key: str) -> None:
+    if target.dtype.is_floating_point != saved.dtype.is_floating_point:
+        # 8-bit codes copied into plain moments (or floats into codes) would load silently wrong values.
+        raise ValueError(
+            f"load_lowrank_state: parameter {name!r} {key} was saved as {saved.dtype} but this optimizer keeps it "
+            f"as {target.dtype} (saved with another moment_format?)."
+        )
     if tuple(target.shape) != tuple(saved.shape):
         raise ValueError(
             f"load_lowrank_state: parameter {name!r} {key} was saved with shape {tuple(saved.shape)} but this "
@@ -424,12 +513,14 @@ def _build_fragments(
             side = resolve_side(group["proj_type"], mp.shape)
             rank_r = effective_rank(group["rank"], mp.shape)
             basis = _my_shard(mp, part.comm.rank, side, rank_r).basis if bounds else None
+            moments = {spec.key: spec for spec in _moment_specs(group, mp.shape, flat.dtype)}
             for key, value in matrix.items():
                 if key == SHARD:
                     continue
-                source = saved[key]
-                if bounds is not None and key in (EXP_AVG, EXP_AVG_SQ):
-                    source = source[bounds[0] : bounds[1]] if side is Side.RIGHT else source[:, bounds[0] : bounds[1]]
+                source = _saved(saved, mp.name, key)
+                if bounds is not None and key in moments:
+                    _check_whole(source, moments[key].shape, mp.name, key)
+                    source = _shard_view(source, moments[key].sharding, *bounds)
                 if basis is not None and key in (BASIS_LEFT, BASIS_RIGHT):
                     whole = basis_shapes(mp.shape, rank_r, side)[0 if key == BASIS_LEFT else 1]
                     if tuple(source.shape) != whole:
@@ -445,6 +536,9 @@ def _build_fragments(
         built.append((flat, state))
     for flat, part in layout.full_rank_partitions():
         group = optimizer.param_groups[part.group_index]
+        if _quantizing(group):
+            built.append((flat, _build_pieces(optimizer, group, flat, part, entries)))
+            continue
         state = {}
         optimizer._init_state(group, flat, state)
         state[STEP] = _partition_step(entries, part)
@@ -464,6 +558,29 @@ def _build_fragments(
                 ]
         built.append((flat, state))
     return built
+
+
+def _build_pieces(
+    optimizer: GaLoreAdamW, group: dict[str, Any], flat: Tensor, part: _Partition, entries: dict[str, dict[str, Tensor]]
+) -> dict[str, Any]:
+    """The state of a quantized full-rank partition: each piece's rows (1-D: blocks) of the saved whole moments."""
+    fmt = group["moment_format"]
+    state: dict[str, Any] = {STEP: _partition_step(entries, part), MATRICES: {}}
+    for mp in part.plan.matrices:
+        if mp.piece is None:
+            continue
+        saved = _entry(entries, mp.name)
+        span = _span(mp, fmt)
+        piece: dict[str, Any] = {}
+        like: Any = _Piece(tuple(mp.shape), flat.dtype, flat.device, span)  # what FragmentLayout.new_state places
+        optimizer._init_state(group, like, piece)
+        piece.pop(STEP, None)
+        for spec in _moment_specs(group, mp.shape, flat.dtype):
+            source = _saved(saved, mp.name, spec.key)
+            _check_whole(source, spec.shape, mp.name, spec.key)
+            _fill(piece[spec.key], span.select(source, spec.shape, span.units, 0), mp.name, spec.key)
+        state[MATRICES][mp.name] = piece
+    return state
 
 
 def _build_dense(optimizer: GaLoreAdamW, names: dict[int, str], entries: dict[str, dict[str, Tensor]]) -> _NewStates:

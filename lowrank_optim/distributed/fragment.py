@@ -50,8 +50,9 @@ from typing import Any, NamedTuple, Sequence, cast
 import torch
 from torch import Tensor
 
-from ..optim.exchange import LOCAL, Exchange
+from ..optim.exchange import LOCAL, Exchange, LocalExchange
 from ..optim.layout import Block, DenseLayout, StateInit
+from ..optim.moments import FullPrecision, MomentFormat
 from ..projection import (
     ProjectorTensor,
     Side,
@@ -60,14 +61,13 @@ from ..projection import (
     effective_rank,
     keeps_aligned,
     nonfinite_flag,
-    projector_state_dtypes,
     refresh_specs,
     resolve_side,
     rotates,
 )
-from ..state_keys import BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
+from ..state_keys import BASIS_RIGHT, STEP
 from .comm import Communicator
-from .plan import MatrixPlan, PartitionPlan
+from .plan import MatrixPlan, PartitionPlan, Piece
 
 __all__ = ["FragmentLayout", "MATRICES", "SHARD"]
 
@@ -117,9 +117,16 @@ class _Matrix(NamedTuple):
 class FragmentLayout:
     """Steps projected param groups whose tensors are flat partitions described by :class:`PartitionPlan`.
 
-    Groups without ``rank`` are elementwise Adam on the flat tensor (the dense path). A projected group
-    holding a tensor this layout was not bound to raises.
+    Groups without ``rank`` are elementwise Adam on the flat tensor (the dense path), or, with quantized
+    moments, on each parameter's piece (:meth:`_piece_blocks`). A projected group holding a tensor this
+    layout was not bound to raises.
     """
+
+    #: Quantized moments (``optim.layout.DenseLayout``): a sharded matrix's holder keeps whole stored rows of
+    #: its moments (right side: rows of ``R``; left side: columns of ``R``, which quantized moments store as
+    #: rows, ``columns_first``); a full-rank parameter's piece keeps whole rows (or 1-D blocks), a cut one
+    #: on both of its holders.
+    steps_quantized_moments = True
 
     def __init__(self) -> None:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
@@ -127,6 +134,8 @@ class FragmentLayout:
         self._dense = DenseLayout()
         #: The blocks handed out since the last exchange, per flat partition (for the exchange).
         self._pending: dict[int, _Pending] = {}
+        #: Quantized full-rank partitions: the pieces handed out as copies since the last exchange.
+        self._piece_copies: dict[int, list[tuple[Piece, _Span, Tensor]]] = {}
 
     def add_partition(
         self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int, shard_moments: bool
@@ -183,7 +192,7 @@ class FragmentLayout:
         for pid, param_state in state_dict["state"].items():
             flat = tensor_of.get(pid)
             matrices = param_state.get(MATRICES) if isinstance(param_state, dict) else None
-            if flat is None or id(flat) not in self._partitions or not isinstance(matrices, dict):
+            if flat is None or not self._bound(flat) or not isinstance(matrices, dict):
                 state[pid] = param_state
                 continue
             kept_matrices = {}
@@ -198,34 +207,47 @@ class FragmentLayout:
             state[pid] = {**param_state, MATRICES: kept_matrices}
         return {**state_dict, "state": state}
 
+    def _bound(self, flat: Tensor) -> bool:
+        """Whether ``flat`` is a partition this layout was bound to (projected or full-rank)."""
+        return id(flat) in self._partitions or id(flat) in self._full_rank
+
     def _restore_dtypes(self, optimizer: Any) -> None:
-        # The integer tensors held back from the loader go back unchanged (on the partition's device); the
-        # moments are cast back to their group's moment_dtype (fp32 -> bf16 of a bf16 value is exact), and
-        # the projectors' fixed-dtype tensors to their dtype. (The state is walked directly: ZeRO-3 empties
-        # the groups' params outside its step.)
+        # The integer tensors held back from the loader (seeds, DCT indices, shard bounds, 8-bit codes) go
+        # back unchanged (on the partition's device); every other tensor is cast back to the dtype the
+        # optimizer keeps it in (its ``_intended_state_dtype``: moments in moment_dtype, fp32 -> bf16 of a
+        # bf16 value being exact; 8-bit scales and limiter norms in fp32; DCT indices in int64). (The state is
+        # walked directly: ZeRO-3 empties the groups' params outside its step.)
         for flat, name, key, value in self._held:
             optimizer.state[flat][MATRICES][name][key] = value.to(device=flat.device)
         self._held = []
-        for flat, part in self._partitions.values():
-            flat_state = optimizer.state.get(flat, {})
-            moment_dtype = optimizer.param_groups[part.group_index]["moment_dtype"] or flat.dtype
-            for matrix in flat_state.get(MATRICES, {}).values():
-                for key, dtype in {**projector_state_dtypes(), SHARD: torch.int64}.items():
-                    if key in matrix:
-                        matrix[key] = matrix[key].to(dtype)
-                for key in (EXP_AVG, EXP_AVG_SQ):
-                    matrix[key] = matrix[key].to(moment_dtype)
+        for flat, part in [*self._partitions.values(), *self._full_rank.values()]:
+            group = optimizer.param_groups[part.group_index]
+            matrices = optimizer.state.get(flat, {}).get(MATRICES, {})
+            for mp in part.plan.matrices:
+                matrix = matrices.get(mp.name)
+                if matrix is None:
+                    continue
+                like = torch.empty(mp.shape, dtype=flat.dtype, device="meta")
+                for key, value in matrix.items():
+                    dtype = torch.int64 if key == SHARD else optimizer._intended_state_dtype(group, like, key)
+                    if dtype is not None and value.dtype != dtype:
+                        matrix[key] = value.to(dtype)
 
     def check_group(self, optimizer: Any, group: dict[str, Any]) -> bool:
         """Every tensor of a projected group must be a partition this layout was bound to (its nested
         state is built here); a full-rank group's flat partitions are checked as whole tensors."""
         if "rank" not in group:
-            return self._dense.check_group(optimizer, group)
+            if not _quantizing(group):
+                return self._dense.check_group(optimizer, group)
+            bound = self._full_rank  # quantized: the nested state of pieces is built here
+        else:
+            bound = self._partitions
         for position, flat in enumerate(group["params"]):
-            if id(flat) not in self._partitions:
+            if id(flat) not in bound:
                 raise RuntimeError(
-                    f"{type(optimizer).__name__}: tensor {position} (shape {tuple(flat.shape)}) of a projected param "
-                    "group is not a partition this optimizer was bound to. Bind after deepspeed.initialize "
+                    f"{type(optimizer).__name__}: tensor {position} (shape {tuple(flat.shape)}) of a "
+                    f"{'projected' if 'rank' in group else 'quantized full-rank'} param group is not a partition "
+                    "this optimizer was bound to. Bind after deepspeed.initialize "
                     "(lowrank_optim.deepspeed.bind(engine)) and do not rebuild the optimizer's groups afterwards."
                 )
         return False
@@ -261,6 +283,8 @@ class FragmentLayout:
         block of every matrix piece it holds (a view where the piece is a whole matrix), or one empty
         block when it holds none, so that this rank still takes part in the partition's collectives."""
         if "rank" not in group:
+            if _quantizing(group):
+                return self._piece_blocks(group, tensor, state, init)
             return self._dense.blocks(group, tensor, state, init)
         part = self._partitions[id(tensor)][1]
         if not state:
@@ -292,10 +316,76 @@ class FragmentLayout:
         self._pending[id(tensor)] = (int(state[STEP].item()), pending)
         return blocks
 
+    def _piece_blocks(self, group: dict[str, Any], flat: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
+        """A full-rank partition with quantized moments: one block per parameter piece it holds, covering the
+        stored rows (blocks, for a 1-D moment) of the moments its elements touch (:class:`_Span`). A row cut
+        between two holders is kept, and stepped, by both: its gradient is completed by one all-reduce of
+        the cut rows (every rank takes part, alike), each holder computes the same codes and scales for it,
+        and each writes back only its own elements. So the quantization blocks are the whole-tensor
+        optimizer's, and its state, step for step."""
+        if id(flat) not in self._full_rank:
+            raise RuntimeError(
+                f"tensor of shape {tuple(flat.shape)} in a quantized full-rank param group is not a partition this "
+                "optimizer was bound to; bind after deepspeed.initialize (lowrank_optim.deepspeed.bind(engine))."
+            )
+        part = self._full_rank[id(flat)][1]
+        fmt: MomentFormat = group["moment_format"]
+        held = [mp for mp in part.plan.matrices if mp.piece is not None]
+        if not state:
+            state[STEP] = torch.tensor(0.0, dtype=torch.float32)
+            state[MATRICES] = {}
+            for mp in held:
+                piece_state: dict[str, Any] = {}
+                init(_Piece(tuple(mp.shape), flat.dtype, flat.device, _span(mp, fmt)), piece_state)
+                piece_state.pop(STEP, None)  # the partition keeps one step counter for all its pieces
+                state[MATRICES][mp.name] = piece_state
+        grad = cast(Tensor, flat.grad)  # the optimizer asks for the blocks of tensors that have a gradient
+        # Every parameter of the plan, held here or not: the cut units are the same list on every rank.
+        cuts = [(mp, unit, _span(mp, fmt, 0, 0).unit_elements(unit)) for mp in part.plan.matrices
+                for unit in _span(mp, fmt, 0, 0).cut_units(mp)]
+        buffer = grad.new_zeros(sum(e1 - e0 for _, _, (e0, e1) in cuts))
+        offsets, offset = [], 0
+        for mp, _, (e0, e1) in cuts:
+            offsets.append(offset)
+            if mp.piece is not None:
+                lo, hi = max(e0, mp.piece.param_start), min(e1, mp.piece.param_start + mp.piece.numel)
+                if lo < hi:
+                    source = mp.piece.flat_start + lo - mp.piece.param_start
+                    buffer[offset + lo - e0 : offset + hi - e0] = grad[source : source + hi - lo]
+            offset += e1 - e0
+        if cuts:
+            part.comm.all_reduce(buffer)
+        blocks, copies = [], []
+        for mp in held:
+            piece = cast(Piece, mp.piece)
+            span = _span(mp, fmt)
+            values = flat[piece.flat_start : piece.flat_start + piece.numel]
+            own = grad[piece.flat_start : piece.flat_start + piece.numel]
+            if span.exact:  # its elements are whole stored rows: step them in place
+                piece_state = state[MATRICES][mp.name]
+                blocks.append(Block(values.view(span.shape), own.view(span.shape), piece_state, state[STEP], mp.shape))
+                continue
+            e0 = span.elements[0]
+            param_block, grad_block = flat.new_zeros(span.shape), grad.new_zeros(span.shape)
+            start = piece.param_start - e0
+            param_block.view(-1)[start : start + piece.numel] = values
+            grad_block.view(-1)[start : start + piece.numel] = own
+            for (cut_mp, unit, _), at in zip(cuts, offsets):
+                u0, u1 = span.units
+                if cut_mp is mp and u0 <= unit < u1:
+                    c0, c1 = span.unit_elements(unit)
+                    grad_block.view(-1)[c0 - e0 : c1 - e0] = buffer[at : at + c1 - c0]
+            blocks.append(Block(param_block, grad_block, state[MATRICES][mp.name], state[STEP], mp.shape))
+            copies.append((piece, span, param_block))
+        self._piece_copies[id(flat)] = copies
+        return blocks
+
     def new_state(
         self, like: Any, shape: Sequence[int], dtype: torch.dtype, sharding: str, *, column_major: bool = False
     ) -> Tensor:
         """Whole state tensors (row-major), or this holder's share of a sharded matrix's (module docstring)."""
+        if isinstance(like, _Piece):  # a parameter's piece in a full-rank partition with quantized moments
+            return torch.zeros(like.span.local_shape(shape), dtype=dtype, device=like.device)
         if not isinstance(like, _Matrix):  # a full-rank group's flat partition
             return self._dense.new_state(like, shape, dtype, sharding, column_major=column_major)
         if not like.sharded or sharding == "replicated":
@@ -303,17 +393,24 @@ class FragmentLayout:
         assert like.plan is not None  # only the empty placeholder has no plan, and it is never sharded
         mine = _my_shard(like.plan, like.rank, like.side, like.r)
         if sharding == "rows":  # right side: the moment rows it owns; left side: the basis rows it touches
+            # (Quantized moments' codes and scales are rows of the moment too: their blocks run along rows.)
             start, stop = mine.moments if like.side is Side.RIGHT else mine.basis
-            return torch.zeros(stop - start, like.r, dtype=dtype, device=like.device)
+            return torch.zeros(stop - start, *shape[1:], dtype=dtype, device=like.device)
+        if sharding == "columns_first":  # a left side's quantized moments, stored transposed: its columns as rows
+            start, stop = mine.moments
+            return torch.zeros(stop - start, *shape[1:], dtype=dtype, device=like.device)
         if like.side is Side.LEFT:  # its even share of R's columns
             start, stop = mine.moments
-            return torch.zeros(like.r, stop - start, dtype=dtype, device=like.device)
+            return torch.zeros(shape[0], stop - start, dtype=dtype, device=like.device)
         start, stop = mine.basis  # right basis: its even share of the flattened r x n basis
         return torch.zeros(stop - start, dtype=dtype, device=like.device)
 
     def exchange(self, group: dict[str, Any], sources: list[Tensor]) -> Exchange:
         if "rank" not in group:
-            return LOCAL
+            if not _quantizing(group):
+                return LOCAL
+            flats = {id(flat): flat for flat in sources}  # one source per block: a partition appears once per piece
+            return _PieceExchange([(flat, self._piece_copies.pop(key, [])) for key, flat in flats.items()])
         partitions, seen = [], set()
         for flat in sources:
             if id(flat) not in seen:
@@ -375,6 +472,132 @@ def _fragment(block: Tensor, plan: MatrixPlan) -> Tensor:
 def _sharded(part: _Partition, mp: MatrixPlan, side: Side) -> bool:
     """Whether a matrix's low-rank state is split among its holders (one-sided projections only)."""
     return part.shard_moments and mp.split and side is not Side.FULL
+
+
+def _quantizing(group: dict[str, Any]) -> bool:
+    """Whether a full-rank group's moments may be quantized (then its partitions are stepped per piece)."""
+    return not isinstance(group.get("moment_format"), (FullPrecision, type(None)))
+
+
+@dataclass(frozen=True)
+class _Span:
+    """How one parameter's piece in a quantized full-rank partition is stepped.
+
+    The moments of a parameter are stored in *units*: the rows of a quantized moment of two or more
+    dimensions (``unit`` = its last dimension, along which its blocks run), the blocks of a quantized 1-D
+    moment (``unit`` = ``block_size``), single elements of plain moments (``unit`` = 1). A piece of the
+    row-major parameter, elements ``[start, stop)``, keeps and steps the units it touches, ``units`` =
+    ``[u0, u1)``, which cover the parameter's elements ``elements`` = ``[u0·unit, min(u1·unit, numel))``;
+    a unit cut between two holders is kept by both (it is at most one row or block per cut).
+    """
+
+    numel: int
+    unit: int
+    rows: bool  # state tensors are rows of (numel / unit) x (last dimension) views
+    start: int
+    stop: int
+
+    @property
+    def units(self) -> tuple[int, int]:
+        return self.start // self.unit, -(-self.stop // self.unit)
+
+    @property
+    def first(self) -> tuple[int, int]:
+        """The units whose first element this piece holds (they partition the units among the holders)."""
+        return -(-self.start // self.unit), -(-self.stop // self.unit)
+
+    def unit_elements(self, unit: int) -> tuple[int, int]:
+        return unit * self.unit, min((unit + 1) * self.unit, self.numel)
+
+    @property
+    def elements(self) -> tuple[int, int]:
+        u0, u1 = self.units
+        return u0 * self.unit, min(u1 * self.unit, self.numel)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the piece's elements are exactly whole units (no row or block is cut)."""
+        return self.elements == (self.start, self.stop)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the step sees the piece (and its gradient and moments) in."""
+        u0, u1 = self.units
+        e0, e1 = self.elements
+        return (u1 - u0, self.unit) if self.rows else (e1 - e0,)
+
+    def kind(self, whole: Sequence[int]) -> str:
+        """How a state tensor of whole shape ``whole`` maps onto units: ``rows`` (of a >= 2-D quantized
+        moment's codes and scales), ``elements`` (1-D codes, plain moments) or ``scales`` (1-D scales)."""
+        if self.rows:
+            return "rows"
+        return "elements" if math.prod(whole) == self.numel else "scales"
+
+    def local_shape(self, whole: Sequence[int]) -> tuple[int, ...]:
+        """The shape of this piece's part of a state tensor of whole shape ``whole``."""
+        u0, u1 = self.units
+        kind = self.kind(whole)
+        if kind == "rows":
+            return (u1 - u0, whole[-1])
+        return (self.elements[1] - self.elements[0],) if kind == "elements" else (u1 - u0,)
+
+    def select(self, tensor: Tensor, whole: Sequence[int], units: tuple[int, int], origin: int) -> Tensor:
+        """The part of ``tensor`` holding ``units`` (a view): a whole state tensor (``origin`` 0) or this
+        piece's local part (``origin`` = its first unit)."""
+        k0, k1 = units[0] - origin, units[1] - origin
+        kind = self.kind(whole)
+        if kind == "rows":
+            return tensor.reshape(-1, whole[-1])[k0:k1]
+        if kind == "scales":
+            return tensor.reshape(-1)[k0:k1]
+        base = origin * self.unit
+        return tensor.reshape(-1)[units[0] * self.unit - base : min(units[1] * self.unit, self.numel) - base]
+
+    def cut_units(self, mp: MatrixPlan) -> list[int]:
+        """The units of the parameter cut between two holders (alike on every rank: from the plan)."""
+        if self.unit == 1:
+            return []
+        return sorted({start // self.unit for start in mp.starts[1:] if start % self.unit})
+
+
+def _span(mp: MatrixPlan, fmt: MomentFormat, start: int | None = None, stop: int | None = None) -> _Span:
+    """The span of the piece ``[start, stop)`` of a parameter (default: this rank's piece)."""
+    if start is None or stop is None:
+        assert mp.piece is not None  # asked only of parameters this rank holds a piece of
+        start, stop = mp.piece.param_start, mp.piece.param_start + mp.piece.numel
+    shape = tuple(mp.shape)
+    if not fmt.quantizes(shape):
+        return _Span(mp.numel, 1, False, start, stop)
+    if len(shape) >= 2:
+        return _Span(mp.numel, shape[-1], True, start, stop)
+    return _Span(mp.numel, cast(Any, fmt).block_size, False, start, stop)
+
+
+class _Piece(NamedTuple):
+    """What the optimizer's state initialization sees of a parameter's piece in a quantized full-rank
+    partition: its whole shape, the partition's dtype and device, and how its state is cut."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    span: _Span
+
+
+class _PieceExchange(LocalExchange):
+    """A quantized full-rank group's step: elementwise (the cut rows were completed by the layout), stepped
+    in one batch (the pieces of a partition share one step counter); at the end, each piece stepped as a
+    copy writes its own elements back into the flat partition."""
+
+    batched = True
+
+    def __init__(self, copies: list[tuple[Tensor, list[tuple[Piece, _Span, Tensor]]]]) -> None:
+        self.copies = copies
+
+    def finish(self) -> None:
+        for flat, pieces in self.copies:
+            for piece, span, block in pieces:
+                start = piece.param_start - span.elements[0]
+                flat[piece.flat_start : piece.flat_start + piece.numel].copy_(block.view(-1)[start : start + piece.numel])
 
 
 @dataclass(frozen=True)
@@ -925,7 +1148,10 @@ class _Exchange:
             held = [mp for mp in plan.matrices if mp.name in names and names[mp.name] in given_n]
             right = [mp for mp in plan.matrices if self._is_sharded(part, mp) and self.sides[mp.name] is Side.RIGHT]
             left = [mp for mp in plan.matrices if self._is_sharded(part, mp) and self.sides[mp.name] is Side.LEFT]
-            dtype = self.group["moment_dtype"] or flat.dtype  # N's dtype, alike on every rank
+            # N's dtype, alike on every rank: quantized moments give fp32 N (a plain moment's N, bf16 say, goes
+            # through the fp32 buffer exactly and is cast back below).
+            quantized = _quantizing(self.group)
+            dtype = torch.float32 if quantized else self.group["moment_dtype"] or flat.dtype
             local_n: dict[str, Tensor] = {}
             for mp in held:
                 index = names[mp.name]
@@ -948,7 +1174,7 @@ class _Exchange:
                     out_r[index] = self.row_lowranks[mp.name]
             _exchange_cut_rows(comm, right, local_n, self.ranks, dtype, flat.device, owners_only=True)
             for name, rows in local_n.items():
-                out_n[names[name]] = rows
+                out_n[names[name]] = rows.to(given_n[names[name]].dtype)
             columns = {}
             for mp in left:
                 if mp.name not in names:
@@ -958,7 +1184,7 @@ class _Exchange:
                 columns[mp.name] = chunk if given_r is None else torch.cat([chunk, given_r[index].to(dtype)])
             wholes = _gather_columns(comm, left, columns, self.ranks, height, dtype, flat.device)
             for name, both in wholes.items():
-                out_n[names[name]] = both[: both.shape[0] // height]
+                out_n[names[name]] = both[: both.shape[0] // height].to(given_n[names[name]].dtype)
                 if given_r is not None:
                     out_r[names[name]] = both[both.shape[0] // height :]
         terms_n = [out_n.get(i, given_n[i]) for i in indices]

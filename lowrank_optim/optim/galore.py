@@ -380,8 +380,8 @@ class GaLoreAdamW(Optimizer):
 
     def _check_moment_format(self, group: dict[str, Any], index: int) -> None:
         """Quantized moments need a layout that keeps every stored row of a state tensor on one process
-        (``Layout.steps_quantized_moments``: whole tensors, FSDP2's row shards); refuse a quantizing format
-        under another (DeepSpeed's flat partitions cut tensors anywhere) rather than run it wrongly."""
+        (``Layout.steps_quantized_moments``: whole tensors, FSDP2's row shards, DeepSpeed's fragments); refuse
+        a quantizing format under another rather than run it wrongly."""
         fmt: MomentFormat = group["moment_format"]
         if isinstance(fmt, FullPrecision):
             return
@@ -406,8 +406,9 @@ class GaLoreAdamW(Optimizer):
             return
         raise ValueError(
             f"Invalid moment_format in param group {index}: {fmt.to_state()!r}. Quantized moments are not yet "
-            f"supported under {type(self.layout).__name__} (DeepSpeed ZeRO's flat partitions); allowed there: "
-            "moment_format='full' (use moment_dtype=torch.bfloat16 to halve the moments instead)."
+            f"supported under {type(self.layout).__name__} (it does not declare steps_quantized_moments: whole "
+            "stored rows of every state tensor on one process); allowed there: moment_format='full' (use "
+            "moment_dtype=torch.bfloat16 to halve the moments instead)."
         )
 
     def _check_state(self, group: dict[str, Any]) -> None:
