@@ -64,11 +64,15 @@ CHECKPOINT = [
     "apollo:1:ckpt",
     "apollo:3:ckpt",
 ]
+# 8-bit moments (block size 4, every moment quantized): projected groups sharded at ZeRO-3 (or replicated),
+# duplicated at 1/2, and the full-rank partitions (biases, norm) stepped per piece.
+QUANTIZED = ["galore:1:8bit", "galore:2:8bit", "galore:3:8bit", "fira:3:8bit", "dct:2:8bit", "galore:3:replicated+8bit"]
+QUANTIZED_CHECKPOINT = ["galore:2:ckpt+8bit", "galore:3:ckpt+8bit"]
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
 # Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.
 CONFIGS = [f"config:{stage}" for stage in (0, 1, 2, 3)]
-NAMED = ["galore:0:names", "galore:2:names", "galore:3:names", "fira:3:names", "dct:2:names"]
-RESUME = ["galore:2:resume", "galore:3:resume", "fira:3:resume", "dct:2:resume"]
+NAMED = ["galore:0:names", "galore:2:names", "galore:3:names", "fira:3:names", "dct:2:names", "galore:3:names+8bit"]
+RESUME = ["galore:2:resume", "galore:3:resume", "fira:3:resume", "dct:2:resume", "galore:3:resume+8bit"]
 
 
 def _launch(world_size: int, cases: list[str], tmp_path: Path) -> dict[str, dict]:
@@ -95,7 +99,7 @@ def checkpoints(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_ranks(checkpoints: Path) -> dict[str, dict]:
-    return _launch(2, EQUALITY + BF16 + CHECKPOINT + NAMED + CONFIGS, checkpoints)
+    return _launch(2, EQUALITY + BF16 + CHECKPOINT + QUANTIZED + QUANTIZED_CHECKPOINT + NAMED + CONFIGS, checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +130,21 @@ def test_matches_single_process_bf16_within_two_ulps(two_ranks: dict[str, dict],
 
 @pytest.mark.parametrize("case", CHECKPOINT)
 def test_checkpoint_resume_is_bitwise(two_ranks: dict[str, dict], case: str) -> None:
+    outcome = two_ranks[case]
+    assert outcome["bitwise_resume"], outcome
+    assert outcome["max_diff"] <= 1e-6, outcome
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_8bit_moments_match_single_process(two_ranks: dict[str, dict], case: str) -> None:
+    outcome = two_ranks[case]
+    assert outcome["max_diff"] <= 1e-6, outcome
+    _check_moved(outcome)
+    assert outcome["max_holders"] == 2, "some matrix should be split between the ranks"
+
+
+@pytest.mark.parametrize("case", QUANTIZED_CHECKPOINT)
+def test_8bit_checkpoint_resume_is_bitwise(two_ranks: dict[str, dict], case: str) -> None:
     outcome = two_ranks[case]
     assert outcome["bitwise_resume"], outcome
     assert outcome["max_diff"] <= 1e-6, outcome

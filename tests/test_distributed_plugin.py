@@ -55,6 +55,14 @@ def test_reads_path_and_strips_section(tmp_path) -> None:
         ({"lowrank_optim": {"optimizer": "adamw"}}, "Invalid 'lowrank_optim.optimizer': 'adamw'. Must be one of"),
         ({"lowrank_optim": {"rnak": 4}}, r"Unknown key\(s\) \['rnak'\].*Allowed keys"),
         ({"lowrank_optim": {"zero3_moments": "gather"}}, "Invalid 'lowrank_optim.zero3_moments': 'gather'"),
+        (
+            {"lowrank_optim": {"moment_format": "4bit"}},
+            r"Invalid moment_format in 'lowrank_optim.moment_format': '4bit'\. Must be one of full, 8bit",
+        ),
+        (
+            {"lowrank_optim": {"moment_format": {"name": "8bit", "block_size": 0}}},
+            r"Invalid block_size in 'lowrank_optim.moment_format': 0\. Must be an integer from 1 to 4096",
+        ),
         ({"lowrank_optim": {"scale": 0.5, "alpha": 0.25}}, "sets scale=0.5 and alpha=0.25"),
         # Fira's settings for another optimizer would be dropped: refused, also at their default values.
         ({"lowrank_optim": {"gamma": 1.5}}, r"sets \['gamma'\] for optimizer 'galore_adamw', which does not read it"),
@@ -143,3 +151,14 @@ def test_apollo_through_the_plugin() -> None:
         LowRankSection.from_dict({"optimizer": "apollo_adamw", "scale_type": "row"})
     with pytest.raises(ValueError, match=re.escape("Invalid 'lowrank_optim.disable_nl': 1. Must be true or false")):
         LowRankSection.from_dict({"optimizer": "apollo_adamw", "disable_nl": 1})
+
+
+def test_moment_format_reaches_every_group() -> None:
+    """``moment_format`` (a name or an object of options) is the optimizer's default for every group."""
+    from lowrank_optim import Blockwise8bit
+
+    model = Net()
+    section = LowRankSection.from_dict({"rank": 2, "moment_format": {"name": "8bit", "block_size": 64}})
+    optimizer = optimizer_factory(section)(param_groups_for(model, section))
+    assert [group["moment_format"] for group in optimizer.param_groups] == [Blockwise8bit(block_size=64)] * 2
+    assert LowRankSection.from_dict({}).moment_format == "full"

@@ -21,6 +21,7 @@ from torch import nn
 from ..optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW
 from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number
 from ..optim.apollo import APOLLO_SCALE_TYPES
+from ..optim.moments import resolve_moment_format
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names
 from ..targets import DEFAULT_TARGET_MODULES, find_targets
 from ..train.methods import METHODS
@@ -97,6 +98,9 @@ class LowRankSection:
     trainable parameters get full-rank Adam.
     ``zero3_moments``: at ZeRO-3, ``sharded`` splits each one-sided matrix's low-rank moments and SVD
     basis among the ranks holding it, ``replicated`` keeps a full copy on each.
+    ``moment_format``: how every group's Adam moments are stored (:mod:`lowrank_optim.optim.moments`):
+    ``"full"``, ``"8bit"``, or an object with the format's options, e.g. ``{"name": "8bit", "block_size":
+    128}``; 8-bit moments work at every ZeRO stage (:mod:`lowrank_optim.distributed.fragment`).
     """
 
     optimizer: str = "galore_adamw"
@@ -120,6 +124,7 @@ class LowRankSection:
     scale_front: bool = False
     disable_nl: bool = False
     zero3_moments: str = "sharded"
+    moment_format: Any = "full"
 
     def __post_init__(self) -> None:
         """Check the type of every field, naming the key: the section comes from JSON, where any key can
@@ -161,6 +166,7 @@ class LowRankSection:
         _check_choice("residual", self.residual, FIRA_RESIDUALS)
         _check_choice("scale_type", self.scale_type, APOLLO_SCALE_TYPES)
         _check_choice("zero3_moments", self.zero3_moments, ZERO3_MOMENTS)
+        resolve_moment_format(self.moment_format, f" in '{SECTION}.moment_format'")
         defaults = {field.name: field.default for field in dataclasses.fields(LowRankSection)}
         _refuse_unread(
             self.optimizer,
@@ -297,6 +303,7 @@ def optimizer_factory(section: LowRankSection | Mapping[str, Any]) -> Callable[[
         proj_type=section.proj_type,
         moment_policy=section.moment_policy,
         nonfinite=section.nonfinite,
+        moment_format=resolve_moment_format(section.moment_format),
     )
     if section.projector is not None:
         options["projector"] = section.projector

@@ -72,6 +72,10 @@ def section_for(name: str, options: set[str] = frozenset()) -> dict:
     section = {**SECTIONS[name], "rank": 4, "update_proj_gap": 3, "lr": 1e-2, "weight_decay": 0.01, "target_modules": ["mlp"]}
     if "random" in options:
         section["projector"] = "random"
+    if "8bit" in options:
+        # Blocks of 4 and no size threshold: every moment of Net is quantized, in many blocks, and ZeRO's
+        # cuts fall inside rows and blocks.
+        section["moment_format"] = {"name": "8bit", "block_size": 4, "min_size": 0}
     return section
 
 
@@ -117,11 +121,12 @@ def reference(name: str, clip: float, bf16: bool, hidden: int, options: set[str]
     return [p.detach().float() for p in model.parameters()]
 
 
-def resume_single_process(name: str, directory: Path, steps: range) -> list[torch.Tensor]:
+def resume_single_process(name: str, directory: Path, steps: range, options: set[str]) -> list[torch.Tensor]:
     """A plain optimizer in one process resumed from the weights and the name-keyed state of a DeepSpeed run."""
     model = Net()
     model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
-    optimizer = optimizer_factory(section_for(name))(param_groups_for(model, section_for(name)))
+    section = section_for(name, options)
+    optimizer = optimizer_factory(section)(param_groups_for(model, section))
     load_lowrank_state(optimizer, directory, model=model)
     inputs, targets = data()
     for step in steps:
@@ -240,7 +245,7 @@ def run_case(case: str) -> dict:
 
     # "names": save the name-keyed state after 4 steps; "resume": continue such a save (made at another
     # number of ranks) for the last 3 steps and compare with that run's uninterrupted result.
-    named = Path(os.environ["CKPT_DIR"]) / f"named_{name}_{stage}"
+    named = Path(os.environ["CKPT_DIR"]) / f"named_{name}_{stage}{'_8bit' if '8bit' in options else ''}"
     if "resume" in options:
         torch.manual_seed(0)
         model = Net(hidden)
@@ -264,7 +269,7 @@ def run_case(case: str) -> dict:
         result = parameters(engine)
         if rank == 0:
             torch.save(result, named / "final.pt")
-            resumed = resume_single_process(name, named, range(4, STEPS))
+            resumed = resume_single_process(name, named, range(4, STEPS), options)
         dist.barrier()
     elif "ckpt" in options:
         # Save after 4 steps, resume in a fresh engine, and require the same bits as the uninterrupted run.
