@@ -34,6 +34,16 @@ the Frobenius norm of the whole residual from all-reduced partial sums of square
 
 A matrix held by one rank takes the same path with no communication.
 
+8-bit moments (``moment_format``, :mod:`lowrank_optim.optim.moments`) quantize blocks along stored rows, so
+a holder must keep whole stored rows. A sharded right-side matrix's holder keeps rows of ``R`` (its codes
+and scales are rows too); a left-side one keeps columns of ``R``, which 8-bit moments store transposed
+(``columns_first``), so its columns are stored rows. Full-rank partitions cut parameters anywhere; with
+8-bit moments they are stepped per parameter piece (:meth:`FragmentLayout._piece_blocks`): a piece keeps
+the stored rows (of a 1-D moment: the blocks) its elements touch. A row cut between two holders is kept
+by both; one all-reduce of the cut rows' gradients per partition and step (at most a row per cut)
+completes it, and both compute the same codes and scales for it. So every block, and every code, is the
+whole-tensor optimizer's, and the name-keyed state (:mod:`.checkpoint`) is that optimizer's state.
+
 The arithmetic is the optimizers' own step (:func:`~lowrank_optim.optim.galore_adamw`), run on each
 piece's row block: this layout supplies the blocks (:meth:`FragmentLayout.blocks`) and the collectives
 above (an :class:`~lowrank_optim.optim.exchange.Exchange`, one collective per phase and partition). A rank
@@ -167,7 +177,7 @@ class FragmentLayout:
     def communicators(self) -> list[Communicator]:
         """The distinct communicators of the bound partitions (for counting communication)."""
         seen: dict[int, Communicator] = {}
-        for _, partition in self._partitions.values():
+        for _, partition in [*self._partitions.values(), *self._full_rank.values()]:
             seen.setdefault(id(partition.comm), partition.comm)
         return list(seen.values())
 
