@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -33,10 +34,10 @@ def _train(model: nn.Module, optimizer: GaLoreAdamW, steps: range) -> None:
         optimizer.step()
 
 
-@pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, DCTAdamW])
-def test_round_trip_continues_bitwise(tmp_path: Path, cls: type[GaLoreAdamW]) -> None:
+def _assert_round_trip_continues_bitwise(tmp_path: Path, make: Callable[[nn.Module], GaLoreAdamW]) -> nn.Module:
+    """Save after 3 steps, resume a fresh model and optimizer from it, and require the same bits after 7."""
     model = _model()
-    optimizer = _optimizer(cls, model)
+    optimizer = make(model)
     _train(model, optimizer, range(3))
     save_lowrank_state(optimizer, tmp_path, model=model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -44,11 +45,17 @@ def test_round_trip_continues_bitwise(tmp_path: Path, cls: type[GaLoreAdamW]) ->
 
     resumed = _model()
     resumed.load_state_dict(weights)
-    fresh = _optimizer(cls, resumed)
+    fresh = make(resumed)
     load_lowrank_state(fresh, tmp_path, model=resumed)
     _train(resumed, fresh, range(3, 7))
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    return model
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, DCTAdamW])
+def test_round_trip_continues_bitwise(tmp_path: Path, cls: type[GaLoreAdamW]) -> None:
+    model = _assert_round_trip_continues_bitwise(tmp_path, lambda model: _optimizer(cls, model))
     # Only tensors and strings: readable without unpickling code.
     content = torch.load(next(tmp_path.glob("lowrank_state_rank*.pt")), weights_only=True)
     assert set(content["params"]) == {name for name, _ in model.named_parameters()}
@@ -90,19 +97,7 @@ def test_8bit_round_trip_continues_bitwise_and_refuses_a_full_precision_optimize
         return optimizer
 
     fmt = Blockwise8bit(block_size=4, min_size=0)
-    model = _model()
-    optimizer = make(model, fmt)
-    _train(model, optimizer, range(3))
-    save_lowrank_state(optimizer, tmp_path, model=model)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    _train(model, optimizer, range(3, 7))
-    resumed = _model()
-    resumed.load_state_dict(weights)
-    fresh = make(resumed, fmt)
-    load_lowrank_state(fresh, tmp_path, model=resumed)
-    _train(resumed, fresh, range(3, 7))
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    _assert_round_trip_continues_bitwise(tmp_path, lambda model: make(model, fmt))
     plain_model = _model()
     plain = make(plain_model, FullPrecision())
     message = r"parameter '0.bias' exp_avg was saved as torch.uint8 but this optimizer keeps it as torch.float32"

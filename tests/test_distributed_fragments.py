@@ -393,29 +393,33 @@ def test_integer_state_survives_load_state_dict(zero3: bool) -> None:
     ``weights_only`` round trip; the moments keep their dtype."""
     _, optimizers = _run_case(OPTIMIZERS["random"], [(9, 7), (61, 47), (7, 9)], 2, zero3=zero3, shard=zero3)
     for optimizer in optimizers:
-        before = {
-            (name, key): value.clone()
-            for state in optimizer.state.values()
-            for name, matrix in state["matrices"].items()
-            for key, value in matrix.items()
-            if isinstance(value, torch.Tensor)
-        }
+        before = _nested_tensors(optimizer)
         seeds = [value for (_, key), value in before.items() if key == "projection_seed"]
         assert seeds and all(abs(int(seed)) > 2**24 for seed in seeds), "the seeds must lie beyond fp32's exact range"
-        buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
-        buffer.seek(0)
-        optimizer.load_state_dict(torch.load(buffer, weights_only=True))
-        after = {
-            (name, key): value
-            for state in optimizer.state.values()
-            for name, matrix in state["matrices"].items()
-            for key, value in matrix.items()
-            if isinstance(value, torch.Tensor)
-        }
-        assert after.keys() == before.keys()
-        for key, value in before.items():
-            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+        _assert_reload_keeps(optimizer, before)
+
+
+def _nested_tensors(optimizer) -> dict[tuple[str, str], Tensor]:
+    """Copies of the per-matrix (per-piece) state tensors, by (name, key)."""
+    return {
+        (name, key): value.clone()
+        for state in optimizer.state.values()
+        for name, matrix in state["matrices"].items()
+        for key, value in matrix.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def _assert_reload_keeps(optimizer, before: dict[tuple[str, str], Tensor]) -> None:
+    """A ``weights_only`` state-dict round trip gives back every nested tensor in its dtype, bit for bit."""
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+    after = _nested_tensors(optimizer)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
 
 
 # --- 8-bit moments (issue 14): the same equalities with quantized moments ---------------------------------
@@ -569,23 +573,6 @@ def test_quantized_state_survives_load_state_dict(projected: bool) -> None:
     shapes = [(9, 7), (61, 47)] if projected else FULL_RANK_SHAPES
     _, optimizers = _run_case(make, shapes, 2, zero3=True, shard=True, projected=projected)
     for optimizer in optimizers:
-        before = {
-            (name, key): value.clone()
-            for state in optimizer.state.values()
-            for name, matrix in state["matrices"].items()
-            for key, value in matrix.items()
-        }
+        before = _nested_tensors(optimizer)
         assert any(value.dtype == torch.uint8 for value in before.values())
-        buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
-        buffer.seek(0)
-        optimizer.load_state_dict(torch.load(buffer, weights_only=True))
-        after = {
-            (name, key): value
-            for state in optimizer.state.values()
-            for name, matrix in state["matrices"].items()
-            for key, value in matrix.items()
-        }
-        assert after.keys() == before.keys()
-        for key, value in before.items():
-            assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+        _assert_reload_keeps(optimizer, before)
