@@ -485,7 +485,8 @@ def _sharded(part: _Partition, mp: MatrixPlan, side: Side) -> bool:
 
 
 def _quantizing(group: dict[str, Any]) -> bool:
-    """Whether a full-rank group's moments may be quantized (then its partitions are stepped per piece)."""
+    """Whether a group's moments may be quantized (a format other than full precision): a full-rank group's
+    partitions are then stepped per piece, and a projected group's N travels in fp32."""
     return not isinstance(group.get("moment_format"), (FullPrecision, type(None)))
 
 
