@@ -16,3 +16,4 @@ PROJECTION_SEED = "projection_seed"  # the random projector's seed of the curren
 UPDATE_NORM = "update_norm"  # APOLLO's limiter: 0-dim fp32, the previous update norm
 EXP_AVG_ABSMAX = "exp_avg_absmax"  # 8-bit moments (optim.moments.Blockwise8bit): fp32 scale per block of exp_avg
 EXP_AVG_SQ_ABSMAX = "exp_avg_sq_absmax"  # the same for exp_avg_sq
+MATRIX_RANK = "matrix_rank"  # rank="auto": the matrix's current rank, a plain int (0 until its first refresh)

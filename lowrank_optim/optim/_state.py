@@ -11,8 +11,9 @@ from torch.optim import Optimizer
 
 __all__ = ["StateDtypeKeeper", "optimizer_state_bytes", "state_mismatch"]
 
-#: ``(saved param group, param, state key) -> dtype the tensor must have, or None for "param dtype"``.
-IntendedDtype = Callable[[dict[str, Any], Tensor, str], "torch.dtype | None"]
+#: ``(saved param group, param, state key, the param's saved state) -> dtype the tensor must have, or None
+#: for "param dtype"``.
+IntendedDtype = Callable[[dict[str, Any], Tensor, str, dict[str, Any]], "torch.dtype | None"]
 
 
 class StateDtypeKeeper:
@@ -48,7 +49,7 @@ class StateDtypeKeeper:
                 continue
             kept = {}
             for key, value in param_state.items():
-                dtype = self._intended_dtype(group_of_id[pid], param, key)
+                dtype = self._intended_dtype(group_of_id[pid], param, key, param_state)
                 if (
                     key != "step"
                     and isinstance(value, Tensor)

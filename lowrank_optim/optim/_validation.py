@@ -90,8 +90,20 @@ def check_projection_group(group: dict[str, Any], index: int) -> None:
     """Validate a param group that carries ``rank`` (the reference's marker for projected params)."""
     where = f" in param group {index}"
     rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"Invalid rank{where}: {rank!r}. Must be a positive integer.")
+    if rank == "auto":
+        budget = group.get("state_budget")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            raise ValueError(
+                f"Invalid state_budget{where}: {budget!r}. rank='auto' needs state_budget, a positive integer: the "
+                "bytes of rank-dependent state (moments and projector tensors) the group's matrices may hold together."
+            )
+    elif isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"Invalid rank{where}: {rank!r}. Must be a positive integer or 'auto'.")
+    elif "state_budget" in group:
+        raise ValueError(
+            f"Invalid state_budget{where}: {group['state_budget']!r}. It is read only with rank='auto' (this group "
+            f"has rank {rank}): remove it or set rank='auto'."
+        )
     gap = group["update_proj_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
         raise ValueError(f"Invalid update_proj_gap{where}: {gap!r}. Must be a positive integer.")

@@ -289,6 +289,11 @@ class GaLoreAdafactor(Optimizer):
         check_finite_number("scale", group["scale"], where)
         if "rank" not in group:
             return
+        if group["rank"] == "auto":
+            raise ValueError(
+                f"Invalid rank{where}: 'auto'. {type(self).__name__} keeps one rank per group: allowed is a positive "
+                "integer (rank='auto' with a state_budget is offered by GaLoreAdamW, FiraAdamW, DCTAdamW and APOLLOAdamW)."
+            )
         check_projection_group(group, index)
         shapes = [matrix_shape(p) for p in group["params"]]
         clamped = [shape for shape in shapes if group["rank"] > min(shape)]
@@ -311,7 +316,9 @@ class GaLoreAdafactor(Optimizer):
         return size
 
     @staticmethod
-    def _intended_state_dtype(group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
+    def _intended_state_dtype(
+        group: dict[str, Any], param: Tensor, key: str, state: dict[str, Any] | None = None
+    ) -> torch.dtype | None:
         """A projector's fixed-dtype tensors (DCT indices, seeds) keep theirs; everything else is kept in
         the dtype the parameter is stepped in (fp32 for fp16/bf16 weights)."""
         fixed = projector_state_dtypes().get(key)

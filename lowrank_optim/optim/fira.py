@@ -147,7 +147,7 @@ class FiraAdamW(GaLoreAdamW):
             return
         for position, param in enumerate(params):
             dtypes: tuple[torch.dtype, ...]
-            moment_dtype = self._compute_dtype(group, param)
+            moment_dtype = self._compute_dtype(group, param, self.state.get(param))
             if group["fold_residual"] and _foldable_dtypes(param.dtype, moment_dtype):
                 accepted, kernel = fira_folded_accepts(param.dtype, moment_dtype, param.dtype), "folded Fira update"
                 dtypes = FIRA_FOLDED_DTYPES

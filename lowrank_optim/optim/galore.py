@@ -29,6 +29,7 @@ their new position), ``reset`` (zeroed) or ``rotate`` (expressed in the new basi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple, Sequence, cast
@@ -47,6 +48,7 @@ from ..projection import (
     Side,
     Subspace,
     add_project_back_,
+    all_finite,
     effective_rank,
     fira_folded_update_,
     fira_residual,
@@ -61,10 +63,11 @@ from ..projection import (
     resolve_projector,
     resolve_side,
     rotate_moments_,
+    rotated_moments,
     rotates,
     rotations,
 )
-from ..state_keys import EXP_AVG, EXP_AVG_SQ, STEP
+from ..state_keys import EXP_AVG, EXP_AVG_SQ, MATRIX_RANK, STEP
 from ._state import StateDtypeKeeper, state_mismatch
 from ._validation import (
     add_checked_group,
@@ -88,10 +91,12 @@ from .moments import (
     FullPrecision,
     MomentFormat,
     QuantizedMoments,
+    moment_state_bytes,
     quantized_moments,
     quantized_state_dtypes,
     resolve_moment_format,
 )
+from .ranks import AUTO, allocate_ranks
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
@@ -126,6 +131,15 @@ class _Batch(NamedTuple):
     sources: list[Tensor]
     #: Each block's quantized moments (``moment_format``), or ``None`` where they are plain tensors.
     moments: list[QuantizedMoments | None]
+
+
+class _Resized(NamedTuple):
+    """A matrix's rebuilt rank-dependent state (``rank="auto"``), as the step continues with it."""
+
+    projection: Projection
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    moments: QuantizedMoments | None
 
 
 class GaLoreAdamW(Optimizer):
@@ -307,7 +321,7 @@ class GaLoreAdamW(Optimizer):
         check_no_duplicates(tensors, self.param_groups)
         self._prepare_group(param_group, index)
         normalize_scalars(param_group)
-        check_group_keys(param_group, [*self.defaults, "rank", "scoring"], index)
+        check_group_keys(param_group, [*self.defaults, "rank", "scoring", "state_budget"], index)
         check_param_tensors(tensors, index)
         where = f" in param group {index}"
         if "projector" in param_group or "scoring" in param_group:
@@ -345,6 +359,14 @@ class GaLoreAdamW(Optimizer):
                 "orthonormal, so there is no change of coordinates to rotate the moments by: use 'keep' or 'reset'."
             )
         shapes = [matrix_shape(p) for p in group["params"]]
+        if group["rank"] == AUTO:
+            least = sum(self.rank_state_bytes(group, param, 1) for param in group["params"])
+            if least > group["state_budget"]:
+                raise ValueError(
+                    f"Invalid state_budget{where}: {group['state_budget']}. Rank 1 for each of its {len(shapes)} "
+                    f"matrices already needs {least} bytes of state: allowed is at least {least}."
+                )
+            return
         clamped = [shape for shape in shapes if group["rank"] > min(shape)]
         if clamped:
             warnings.warn(
@@ -411,6 +433,17 @@ class GaLoreAdamW(Optimizer):
             "moment_dtype=torch.bfloat16 to halve the moments instead)."
         )
 
+    def _check_adaptive_rank(self, group: dict[str, Any], index: int) -> None:
+        """``rank="auto"`` rebuilds a matrix's state at a refresh, which a layout must declare it can
+        (``Layout.steps_adaptive_ranks``); refuse it under another rather than run it wrongly."""
+        if group.get("rank") != AUTO or getattr(self.layout, "steps_adaptive_ranks", False):
+            return
+        raise ValueError(
+            f"Invalid rank in param group {index}: 'auto'. Adaptive ranks are not yet supported under "
+            f"{type(self.layout).__name__} (it does not declare steps_adaptive_ranks); allowed there: a positive "
+            "integer rank. rank='auto' runs on whole tensors (one process)."
+        )
+
     def _check_state(self, group: dict[str, Any]) -> None:
         """The state a parameter already has must still fit it: a model changed after the first step
         (``model.to(dtype or device)``, a resized layer) would otherwise fail half-way through a step (a
@@ -420,7 +453,7 @@ class GaLoreAdamW(Optimizer):
             state = self.state.get(param)
             if param.grad is None or not state:
                 continue
-            mismatch = state_mismatch(param, state, self._expected_state(group, param))
+            mismatch = state_mismatch(param, state, self._expected_state(group, param, state.get(MATRIX_RANK)))
             if mismatch is not None:
                 key, found, shape, dtype = mismatch
                 index, position = self._where(param)
@@ -432,15 +465,20 @@ class GaLoreAdamW(Optimizer):
                     "a state dict into it, which converts dtypes and devices)."
                 )
 
-    def _expected_state(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """``{key: (shape, dtype)}`` of the state :meth:`_init_state` builds for ``param`` (``step`` aside)."""
+    def _expected_state(
+        self, group: dict[str, Any], param: Tensor, rank: int | None = None
+    ) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """``{key: (shape, dtype)}`` of the state :meth:`_init_state` builds for ``param`` (``step`` aside),
+        at the matrix's current ``rank`` in a ``rank="auto"`` group."""
         options = tuple(group.get(key) for key in ("rank", "proj_type", "projector", "moment_dtype", "moment_format"))
-        cache_key = (tuple(param.shape), param.dtype, "rank" in group, options)
+        cache_key = (tuple(param.shape), param.dtype, "rank" in group, options, rank)
         expected = self._expected_states.get(cache_key)
         if expected is None:
-            built: dict[str, Any] = {}
+            built: dict[str, Any] = {} if rank is None else {MATRIX_RANK: rank}
             self._init_state(group, torch.empty(param.shape, dtype=param.dtype, device="meta"), built)
-            expected = {key: (value.shape, value.dtype) for key, value in built.items() if key != STEP}
+            expected = {
+                key: (value.shape, value.dtype) for key, value in built.items() if key != STEP and isinstance(value, Tensor)
+            }
             self._expected_states[cache_key] = expected
         return expected
 
@@ -454,14 +492,18 @@ class GaLoreAdamW(Optimizer):
     _limiter_key: str | None = None
 
     @classmethod
-    def _intended_state_dtype(cls, group: dict[str, Any], param: Tensor, key: str) -> torch.dtype | None:
+    def _intended_state_dtype(
+        cls, group: dict[str, Any], param: Tensor, key: str, state: Mapping[str, Any] | None = None
+    ) -> torch.dtype | None:
         """Moments are kept in ``moment_dtype`` (8-bit moments: ``uint8`` codes and fp32 scales), a
         projector's fixed-dtype tensors (DCT indices: int64) in their dtype and the limiter's norm in fp32;
-        everything else follows the parameter."""
+        everything else follows the parameter. ``state``: the parameter's (saved) state, whose
+        ``matrix_rank`` decides a ``rank="auto"`` matrix's moment shape."""
         if key in (EXP_AVG, EXP_AVG_SQ):
             fmt = resolve_moment_format(group.get("moment_format", "full"))
             # A layout's flat partitions never hold quantized moments (refused at step), and have no matrix shape.
-            if not isinstance(fmt, FullPrecision) and fmt.quantizes(_moment_placement(group, param.shape)[0]):
+            shape = _moment_placement(group, param.shape, _stored_rank(state))[0]
+            if not isinstance(fmt, FullPrecision) and fmt.quantizes(shape):
                 return torch.uint8
             return group["moment_dtype"] or param.dtype
         if key == cls._limiter_key:
@@ -469,11 +511,12 @@ class GaLoreAdamW(Optimizer):
         return {**projector_state_dtypes(), **quantized_state_dtypes()}.get(key)
 
     @staticmethod
-    def _compute_dtype(group: dict[str, Any], param: Tensor) -> torch.dtype:
+    def _compute_dtype(group: dict[str, Any], param: Tensor, state: Mapping[str, Any] | None = None) -> torch.dtype:
         """The dtype the step computes ``M``, ``V`` and ``N`` of ``param`` in: fp32 for quantized moments
         (the ``blockwise_adam_`` op's), else the moments' own dtype."""
         fmt = group["moment_format"]
-        if not isinstance(fmt, FullPrecision) and fmt.quantizes(_moment_placement(group, param.shape)[0]):
+        shape = _moment_placement(group, param.shape, _stored_rank(state))[0]
+        if not isinstance(fmt, FullPrecision) and fmt.quantizes(shape):
             return torch.float32
         return group["moment_dtype"] or param.dtype
 
@@ -481,14 +524,24 @@ class GaLoreAdamW(Optimizer):
         """The state of one parameter, every tensor made by the layout (:meth:`Layout.new_state`) from its
         whole shape and how it lines up with the parameter: ``rows`` (dimension 0 runs along the
         parameter's rows), ``columns`` (dimension 1 along its columns) or ``replicated``."""
-        moment_dtype = group["moment_dtype"] or param.dtype
-        new = self.layout.new_state
         # A CPU scalar like torch's Adam: reading it for the refresh decision never syncs a device.
         state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-        moment_shape, moments = _moment_placement(group, param.shape)
+        if group.get("rank") == AUTO:
+            # Rank 0 (no moments, no basis) until the first refresh allocates one (optim.ranks).
+            state.setdefault(MATRIX_RANK, 0)
+        self._init_rank_state(group, param, state)
+        if "rank" in group and self._limiter_key is not None:
+            state[self._limiter_key] = torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def _init_rank_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        """The state tensors whose shapes follow the rank (the projector's and the moments), at the rank
+        :func:`matrix_rank` reads (also what a ``rank="auto"`` refresh rebuilds at a new rank)."""
+        moment_dtype = group["moment_dtype"] or param.dtype
+        new = self.layout.new_state
+        moment_shape, moments = _moment_placement(group, param.shape, state.get(MATRIX_RANK))
         if "rank" in group:
             side = resolve_side(group["proj_type"], param.shape)
-            rank = effective_rank(group["rank"], param.shape)
+            rank = matrix_rank(group, param.shape, state)
             projector: Projector = group["projector"]
             # A layout's stand-in for a piece of a matrix (DeepSpeed's fragments) carries the position.
             ordinal = self._ordinals.get(id(param), getattr(param, "ordinal", None))
@@ -501,8 +554,27 @@ class GaLoreAdamW(Optimizer):
         for spec in fmt.tensors(moment_shape, moment_dtype, moments):
             state[spec.key] = new(param, spec.shape, spec.dtype or moment_dtype, spec.sharding)
             fmt.initial(spec, state[spec.key])
-        if "rank" in group and self._limiter_key is not None:
-            state[self._limiter_key] = torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def _rank_state_keys(self, group: dict[str, Any], shape: tuple[int, ...], rank: int) -> list[str]:
+        """The keys :meth:`_init_rank_state` makes for a matrix of ``shape`` at ``rank``."""
+        side = resolve_side(group["proj_type"], shape)
+        matrix = cast("tuple[int, int]", shape)
+        moment_shape, sharding = _moment_placement(group, shape, rank)
+        specs = group["projector"].tensors(matrix, rank, side)
+        specs += group["moment_format"].tensors(moment_shape, torch.float32, sharding)
+        return [spec.key for spec in specs]
+
+    def rank_state_bytes(self, group: dict[str, Any], param: Tensor, rank: int) -> int:
+        """Bytes of the rank-dependent state of one projected matrix of ``group`` at ``rank``: its
+        projector's tensors and its two moments as ``moment_format`` stores them in ``moment_dtype``
+        (what ``state_budget`` bounds in a ``rank="auto"`` group, :mod:`lowrank_optim.optim.ranks`)."""
+        shape = matrix_shape(param)
+        side = resolve_side(group["proj_type"], shape)
+        total = 0
+        for spec in group["projector"].tensors(cast("tuple[int, int]", shape), rank, side):
+            total += math.prod(spec.shape) * torch.empty((), dtype=spec.dtype or param.dtype).element_size()
+        moment_shape, sharding = _moment_placement(group, shape, rank)
+        return total + moment_state_bytes(group["moment_format"], moment_shape, group["moment_dtype"] or param.dtype, sharding)
 
     @staticmethod
     def _projection(group: dict[str, Any], shape: tuple[int, ...], state: dict[str, Any]) -> Projection | None:
@@ -510,7 +582,7 @@ class GaLoreAdamW(Optimizer):
         if "rank" not in group:
             return None
         side = resolve_side(group["proj_type"], shape)
-        rank = effective_rank(group["rank"], shape)
+        rank = matrix_rank(group, shape, state)
         projector: Projector = group["projector"]
         matrix_shape = cast("tuple[int, int]", tuple(shape))  # a projected group holds matrices
         tensors = tuple(state[spec.key] for spec in projector.tensors(matrix_shape, rank, side))
@@ -585,12 +657,64 @@ class GaLoreAdamW(Optimizer):
                 batch.states.append(block.state)
                 batch.skip_counts.append(cast(Tensor, count))  # set above for a parameter with blocks
                 batch.sources.append(param)
-                shape, sharding = _moment_placement(group, block.shape)
+                shape, sharding = _moment_placement(group, block.shape, block.state.get(MATRIX_RANK))
                 batch.moments.append(quantized_moments(group["moment_format"], shape, sharding, block.state))
         return batch if batch.params else None
 
+    def _allocated_ranks(self, group: dict[str, Any], batch: _Batch) -> list[int | None] | None:
+        """``rank="auto"``: the rank each matrix due for a refresh now takes (``None``: not due, or its
+        gradient is not finite, so it keeps its rank), chosen under the group's ``state_budget`` by
+        :func:`~lowrank_optim.optim.ranks.allocate_ranks` from the gradients' energies. The group's other
+        matrices are charged the state they hold (at least their rank-1 cost), so the total never exceeds
+        the budget whichever matrices refresh together."""
+        gap = group["update_proj_gap"]
+        due = [
+            i
+            for i, projection in enumerate(batch.projections)
+            if projection is not None and int(batch.steps[i].item()) % gap == 0 and all_finite(batch.grads[i])
+        ]
+        if not due:
+            return None
+        refreshing = {id(batch.sources[i]) for i in due}
+        held = 0
+        for param in group["params"]:
+            if id(param) not in refreshing:
+                rank = max(_stored_rank(self.state.get(param)) or 0, 1)
+                held += max(self.rank_state_bytes(group, param, rank), self.rank_state_bytes(group, param, 1))
+        energies = []
+        for i in due:
+            projection = cast(Projection, batch.projections[i])
+            energies.append(projection.projector.energies(batch.grads[i], projection.side)[: min(batch.grads[i].shape)])
+        costs = [functools.partial(self.rank_state_bytes, group, batch.sources[i]) for i in due]
+        ranks: list[int | None] = [None] * len(batch.params)
+        for i, rank in zip(due, allocate_ranks(energies, costs, group["state_budget"] - held)):
+            ranks[i] = rank
+        return ranks
+
+    def _resizer(self, group: dict[str, Any], batch: _Batch) -> Callable[[int, int], _Resized]:
+        """What the step calls to rebuild matrix ``index``'s rank-dependent state at a new ``rank``
+        (``rank="auto"``): the old tensors leave the state (the step still holds them to move the
+        moments), new zero ones of the new shapes take their keys."""
+
+        def resize(index: int, rank: int) -> _Resized:
+            param, state = batch.params[index], batch.states[index]
+            for key in self._rank_state_keys(group, tuple(param.shape), state[MATRIX_RANK]):
+                state.pop(key, None)
+            state[MATRIX_RANK] = rank
+            self._init_rank_state(group, param, state)
+            shape, sharding = _moment_placement(group, param.shape, rank)
+            return _Resized(
+                cast(Projection, self._projection(group, tuple(param.shape), state)),
+                state[EXP_AVG],
+                state[EXP_AVG_SQ],
+                quantized_moments(group["moment_format"], shape, sharding, state),
+            )
+
+        return resize
+
     def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
         beta1, beta2 = group["betas"]
+        auto = group.get("rank") == AUTO
         galore_adamw(
             batch.params,
             batch.grads,
@@ -614,6 +738,8 @@ class GaLoreAdamW(Optimizer):
             found_inf=found_inf,
             exchange=self.layout.exchange(group, batch.sources),
             quantized=batch.moments,
+            ranks=self._allocated_ranks(group, batch) if auto else None,
+            resize=self._resizer(group, batch) if auto else None,
             **self._update_terms(group, batch),
         )
 
@@ -637,6 +763,7 @@ class GaLoreAdamW(Optimizer):
                 self._check_state(group)
             self._check_step(group, index)
             self._check_moment_format(group, index)
+            self._check_adaptive_rank(group, index)
         found_inf = self.layout.begin_step(self.param_groups)
         for group in self.param_groups:
             batch = self._collect(group)
@@ -753,8 +880,16 @@ def galore_adamw(
     apollo: ApolloTerm | None = None,
     exchange: Exchange | None = None,
     quantized: list[QuantizedMoments | None] | None = None,
+    ranks: list[int | None] | None = None,
+    resize: Callable[[int, int], _Resized] | None = None,
 ) -> None:
     """Functional GaLore-AdamW step over parallel lists; see the module docstring for the math.
+
+    ``ranks[i]``, where given and not ``None``, is the rank projected parameter ``i`` takes at the refresh
+    due now (``rank="auto"``, :mod:`lowrank_optim.optim.ranks`); where it differs from its current rank,
+    ``resize(i, rank)`` rebuilds its state at the new rank and the moments move into it by the moment
+    policy: ``reset`` zeros them, ``rotate`` rotates them by the ``r_old x r_new`` change of coordinates,
+    ``keep`` carries them by :meth:`Projector.carry` (by position; DCT frequencies by identity).
 
     ``quantized[i]``, where given and not ``None``, holds parameter ``i``'s 8-bit moments
     (:class:`~lowrank_optim.optim.moments.QuantizedMoments`; ``exp_avgs[i]`` and ``exp_avg_sqs[i]`` are then
@@ -829,10 +964,17 @@ def galore_adamw(
             fira=None if fira is None else fira._replace(residual_norms=fira.residual_norms[chunk]),
             apollo=None if apollo is None else apollo._replace(update_norms=apollo.update_norms[chunk]),
             quantized=[None] * (chunk.stop - chunk.start) if quantized is None else quantized[chunk],
+            ranks=[None] * (chunk.stop - chunk.start) if ranks is None else ranks[chunk],
+            resize=None if resize is None else functools.partial(_offset_resize, resize, chunk.start),
             fused=fused,
             foreach=foreach,
             exchange=exchange,
         )
+
+
+def _offset_resize(resize: Callable[[int, int], _Resized], offset: int, index: int, rank: int) -> _Resized:
+    """``resize`` of the whole lists, called with an index into one chunk of them."""
+    return resize(offset + index, rank)
 
 
 def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
@@ -995,6 +1137,34 @@ def _install_projector(
         stored.copy_(value)
 
 
+def _install_resized(
+    old: Projection,
+    resized: _Resized,
+    new: list[Tensor],
+    moments: tuple[Tensor, ...],
+    rotation: list[Tensor] | None,
+    *,
+    fused: bool,
+) -> None:
+    """:func:`_install_projector` across a rank change (``rank="auto"``): the new projector goes into the
+    rebuilt state (``resized``), and the old moments (``moments``, in the old coordinates; empty where
+    they start at zero) into its new moments, rotated (``rotation``: ``r_old x r_new``) or carried by the
+    projector's ``keep`` rule (:meth:`Projector.carry`)."""
+    for stored, value in zip(resized.projection.tensors, new):
+        stored.copy_(value)
+    if not moments:
+        return  # the rebuilt moments are zero, as a first refresh or "reset" wants
+    if rotation is not None:
+        values = list(rotated_moments(moments[0], moments[1], old.side, rotation))
+    else:
+        values = old.projector.carry(moments, old.tensors, new, old.side, resized.projection.rank)
+    if resized.moments is not None:
+        resized.moments.store_(values[0], values[1], fused=fused)
+    else:
+        resized.exp_avg.copy_(values[0])
+        resized.exp_avg_sq.copy_(values[1])
+
+
 def _count_skips(skip_counts: list[Tensor] | None, indices: list[int], skips: Mapping[int, Tensor | int | None]) -> None:
     """Add each skip to its tensor's counter, once per counter (the matrices of one flat partition share
     one, and one shared decision)."""
@@ -1023,6 +1193,8 @@ def _refresh_due(
     fused: bool,
     exchange: Exchange,
     quantized: list[QuantizedMoments | None],
+    ranks: list[int | None],
+    resize: Callable[[int, int], _Resized] | None,
 ) -> set[int]:
     """Refresh the projectors of the matrices ``due`` now; return those whose update must be skipped
     (their counter stays, so the refresh is retried at the next step): a refresh that met a NaN/Inf
@@ -1046,11 +1218,13 @@ def _refresh_due(
         wholes, finite = exchange.refresh_gradients(chunk, [grads[index] for index in chunk])
         # The first refresh replaces placeholders: nothing to rotate (a seed chain still reads its start).
         rotate = {index: rotates(moment_policy, steps[index]) for index in chunk}
+        # The rank each refresh computes at (rank="auto" may change it).
+        target = {index: projected[index].rank if ranks[index] is None else cast(int, ranks[index]) for index in chunk}
         # What each refresh shares: the projector's tensors, then the rotations (refresh_specs).
         shared_specs = {
             index: refresh_specs(
-                projected[index].projector, exchange.shape(index, grads[index]), projected[index].rank,
-                projected[index].side, rotate[index],
+                projected[index].projector, exchange.shape(index, grads[index]), target[index],
+                projected[index].side, rotate[index], projected[index].rank,
             )
             for index in chunk
         }
@@ -1069,7 +1243,7 @@ def _refresh_due(
             shape = exchange.shape(index, grads[index])
             old = previous[index] if projection.projector.uses_previous else None
             tensors = projection.projector.refresh(
-                whole, projection.rank, projection.side, old, fused=fused, first=steps[index] == 0
+                whole, target[index], projection.side, old, fused=fused, first=steps[index] == 0
             )
             if rotate[index]:
                 subspace = projection.projector.subspace
@@ -1077,7 +1251,7 @@ def _refresh_due(
                 before = cast("list[Tensor]", previous[index])
                 tensors += rotations(
                     subspace(before, projection.side, shape, projection.rank, torch.float32, whole.device),
-                    subspace(tensors, projection.side, shape, projection.rank, torch.float32, whole.device),
+                    subspace(tensors, projection.side, shape, target[index], torch.float32, whole.device),
                 )
             new.append(tensors)
         local = exchange.share_projectors(chunk, [shared_specs[index] for index in chunk], new, finite)
@@ -1104,6 +1278,13 @@ def _refresh_due(
                 carried: tuple[Tensor, ...] = (exp_avgs[index], exp_avg_sqs[index]) if moves else ()
             else:  # the policy works on fp32 values, requantized below (a refresh is rare)
                 carried = moments.load(fused=fused) if moves else ()
+            if target[index] != projected[index].rank:
+                assert resize is not None  # given with the ranks
+                resized = resize(index, target[index])
+                _install_resized(projected[index], resized, projector_pieces, carried, rotation, fused=fused)
+                projections[index], quantized[index] = resized.projection, resized.moments
+                exp_avgs[index], exp_avg_sqs[index] = resized.exp_avg, resized.exp_avg_sq
+                continue
             _install_projector(projected[index], projector_pieces, carried, rotation)
             if moments is not None and carried:
                 moments.store_(*carried, fused=fused)
@@ -1145,6 +1326,8 @@ def _galore_adamw_impl(
     fira: FiraTerm | None,
     apollo: ApolloTerm | None,
     quantized: list[QuantizedMoments | None],
+    ranks: list[int | None],
+    resize: Callable[[int, int], _Resized] | None,
     fused: bool,
     foreach: bool,
     exchange: Exchange,
@@ -1177,6 +1360,8 @@ def _galore_adamw_impl(
             fused=fused,
             exchange=exchange,
             quantized=quantized,
+            ranks=ranks,
+            resize=resize,
         )
     if skipped:
         # Matrices that share a step counter (one flat partition) are deferred together: the counter stays.
@@ -1317,15 +1502,29 @@ def _galore_adamw_impl(
     exchange.finish()
 
 
-def _moment_placement(group: dict[str, Any], shape: Sequence[int]) -> tuple[tuple[int, ...], str]:
+def matrix_rank(group: dict[str, Any], shape: Sequence[int], state: Mapping[str, Any] | None = None) -> int:
+    """The rank a projected matrix of whole ``shape`` has now: ``min(rank, m, n)``, or in a ``rank="auto"``
+    group the one its state records (0 before its first refresh, :mod:`lowrank_optim.optim.ranks`)."""
+    if group["rank"] == AUTO:
+        return _stored_rank(state) or 0
+    return effective_rank(group["rank"], tuple(shape))
+
+
+def _stored_rank(state: Mapping[str, Any] | None) -> int | None:
+    """The ``matrix_rank`` a (saved) state records, or ``None``."""
+    return None if state is None else state.get(MATRIX_RANK)
+
+
+def _moment_placement(group: dict[str, Any], shape: Sequence[int], rank: int | None = None) -> tuple[tuple[int, ...], str]:
     """The whole shape of a parameter's moments in ``group`` and how they line up with it
     (``optim.layout.SHARDINGS``): the low-rank gradient's (``r x n`` along the columns for a left
-    projection, ``m x r`` along the rows for a right one), or the parameter's own."""
+    projection, ``m x r`` along the rows for a right one), or the parameter's own. ``rank``: the matrix's
+    current rank in a ``rank="auto"`` group (its ``matrix_rank``)."""
     whole = tuple(shape)
     if "rank" not in group:
         return whole, "rows"
     side = resolve_side(group["proj_type"], whole)
-    rank = effective_rank(group["rank"], whole)
+    rank = matrix_rank(group, whole) if rank is None else rank
     sharding = {Side.RIGHT: "rows", Side.LEFT: "columns", Side.FULL: "replicated"}[side]
     return tuple(lowrank_shape(whole, rank, side)), sharding
 

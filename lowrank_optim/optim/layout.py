@@ -86,6 +86,9 @@ class DenseLayout:
     #: Whether every stored row of a state tensor lies on one process, which quantized moments need (their
     #: blocks run along rows, :mod:`lowrank_optim.optim.moments`); a layout without it refuses them.
     steps_quantized_moments = True
+    #: Whether a refresh may rebuild a matrix's state at another rank (``rank="auto"``,
+    #: :mod:`lowrank_optim.optim.ranks`); a layout without it refuses such groups.
+    steps_adaptive_ranks = True
 
     def check_group(self, optimizer: GaLoreAdamW, group: dict[str, Any]) -> bool:
         """A projected group must still hold the 2-D matrices it was built with."""

@@ -37,6 +37,7 @@ __all__ = [
     "basis_matrix",
     "DCTSelection",
     "FFT_SCORING_MIN_SIZE",
+    "carried_moment",
     "carry_moment_",
     "dct_ii",
     "dct_matrix",
@@ -220,18 +221,28 @@ def basis_matrix(size: int, dtype: torch.dtype, device: torch.device, basis: str
 
 
 def carry_moment_(moment: Tensor, old: Tensor, new: Tensor, dim: int) -> Tensor:
-    """Move the slices of ``moment`` along ``dim`` from sorted indices ``old`` to sorted indices ``new``.
-
-    Slice ``j`` of the result is the old slice of the frequency ``new[j]`` if that frequency was selected
-    before, else zero: a frequency that stays selected keeps its statistics at its new position.
-    Device-side only (no host sync).
+    """Move the slices of ``moment`` along ``dim`` from sorted indices ``old`` to sorted indices ``new``, in
+    place (:func:`carried_moment` with as many indices before as after). Device-side only (no host sync).
     """
-    position = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
-    kept = old[position] == new
+    return moment.copy_(carried_moment(moment, old, new, dim))
+
+
+def carried_moment(moment: Tensor, old: Tensor, new: Tensor, dim: int) -> Tensor:
+    """A new tensor whose slice ``j`` along ``dim`` is the slice of ``moment`` that belonged to frequency
+    ``new[j]`` if that frequency was among the sorted ``old`` ones, else zero: a frequency that stays
+    selected keeps its statistics at its new position. ``old`` and ``new`` may differ in length
+    (``rank="auto"``).
+    """
     shape = [1] * moment.dim()
     shape[dim] = -1
+    if old.numel() == 0:
+        sizes = list(moment.shape)
+        sizes[dim] = new.numel()
+        return moment.new_zeros(sizes)
+    position = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    kept = old[position] == new
     moved = moment.index_select(dim, position)
-    return moment.copy_(torch.where(kept.view(shape), moved, 0))
+    return torch.where(kept.view(shape), moved, 0)
 
 
 def refresh_dct_selection_(
@@ -341,7 +352,29 @@ class DCTProjector(Projector):
         return dct_subspace(DCTSelection(side, left, right), shape, dtype, device, self.basis)
 
     def follow_(self, moments: Sequence[Tensor], old: Sequence[Tensor], new: Sequence[Tensor], side: Side) -> None:
+        for moment, value in zip(moments, self.carry(moments, old, new, side, 0)):
+            moment.copy_(value)
+
+    def carry(
+        self, moments: Sequence[Tensor], old: Sequence[Tensor], new: Sequence[Tensor], side: Side, rank: int
+    ) -> list[Tensor]:
+        # The frequencies say where each moment slice goes, whatever the two ranks (``rank`` is len(new)).
         dims = {Side.LEFT: [0], Side.RIGHT: [-1], Side.FULL: [0, -1]}[side]
-        for dim, before, after in zip(dims, old, new):
-            for moment in moments:
-                carry_moment_(moment, before, after, dim)
+        result = []
+        for moment in moments:
+            for dim, before, after in zip(dims, old, new):
+                moment = carried_moment(moment, before, after, dim)
+            result.append(moment)
+        return result
+
+    def energies(self, grad: Tensor, side: Side) -> Tensor:
+        """The squared L2 norm of each frequency's coefficients, in decreasing order: the gradient energy
+        each further frequency captures (they sum to ``||G||_F²``). The selection ranks frequencies by
+        their L1 norms (the paper's score), so the ``k`` selected ones capture about, not exactly, the top
+        ``k`` of these. A ``full`` projection is allocated by its singular values (the base rule)."""
+        if side is Side.FULL:
+            return super().energies(grad, side)
+        x = scoring_input(grad)
+        x = x if side is Side.RIGHT else x.T
+        q = basis_matrix(x.shape[1], x.dtype, x.device, self.basis)
+        return (x @ q.T).square_().sum(dim=0).float().sort(descending=True).values

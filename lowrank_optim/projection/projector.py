@@ -48,6 +48,8 @@ __all__ = [
     "rotates",
     "rotate_moments_",
     "rotations",
+    "rotated_moments",
+    "resize_rank",
 ]
 
 
@@ -129,6 +131,28 @@ class Projector:
         """Under ``moment_policy="keep"``, move the moments (in the old projected coordinates) to the new
         ones where the basis vectors have identities; the default leaves them as they are (GaLore)."""
 
+    def carry(
+        self, moments: Sequence[Tensor], old: Sequence[Tensor], new: Sequence[Tensor], side: Side, rank: int
+    ) -> list[Tensor]:
+        """:meth:`follow_` across a rank change (``rank="auto"``): new moment tensors in the coordinates of
+        ``new``, made for ``rank``, which may differ from the rank of ``old`` and of the moments. The
+        default keeps coordinates by position, as ``keep`` does at a fixed rank: the first
+        ``min(r_old, r_new)`` rank slices carry over and new ones start at zero (an SVD basis is sorted by
+        singular value, so a shrinking rank drops the weakest directions of the last refresh)."""
+        return [resize_rank(moment, side, rank) for moment in moments]
+
+    def energies(self, grad: Tensor, side: Side) -> Tensor:
+        """How much of the whole gradient ``grad`` each further direction of this projector would capture,
+        in decreasing order (1-D fp32 with ``min(m, n)`` entries at most, summing to ``||G||_F²`` where the
+        directions span everything): what ``rank="auto"`` allocates ranks by. The default is the squared
+        singular values, the energy the top-``k`` SVD subspace captures (Eckart-Young), also the best any
+        projector of rank ``k`` can capture."""
+        try:
+            values = torch.linalg.svdvals(grad.float())
+        except torch.linalg.LinAlgError:
+            values = torch.linalg.svdvals(grad.double()).float()
+        return values.square()
+
     def to_state(self) -> str | dict[str, Any]:
         """This projector as plain values for a state dict: its name, or a dict with its options."""
         return to_state(self)
@@ -196,14 +220,31 @@ def rotates(moment_policy: str, step: int) -> bool:
     return moment_policy == "rotate" and step > 0
 
 
-def refresh_specs(projector: Projector, shape: tuple[int, int], rank: int, side: Side, rotate: bool) -> list[ProjectorTensor]:
-    """What a refresh shares with every holder of a matrix: the projector's tensors, then (``rotate``) the
-    change of coordinates of :func:`rotations` (replicated ``r x r`` fp32 matrices, left first)."""
+def refresh_specs(
+    projector: Projector, shape: tuple[int, int], rank: int, side: Side, rotate: bool, old_rank: int | None = None
+) -> list[ProjectorTensor]:
+    """What a refresh shares with every holder of a matrix: the projector's tensors at ``rank``, then
+    (``rotate``) the change of coordinates of :func:`rotations` (replicated ``r_old x r`` fp32 matrices,
+    left first; ``old_rank`` ``None``: the rank does not change)."""
     specs = projector.tensors(cast("tuple[int, int]", tuple(shape)), rank, side)
     if rotate:
         count = 2 if side is Side.FULL else 1
-        specs += [ProjectorTensor(f"rotation_{k}", (rank, rank), torch.float32, "replicated") for k in range(count)]
+        before = rank if old_rank is None else old_rank
+        specs += [ProjectorTensor(f"rotation_{k}", (before, rank), torch.float32, "replicated") for k in range(count)]
     return specs
+
+
+def resize_rank(moment: Tensor, side: Side, rank: int) -> Tensor:
+    """``moment`` (in projected coordinates: ``m x r`` right, ``r x n`` left, ``r x r`` full) truncated or
+    zero-padded along its rank dimension(s) to ``rank``: a new tensor."""
+    dims = {Side.RIGHT: [1], Side.LEFT: [0], Side.FULL: [0, 1]}[side]
+    shape = list(moment.shape)
+    for dim in dims:
+        shape[dim] = rank
+    result = moment.new_zeros(shape)
+    kept = tuple(slice(0, min(moment.shape[dim], rank)) if dim in dims else slice(None) for dim in range(moment.dim()))
+    result[kept] = moment[kept]
+    return result
 
 
 def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, side: Side, rotation: Sequence[Tensor]) -> None:
@@ -218,18 +259,26 @@ def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, side: Side, rotation: S
     stay selected, SVD directions that only flip or swap), and the part of ``V`` outside the new
     subspace is dropped as it is for ``M``.
     """
+    for moment, value in zip((exp_avg, exp_avg_sq), rotated_moments(exp_avg, exp_avg_sq, side, rotation)):
+        if moment.numel() != 0:
+            moment.copy_(value)
+
+
+def rotated_moments(exp_avg: Tensor, exp_avg_sq: Tensor, side: Side, rotation: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The rule of :func:`rotate_moments_`, out of place: ``(M', V')`` in the new coordinates (in the
+    rotation's dtype), whose rank may differ from the old one (``rank="auto"``: ``C`` is ``r_old x r_new``)."""
     if side is Side.FULL:
         left, right = rotation
     elif side is Side.LEFT:
         left, right = rotation[0], None
     else:
         left, right = None, rotation[0]
+    result = []
     for moment, squared in ((exp_avg, False), (exp_avg_sq, True)):
-        if moment.numel() == 0:
-            continue
         value = moment.to(left.dtype if left is not None else cast(Tensor, right).dtype)  # one side is always given
         if left is not None:
             value = (left * left if squared else left).T @ value
         if right is not None:
             value = value @ (right * right if squared else right)
-        moment.copy_(value)
+        result.append(value)
+    return result[0], result[1]

@@ -1,0 +1,81 @@
+"""Adaptive ranks (``rank="auto"``): each projected matrix's rank chosen at a refresh from its gradient
+spectrum, under one state-memory budget for the group.
+
+WeLore (Jaiswal et al., 2024, arXiv 2407.11239) finds that the matrices of a model become low-rank to
+very different degrees, so that one rank for all of them wastes memory on some and starves others. Its
+pretraining counterpart, which this module implements (the paper compresses trained weights; choosing
+the ranks of GaLore-style training from the gradients under a budget is ours): a param group with
+``rank="auto"`` and ``state_budget=B`` (bytes) gives its matrices ranks that together keep at most ``B``
+bytes of rank-dependent state, re-chosen at every refresh.
+
+The rule. Matrix ``i`` has gradient energies ``e_i1 >= e_i2 >= ...`` (:meth:`Projector.energies`: the
+squared singular values; for DCT, the frequencies' energies), total ``E_i = Σ_j e_ij``, and at rank ``k``
+costs ``c_i(k)`` bytes of state (its moments as its moment format stores them and its projector's
+tensors: :meth:`GaLoreAdamW.rank_state_bytes`). Each matrix gets at least rank 1; then, repeatedly, the
+next direction with the most captured energy fraction per byte, ``(e_i,k+1 / E_i) / (c_i(k+1) - c_i(k))``,
+is added while the total fits ``B`` and the direction carries energy. The fraction, not the raw energy,
+is what counts: gradient scales differ by orders of magnitude between layers (the output layer's
+dwarfs the rest), and raw energy would hand it the whole budget. Since each matrix's gains decrease with
+its rank, this greedy choice is the optimum of the fractional relaxation of the knapsack
+``max Σ_i F_i(k_i)  s.t.  Σ_i c_i(k_i) <= B`` (``F_i``: the captured fraction, concave); a matrix whose next
+direction does not fit stops growing while smaller ones may still fit.
+
+Budget accounting. ``c_i(k)`` is exact (8-bit moments' scale blocks included), and a matrix is charged
+at least its rank-1 cost even before its first refresh, so that the bytes held never exceed ``B``
+between or at refreshes (asserted by the tests), whichever matrices refresh together. Rank-independent
+state (step counters, Fira's and APOLLO's limiter norms, the seed of the random projector) is not
+counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Callable, Sequence
+
+from torch import Tensor
+
+__all__ = ["AUTO", "allocate_ranks"]
+
+#: The ``rank`` value of a param group whose matrices' ranks are chosen from their gradients.
+AUTO = "auto"
+
+
+def allocate_ranks(
+    energies: Sequence[Tensor], costs: Sequence[Callable[[int], int]], budget: int
+) -> list[int]:
+    """Each matrix's rank (module docstring): ``energies[i]`` its decreasing gradient energies (one per
+    possible direction, so ``len(energies[i])`` is its largest rank), ``costs[i](k)`` its state bytes at
+    rank ``k >= 1``, ``budget`` the bytes they may hold together. Deterministic: ties go to the lower index.
+    Raises ``ValueError`` when even rank 1 everywhere exceeds ``budget``."""
+    ranks = [1] * len(energies)
+    charged = [costs[i](1) for i in range(len(energies))]
+    total = sum(charged)
+    if total > budget:
+        raise ValueError(
+            f"Invalid state_budget: {budget} bytes. Rank 1 for each of these {len(energies)} matrices already "
+            f"needs {total} bytes: allowed is a budget of at least {total}."
+        )
+    values = [[float(v) for v in e.tolist()] for e in energies]
+    sums = [sum(v) for v in values]
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        k = ranks[i]
+        if k >= len(values[i]) or sums[i] <= 0.0 or values[i][k] <= 0.0:
+            return
+        extra = costs[i](k + 1) - charged[i]
+        # A cost that does not grow (8-bit moments crossing their size threshold) is as good as free.
+        heapq.heappush(heap, (-(values[i][k] / sums[i]) / max(extra, 1), i))
+
+    for i in range(len(energies)):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        cost = max(costs[i](ranks[i] + 1), costs[i](1))
+        if total - charged[i] + cost > budget:
+            continue  # does not fit: this matrix stops growing
+        total += cost - charged[i]
+        charged[i] = cost
+        ranks[i] += 1
+        push(i)
+    return ranks
