@@ -98,7 +98,10 @@ def check_projection_group(group: dict[str, Any], index: int) -> None:
                 "bytes of rank-dependent state (moments and projector tensors) the group's matrices may hold together."
             )
     elif isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"Invalid rank{where}: {rank!r}. Must be a positive integer or 'auto'.")
+        raise ValueError(
+            f"Invalid rank{where}: {rank!r}. Must be a positive integer. Also allowed: 'auto' with a state_budget "
+            "(each matrix's rank chosen from its gradient under that many bytes of state)."
+        )
     elif "state_budget" in group:
         raise ValueError(
             f"Invalid state_budget{where}: {group['state_budget']!r}. It is read only with rank='auto' (this group "

@@ -272,7 +272,7 @@ class GaLoreAdafactor(Optimizer):
         index = len(self.param_groups)
         check_no_duplicates(tensors, self.param_groups)
         _normalize_options(param_group)
-        check_group_keys(param_group, [*self.defaults, "rank"], index)
+        check_group_keys(param_group, [*self.defaults, "rank", "state_budget"], index)
         check_param_tensors(tensors, index)
         _check_whole_tensors(tensors, index)
         if "projector" in param_group:

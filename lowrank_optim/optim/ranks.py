@@ -23,8 +23,8 @@ direction does not fit stops growing while smaller ones may still fit.
 Budget accounting. ``c_i(k)`` is exact (8-bit moments' scale blocks included), and a matrix is charged
 at least its rank-1 cost even before its first refresh, so that the bytes held never exceed ``B``
 between or at refreshes (asserted by the tests), whichever matrices refresh together. Rank-independent
-state (step counters, Fira's and APOLLO's limiter norms, the seed of the random projector) is not
-counted.
+state (step counters, Fira's and APOLLO's limiter norms) is not counted; every tensor the projector
+keeps is (APOLLO's 8-byte seed too: it is one of its tensors, whatever the rank).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from ..optim._validation import matrix_shape
 from ..optim.galore import GaLoreAdamW
 from ..optim.layout import DenseLayout
+from ..optim.ranks import AUTO
 
 __all__ = ["PerLayerUpdates"]
 
@@ -193,6 +194,16 @@ class PerLayerUpdates:
 
     def _sync(self) -> None:
         """Map every parameter of the optimizer to its current group, hooking the ones not hooked yet."""
+        for index, group in enumerate(self.optimizer.param_groups):
+            if group.get("rank") == AUTO:
+                # Its ranks share one budget, allocated over the group's matrices refreshing together; one
+                # matrix stepped alone would see the whole budget.
+                raise ValueError(
+                    f"PerLayerUpdates cannot step param group {index}: its rank is 'auto', whose state_budget is "
+                    "shared by the group's matrices and allocated when they refresh together, and per-layer updates "
+                    "step one matrix at a time. Allowed: a positive integer rank in that group (or step it "
+                    "without PerLayerUpdates)."
+                )
         group_of = {param: group for group in self.optimizer.param_groups for param in group["params"]}
         hooked = {id(param) for param in self._hooked}
         for param in group_of:
