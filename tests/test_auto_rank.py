@@ -517,3 +517,106 @@ def test_rank_state_bytes_matches_every_projector_and_format() -> None:
                 counted = optimizer.rank_state_bytes(optimizer.param_groups[0], p, min(rank, *p.shape))
                 assert _rank_tensor_bytes(optimizer, p) == counted, (projector, proj_type, fmt, rank)
             assert math.isfinite(float(params[0].detach().sum()))
+
+
+def test_set_matrix_rank_rebuilds_zero_state_at_the_rank_and_refuses_what_it_cannot() -> None:
+    """What :func:`lowrank_optim.distributed.dcp.match_saved_ranks` relies on: the state at the new rank
+    is what a fixed-rank optimizer of that rank builds (shapes, dtypes), and every bad call is refused
+    by name before anything changes."""
+    params = _params()
+    optimizer = GaLoreAdamW(_group(rank="auto", state_budget=10**6))
+    with pytest.raises(ValueError, match=_literal("set_matrix_rank: the matrix (shape (24, 16)) has no state yet")):
+        optimizer.set_matrix_rank(optimizer.param_groups[0]["params"][0], 2)
+    params = optimizer.param_groups[0]["params"]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    optimizer.step()
+    target = params[0]
+    step = optimizer.state[target]["step"].clone()
+    optimizer.set_matrix_rank(target, 5)
+    fixed = GaLoreAdamW([{"params": [nn.Parameter(target.detach().clone())], "rank": 5}])
+    fixed.param_groups[0]["params"][0].grad = torch.randn(target.shape)
+    fixed.step()
+    expected = fixed.state[fixed.param_groups[0]["params"][0]]
+    held = optimizer.state[target]
+    assert held["matrix_rank"] == 5 and torch.equal(held["step"], step)
+    for key, value in expected.items():
+        if isinstance(value, Tensor) and key != "step":
+            assert held[key].shape == value.shape and held[key].dtype == value.dtype, key
+            assert not held[key].any(), key
+    too_large = "Invalid rank for a matrix of shape (24, 16): 17. Must be an integer in [0, 16]"
+    with pytest.raises(ValueError, match=_literal(too_large)):
+        optimizer.set_matrix_rank(target, 17)
+    with pytest.raises(ValueError, match=_literal("Invalid rank for a matrix of shape (24, 16): True.")):
+        optimizer.set_matrix_rank(target, True)
+    with pytest.raises(ValueError, match=_literal("set_matrix_rank: the tensor (shape (3, 3)) is not in this optimizer's")):
+        optimizer.set_matrix_rank(nn.Parameter(torch.zeros(3, 3)), 1)
+    fixed_group = fixed.param_groups[0]["params"][0]
+    fixed_rank = "set_matrix_rank: param group 0 has rank 5; allowed: a group with rank='auto'"
+    with pytest.raises(ValueError, match=_literal(fixed_rank)):
+        fixed.set_matrix_rank(fixed_group, 2)
+    assert held["matrix_rank"] == 5
+
+
+def test_match_saved_ranks_refuses_a_state_dict_of_another_optimizer(tmp_path: Any) -> None:
+    from lowrank_optim.distributed.dcp import match_saved_ranks
+
+    optimizer = GaLoreAdamW(_group(rank="auto", state_budget=10**6))
+    with pytest.raises(ValueError, match=_literal("match_saved_ranks: optim_state_dict has no param groups, the optimizer 1")):
+        match_saved_ranks(optimizer, {}, tmp_path)
+    fixed = GaLoreAdamW(_group(rank=2))
+    assert match_saved_ranks(fixed, fixed.state_dict(), tmp_path) == 0  # nothing auto: nothing read
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_dcp_round_trip_in_one_process_continues_bitwise(tmp_path: Any) -> None:
+    """``get_state_dict`` / ``match_saved_ranks`` / ``dcp.load`` / ``set_state_dict`` without a process
+    group: a fresh optimizer (whose first state is at other ranks) continues bit for bit; a checkpoint
+    of a fixed-rank group is refused by name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from lowrank_optim.distributed.dcp import match_saved_ranks
+
+    def model_and_optimizer(rank: Any = "auto") -> tuple[nn.Module, GaLoreAdamW]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 24, bias=False), nn.Linear(24, 12, bias=False), nn.Linear(12, 20, bias=False))
+        options = {"state_budget": 1500} if rank == "auto" else {}
+        return model, GaLoreAdamW([{"params": list(model.parameters()), "rank": rank, "update_proj_gap": 2, **options}], lr=1e-2)
+
+    def train(model: nn.Module, optimizer: GaLoreAdamW, steps: range) -> None:
+        for step in steps:
+            generator = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 16, generator=generator)
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model, optimizer = model_and_optimizer()
+    train(model, optimizer, range(5))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path / "auto"))
+    saved_ranks = [optimizer.state[p]["matrix_rank"] for p in model.parameters()]
+    train(model, optimizer, range(5, 9))
+
+    fresh, fresh_optimizer = model_and_optimizer()
+    model_state, optim_state = get_state_dict(fresh, fresh_optimizer)
+    initial_ranks = [fresh_optimizer.state[p]["matrix_rank"] for p in fresh.parameters()]
+    assert initial_ranks != saved_ranks  # the load has something to rebuild
+    rebuilt = match_saved_ranks(fresh_optimizer, optim_state, tmp_path / "auto")
+    assert rebuilt == sum(a != b for a, b in zip(initial_ranks, saved_ranks))
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(tmp_path / "auto"))
+    set_state_dict(fresh, fresh_optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(fresh, fresh_optimizer, range(5, 9))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+    fixed, fixed_optimizer = model_and_optimizer(rank=3)
+    train(fixed, fixed_optimizer, range(1))
+    model_state, optim_state = get_state_dict(fixed, fixed_optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path / "fixed"))
+    other, other_optimizer = model_and_optimizer()
+    _, optim_state = get_state_dict(other, other_optimizer)
+    not_auto = "has no optim.state.0.weight.matrix_rank: it was not saved from a rank='auto' group"
+    with pytest.raises(ValueError, match=_literal(not_auto)):
+        match_saved_ranks(other_optimizer, optim_state, tmp_path / "fixed")

@@ -237,6 +237,8 @@ VARIANTS = (
     "galore_rotate", "dct_rotate", "fira_rotate", "rsvd", "fira_rsvd", "random", "apollo", "apollo_mini",
     "galore_8bit", "dct_rotate_8bit", "fira_8bit", "apollo_8bit", "galore_8bit_vectors",
 )
+#: rank="auto" (the worker's budget: rank 3's state), its ranks allocated alike on every rank.
+AUTO_VARIANTS = ("galore_auto", "galore_auto_rotate", "dct_auto", "fira_auto_8bit")
 
 
 @pytest.mark.parametrize(
@@ -245,6 +247,19 @@ VARIANTS = (
 def test_projectors_and_policies_match_single_process_fp32(fsdp2: Launches, world: int, case: str) -> None:
     outcome = fsdp2.outcome(world, case)
     assert outcome["max_diff"] <= outcome["tolerance"] == FP32_TOLERANCE, outcome
+    _check_common(outcome, world)
+
+
+@pytest.mark.parametrize(
+    ("world", "case"), [pytest.param(world, case, id=f"{world}ranks-{case}") for world in (2, 3) for case in AUTO_VARIANTS]
+)
+def test_auto_ranks_match_single_process_fp32(fsdp2: Launches, world: int, case: str) -> None:
+    """The owners' spectra reach every rank, so the sharded run allocates the single process's ranks
+    (non-uniform ones here), stays within the budget, and steps as one process does."""
+    outcome = fsdp2.outcome(world, case)
+    assert outcome["max_diff"] <= outcome["tolerance"] == FP32_TOLERANCE, outcome
+    assert outcome["ranks"] == outcome["reference_ranks"] and len(set(outcome["ranks"])) > 1, outcome
+    assert outcome["whole_bytes"] <= outcome["budget"], outcome
     _check_common(outcome, world)
 
 
@@ -260,9 +275,12 @@ def test_bf16_policy_within_two_ulps(fsdp2: Launches, world: int, case: str) -> 
 #: 8-bit moments (uint8 codes and fp32 scales as DTensors) through DCP saves, resumes and reshards too.
 _EIGHT_BIT_CHECKPOINTS = [pytest.param(w, "galore_8bit:dcp", id=f"{w}ranks-galore_8bit:dcp") for w in (2, 3)]
 _EIGHT_BIT_RESHARDS = [pytest.param(w, "galore_8bit:resume", id=f"{w}ranks-galore_8bit:resume") for w in (1, 3)]
+#: rank="auto": the fresh optimizer's state is rebuilt at the saved ranks before dcp.load (match_saved_ranks).
+_AUTO_CHECKPOINTS = [pytest.param(w, "galore_auto:dcp", id=f"{w}ranks-galore_auto:dcp") for w in (2, 3)]
+_AUTO_RESHARDS = [pytest.param(w, "galore_auto:resume", id=f"{w}ranks-galore_auto:resume") for w in (1, 3)]
 
 
-@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("dcp",)) + _EIGHT_BIT_CHECKPOINTS)
+@pytest.mark.parametrize(("world", "case"), _params((2, 3), ("dcp",)) + _EIGHT_BIT_CHECKPOINTS + _AUTO_CHECKPOINTS)
 def test_dcp_resume_is_bitwise(fsdp2: Launches, world: int, case: str) -> None:
     outcome = fsdp2.outcome(world, case)
     assert outcome["tolerance"] == 0.0 and outcome["max_diff"] == 0.0, outcome
@@ -270,7 +288,7 @@ def test_dcp_resume_is_bitwise(fsdp2: Launches, world: int, case: str) -> None:
     _check_common(outcome, world)
 
 
-@pytest.mark.parametrize(("world", "case"), _params((1, 3), ("resume",)) + _EIGHT_BIT_RESHARDS)
+@pytest.mark.parametrize(("world", "case"), _params((1, 3), ("resume",)) + _EIGHT_BIT_RESHARDS + _AUTO_RESHARDS)
 def test_reshard_from_two_ranks(fsdp2: Launches, world: int, case: str) -> None:
     """Saved at 2 ranks after 4 steps (``X:reshard``, itself compared with one process), resumed at
     ``world`` ranks for the last 3, compared with the uninterrupted single-process run."""

@@ -79,6 +79,9 @@ class FSDP2Layout:
     #: State tensors are sharded by whole rows (``new_state``), so quantization blocks, which run along
     #: rows, never straddle two ranks (:mod:`lowrank_optim.optim.moments`).
     steps_quantized_moments = True
+    #: A ``rank="auto"`` refresh rebuilds a matrix's state at its new rank with :meth:`new_state`, sharded
+    #: as at the first step; the owners' spectra reach every rank (:meth:`_Exchange.spectra`).
+    steps_adaptive_ranks = True
 
     def vector_pieces(self, size: int) -> list[tuple[int, int]]:
         """``[start, stop)`` of every rank's piece of a 1-D state tensor of ``size`` elements: a 1-D
@@ -188,6 +191,9 @@ class _Exchange:
         # check_group made sure every parameter is a DTensor.
         self.device = cast(DTensor, params[0]).to_local().device if params else torch.device("cpu")
         self.owners: dict[int, int] = {}
+        # The last refresh_gradients call and its result: a rank="auto" refresh asks for the same whole
+        # gradients twice in one step (for the spectra, then for the projectors), gathered once.
+        self._gathered: tuple[tuple[int, ...], tuple[int, ...], tuple[list[Tensor | None], list[bool]]] | None = None
 
     def whole(self, index: int) -> bool:
         return False
@@ -210,6 +216,26 @@ class _Exchange:
         return list((counts > 0).unbind())
 
     def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
+        key = (tuple(indices), tuple(id(grad) for grad in grads))
+        if self._gathered is not None and self._gathered[:2] == key:
+            wholes, finite = self._gathered[2]
+            return list(wholes), list(finite)
+        result = self._refresh_gradients(indices, grads)
+        self._gathered = (*key, result)
+        return list(result[0]), list(result[1])
+
+    def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
+        # One all-reduce: each owner writes its matrices' spectra into a zero buffer (x + 0 is exact).
+        buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=self.device)
+        offset = 0
+        for values, size in zip(energies, sizes):
+            if values is not None:
+                buffer[offset : offset + size] = values
+            offset += size
+        self.comm.all_reduce(buffer)
+        return [piece.cpu() for piece in buffer.split(list(sizes))]
+
+    def _refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         # Owners: the largest SVDs first, each to the least loaded rank (the same choice on every rank).
         loads = [0] * self.world
         for index in sorted(indices, key=lambda i: (-math.prod(self.shapes[i]) * min(self.shapes[i]), i)):

@@ -27,6 +27,15 @@ phase, not one per matrix):
 ``residual_norms``
     Fira's ``||S||_F`` of matrices split over processes, from partial sums of squares.
 
+An exchange of a layout that declares ``steps_adaptive_ranks`` (``rank="auto"``) is also an
+:class:`AdaptiveExchange`, with one more phase:
+
+``spectra``
+    at a refresh, each refreshing matrix's energy spectrum, computed by its owner from the whole
+    gradient, on every process that steps the group: the ranks are allocated jointly over the
+    group's matrices (:mod:`lowrank_optim.optim.ranks`), so every process must see every spectrum to
+    choose the same ranks.
+
 :class:`LocalExchange` is the whole-tensor case: every block is its whole matrix and every collective
 is the identity. The distributed layouts (:mod:`lowrank_optim.distributed`) implement the rest; they
 never see the optimizer, and the optimizer never imports them.
@@ -41,7 +50,7 @@ from torch import Tensor
 
 from ..projection import ProjectorTensor, Side, Subspace, all_finite
 
-__all__ = ["Exchange", "LocalExchange", "LOCAL"]
+__all__ = ["AdaptiveExchange", "Exchange", "LocalExchange", "LOCAL"]
 
 
 class Exchange(Protocol):
@@ -126,6 +135,16 @@ class Exchange(Protocol):
         ...
 
 
+class AdaptiveExchange(Exchange, Protocol):
+    """An :class:`Exchange` that can also share the spectra a ``rank="auto"`` refresh allocates from."""
+
+    def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
+        """Each matrix's spectrum (``sizes[k]`` fp64 values, given by its refresh owner: ``None`` on the
+        other processes, and on the owner too where the gradient is not finite, which reads as zeros) on
+        every process, the same values everywhere."""
+        ...
+
+
 class LocalExchange:
     """Whole tensors in one process: every block is its matrix, every collective the identity."""
 
@@ -178,6 +197,9 @@ class LocalExchange:
 
     def lowrank_norms(self, indices: Sequence[int], tensors: Sequence[Tensor]) -> list[Tensor]:
         return self.residual_norms(indices, tensors)
+
+    def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
+        return [torch.zeros(size, dtype=torch.float64) if values is None else values for values, size in zip(energies, sizes)]
 
 
 #: The exchange of the whole-tensor case (stateless, shared).

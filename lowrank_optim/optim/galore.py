@@ -48,7 +48,6 @@ from ..projection import (
     Side,
     Subspace,
     add_project_back_,
-    all_finite,
     effective_rank,
     fira_folded_update_,
     fira_residual,
@@ -85,7 +84,7 @@ from ._validation import (
     matrix_shape,
     normalize_scalars,
 )
-from .exchange import LOCAL, Exchange
+from .exchange import LOCAL, AdaptiveExchange, Exchange
 from .layout import Layout, layout_for
 from .moments import (
     FullPrecision,
@@ -441,7 +440,7 @@ class GaLoreAdamW(Optimizer):
         raise ValueError(
             f"Invalid rank in param group {index}: 'auto'. Adaptive ranks are not yet supported under "
             f"{type(self.layout).__name__} (it does not declare steps_adaptive_ranks); allowed there: a positive "
-            "integer rank. rank='auto' runs on whole tensors (one process)."
+            "integer rank. rank='auto' runs on whole tensors (one process) and under FSDP2 (fully_shard)."
         )
 
     def _check_state(self, group: dict[str, Any]) -> None:
@@ -661,53 +660,116 @@ class GaLoreAdamW(Optimizer):
                 batch.moments.append(quantized_moments(group["moment_format"], shape, sharding, block.state))
         return batch if batch.params else None
 
-    def _allocated_ranks(self, group: dict[str, Any], batch: _Batch) -> list[int | None] | None:
+    def _allocated_ranks(
+        self, group: dict[str, Any], batch: _Batch, exchange: AdaptiveExchange, found_inf: Tensor | None
+    ) -> list[int | None] | None:
         """``rank="auto"``: the rank each matrix due for a refresh now takes (``None``: not due, or its
         gradient is not finite, so it keeps its rank), chosen under the group's ``state_budget`` by
         :func:`~lowrank_optim.optim.ranks.allocate_ranks` from the gradients' energies. The group's other
         matrices are charged the state they hold (at least their rank-1 cost), so the total never exceeds
-        the budget whichever matrices refresh together."""
+        the budget whichever matrices refresh together.
+
+        Each spectrum is computed by the matrix's refresh owner from its whole gradient
+        (:meth:`Exchange.refresh_gradients`) and shared with every process (:meth:`AdaptiveExchange.spectra`),
+        so that all of them allocate the same ranks from the same fp64 values: a sharded run chooses what
+        one process would. The budget counts whole tensors, as one process holds them (a layout that
+        shards the state holds about ``1/world`` of it per process)."""
         gap = group["update_proj_gap"]
         due = [
             i
             for i, projection in enumerate(batch.projections)
-            if projection is not None and int(batch.steps[i].item()) % gap == 0 and all_finite(batch.grads[i])
+            if projection is not None and int(batch.steps[i].item()) % gap == 0
         ]
-        if not due:
+        if not due or (found_inf is not None and bool(found_inf)):  # a skipped step refreshes nothing
             return None
-        refreshing = {id(batch.sources[i]) for i in due}
+        wholes, finite = exchange.refresh_gradients(due, [batch.grads[i] for i in due])
+        sizes = [min(exchange.shape(i, batch.grads[i])) for i in due]
+        owned: list[Tensor | None] = []
+        for i, whole, ok, size in zip(due, wholes, finite, sizes):
+            projection = cast(Projection, batch.projections[i])
+            if whole is None or not ok:
+                owned.append(None)
+                continue
+            energies = projection.projector.energies(whole, projection.side).to(torch.float64).flatten()[:size]
+            # A projector may offer fewer directions than min(m, n): the missing ones carry no energy.
+            owned.append(torch.cat([energies, energies.new_zeros(size - energies.numel())]))
+        spectra = exchange.spectra(due, owned, sizes)
+        refreshing = [k for k, ok in enumerate(finite) if ok]
+        if not refreshing:
+            return None
+        ids = {id(batch.sources[due[k]]) for k in refreshing}
         held = 0
         for param in group["params"]:
-            if id(param) not in refreshing:
+            if id(param) not in ids:
                 rank = max(_stored_rank(self.state.get(param)) or 0, 1)
                 held += max(self.rank_state_bytes(group, param, rank), self.rank_state_bytes(group, param, 1))
-        energies = []
-        for i in due:
-            projection = cast(Projection, batch.projections[i])
-            energies.append(projection.projector.energies(batch.grads[i], projection.side)[: min(batch.grads[i].shape)])
-        costs = [functools.partial(self.rank_state_bytes, group, batch.sources[i]) for i in due]
+        costs = [functools.partial(self.rank_state_bytes, group, batch.sources[due[k]]) for k in refreshing]
+        chosen = allocate_ranks([spectra[k] for k in refreshing], costs, group["state_budget"] - held)
         ranks: list[int | None] = [None] * len(batch.params)
-        for i, rank in zip(due, allocate_ranks(energies, costs, group["state_budget"] - held)):
-            ranks[i] = rank
+        for k, rank in zip(refreshing, chosen):
+            ranks[due[k]] = rank
         return ranks
+
+    def _rebuild_rank_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], rank: int) -> None:
+        """Replace ``param``'s rank-dependent state tensors by zero ones at ``rank`` (made by the layout)."""
+        for key in self._rank_state_keys(group, tuple(param.shape), state[MATRIX_RANK]):
+            state.pop(key, None)
+        state[MATRIX_RANK] = rank
+        self._init_rank_state(group, param, state)
+
+    def set_matrix_rank(self, param: Tensor, rank: int) -> None:
+        """Rebuild the state of ``param`` (a matrix of a ``rank="auto"`` group, with state) at ``rank``:
+        its projector's tensors and its moments become zero tensors of the new shapes, placed by the
+        layout as at the first step; the step counter and limiters stay. For loading a checkpoint in
+        place whose ranks differ from this optimizer's, as ``torch.distributed.checkpoint`` does
+        (:func:`lowrank_optim.distributed.fsdp2.match_saved_ranks` calls it); the values come from the
+        checkpoint, so a call with nothing loaded after it loses this matrix's moments."""
+        where = next(((i, g) for i, g in enumerate(self.param_groups) if any(p is param for p in g["params"])), None)
+        if where is None:
+            raise ValueError(f"set_matrix_rank: the tensor (shape {tuple(param.shape)}) is not in this optimizer's param groups.")
+        index, group = where
+        if group.get("rank") != AUTO:
+            raise ValueError(
+                f"set_matrix_rank: param group {index} has rank {group.get('rank')!r}; allowed: a group with "
+                "rank='auto' (a fixed rank is the group's, not the matrix's)."
+            )
+        largest = min(matrix_shape(param))
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= largest:
+            raise ValueError(
+                f"Invalid rank for a matrix of shape {tuple(param.shape)}: {rank!r}. Must be an integer in "
+                f"[0, {largest}] (0: before its first refresh)."
+            )
+        state = self.state.get(param)
+        if not state:
+            raise ValueError(
+                f"set_matrix_rank: the matrix (shape {tuple(param.shape)}) has no state yet; allowed after its "
+                "first step (torch.distributed.checkpoint.state_dict.get_state_dict makes it)."
+            )
+        if state[MATRIX_RANK] != rank:
+            self._rebuild_rank_state(group, param, state, rank)
 
     def _resizer(self, group: dict[str, Any], batch: _Batch) -> Callable[[int, int], _Resized]:
         """What the step calls to rebuild matrix ``index``'s rank-dependent state at a new ``rank``
-        (``rank="auto"``): the old tensors leave the state (the step still holds them to move the
-        moments), new zero ones of the new shapes take their keys."""
+        (``rank="auto"``): the old tensors leave the parameter's state (the step still holds their local
+        pieces to move the moments), new zero ones of the new shapes take their keys, made by the layout
+        as at the first step (:meth:`_init_rank_state`), and the layout's block gives their local pieces."""
+
+        def init(like: Any, state: dict[str, Any]) -> None:
+            self._init_state(group, like, state)
 
         def resize(index: int, rank: int) -> _Resized:
-            param, state = batch.params[index], batch.states[index]
-            for key in self._rank_state_keys(group, tuple(param.shape), state[MATRIX_RANK]):
-                state.pop(key, None)
-            state[MATRIX_RANK] = rank
-            self._init_rank_state(group, param, state)
-            shape, sharding = _moment_placement(group, param.shape, rank)
+            source = batch.sources[index]
+            state = self.state[source]
+            shape = tuple(source.shape)
+            self._rebuild_rank_state(group, source, state, rank)
+            (block,) = self.layout.blocks(group, source, state, init)  # whole tensors: one block each
+            batch.states[index] = local = block.state
+            placement, sharding = _moment_placement(group, shape, rank)
             return _Resized(
-                cast(Projection, self._projection(group, tuple(param.shape), state)),
-                state[EXP_AVG],
-                state[EXP_AVG_SQ],
-                quantized_moments(group["moment_format"], shape, sharding, state),
+                cast(Projection, self._projection(group, shape, local)),
+                local[EXP_AVG],
+                local[EXP_AVG_SQ],
+                quantized_moments(group["moment_format"], placement, sharding, local),
             )
 
         return resize
@@ -715,6 +777,9 @@ class GaLoreAdamW(Optimizer):
     def _step_group(self, group: dict[str, Any], batch: _Batch, found_inf: Tensor | None = None) -> None:
         beta1, beta2 = group["betas"]
         auto = group.get("rank") == AUTO
+        exchange = self.layout.exchange(group, batch.sources)
+        # The layout declared steps_adaptive_ranks for an auto group (_check_adaptive_rank): its exchange shares spectra.
+        ranks = self._allocated_ranks(group, batch, cast(AdaptiveExchange, exchange), found_inf) if auto else None
         galore_adamw(
             batch.params,
             batch.grads,
@@ -736,9 +801,9 @@ class GaLoreAdamW(Optimizer):
             on_nonfinite_refresh=self._nonfinite_refresh_callback(batch),
             skip_counts=batch.skip_counts,
             found_inf=found_inf,
-            exchange=self.layout.exchange(group, batch.sources),
+            exchange=exchange,
             quantized=batch.moments,
-            ranks=self._allocated_ranks(group, batch) if auto else None,
+            ranks=ranks,
             resize=self._resizer(group, batch) if auto else None,
             **self._update_terms(group, batch),
         )

@@ -92,6 +92,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from lowrank_optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, optimizer_state_bytes, param_groups
+from lowrank_optim.distributed.dcp import match_saved_ranks
 from lowrank_optim.optim import galore as galore_module
 from lowrank_optim.optim.moments import Blockwise8bit
 
@@ -143,6 +144,43 @@ OPTIMIZERS = {
     # norm's 1-D moments are quantized under FSDP2 too.
     "galore_8bit_vectors": functools.partial(GaLoreAdamW, moment_format=Blockwise8bit(block_size=1, min_size=0)),
 }
+
+
+def _auto(cls, **options):
+    """``cls`` with the projected group at ``rank="auto"`` under the state budget of rank 3 (whole-tensor
+    bytes, ``rank_state_bytes``): the ranks the sharded run allocates must be the single process's."""
+
+    def build(groups, **kwargs):
+        probe = cls([dict(g) for g in groups], **kwargs, **options)
+        group = next(g for g in probe.param_groups if "rank" in g)
+        budget = sum(probe.rank_state_bytes(group, p, min(AUTO_RANK, *p.shape)) for p in group["params"])
+        for g in groups:
+            if "rank" in g:
+                g.update(rank="auto", state_budget=budget)
+        return cls(groups, **kwargs, **options)
+
+    return build
+
+
+AUTO_RANK = 3
+OPTIMIZERS.update(
+    {
+        # rank="auto" (issue 17): ranks chosen at each refresh from the owners' spectra, shared by all ranks.
+        "galore_auto": _auto(GaLoreAdamW),
+        "galore_auto_rotate": _auto(GaLoreAdamW, moment_policy="rotate"),
+        "dct_auto": _auto(DCTAdamW),
+        "fira_auto_8bit": _auto(FiraAdamW, moment_format=Blockwise8bit(block_size=4, min_size=38)),
+    }
+)
+#: The final rank of each projected matrix in the last single-process reference (rank="auto" cases).
+REFERENCE_RANKS: list[int] = []
+
+
+def auto_ranks(optimizer: torch.optim.Optimizer) -> list[int]:
+    group = next(g for g in optimizer.param_groups if "rank" in g)
+    return [int(optimizer.state[p].get("matrix_rank", -1)) for p in group["params"]]
+
+
 OPTIONS = {"plain", "accum", "clip", "bf16", "dcp", "reshard", "resume"}
 
 
@@ -273,6 +311,7 @@ def reference(name: str, options: set[str], world: int) -> tuple[dict[str, torch
         if "clip" in options:
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         optimizer.step()
+    REFERENCE_RANKS[:] = auto_ranks(optimizer)
     return gathered(model), initial, projected_state_numel(optimizer)
 
 
@@ -285,6 +324,8 @@ def load(model, optimizer, directory: Path) -> None:
     # get_state_dict on a fresh optimizer first initializes its state (a zero-gradient step at lr 0):
     # dcp.load fills the tensors of that state in place, set_state_dict then hands them to the optimizer.
     model_state, optim_state = get_state_dict(model, optimizer)
+    # rank="auto": the state made at the saved ranks first (a no-op for fixed ranks).
+    match_saved_ranks(optimizer, optim_state, str(directory))
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -532,6 +573,13 @@ def run_case(case: str, mesh) -> dict:
     outcome["state_numel"] = numel
     outcome["reference_state_numel"] = reference_numel
     outcome["exchanges"] = sorted(EXCHANGES)
+    if "auto" in name:
+        outcome["ranks"], outcome["reference_ranks"] = auto_ranks(optimizer), list(REFERENCE_RANKS)
+        group = next(g for g in optimizer.param_groups if "rank" in g)
+        outcome["budget"] = group["state_budget"]
+        outcome["whole_bytes"] = sum(
+            optimizer.rank_state_bytes(group, p, rank) for p, rank in zip(group["params"], outcome["ranks"])
+        )
     return outcome
 
 
