@@ -240,3 +240,19 @@ def test_other_lr_run_equals_a_hand_built_two_group_adamw() -> None:
 def test_other_lr_refusals(value: object) -> None:
     with pytest.raises(ValueError, match=re.escape(f"other_lr ({value!r}) must be a finite number > 0")):
         MethodPreset(method="adamw", lr=1e-3, other_lr=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "field,value,hint",
+    [
+        ("rank", 0, ""),
+        ("rank", 2.0, ""),
+        ("rank", True, ""),
+        ("rank", "auto", " (rank='auto' with a state_budget is a param-group option of the optimizers, not offered by presets)"),
+        ("update_proj_gap", -5, ""),
+    ],
+)
+def test_integer_field_refusals(field: str, value: object, hint: str) -> None:
+    options = {"rank": 4, "update_proj_gap": 10, "scale": 0.25, field: value}
+    with pytest.raises(ValueError, match=re.escape(f"{field} ({value!r}) must be a positive integer{hint}")):
+        MethodPreset(method="galore", lr=1e-2, **options)  # type: ignore[arg-type]

@@ -147,7 +147,9 @@ class GaLoreAdamW(Optimizer):
     A drop-in for ``galore_torch.GaLoreAdamW``: param groups that carry the key ``rank`` are projected
     (with their ``update_proj_gap``, ``scale``, ``proj_type`` and ``projector``), all other groups get the
     same Adam arithmetic on full-rank gradients. :func:`lowrank_optim.param_groups` builds the usual two
-    groups.
+    groups. A group's ``rank`` may be ``"auto"`` with ``state_budget=B`` (bytes): at each refresh every
+    matrix's rank is chosen from its gradient spectrum so that the group's rank-dependent state (moments
+    and projector tensors, :meth:`rank_state_bytes`) never exceeds ``B`` (:mod:`lowrank_optim.optim.ranks`).
 
     Args:
         params: parameters or param groups. A group with ``rank`` must hold 2-D tensors only.
@@ -177,8 +179,8 @@ class GaLoreAdamW(Optimizer):
             fp32 scale per 256 elements, about 0.26x the bytes of fp32 moments; moments of fewer than
             4096 elements stay in ``moment_dtype``), or a format object with options
             (``Blockwise8bit(block_size=128, min_size=0)``). A group may set its own. 8-bit moments are
-            stepped on whole tensors (one process, per-layer updates) and FSDP2 shards; DeepSpeed ZeRO
-            refuses them.
+            stepped on whole tensors (one process, per-layer updates), FSDP2 shards and DeepSpeed
+            ZeRO 1-3 fragments.
         foreach: use the multi-tensor implementation; ``None`` picks it where torch would (CUDA) unless
             the step is fused.
         fused: use the compiled kernels of :mod:`lowrank_optim.ops` (moment update, Fira's residual, DCT

@@ -25,6 +25,13 @@ at least its rank-1 cost even before its first refresh, so that the bytes held n
 between or at refreshes (asserted by the tests), whichever matrices refresh together. Rank-independent
 state (step counters, Fira's and APOLLO's limiter norms) is not counted; every tensor the projector
 keeps is (APOLLO's 8-byte seed too: it is one of its tensors, whatever the rank).
+
+Where it runs. Whole tensors, and FSDP2: there each spectrum is computed by the matrix's refresh owner
+from the whole gradient and shared with every rank (``AdaptiveExchange.spectra``), so all ranks allocate
+what one process would; the budget counts whole tensors, of which each rank holds about ``1/world``.
+DCP checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO's
+fragments (whose per-rank pieces of a matrix's state depend on its rank), ``GaLoreAdafactor`` (one
+rank per group) and ``PerLayerUpdates`` (one matrix stepped at a time) refuse it by name.
 """
 
 from __future__ import annotations

@@ -381,6 +381,15 @@ class MethodPreset:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{name} ({value!r}) must be a finite number > 0")
+        for name in ("rank", "update_proj_gap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                hint = (
+                    " (rank='auto' with a state_budget is a param-group option of the optimizers, not offered by presets)"
+                    if name == "rank" and value == "auto"
+                    else ""
+                )
+                raise ValueError(f"{name} ({value!r}) must be a positive integer{hint}")
 
     @property
     def spec(self) -> Method:
