@@ -705,7 +705,20 @@ class GaLoreAdamW(Optimizer):
             if id(param) not in ids:
                 rank = max(_stored_rank(self.state.get(param)) or 0, 1)
                 held += max(self.rank_state_bytes(group, param, rank), self.rank_state_bytes(group, param, 1))
-        costs = [functools.partial(self.rank_state_bytes, group, batch.sources[due[k]]) for k in refreshing]
+        # The greedy asks for many (matrix, rank) costs, which depend only on the shape and dtype:
+        # computed once per kind of matrix (a model's matrices come in a few shapes).
+        known: dict[tuple[tuple[int, ...], torch.dtype, int], int] = {}
+
+        def cost_of(param: Tensor) -> Callable[[int], int]:
+            def cost(rank: int) -> int:
+                key = (tuple(param.shape), param.dtype, rank)
+                if key not in known:
+                    known[key] = self.rank_state_bytes(group, param, rank)
+                return known[key]
+
+            return cost
+
+        costs = [cost_of(batch.sources[due[k]]) for k in refreshing]
         chosen = allocate_ranks([spectra[k] for k in refreshing], costs, group["state_budget"] - held)
         ranks: list[int | None] = [None] * len(batch.params)
         for k, rank in zip(refreshing, chosen):

@@ -146,12 +146,22 @@ class Projector:
         in decreasing order (1-D fp32 with ``min(m, n)`` entries at most, summing to ``||G||_F²`` where the
         directions span everything): what ``rank="auto"`` allocates ranks by. The default is the squared
         singular values, the energy the top-``k`` SVD subspace captures (Eckart-Young), also the best any
-        projector of rank ``k`` can capture."""
+        projector of rank ``k`` can capture.
+
+        Computed as the eigenvalues of the Gram matrix ``A Aᵀ`` of the smaller side (``A = G`` or ``Gᵀ``,
+        ``k x k`` with ``k = min(m, n)``), which are ``σ_i²`` exactly in exact arithmetic: 2-5x faster than
+        ``svdvals`` on LLaMA-60M's matrices (``bench/bench_auto_rank.py``), at an absolute error of about
+        ``1e-7 · ||G||_F²`` per value (measured ``<= 4e-8`` of the total), far below what changes an
+        allocation by energy fractions. Rounding's tiny negative values are clamped to 0."""
+        matrix = grad.float()
+        if matrix.shape[0] > matrix.shape[1]:
+            matrix = matrix.T
         try:
-            values = torch.linalg.svdvals(grad.float())
+            values = torch.linalg.eigvalsh(matrix @ matrix.T)
         except torch.linalg.LinAlgError:
-            values = torch.linalg.svdvals(grad.double()).float()
-        return values.square()
+            wide = matrix.double()
+            values = torch.linalg.eigvalsh(wide @ wide.T).float()
+        return values.flip(0).clamp_min(0.0)
 
     def to_state(self) -> str | dict[str, Any]:
         """This projector as plain values for a state dict: its name, or a dict with its options."""
