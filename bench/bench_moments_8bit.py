@@ -28,6 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _demo_args import add_demo_run_arguments, start  # noqa: E402
+
 from lowrank_optim import GaLoreAdamW, param_groups  # noqa: E402
 from lowrank_optim.data import TokenStream, stdlib_corpus  # noqa: E402
 from lowrank_optim.models import LlamaConfig  # noqa: E402
@@ -179,16 +181,8 @@ def step_time(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--part", choices=("all", "quality", "time"), default="all")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    add_demo_run_arguments(parser, seeds=[0], repeats=15)
+    args = start(parser)
     if args.part in ("all", "time"):
         step_time(args)
     if args.part in ("all", "quality"):
