@@ -64,26 +64,30 @@ def step_time(args: argparse.Namespace) -> None:
     grads = [torch.randn(shape, generator=generator) for shape in shapes]
     threads = torch.get_num_threads()
     print(f"\n## step time, LLaMA-60M's {len(shapes)} projected matrices, median of {args.repeats}, {threads} threads")
-    medians: dict[str, tuple[float, float]] = {}
+    optimizers: dict[str, GaLoreAdamW] = {}
     budget = 0
     for label in ("fixed rank 128", "auto"):
         params = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
         group: dict[str, Any] = {"params": params, "rank": 128, "update_proj_gap": 2}
         if label == "auto":
             group.update(rank="auto", state_budget=budget)
-        optimizer = GaLoreAdamW([group], lr=1e-3, weight_decay=0.0)
+        optimizer = optimizers[label] = GaLoreAdamW([group], lr=1e-3, weight_decay=0.0)
         if label != "auto":
             budget = sum(optimizer.rank_state_bytes(optimizer.param_groups[0], p, 128) for p in params)
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()  # the first refresh builds the state
-        refresh, normal = [], []
-        for _ in range(args.repeats):
-            for times in (normal, refresh):  # step 1, 3, ...: normal; 2, 4, ...: a refresh
+    # Alternated step by step, so that a drift of the machine's speed reaches both alike.
+    times: dict[tuple[str, str], list[float]] = {(label, kind): [] for label in optimizers for kind in ("refresh", "normal")}
+    for _ in range(args.repeats):
+        for kind in ("normal", "refresh"):  # steps 1, 3, ...: normal; 2, 4, ...: a refresh
+            for label, optimizer in optimizers.items():
                 start = time.perf_counter()
                 optimizer.step()
-                times.append(time.perf_counter() - start)
-        medians[label] = (statistics.median(refresh), statistics.median(normal))
+                times[label, kind].append(time.perf_counter() - start)
+    medians = {
+        label: (statistics.median(times[label, "refresh"]), statistics.median(times[label, "normal"])) for label in optimizers
+    }
     base = medians["fixed rank 128"]
     print(f"budget B = {budget:,d} bytes (rank 128's state)")
     print(f"{'run':16s} {'refresh step':>20s} {'normal step':>20s}")
