@@ -737,7 +737,7 @@ class GaLoreAdamW(Optimizer):
         its projector's tensors and its moments become zero tensors of the new shapes, placed by the
         layout as at the first step; the step counter and limiters stay. For loading a checkpoint in
         place whose ranks differ from this optimizer's, as ``torch.distributed.checkpoint`` does
-        (:func:`lowrank_optim.distributed.fsdp2.match_saved_ranks` calls it); the values come from the
+        (:func:`lowrank_optim.distributed.dcp.match_saved_ranks` calls it); the values come from the
         checkpoint, so a call with nothing loaded after it loses this matrix's moments."""
         where = next(((i, g) for i, g in enumerate(self.param_groups) if any(p is param for p in g["params"])), None)
         if where is None:
