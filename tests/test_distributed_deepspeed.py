@@ -68,6 +68,11 @@ CHECKPOINT = [
 # duplicated at 1/2, and the full-rank partitions (biases, norm) stepped per piece.
 QUANTIZED = ["galore:1:8bit", "galore:2:8bit", "galore:3:8bit", "fira:3:8bit", "dct:2:8bit", "galore:3:replicated+8bit"]
 QUANTIZED_CHECKPOINT = ["galore:2:ckpt+8bit", "galore:3:ckpt+8bit"]
+# rank="auto" with state_budget (issue 17): every rank allocates over all of a partition's matrices.
+AUTO_RANK = ["galore:1:auto", "galore:2:auto", "galore:3:auto", "fira:3:auto+8bit", "dct:2:auto", "galore:3:replicated+auto"]
+# (galore with auto+8bit on this Net differs from one process by 1.7e-5 at ZeRO-2 and ZeRO-3 alike, not yet
+# explained: notes/welore.md §8; fira:3:auto+8bit above is within 1e-6.)
+AUTO_RANK_CHECKPOINT = ["galore:2:ckpt+auto", "galore:3:ckpt+auto"]
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
 # Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.
 CONFIGS = [f"config:{stage}" for stage in (0, 1, 2, 3)]
@@ -99,7 +104,8 @@ def checkpoints(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_ranks(checkpoints: Path) -> dict[str, dict]:
-    return _launch(2, EQUALITY + BF16 + CHECKPOINT + QUANTIZED + QUANTIZED_CHECKPOINT + NAMED + CONFIGS, checkpoints)
+    cases = EQUALITY + BF16 + CHECKPOINT + QUANTIZED + QUANTIZED_CHECKPOINT + AUTO_RANK + AUTO_RANK_CHECKPOINT
+    return _launch(2, cases + NAMED + CONFIGS, checkpoints)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +147,22 @@ def test_8bit_moments_match_single_process(two_ranks: dict[str, dict], case: str
     assert outcome["max_diff"] <= 1e-6, outcome
     _check_moved(outcome)
     assert outcome["max_holders"] == 2, "some matrix should be split between the ranks"
+
+
+@pytest.mark.parametrize("case", AUTO_RANK)
+def test_auto_ranks_match_single_process(two_ranks: dict[str, dict], case: str) -> None:
+    outcome = two_ranks[case]
+    assert outcome["max_diff"] <= 1e-6, outcome
+    _check_moved(outcome)
+    assert outcome["max_holders"] == 2, "some matrix should be split between the ranks"
+    assert len(set(outcome["ranks"])) > 1, outcome  # the budget is spread unevenly
+
+
+@pytest.mark.parametrize("case", AUTO_RANK_CHECKPOINT)
+def test_auto_rank_checkpoint_resume_is_bitwise(two_ranks: dict[str, dict], case: str) -> None:
+    outcome = two_ranks[case]
+    assert outcome["bitwise_resume"], outcome
+    assert outcome["max_diff"] <= 1e-6, outcome
 
 
 @pytest.mark.parametrize("case", QUANTIZED_CHECKPOINT)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
 from ..optim.galore import GaLoreAdamW, _moment_placement
+from ..optim.ranks import AUTO
 from ..projection import ProjectorTensor, Side, basis_shapes, effective_rank, keeps_aligned, resolve_side
 from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
 from .fragment import (
@@ -136,11 +137,24 @@ def _shard_view(tensor: Tensor, sharding: str, start: int, stop: int) -> Tensor:
     return tensor[:, start:stop] if sharding == "columns" else tensor[start:stop]
 
 
+def _refuse_adaptive_ranks(group: dict[str, Any], index: int, where: str) -> None:
+    """The name-keyed files store each matrix at the rank the group gives it; ``rank="auto"`` matrices have
+    ranks of their own, which this format does not rebuild yet: refused rather than loaded wrongly."""
+    if group.get("rank") == AUTO:
+        raise ValueError(
+            f"{where}: param group {index} has rank='auto', which the name-keyed ZeRO state does not support yet "
+            "(each matrix's rank would have to be saved and its state rebuilt at it). Allowed: DeepSpeed's own "
+            "checkpoints (engine.save_checkpoint / load_checkpoint, at the same data-parallel size), or a "
+            "positive integer rank."
+        )
+
+
 def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int) -> dict[str, dict[str, Tensor]]:
     """What this rank owns, per parameter name. Collective: every rank of each partition calls it."""
     entries: dict[str, dict[str, Tensor]] = {}
     for flat, part in layout.projected_partitions():
         group = optimizer.param_groups[part.group_index]
+        _refuse_adaptive_ranks(group, part.group_index, "save_lowrank_state")
         state = optimizer.state.get(flat)
         if not state:
             raise RuntimeError(
@@ -503,6 +517,7 @@ def _build_fragments(
     built: _NewStates = []
     for flat, part in layout.projected_partitions():
         group = optimizer.param_groups[part.group_index]
+        _refuse_adaptive_ranks(group, part.group_index, "load_lowrank_state")
         state: dict[str, Any] = {STEP: _partition_step(entries, part), MATRICES: {}}
         for mp in part.plan.matrices:
             if mp.piece is None:

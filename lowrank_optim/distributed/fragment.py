@@ -60,9 +60,10 @@ from typing import Any, NamedTuple, Sequence, cast
 import torch
 from torch import Tensor
 
-from ..optim.exchange import LOCAL, Exchange, LocalExchange
+from ..optim.exchange import LOCAL, Elsewhere, Exchange, LocalExchange
 from ..optim.layout import Block, DenseLayout, StateInit
 from ..optim.moments import FullPrecision, MomentFormat
+from ..optim.ranks import AUTO
 from ..projection import (
     ProjectorTensor,
     Side,
@@ -75,17 +76,20 @@ from ..projection import (
     resolve_side,
     rotates,
 )
-from ..state_keys import BASIS_RIGHT, STEP
+from ..state_keys import BASIS_RIGHT, MATRIX_RANK, STEP
 from .comm import Communicator
 from .plan import MatrixPlan, PartitionPlan, Piece
 
-__all__ = ["FragmentLayout", "MATRICES", "SHARD"]
+__all__ = ["FragmentLayout", "MATRICES", "RANKS", "SHARD"]
 
 
 #: Key of a flat partition's state holding the per-matrix state dicts, keyed by parameter name.
 MATRICES = "matrices"
 #: Key of a sharded matrix's state: ``[start, stop)`` of its moment rows (right side) or columns (left).
 SHARD = "shard"
+#: Key of a ``rank="auto"`` flat partition's state: ``{name: rank}`` of every matrix of its plan, held here or
+#: not (the partition's collectives are sized by every matrix's rank; the held ones' ``matrix_rank`` agree).
+RANKS = "ranks"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,9 +104,10 @@ class _Partition:
     shard_moments: bool
 
 
-#: What :meth:`FragmentLayout.blocks` hands the step's exchange of a partition: its step counter and the
-#: (matrix, block) pairs it handed out (``None``: the empty placeholder block).
-_Pending = tuple[int, list[tuple[MatrixPlan | None, Tensor]]]
+#: What :meth:`FragmentLayout.blocks` hands the step's exchange of a partition: its step counter, the
+#: (matrix, block) pairs it handed out (``None``: the empty placeholder block) and, in a ``rank="auto"``
+#: group, its rank table (:data:`RANKS`, updated in place by a refresh that changes ranks).
+_Pending = tuple[int, list[tuple[MatrixPlan | None, Tensor]], dict[str, int] | None]
 
 
 class _Matrix(NamedTuple):
@@ -137,6 +142,11 @@ class FragmentLayout:
     #: rows, ``columns_first``); a full-rank parameter's piece keeps whole rows (or 1-D blocks), a cut one
     #: on both of its holders.
     steps_quantized_moments = True
+    #: ``rank="auto"``: every rank of a partition keeps every matrix's rank (:data:`RANKS`), allocates over all
+    #: of them from spectra the refresh owners share (:meth:`_Exchange.spectra`), and rebuilds the state of
+    #: the pieces it holds (:meth:`rebuilt_state`). A param group must be one partition per step: ZeRO-3
+    #: sub-groups of one group, stepped in separate calls, are refused when bound.
+    steps_adaptive_ranks = True
 
     def __init__(self) -> None:
         self._partitions: dict[int, tuple[Tensor, _Partition]] = {}
@@ -239,7 +249,8 @@ class FragmentLayout:
                     continue
                 like = torch.empty(mp.shape, dtype=flat.dtype, device="meta")
                 for key, value in matrix.items():
-                    dtype = torch.int64 if key == SHARD else optimizer._intended_state_dtype(group, like, key)
+                    # The matrix's own state says its rank (rank="auto": its moments' shape, hence their format).
+                    dtype = torch.int64 if key == SHARD else optimizer._intended_state_dtype(group, like, key, matrix)
                     if dtype is not None and value.dtype != dtype:
                         matrix[key] = value.to(dtype)
 
@@ -299,8 +310,13 @@ class FragmentLayout:
         part = self._partitions[id(tensor)][1]
         if not state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
+            if group["rank"] == AUTO:  # rank 0 (no state) until the first refresh allocates one
+                state[RANKS] = {mp.name: 0 for mp in part.plan.matrices}
+            table = state.get(RANKS)
             state[MATRICES] = {
-                mp.name: _init_matrix_state(init, group, tensor, mp, part) for mp in part.plan.matrices if mp.piece is not None
+                mp.name: _init_matrix_state(init, group, tensor, mp, part, None if table is None else table[mp.name])
+                for mp in part.plan.matrices
+                if mp.piece is not None
             }
         matrices = state[MATRICES]
         blocks: list[Block] = []
@@ -323,8 +339,23 @@ class FragmentLayout:
             empty = tensor.new_zeros(0, 0)
             blocks.append(Block(empty, tensor.new_zeros(0, 0), placeholder, state[STEP], (0, 0)))
             pending.append((None, empty))
-        self._pending[id(tensor)] = (int(state[STEP].item()), pending)
+        self._pending[id(tensor)] = (int(state[STEP].item()), pending, state.get(RANKS))
         return blocks
+
+    def rebuilt_state(
+        self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], local: dict[str, Any], rank: int, rebuild: StateInit
+    ) -> dict[str, Any]:
+        """The matrix piece whose state is ``local`` rebuilt at ``rank`` (its shares follow the new rank)."""
+        part = self._partitions[id(tensor)][1]
+        name = next(name for name, matrix in state[MATRICES].items() if matrix is local)
+        mp = next(mp for mp in part.plan.matrices if mp.name == name)
+        side = resolve_side(group["proj_type"], mp.shape)
+        sharded = _sharded(part, mp, side)
+        like = _Matrix(tuple(mp.shape), tensor.dtype, tensor.device, mp, part.comm.rank, side, rank, sharded)
+        rebuild(like, local)
+        if sharded:
+            local[SHARD] = torch.tensor(_my_shard(mp, part.comm.rank, side, rank).moments, dtype=torch.int64)
+        return local
 
     def _piece_blocks(self, group: dict[str, Any], flat: Tensor, state: dict[str, Any], init: StateInit) -> list[Block]:
         """A full-rank partition with quantized moments: one block per parameter piece it holds, covering the
@@ -429,19 +460,31 @@ class FragmentLayout:
         return _Exchange(group, partitions)
 
 
-def _init_matrix_state(init: StateInit, group: dict[str, Any], flat: Tensor, mp: MatrixPlan, part: _Partition) -> dict[str, Any]:
+def _init_matrix_state(
+    init: StateInit, group: dict[str, Any], flat: Tensor, mp: MatrixPlan, part: _Partition, rank: int | None = None
+) -> dict[str, Any]:
     """The state of one matrix piece, built by the optimizer's own initialization (``init``) through
-    :meth:`FragmentLayout.new_state`; a sharded one also records its moment range (``SHARD``)."""
+    :meth:`FragmentLayout.new_state`; a sharded one also records its moment range (``SHARD``). ``rank``: the
+    matrix's rank in a ``rank="auto"`` group (its entry of :data:`RANKS`)."""
     side = resolve_side(group["proj_type"], mp.shape)
-    rank_r = effective_rank(group["rank"], mp.shape)
+    rank_r = _rank_of(group, mp, rank)
     sharded = _sharded(part, mp, side)
     like = _Matrix(tuple(mp.shape), flat.dtype, flat.device, mp, part.comm.rank, side, rank_r, sharded)
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {} if rank is None else {MATRIX_RANK: rank}
     if sharded:
         state[SHARD] = torch.tensor(_my_shard(mp, part.comm.rank, side, rank_r).moments, dtype=torch.int64)
     init(like, state)
     state.pop(STEP, None)  # the partition keeps one step counter for all its matrices
     return state
+
+
+def _rank_of(group: dict[str, Any], mp: MatrixPlan, rank: int | None) -> int:
+    """A matrix's rank: the group's (``min(rank, m, n)``), or in a ``rank="auto"`` group the one given."""
+    if group["rank"] == AUTO:
+        if rank is None:
+            raise RuntimeError(f"matrix {mp.name!r} of a rank='auto' group has no entry in its partition's rank table")
+        return rank
+    return effective_rank(group["rank"], mp.shape)
 
 
 def _rows(plan: MatrixPlan) -> tuple[int, int, int]:
@@ -905,8 +948,10 @@ class _Exchange:
         self.aligned = keeps_aligned(group["projector"])
         self.partitions = []  # (flat, part, {name: index of its block})
         self.entries: list[tuple[_Partition | None, MatrixPlan | None, Tensor]] = []
-        self.steps = {id(part): step for _, part, (step, _) in partitions}
-        for flat, part, (_, pending) in partitions:
+        self.steps = {id(part): step for _, part, (step, _, _) in partitions}
+        #: rank="auto": each partition's rank table (RANKS), updated when a refresh changes ranks.
+        self.tables = {id(part): table for _, part, (_, _, table) in partitions}
+        for flat, part, (_, pending, _) in partitions:
             names = {}
             for mp, block in pending:
                 if mp is not None:
@@ -914,12 +959,22 @@ class _Exchange:
                 self.entries.append((part, mp, block))
             self.partitions.append((flat, part, names))
         self.sides = {}
+        #: Every matrix's rank as its stored state has it; a rank="auto" refresh moves it to ``targets``
+        #: once the new projectors are shared (the stored ones are gathered at the old ranks).
         self.ranks = {}
         for _, part, _ in self.partitions:
+            table = self.tables[id(part)]
             for mp in part.plan.matrices:
                 self.sides[mp.name] = resolve_side(group["proj_type"], mp.shape)
-                self.ranks[mp.name] = effective_rank(group["rank"], mp.shape)
+                self.ranks[mp.name] = _rank_of(group, mp, None if table is None else table[mp.name])
+        self.targets: dict[str, int] = {}
         self.row_lowranks: dict[str, Tensor] = {}  # sharded right side: R's rows of each block (for Fira)
+        # A rank="auto" refresh asks for the whole gradients twice (for the spectra, then for the
+        # projectors): the last call's result, and whether each matrix's gradient was finite, by name.
+        self._gathered: tuple[tuple[int, ...], tuple[int, ...], tuple[list[Tensor | None], list[bool]]] | None = None
+        self._bad: dict[str, bool] = {}
+        self._elsewhere: list[tuple[_Partition, MatrixPlan]] = []
+        self._elsewhere_spectra: list[Tensor | None] = []
 
     # --- per matrix ----------------------------------------------------------------------------------
 
@@ -944,6 +999,15 @@ class _Exchange:
     # --- refresh -------------------------------------------------------------------------------------
 
     def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
+        key = (tuple(indices), tuple(id(grad) for grad in grads))
+        if self._gathered is not None and self._gathered[:2] == key:
+            wholes, finite = self._gathered[2]
+            return list(wholes), list(finite)
+        result = self._refresh_gradients(indices, grads)
+        self._gathered = (*key, result)
+        return list(result[0]), list(result[1])
+
+    def _refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         given = dict(zip(indices, grads))
         wholes: dict[int, Tensor | None] = {}
         finite: dict[int, bool] = {}
@@ -973,6 +1037,7 @@ class _Exchange:
             keep_going = self.group["nonfinite"] == "propagate" and self.steps[id(part)] > 0
             if any(bad.values()) and not keep_going:
                 bad = dict.fromkeys(bad, True)
+            self._bad.update(bad)
             owners = _refresh_owners(plan, comm.world_size)
             for mp in plan.matrices:
                 index = names.get(mp.name)
@@ -987,6 +1052,53 @@ class _Exchange:
                 if entry_part is part and entry_mp is None and index in given:  # an empty block
                     finite[index], wholes[index] = not any(bad.values()), None
         return [wholes[i] for i in indices], [finite[i] for i in indices]
+
+    def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
+        # One fp64 all-reduce per partition over every matrix of its plan: each refresh owner writes its
+        # matrices' spectra into a zero buffer (x + 0 is exact), so every rank has all of them, alike.
+        given = {index: values for index, values in zip(indices, energies)}
+        result: dict[int, Tensor] = {}
+        self._elsewhere, self._elsewhere_spectra = [], []
+        for flat, part, names in self.partitions:
+            sizes_of = [min(mp.shape) for mp in part.plan.matrices]
+            buffer = torch.zeros(sum(sizes_of), dtype=torch.float64, device=flat.device)
+            offset = 0
+            for mp, size in zip(part.plan.matrices, sizes_of):
+                values = given.get(names.get(mp.name, -1))
+                if values is not None:
+                    buffer[offset : offset + size] = values
+                offset += size
+            part.comm.all_reduce(buffer)
+            for mp, values in zip(part.plan.matrices, buffer.cpu().split(sizes_of)):
+                index = names.get(mp.name)
+                if index is not None and index in given:
+                    result[index] = values
+                elif index is None:
+                    self._elsewhere.append((part, mp))
+                    self._elsewhere_spectra.append(None if self._bad.get(mp.name, True) else values)
+        return [result.get(i, torch.zeros(size, dtype=torch.float64)) for i, size in zip(indices, sizes)]
+
+    def elsewhere(self) -> list[Elsewhere]:
+        return [
+            Elsewhere(cast("tuple[int, int]", tuple(mp.shape)), self._flat_dtype(part), self.ranks[mp.name], spectrum)
+            for (part, mp), spectrum in zip(self._elsewhere, self._elsewhere_spectra)
+        ]
+
+    def _flat_dtype(self, part: _Partition) -> torch.dtype:
+        return next(flat.dtype for flat, other, _ in self.partitions if other is part)
+
+    def assign_ranks(self, indices: Sequence[int], ranks: Sequence[int], elsewhere: Sequence[int | None]) -> None:
+        for index, chosen in zip(indices, ranks):
+            held = self.entries[index][1]
+            if held is not None:
+                self.targets[held.name] = chosen
+        for (_, mp), rank in zip(self._elsewhere, elsewhere):
+            if rank is not None:
+                self.targets[mp.name] = rank
+
+    def _target(self, name: str) -> int:
+        """A matrix's rank after this step's refresh (its current one where it does not change)."""
+        return self.targets.get(name, self.ranks[name])
 
     def gather_projectors(
         self, indices: Sequence[int], specs: Sequence[list[ProjectorTensor]], stored: Sequence[Sequence[Tensor]]
@@ -1004,7 +1116,7 @@ class _Exchange:
                 whole_specs = []
                 for mp in sharded:
                     index = names.get(mp.name)
-                    entry_specs = given[index][0] if index in given else _specs_of(self.group, mp, False)
+                    entry_specs = given[index][0] if index in given else _specs_of(self.group, mp, False, self.ranks[mp.name])
                     whole_specs.append(entry_specs)
                     shares.append(None if index not in given else self._exclusive_shares(part, mp, *given[index]))
                 summed = _all_reduce_tensors(comm, flat.device, shares, whole_specs, flat.dtype)
@@ -1059,7 +1171,11 @@ class _Exchange:
             if split:
                 # Each matrix's tensors are written by its owner only (every holder takes part in the sum).
                 rotate = rotates(self.group["moment_policy"], self.steps[id(part)])
-                entry_specs = [spec_of.get(names.get(mp.name)) or _specs_of(self.group, mp, rotate) for mp in split]
+                entry_specs = [
+                    spec_of.get(names.get(mp.name))
+                    or _specs_of(self.group, mp, rotate, self._target(mp.name), self.ranks[mp.name])
+                    for mp in split
+                ]
                 tensors = [computed.get(names.get(mp.name)) for mp in split]
                 for mp, summed in zip(split, _all_reduce_tensors(comm, flat.device, tensors, entry_specs, flat.dtype)):
                     whole[mp.name] = summed
@@ -1071,12 +1187,21 @@ class _Exchange:
                 # A finite refresh has its tensors here: summed for a split matrix, else computed by its one holder.
                 result[index] = (
                     _local_projector(
-                        mp, part, comm.rank, self.sides[mp.name], self.ranks[mp.name], spec_of[index],
+                        mp, part, comm.rank, self.sides[mp.name], self._target(mp.name), spec_of[index],
                         cast("list[Tensor]", whole_tensors),
                     )
                     if ok[index]
                     else None
                 )
+        # From here on (the rebuilt state, the normal phases) every matrix is at its new rank.
+        for _, part, _ in self.partitions:
+            table = self.tables[id(part)]
+            for mp in part.plan.matrices:
+                if mp.name in self.targets:
+                    self.ranks[mp.name] = self.targets[mp.name]
+                    if table is not None:
+                        table[mp.name] = self.targets[mp.name]
+        self.targets = {}
         return [result.get(i) for i in indices]
 
     # --- a normal step -------------------------------------------------------------------------------
@@ -1253,12 +1378,14 @@ class _Exchange:
                     flat[piece.flat_start : piece.flat_start + piece.numel].copy_(_fragment(block, mp))
 
 
-def _specs_of(group: dict[str, Any], mp: MatrixPlan, rotate: bool) -> list[ProjectorTensor]:
-    """What a refresh of a matrix shares (:func:`~lowrank_optim.projection.refresh_specs`), for a rank
-    that does not hold it."""
+def _specs_of(
+    group: dict[str, Any], mp: MatrixPlan, rotate: bool, rank: int, old_rank: int | None = None
+) -> list[ProjectorTensor]:
+    """What a refresh of a matrix shares (:func:`~lowrank_optim.projection.refresh_specs`) at ``rank``
+    (from ``old_rank`` in a ``rank="auto"`` group), for a rank that does not hold it."""
     shape = cast("tuple[int, int]", tuple(mp.shape))  # a projected group's matrix
     side = resolve_side(group["proj_type"], shape)
-    return refresh_specs(group["projector"], shape, effective_rank(group["rank"], shape), side, rotate)
+    return refresh_specs(group["projector"], shape, rank, side, rotate, old_rank)
 
 
 def _lowrank_shape(mp: MatrixPlan, side: Side, rank_r: int) -> tuple[int, int]:

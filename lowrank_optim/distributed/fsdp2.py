@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ..optim.exchange import LOCAL, Exchange
+from ..optim.exchange import LOCAL, Elsewhere, Exchange
 from ..optim.layout import Block, StateInit
 from ..projection import ProjectorTensor, Side, Subspace, all_finite
 from .comm import TorchCommunicator
@@ -139,6 +139,12 @@ class FSDP2Layout:
             local, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=_strides(shape)
         )
 
+    def rebuilt_state(
+        self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], local: dict[str, Any], rank: int, rebuild: StateInit
+    ) -> dict[str, Any]:
+        rebuild(tensor, state)  # new DTensors, sharded by new_state as at the first step
+        return {key: _local(value) for key, value in state.items()}
+
     def exchange(self, group: dict[str, Any], params: list[Tensor]) -> Exchange:
         if self.world == 1:
             return LOCAL
@@ -234,6 +240,12 @@ class _Exchange:
             offset += size
         self.comm.all_reduce(buffer)
         return [piece.cpu() for piece in buffer.split(list(sizes))]
+
+    def elsewhere(self) -> list[Elsewhere]:
+        return []  # every rank holds a shard of every matrix
+
+    def assign_ranks(self, indices: Sequence[int], ranks: Sequence[int], elsewhere: Sequence[int | None]) -> None:
+        pass  # the stored shards' shapes say each matrix's rank
 
     def _refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         # Owners: the largest SVDs first, each to the least loaded rank (the same choice on every rank).

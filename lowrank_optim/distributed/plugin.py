@@ -22,6 +22,7 @@ from ..optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW
 from ..optim._validation import MOMENT_POLICIES, NONFINITE_POLICIES, check_finite_number
 from ..optim.apollo import APOLLO_SCALE_TYPES
 from ..optim.moments import resolve_moment_format
+from ..optim.ranks import AUTO
 from ..projection import FIRA_RESIDUALS, PROJ_TYPES, projector_names
 from ..targets import DEFAULT_TARGET_MODULES, find_targets
 from ..train.methods import METHODS
@@ -101,10 +102,13 @@ class LowRankSection:
     ``moment_format``: how every group's Adam moments are stored (:mod:`lowrank_optim.optim.moments`):
     ``"full"``, ``"8bit"``, or an object with the format's options, e.g. ``{"name": "8bit", "block_size":
     128}``; 8-bit moments work at every ZeRO stage (:mod:`lowrank_optim.distributed.fragment`).
+    ``rank``: a positive integer, or ``"auto"`` with ``state_budget`` (bytes of rank-dependent state for the
+    projected group, counted as one process holds it): each matrix's rank is chosen from its gradient at
+    every refresh (:mod:`lowrank_optim.optim.ranks`). At ZeRO-3 the projected group must be one sub-group.
     """
 
     optimizer: str = "galore_adamw"
-    rank: int = 128
+    rank: int | str = 128
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
@@ -125,6 +129,7 @@ class LowRankSection:
     disable_nl: bool = False
     zero3_moments: str = "sharded"
     moment_format: Any = "full"
+    state_budget: int | None = None
 
     def __post_init__(self) -> None:
         """Check the type of every field, naming the key: the section comes from JSON, where any key can
@@ -133,9 +138,23 @@ class LowRankSection:
         _check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         for key in ("rank", "update_proj_gap"):
             value = getattr(self, key)
+            if key == "rank" and value == AUTO:
+                continue  # checked with state_budget below
             # JSON has one integer type; a bool is an int to Python but never meant as a rank.
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise _invalid(key, value, "a positive integer")
+                error = _invalid(key, value, "a positive integer")
+                if key == "rank":
+                    error = ValueError(
+                        f"{error} Also allowed: \"auto\" with '{SECTION}.state_budget' (bytes; each matrix's rank "
+                        "chosen from its gradient at every refresh, lowrank_optim.optim.ranks)."
+                    )
+                raise error
+        budget = self.state_budget
+        if self.rank == AUTO:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+                raise _invalid("state_budget", budget, "a positive integer (bytes) when 'rank' is \"auto\"")
+        elif budget is not None:
+            raise _invalid("state_budget", budget, f"null unless 'rank' is \"auto\" (it is {self.rank!r})")
         for key in ("scale", "lr", "eps", "weight_decay", "gamma"):
             check_finite_number(f"'{SECTION}.{key}'", getattr(self, key))
         betas = self.betas
@@ -281,6 +300,7 @@ def param_groups_for(model: nn.Module, section: LowRankSection | Mapping[str, An
     group = {
         "params": projected,
         "rank": section.rank,
+        **({"state_budget": section.state_budget} if section.rank == AUTO else {}),
         "update_proj_gap": section.update_proj_gap,
         scale_key: section.scale,
         "proj_type": section.proj_type,

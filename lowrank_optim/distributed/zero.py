@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..optim._validation import matrix_shape
 from ..optim.galore import GaLoreAdamW
+from ..optim.ranks import AUTO
 from .comm import TorchCommunicator
 from .fragment import FragmentLayout
 from .plan import PartitionPlan, zero3_plans, zero12_plans
@@ -97,6 +98,21 @@ def _undo_state_warmup(engine: Any, base: GaLoreAdamW) -> None:
                 master.copy_(model_param)
 
 
+def _refuse_split_adaptive_groups(base: GaLoreAdamW, group_of_sub_group: list[int]) -> None:
+    """ZeRO-3 steps each sub-group in its own ``step()`` call, so the matrices of a ``rank="auto"`` group cut
+    into several sub-groups would be allocated in separate parts under one budget, not as one process
+    allocates them: refused, with the setting that keeps each group in one sub-group."""
+    for index, group in enumerate(base.param_groups):
+        count = group_of_sub_group.count(index)
+        if group.get("rank") == AUTO and count > 1:
+            raise ValueError(
+                f"bind(engine): param group {index} has rank='auto' and ZeRO-3 cut it into {count} sub-groups, "
+                "which DeepSpeed steps one at a time; the ranks are allocated over a whole group at once. Allowed: "
+                "one sub-group per rank='auto' group (raise zero_optimization.sub_group_size above the group's "
+                "number of elements), or a positive integer rank."
+            )
+
+
 def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
     """Give the engine's low-rank optimizer the layout of ZeRO's partitions and return it.
 
@@ -150,6 +166,7 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
         world_size = dist.get_world_size(group=process_group)
         rank = dist.get_rank(group=process_group)
         communicator = TorchCommunicator(process_group)
+        _refuse_split_adaptive_groups(base, [zero.sub_group_to_group_id[s] for s in range(len(zero.fp16_groups))])
         for sub_group, params in enumerate(zero.fp16_groups):
             group_index = zero.sub_group_to_group_id[sub_group]
             flat = zero.fp32_partitioned_groups_flat[sub_group]

@@ -34,7 +34,14 @@ An exchange of a layout that declares ``steps_adaptive_ranks`` (``rank="auto"``)
     at a refresh, each refreshing matrix's energy spectrum, computed by its owner from the whole
     gradient, on every process that steps the group: the ranks are allocated jointly over the
     group's matrices (:mod:`lowrank_optim.optim.ranks`), so every process must see every spectrum to
-    choose the same ranks.
+    choose the same ranks;
+``elsewhere``
+    the matrices of the same allocation of which this process steps no block (ZeRO hands each rank a
+    subset of a group's matrices, but the collectives are sized by every matrix's rank), with their
+    shapes, ranks and spectra;
+``assign_ranks``
+    the ranks chosen, so that the exchange sizes the rest of the refresh and the later steps by them
+    (the stored projectors are gathered at the old ranks, everything after at the new ones).
 
 :class:`LocalExchange` is the whole-tensor case: every block is its whole matrix and every collective
 is the identity. The distributed layouts (:mod:`lowrank_optim.distributed`) implement the rest; they
@@ -43,14 +50,14 @@ never see the optimizer, and the optimizer never imports them.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, cast
+from typing import NamedTuple, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
 
 from ..projection import ProjectorTensor, Side, Subspace, all_finite
 
-__all__ = ["AdaptiveExchange", "Exchange", "LocalExchange", "LOCAL"]
+__all__ = ["AdaptiveExchange", "Elsewhere", "Exchange", "LocalExchange", "LOCAL"]
 
 
 class Exchange(Protocol):
@@ -135,6 +142,17 @@ class Exchange(Protocol):
         ...
 
 
+class Elsewhere(NamedTuple):
+    """A matrix of a ``rank="auto"`` allocation of which this process steps no block: its whole shape,
+    the dtype its state is costed in, the rank it holds, and its spectrum (``None``: it does not refresh
+    now, e.g. its gradient is not finite, and keeps ``rank``)."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    rank: int
+    spectrum: Tensor | None
+
+
 class AdaptiveExchange(Exchange, Protocol):
     """An :class:`Exchange` that can also share the spectra a ``rank="auto"`` refresh allocates from."""
 
@@ -142,6 +160,17 @@ class AdaptiveExchange(Exchange, Protocol):
         """Each matrix's spectrum (``sizes[k]`` fp64 values, given by its refresh owner: ``None`` on the
         other processes, and on the owner too where the gradient is not finite, which reads as zeros) on
         every process, the same values everywhere."""
+        ...
+
+    def elsewhere(self) -> list[Elsewhere]:
+        """After :meth:`spectra`: the matrices of this allocation of which this process steps no block, in
+        the same order on every process (empty where every process steps a block of every matrix)."""
+        ...
+
+    def assign_ranks(self, indices: Sequence[int], ranks: Sequence[int], elsewhere: Sequence[int | None]) -> None:
+        """The ranks chosen: ``ranks[k]`` for the block ``indices[k]``, ``elsewhere[j]`` for the ``j``-th
+        matrix of :meth:`elsewhere` (``None``: it keeps its rank). Called before the refresh shares the new
+        projectors, alike on every process."""
         ...
 
 
@@ -200,6 +229,12 @@ class LocalExchange:
 
     def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
         return [torch.zeros(size, dtype=torch.float64) if values is None else values for values, size in zip(energies, sizes)]
+
+    def elsewhere(self) -> list[Elsewhere]:
+        return []
+
+    def assign_ranks(self, indices: Sequence[int], ranks: Sequence[int], elsewhere: Sequence[int | None]) -> None:
+        pass  # the stored tensors' shapes say each matrix's rank
 
 
 #: The exchange of the whole-tensor case (stateless, shared).

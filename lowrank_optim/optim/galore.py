@@ -442,7 +442,8 @@ class GaLoreAdamW(Optimizer):
         raise ValueError(
             f"Invalid rank in param group {index}: 'auto'. Adaptive ranks are not yet supported under "
             f"{type(self.layout).__name__} (it does not declare steps_adaptive_ranks); allowed there: a positive "
-            "integer rank. rank='auto' runs on whole tensors (one process) and under FSDP2 (fully_shard)."
+            "integer rank. rank='auto' runs on whole tensors (one process), under FSDP2 (fully_shard) and "
+            "DeepSpeed ZeRO (lowrank_optim.deepspeed.bind)."
         )
 
     def _check_state(self, group: dict[str, Any]) -> None:
@@ -696,33 +697,59 @@ class GaLoreAdamW(Optimizer):
             # A projector may offer fewer directions than min(m, n): the missing ones carry no energy.
             owned.append(torch.cat([energies, energies.new_zeros(size - energies.numel())]))
         spectra = exchange.spectra(due, owned, sizes)
-        refreshing = [k for k, ok in enumerate(finite) if ok]
-        if not refreshing:
+        # The matrices of this allocation with no block here (a ZeRO partition's other matrices).
+        remote = exchange.elsewhere()
+        # An empty matrix (a rank's placeholder block holding only padding) has no direction: it stays at rank 0.
+        refreshing = [k for k, (ok, size) in enumerate(zip(finite, sizes)) if ok and size > 0]
+        remote_refreshing = [j for j, entry in enumerate(remote) if entry.spectrum is not None and min(entry.shape) > 0]
+        if not refreshing and not remote_refreshing:
             return None
-        ids = {id(batch.sources[due[k]]) for k in refreshing}
-        held = 0
-        for param in group["params"]:
-            if id(param) not in ids:
-                rank = max(_stored_rank(self.state.get(param)) or 0, 1)
-                held += max(self.rank_state_bytes(group, param, rank), self.rank_state_bytes(group, param, 1))
         # The greedy asks for many (matrix, rank) costs, which depend only on the shape and dtype:
         # computed once per kind of matrix (a model's matrices come in a few shapes).
         known: dict[tuple[tuple[int, ...], torch.dtype, int], int] = {}
 
-        def cost_of(param: Tensor) -> Callable[[int], int]:
+        def cost_of(shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[int], int]:
+            like = torch.empty(shape, dtype=dtype, device="meta")
+
             def cost(rank: int) -> int:
-                key = (tuple(param.shape), param.dtype, rank)
+                key = (shape, dtype, rank)
                 if key not in known:
-                    known[key] = self.rank_state_bytes(group, param, rank)
+                    known[key] = self.rank_state_bytes(group, like, rank)
                 return known[key]
 
             return cost
 
-        costs = [cost_of(batch.sources[due[k]]) for k in refreshing]
-        chosen = allocate_ranks([spectra[k] for k in refreshing], costs, group["state_budget"] - held)
+        def held_bytes(shape: tuple[int, ...], dtype: torch.dtype, rank: int | None) -> int:
+            cost = cost_of(shape, dtype)
+            return max(cost(max(rank or 0, 1)), cost(1))
+
+        # Every matrix not refreshing now is charged the state it holds (at least its rank-1 cost).
+        held = 0
+        stepped = {id(source) for source in batch.sources}
+        for param in group["params"]:
+            if id(param) not in stepped:  # no gradient this step: a whole matrix, as the optimizer holds it
+                held += held_bytes(tuple(param.shape), param.dtype, _stored_rank(self.state.get(param)))
+        chosen_here = {due[k] for k in refreshing}
+        for i, maybe in enumerate(batch.projections):
+            if maybe is None or i in chosen_here:
+                continue
+            shape = exchange.shape(i, batch.grads[i])
+            if min(shape) > 0:
+                held += held_bytes(shape, batch.params[i].dtype, _stored_rank(batch.states[i]))
+        for j, entry in enumerate(remote):
+            if j not in remote_refreshing and min(entry.shape) > 0:
+                held += held_bytes(entry.shape, entry.dtype, entry.rank)
+        pool_spectra = [spectra[k] for k in refreshing] + [cast(Tensor, remote[j].spectrum) for j in remote_refreshing]
+        costs = [cost_of(exchange.shape(due[k], batch.grads[due[k]]), batch.params[due[k]].dtype) for k in refreshing]
+        costs += [cost_of(remote[j].shape, remote[j].dtype) for j in remote_refreshing]
+        chosen = allocate_ranks(pool_spectra, costs, group["state_budget"] - held)
         ranks: list[int | None] = [None] * len(batch.params)
         for k, rank in zip(refreshing, chosen):
             ranks[due[k]] = rank
+        remote_ranks: list[int | None] = [None] * len(remote)
+        for j, rank in zip(remote_refreshing, chosen[len(refreshing) :]):
+            remote_ranks[j] = rank
+        exchange.assign_ranks([due[k] for k in refreshing], chosen[: len(refreshing)], remote_ranks)
         return ranks
 
     def _rebuild_rank_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], rank: int) -> None:
@@ -763,22 +790,24 @@ class GaLoreAdamW(Optimizer):
         if state[MATRIX_RANK] != rank:
             self._rebuild_rank_state(group, param, state, rank)
 
-    def _resizer(self, group: dict[str, Any], batch: _Batch) -> Callable[[int, int], _Resized]:
+    def _resizer(self, group: dict[str, Any], batch: _Batch, exchange: Exchange) -> Callable[[int, int], _Resized]:
         """What the step calls to rebuild matrix ``index``'s rank-dependent state at a new ``rank``
         (``rank="auto"``): the old tensors leave the parameter's state (the step still holds their local
         pieces to move the moments), new zero ones of the new shapes take their keys, made by the layout
-        as at the first step (:meth:`_init_rank_state`), and the layout's block gives their local pieces."""
-
-        def init(like: Any, state: dict[str, Any]) -> None:
-            self._init_state(group, like, state)
+        as at the first step (:meth:`_init_rank_state`, through :meth:`Layout.rebuilt_state`, which also
+        gives their local pieces)."""
 
         def resize(index: int, rank: int) -> _Resized:
             source = batch.sources[index]
-            state = self.state[source]
-            shape = tuple(source.shape)
-            self._rebuild_rank_state(group, source, state, rank)
-            (block,) = self.layout.blocks(group, source, state, init)  # whole tensors: one block each
-            batch.states[index] = local = block.state
+            shape = exchange.shape(index, batch.grads[index])
+
+            def rebuild(like: Any, state: dict[str, Any]) -> None:
+                self._rebuild_rank_state(group, like, state, rank)
+
+            # The layout finds the matrix whose local state the step holds, and rebuilds it as at its first step.
+            batch.states[index] = local = self.layout.rebuilt_state(
+                group, source, self.state[source], batch.states[index], rank, rebuild
+            )
             placement, sharding = _moment_placement(group, shape, rank)
             return _Resized(
                 cast(Projection, self._projection(group, shape, local)),
@@ -819,7 +848,7 @@ class GaLoreAdamW(Optimizer):
             exchange=exchange,
             quantized=batch.moments,
             ranks=ranks,
-            resize=self._resizer(group, batch) if auto else None,
+            resize=self._resizer(group, batch, exchange) if auto else None,
             **self._update_terms(group, batch),
         )
 
@@ -1312,7 +1341,9 @@ def _refresh_due(
         wanted = [i for i in chunk if rotate[i] or projected[i].projector.uses_previous]
         previous: dict[int, list[Tensor] | None] = dict.fromkeys(chunk)
         if wanted:
-            gathered = exchange.gather_projectors(wanted, [specs[i] for i in wanted], [projected[i].tensors for i in wanted])
+            # The stored projectors are at the current rank (a rank="auto" refresh may be about to change it).
+            stored_specs = [_projector_specs(projected[i], exchange.shape(i, grads[i])) for i in wanted]
+            gathered = exchange.gather_projectors(wanted, stored_specs, [projected[i].tensors for i in wanted])
             previous.update(zip(wanted, gathered))
         new: list[list[Tensor] | None] = []
         for index, whole, ok in zip(chunk, wholes, finite):

@@ -79,6 +79,14 @@ class Layout(Protocol):
         """The collectives of one step of ``params`` (the group's tensors that have gradients, in order)."""
         ...
 
+    def rebuilt_state(
+        self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], local: dict[str, Any], rank: int, rebuild: StateInit
+    ) -> dict[str, Any]:
+        """Only for a layout that declares ``steps_adaptive_ranks``: the matrix of ``tensor`` whose block's
+        state is ``local`` (as :meth:`blocks` gave it) gets its state rebuilt by ``rebuild(like, state)``
+        (``like`` as for ``init``, at the new ``rank``); returns the rebuilt state's local pieces."""
+        ...
+
 
 class DenseLayout:
     """Every tensor in ``param_groups`` is a whole parameter with its real shape; no communication."""
@@ -128,6 +136,12 @@ class DenseLayout:
 
     def exchange(self, group: dict[str, Any], params: list[Tensor]) -> Exchange:
         return LOCAL
+
+    def rebuilt_state(
+        self, group: dict[str, Any], tensor: Tensor, state: dict[str, Any], local: dict[str, Any], rank: int, rebuild: StateInit
+    ) -> dict[str, Any]:
+        rebuild(tensor, state)  # a whole tensor's block state is its state
+        return state
 
 
 #: Functions that may claim a list of parameters for a layout (see :func:`register_layout`).

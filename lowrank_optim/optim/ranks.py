@@ -29,9 +29,13 @@ keeps is (APOLLO's 8-byte seed too: it is one of its tensors, whatever the rank)
 Where it runs. Whole tensors, and FSDP2: there each spectrum is computed by the matrix's refresh owner
 from the whole gradient and shared with every rank (``AdaptiveExchange.spectra``), so all ranks allocate
 what one process would; the budget counts whole tensors, of which each rank holds about ``1/world``.
-DCP checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO's
-fragments (whose per-rank pieces of a matrix's state depend on its rank), ``GaLoreAdafactor`` (one
-rank per group) and ``PerLayerUpdates`` (one matrix stepped at a time) refuse it by name.
+DCP checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO
+1-3: every rank keeps every matrix's rank (the partition's rank table), the owners' spectra reach every
+rank (``AdaptiveExchange.spectra``), and each rank allocates over all of the partition's matrices,
+those it holds no piece of too (``AdaptiveExchange.elsewhere``); a ZeRO-3 group must be one sub-group, and
+the name-keyed ZeRO state (``save_lowrank_state``) refuses it (DeepSpeed's own checkpoints work).
+``GaLoreAdafactor`` (one rank per group) and ``PerLayerUpdates`` (one matrix stepped at a time) refuse
+it by name.
 """
 
 from __future__ import annotations
