@@ -248,3 +248,37 @@ def test_the_section_sets_the_non_finite_policy() -> None:
     assert optimizer.param_groups[0]["nonfinite"] == "propagate"
     with pytest.raises(ValueError, match=r"Invalid 'lowrank_optim.nonfinite': 'ignore'"):
         LowRankSection.from_dict({"nonfinite": "ignore"})
+
+
+# --- rank="auto" (issue 17) ---------------------------------------------------------------------------------
+
+
+AUTO_REFUSALS = [
+    ({"rank": "auto"}, r"state_budget': None\. Must be a positive integer \(bytes\) when 'rank' is \"auto\"\."),
+    ({"rank": "auto", "state_budget": 0}, r"Invalid 'lowrank_optim\.state_budget': 0\. Must be a positive integer"),
+    ({"rank": "auto", "state_budget": True}, r"Invalid 'lowrank_optim\.state_budget': True\."),
+    ({"rank": 8, "state_budget": 4096}, r"state_budget': 4096\. Must be null unless 'rank' is \"auto\" \(it is 8\)\."),
+    (
+        {"rank": "Auto"},
+        r"Invalid 'lowrank_optim\.rank': 'Auto'\. Must be a positive integer\. Also allowed: \"auto\" with "
+        r"'lowrank_optim\.state_budget'",
+    ),
+]
+
+
+@pytest.mark.parametrize("section, message", AUTO_REFUSALS)
+def test_auto_rank_section_refusals(section: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LowRankSection.from_dict(section)
+
+
+def test_auto_rank_section_reaches_the_projected_group() -> None:
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Linear(8, 6))
+    groups = param_groups_for(model, {"rank": "auto", "state_budget": 4096})
+    projected = groups[-1]
+    assert projected["rank"] == "auto" and projected["state_budget"] == 4096
+    optimizer = optimizer_factory({"rank": "auto", "state_budget": 4096})(groups)
+    assert optimizer.param_groups[-1]["state_budget"] == 4096
+    fixed = param_groups_for(model, {"rank": 4})[-1]
+    assert "state_budget" not in fixed
