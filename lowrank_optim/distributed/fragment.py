@@ -60,7 +60,7 @@ from typing import Any, NamedTuple, Sequence, cast
 import torch
 from torch import Tensor
 
-from ..optim.exchange import LOCAL, Elsewhere, Exchange, LocalExchange
+from ..optim.exchange import LOCAL, Elsewhere, Exchange, LocalExchange, RefreshGradients
 from ..optim.layout import Block, DenseLayout, StateInit
 from ..optim.moments import FullPrecision, MomentFormat
 from ..optim.ranks import AUTO
@@ -969,9 +969,9 @@ class _Exchange:
                 self.ranks[mp.name] = _rank_of(group, mp, None if table is None else table[mp.name])
         self.targets: dict[str, int] = {}
         self.row_lowranks: dict[str, Tensor] = {}  # sharded right side: R's rows of each block (for Fira)
-        # A rank="auto" refresh asks for the whole gradients twice (for the spectra, then for the
-        # projectors): the last call's result, and whether each matrix's gradient was finite, by name.
-        self._gathered: tuple[tuple[int, ...], tuple[int, ...], tuple[list[Tensor | None], list[bool]]] | None = None
+        # The whole gradients, gathered once per step (RefreshGradients), and whether each matrix's was
+        # finite, by name (for the matrices of the allocation held elsewhere).
+        self.refresh_gradients = RefreshGradients(self._refresh_gradients)
         self._bad: dict[str, bool] = {}
         self._elsewhere: list[tuple[_Partition, MatrixPlan]] = []
         self._elsewhere_spectra: list[Tensor | None] = []
@@ -997,15 +997,6 @@ class _Exchange:
         return _sharded(part, mp, self.sides[mp.name])
 
     # --- refresh -------------------------------------------------------------------------------------
-
-    def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
-        key = (tuple(indices), tuple(id(grad) for grad in grads))
-        if self._gathered is not None and self._gathered[:2] == key:
-            wholes, finite = self._gathered[2]
-            return list(wholes), list(finite)
-        result = self._refresh_gradients(indices, grads)
-        self._gathered = (*key, result)
-        return list(result[0]), list(result[1])
 
     def _refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         given = dict(zip(indices, grads))

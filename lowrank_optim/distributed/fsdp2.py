@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ..optim.exchange import LOCAL, Elsewhere, Exchange
+from ..optim.exchange import LOCAL, Elsewhere, Exchange, RefreshGradients
 from ..optim.layout import Block, StateInit
 from ..projection import ProjectorTensor, Side, Subspace, all_finite
 from .comm import TorchCommunicator
@@ -197,9 +197,8 @@ class _Exchange:
         # check_group made sure every parameter is a DTensor.
         self.device = cast(DTensor, params[0]).to_local().device if params else torch.device("cpu")
         self.owners: dict[int, int] = {}
-        # The last refresh_gradients call and its result: a rank="auto" refresh asks for the same whole
-        # gradients twice in one step (for the spectra, then for the projectors), gathered once.
-        self._gathered: tuple[tuple[int, ...], tuple[int, ...], tuple[list[Tensor | None], list[bool]]] | None = None
+        # The whole gradients, gathered once per step (a rank="auto" refresh asks twice).
+        self.refresh_gradients = RefreshGradients(self._refresh_gradients)
 
     def whole(self, index: int) -> bool:
         return False
@@ -220,15 +219,6 @@ class _Exchange:
         counts = torch.stack([flag.to(torch.float32) for flag in flags])
         self.comm.all_reduce(counts)
         return list((counts > 0).unbind())
-
-    def refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
-        key = (tuple(indices), tuple(id(grad) for grad in grads))
-        if self._gathered is not None and self._gathered[:2] == key:
-            wholes, finite = self._gathered[2]
-            return list(wholes), list(finite)
-        result = self._refresh_gradients(indices, grads)
-        self._gathered = (*key, result)
-        return list(result[0]), list(result[1])
 
     def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
         # One all-reduce: each owner writes its matrices' spectra into a zero buffer (x + 0 is exact).

@@ -50,14 +50,14 @@ never see the optimizer, and the optimizer never imports them.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence, cast
+from typing import Callable, NamedTuple, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
 
 from ..projection import ProjectorTensor, Side, Subspace, all_finite
 
-__all__ = ["AdaptiveExchange", "Elsewhere", "Exchange", "LocalExchange", "LOCAL"]
+__all__ = ["AdaptiveExchange", "Elsewhere", "Exchange", "LocalExchange", "LOCAL", "RefreshGradients"]
 
 
 class Exchange(Protocol):
@@ -172,6 +172,27 @@ class AdaptiveExchange(Exchange, Protocol):
         matrix of :meth:`elsewhere` (``None``: it keeps its rank). Called before the refresh shares the new
         projectors, alike on every process."""
         ...
+
+
+#: ``(whole gradient on the owner, else None; finite)`` per matrix: what ``refresh_gradients`` returns.
+RefreshResult = tuple[list[Tensor | None], list[bool]]
+
+
+class RefreshGradients:
+    """``refresh_gradients`` computed once per step for the same matrices and gradients: a ``rank="auto"``
+    refresh asks for the whole gradients twice (for the spectra, then for the projectors), and a layout
+    that gathers them (FSDP2, ZeRO) should gather once. ``compute`` is the layout's collective."""
+
+    def __init__(self, compute: Callable[[Sequence[int], Sequence[Tensor]], RefreshResult]) -> None:
+        self.compute = compute
+        self.last: tuple[tuple[int, ...], tuple[int, ...], RefreshResult] | None = None
+
+    def __call__(self, indices: Sequence[int], grads: Sequence[Tensor]) -> RefreshResult:
+        key = (tuple(indices), tuple(id(grad) for grad in grads))
+        if self.last is None or self.last[:2] != key:
+            self.last = (*key, self.compute(indices, grads))
+        wholes, finite = self.last[2]
+        return list(wholes), list(finite)
 
 
 class LocalExchange:
