@@ -1069,9 +1069,21 @@ class _Exchange:
                     self._elsewhere_spectra.append(None if self._bad.get(mp.name, True) else values)
         return [result.get(i, torch.zeros(size, dtype=torch.float64)) for i, size in zip(indices, sizes)]
 
+    def _positions(self) -> dict[str, int]:
+        """Every matrix's place in partition order, then plan order (the same on every rank)."""
+        names = [mp.name for _, part, _ in self.partitions for mp in part.plan.matrices]
+        return {name: place for place, name in enumerate(names)}
+
+    def position(self, index: int) -> int:
+        mp = self.entries[index][1]
+        return -1 if mp is None else self._positions()[mp.name]  # -1: the empty placeholder (never allocated)
+
     def elsewhere(self) -> list[Elsewhere]:
+        places = self._positions()
         return [
-            Elsewhere(cast("tuple[int, int]", tuple(mp.shape)), self._flat_dtype(part), self.ranks[mp.name], spectrum)
+            Elsewhere(
+                cast("tuple[int, int]", tuple(mp.shape)), self._flat_dtype(part), self.ranks[mp.name], spectrum, places[mp.name]
+            )
             for (part, mp), spectrum in zip(self._elsewhere, self._elsewhere_spectra)
         ]
 

@@ -231,6 +231,9 @@ class _Exchange:
         self.comm.all_reduce(buffer)
         return [piece.cpu() for piece in buffer.split(list(sizes))]
 
+    def position(self, index: int) -> int:
+        return index  # every rank steps the group's parameters in the same order
+
     def elsewhere(self) -> list[Elsewhere]:
         return []  # every rank holds a shard of every matrix
 

@@ -151,6 +151,7 @@ class Elsewhere(NamedTuple):
     dtype: torch.dtype
     rank: int
     spectrum: Tensor | None
+    position: int  # where it stands in the allocation's order (AdaptiveExchange.position)
 
 
 class AdaptiveExchange(Exchange, Protocol):
@@ -160,6 +161,11 @@ class AdaptiveExchange(Exchange, Protocol):
         """Each matrix's spectrum (``sizes[k]`` fp64 values, given by its refresh owner: ``None`` on the
         other processes, and on the owner too where the gradient is not finite, which reads as zeros) on
         every process, the same values everywhere."""
+        ...
+
+    def position(self, index: int) -> int:
+        """Where block ``index``'s matrix stands in the allocation's order, the same on every process: the
+        greedy breaks ties by this order, so processes that list their blocks differently still choose alike."""
         ...
 
     def elsewhere(self) -> list[Elsewhere]:
@@ -250,6 +256,9 @@ class LocalExchange:
 
     def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
         return [torch.zeros(size, dtype=torch.float64) if values is None else values for values, size in zip(energies, sizes)]
+
+    def position(self, index: int) -> int:
+        return index
 
     def elsewhere(self) -> list[Elsewhere]:
         return []

@@ -739,17 +739,27 @@ class GaLoreAdamW(Optimizer):
         for j, entry in enumerate(remote):
             if j not in remote_refreshing and min(entry.shape) > 0:
                 held += held_bytes(entry.shape, entry.dtype, entry.rank)
-        pool_spectra = [spectra[k] for k in refreshing] + [cast(Tensor, remote[j].spectrum) for j in remote_refreshing]
-        costs = [cost_of(exchange.shape(due[k], batch.grads[due[k]]), batch.params[due[k]].dtype) for k in refreshing]
-        costs += [cost_of(remote[j].shape, remote[j].dtype) for j in remote_refreshing]
-        chosen = allocate_ranks(pool_spectra, costs, group["state_budget"] - held)
+        # The pool in the exchange's order, alike on every process (the greedy breaks ties by position).
+        pool: list[tuple[int, Tensor, Callable[[int], int], int | None, int | None]] = [
+            (exchange.position(due[k]), spectra[k],
+             cost_of(exchange.shape(due[k], batch.grads[due[k]]), batch.params[due[k]].dtype), due[k], None)
+            for k in refreshing
+        ]
+        pool += [
+            (remote[j].position, cast(Tensor, remote[j].spectrum), cost_of(remote[j].shape, remote[j].dtype), None, j)
+            for j in remote_refreshing
+        ]
+        pool.sort(key=lambda entry: entry[0])
+        chosen = allocate_ranks([entry[1] for entry in pool], [entry[2] for entry in pool], group["state_budget"] - held)
         ranks: list[int | None] = [None] * len(batch.params)
-        for k, rank in zip(refreshing, chosen):
-            ranks[due[k]] = rank
         remote_ranks: list[int | None] = [None] * len(remote)
-        for j, rank in zip(remote_refreshing, chosen[len(refreshing) :]):
-            remote_ranks[j] = rank
-        exchange.assign_ranks([due[k] for k in refreshing], chosen[: len(refreshing)], remote_ranks)
+        for (_, _, _, here, there), rank in zip(pool, chosen):
+            if here is not None:
+                ranks[here] = rank
+            else:
+                remote_ranks[cast(int, there)] = rank
+        here_indices = [i for i in range(len(ranks)) if ranks[i] is not None]
+        exchange.assign_ranks(here_indices, [cast(int, ranks[i]) for i in here_indices], remote_ranks)
         return ranks
 
     def _rebuild_rank_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any], rank: int) -> None:
