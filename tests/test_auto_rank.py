@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lowrank_optim import APOLLOAdamW, Blockwise8bit, DCTAdamW, FiraAdamW, GaLoreAdafactor, GaLoreAdamW
 from lowrank_optim.optim.ranks import allocate_ranks
-from lowrank_optim.projection import Side, resize_rank, resolve_side
+from lowrank_optim.projection import Side, resize_rank, resolve_projector, resolve_side
 from lowrank_optim.projection.dct import dct_matrix
 from lowrank_optim.state_keys import BASIS_LEFT, BASIS_RIGHT, DCT_INDICES_LEFT, DCT_INDICES_RIGHT, EXP_AVG, EXP_AVG_SQ
 from lowrank_optim.train import PerLayerUpdates
@@ -84,6 +84,63 @@ def test_allocation_refuses_a_budget_below_rank_one() -> None:
         r"allowed is a budget of at least 20\.",
     ):
         allocate_ranks([torch.ones(3)] * 2, [lambda k: 10 * k] * 2, 15)
+
+
+# --- the energies: rounding is no direction ----------------------------------------------------------
+
+
+def _exact_rank(shape: tuple[int, int], rank: int, seed: int) -> Tensor:
+    """An fp32 matrix of exact rank ``rank`` whose singular values span 2 decades (its energies 4)."""
+    generator = torch.Generator().manual_seed(seed)
+    m, n = shape
+    a = torch.linalg.qr(torch.randn(m, rank, generator=generator, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(n, rank, generator=generator, dtype=torch.float64))[0]
+    return ((a * torch.logspace(0, -2, rank, dtype=torch.float64)) @ b.T).float()
+
+
+@pytest.mark.parametrize("shape,rank", [((36, 28), 12), ((20, 36), 12), ((256, 688), 32), ((1024, 256), 100)])
+def test_svd_energies_of_a_rank_r_gradient_have_r_nonzero_values(shape: tuple[int, int], rank: int) -> None:
+    """The directions past a gradient's rank come out of fp32 at about eps·||G||²; they are reported as 0
+    (``without_rounding_noise``), and the r real ones, down to 1e-4 of the largest, are kept (the floor is
+    ``sqrt(max(m, n)) · eps`` of the total, 7e-7 to 4e-6 here; the smallest real one holds 2e-5 to 4e-5)."""
+    grad = _exact_rank(shape, rank, seed=rank)
+    energies = resolve_projector("svd").energies(grad, resolve_side("std", shape))
+    assert int((energies > 0).sum()) == rank, energies[rank - 2 : rank + 2]
+    expected = torch.logspace(0, -4, rank, dtype=torch.float64)  # the squared singular values
+    torch.testing.assert_close(energies[:rank].double(), expected, rtol=1e-4, atol=1e-7 * float(expected.sum()))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_dct_energies_of_r_frequencies_have_r_nonzero_values(side: str) -> None:
+    """A gradient made of 5 DCT frequencies along the projected side has 5 nonzero energies."""
+    generator = torch.Generator().manual_seed(3)
+    basis = dct_matrix(40, torch.float64, torch.device("cpu"))  # rows are the frequencies
+    picked = torch.tensor([0, 3, 7, 21, 39])
+    grad = (torch.randn(24, 5, generator=generator, dtype=torch.float64) @ basis[picked]).float()
+    grad = grad if side == "right" else grad.T.contiguous()
+    energies = resolve_projector("dct").energies(grad, Side.RIGHT if side == "right" else Side.LEFT)
+    assert int((energies > 0).sum()) == 5, energies[:8]
+
+
+def test_ranks_do_not_depend_on_how_the_gradient_was_summed() -> None:
+    """With a budget far above need, each matrix gets its gradient's rank exactly, whether the gradient is
+    one product or the mean of two halves (as an all-reduce over two ranks forms it): budget is never
+    spent on rounding, so the ranks of a distributed run are those of one process."""
+    shapes, ranks = [(36, 28), (20, 36), (28, 10)], [12, 7, 4]
+    results = []
+    for halves in (False, True):
+        params = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
+        optimizer = GaLoreAdamW([{"params": params, "rank": "auto", "state_budget": 10**7, "update_proj_gap": 5}], lr=1e-3)
+        for p, shape, rank in zip(params, shapes, ranks):
+            whole = _exact_rank(shape, rank, seed=rank)
+            if halves:
+                # Two slices whose mean is the same gradient up to the rounding of the sum.
+                part = _exact_rank(shape, rank, seed=rank + 100) * 1e-3
+                whole = ((whole + part) + (whole - part)) / 2
+            p.grad = whole
+        optimizer.step()
+        results.append([optimizer.state[p]["matrix_rank"] for p in params])
+    assert results == [ranks, ranks]
 
 
 # --- optimizers with rank="auto" ----------------------------------------------------------------------

@@ -10,15 +10,17 @@ bytes of rank-dependent state, re-chosen at every refresh.
 
 The rule. Matrix ``i`` has gradient energies ``e_i1 >= e_i2 >= ...`` (:meth:`Projector.energies`: the
 squared singular values; for DCT, the frequencies' energies), total ``E_i = Σ_j e_ij``, and at rank ``k``
-costs ``c_i(k)`` bytes of state (its moments as its moment format stores them and its projector's
-tensors: :meth:`GaLoreAdamW.rank_state_bytes`). Each matrix gets at least rank 1; then, repeatedly, the
-next direction with the most captured energy fraction per byte, ``(e_i,k+1 / E_i) / (c_i(k+1) - c_i(k))``,
-is added while the total fits ``B`` and the direction carries energy. The fraction, not the raw energy,
-is what counts: gradient scales differ by orders of magnitude between layers (the output layer's
-dwarfs the rest), and raw energy would hand it the whole budget. Since each matrix's gains decrease with
-its rank, this greedy choice is the optimum of the fractional relaxation of the knapsack
-``max Σ_i F_i(k_i)  s.t.  Σ_i c_i(k_i) <= B`` (``F_i``: the captured fraction, concave); a matrix whose next
-direction does not fit stops growing while smaller ones may still fit.
+costs ``c_i(k)`` bytes of state (its moments as its moment format stores them and its projector's tensors:
+:meth:`GaLoreAdamW.rank_state_bytes`). Each matrix gets at least rank 1; then, repeatedly, the next
+direction with the most captured energy fraction per byte, ``(e_i,k+1 / E_i) / (c_i(k+1) - c_i(k))``, is
+added while the total fits ``B`` and the direction carries energy (energies at fp32 rounding level are
+reported as 0, :func:`~lowrank_optim.projection.without_rounding_noise`: a rank-12 gradient gets rank 12
+at most, and rounding, which differs between an all-reduced and a one-process gradient, decides no rank).
+The fraction, not the raw energy, is what counts: gradient scales differ by orders of magnitude between
+layers (the output layer's dwarfs the rest), and raw energy would hand it the whole budget. Since each
+matrix's gains decrease with its rank, this greedy choice is the optimum of the fractional relaxation of
+the knapsack ``max Σ_i F_i(k_i) s.t. Σ_i c_i(k_i) <= B`` (``F_i``: the captured fraction, concave); a
+matrix whose next direction does not fit stops growing while smaller ones may still fit.
 
 Budget accounting. ``c_i(k)`` is exact (8-bit moments' scale blocks included), and a matrix is charged
 at least its rank-1 cost even before its first refresh, so that the bytes held never exceed ``B``

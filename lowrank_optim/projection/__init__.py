@@ -19,6 +19,7 @@ from .projector import (
     rotated_moments,
     rotates,
     rotations,
+    without_rounding_noise,
 )
 from .svd import SIGN_RULES, SVDProjector, canonical_signs_, refresh_svd_basis_, svd_basis  # registered first: the default
 from .rsvd import RandomizedSVDProjector, randomized_basis
@@ -115,6 +116,7 @@ __all__ = [
     "register_projector",
     "resolve_projector",
     "resize_rank",
+    "without_rounding_noise",
     "rotate_moments_",
     "rotated_moments",
     "refresh_specs",

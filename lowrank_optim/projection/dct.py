@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..state_keys import DCT_INDICES_LEFT, DCT_INDICES_RIGHT
-from .projector import Projector, ProjectorTensor, register_projector
+from .projector import Projector, ProjectorTensor, register_projector, without_rounding_noise
 from .subspace import Side, Subspace, all_finite, basis_shapes
 
 __all__ = [
@@ -377,4 +377,5 @@ class DCTProjector(Projector):
         x = scoring_input(grad)
         x = x if side is Side.RIGHT else x.T
         q = basis_matrix(x.shape[1], x.dtype, x.device, self.basis)
-        return (x @ q.T).square_().sum(dim=0).float().sort(descending=True).values
+        energies = (x @ q.T).square_().sum(dim=0).float().sort(descending=True).values
+        return without_rounding_noise(energies, x.shape[1])

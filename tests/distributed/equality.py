@@ -98,8 +98,14 @@ def make_optimizer(name: str, groups: list[dict], options: set[str] = frozenset(
     return optimizer_factory(section_for(name, options))(groups)
 
 
-def reference(name: str, clip: float, bf16: bool, hidden: int, options: set[str] = frozenset()) -> list[torch.Tensor]:
-    """One process, whole batch; bf16: a bf16 model with fp32 master weights, as DeepSpeed keeps them."""
+def reference(
+    name: str, clip: float, bf16: bool, hidden: int, options: set[str] = frozenset(), split: int = 1
+) -> list[torch.Tensor]:
+    """One process, whole batch; bf16: a bf16 model with fp32 master weights, as DeepSpeed keeps them.
+    ``split``: the gradient is the mean of the gradients of ``split`` equal slices of the batch (the ranks'
+    shares), summed in rank order, so that the reference rounds as an all-reduce does: 8-bit moments can
+    flip a code on a 1e-8 change of a gradient (one flip moves a parameter by ~1e-5), which is no
+    difference between the distributed and the one-process step."""
     torch.manual_seed(0)
     model = Net(hidden)
     inputs, targets = data()
@@ -111,10 +117,16 @@ def reference(name: str, clip: float, bf16: bool, hidden: int, options: set[str]
     groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in built]
     optimizer = make_optimizer(name, groups, options)
     for step in range(STEPS):
-        model.zero_grad()
-        loss_fn(model, inputs[step].to(next(model.parameters()).dtype), targets[step]).backward()
-        for p, m in zip(model.parameters(), masters):
-            m.grad = p.grad.float()
+        size = GLOBAL_BATCH // split
+        for part in range(split):
+            model.zero_grad()
+            x = inputs[step, part * size : (part + 1) * size].to(next(model.parameters()).dtype)
+            loss_fn(model, x, targets[step, part * size : (part + 1) * size]).backward()
+            for p, m in zip(model.parameters(), masters):
+                m.grad = p.grad.float() if part == 0 else m.grad + p.grad.float()
+        if split > 1:
+            for m in masters:
+                m.grad /= split
         if clip:
             torch.nn.utils.clip_grad_norm_(masters, clip)
         optimizer.step()
@@ -294,7 +306,7 @@ def run_case(case: str) -> dict:
     else:
         train(engine, range(STEPS))
         result = parameters(engine)
-    expected = reference(name, clip, bf16, hidden, options)
+    expected = reference(name, clip, bf16, hidden, options, split=world if "split" in options else 1)
     diff = max((a - b).abs().max().item() for a, b in zip(result, expected))
     torch.manual_seed(0)
     moved = max((a - b).abs().max().item() for a, b in zip(result, [p.detach().float() for p in Net(hidden).parameters()]))
