@@ -87,8 +87,26 @@ AUTO_RANK_CHECKPOINT = ["galore:2:ckpt+auto", "galore:3:ckpt+auto", "galore:3:ck
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
 # Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.
 CONFIGS = [f"config:{stage}" for stage in (0, 1, 2, 3)]
-NAMED = ["galore:0:names", "galore:2:names", "galore:3:names", "fira:3:names", "dct:2:names", "galore:3:names+8bit"]
-RESUME = ["galore:2:resume", "galore:3:resume", "fira:3:resume", "dct:2:resume", "galore:3:resume+8bit"]
+# rank="auto" too: each matrix's rank is saved, and the 3-rank engine's rank tables are rebuilt from the files.
+NAMED = [
+    "galore:0:names",
+    "galore:2:names",
+    "galore:3:names",
+    "fira:3:names",
+    "dct:2:names",
+    "galore:3:names+8bit",
+    "galore:2:names+auto",
+    "galore:3:names+auto",
+]
+RESUME = [
+    "galore:2:resume",
+    "galore:3:resume",
+    "fira:3:resume",
+    "dct:2:resume",
+    "galore:3:resume+8bit",
+    "galore:2:resume+auto",
+    "galore:3:resume+auto",
+]
 
 
 def _launch(world_size: int, cases: list[str], tmp_path: Path) -> dict[str, dict]:
@@ -202,9 +220,12 @@ def test_named_state_resumes_in_one_process(two_ranks: dict[str, dict], case: st
 
 
 @pytest.mark.parametrize("case", RESUME)
-def test_named_state_resumes_at_three_ranks(three_ranks: dict[str, dict], case: str) -> None:
+def test_named_state_resumes_at_three_ranks(two_ranks: dict[str, dict], three_ranks: dict[str, dict], case: str) -> None:
     # Same tolerance as the other 3-rank cases: 3-rank gradient averaging rounds differently.
     assert three_ranks[case]["max_diff"] <= 2e-6, three_ranks[case]
+    if "auto" in case:  # the ranks the 2-rank run ended with, unequal ones
+        saved = two_ranks[case.replace("resume", "names")]
+        assert three_ranks[case]["ranks"] == saved["ranks"] and len(set(saved["ranks"])) > 1, (saved, three_ranks[case])
 
 
 @pytest.mark.parametrize("case", CONFIGS)

@@ -649,3 +649,41 @@ def test_auto_rank_state_survives_load_state_dict(zero3: bool) -> None:
         _assert_reload_keeps(optimizer, before)
         (state,) = optimizer.state.values()
         assert state["ranks"] == table
+
+
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_auto_rank_named_state_is_the_dense_state_and_reshards(zero3: bool) -> None:
+    """save_lowrank_state's entries of a rank="auto" ZeRO run at 3 ranks are the whole-tensor optimizer's
+    state, each matrix's ``matrix_rank`` included; loaded at 2 ranks (each partition's rank table rebuilt
+    from them, matrices held elsewhere too), they give back the same entries bit for bit."""
+    make, budget = AUTO["galore"]
+    options = {"rank": "auto", "state_budget": budget, "update_proj_gap": GAP}
+    shapes = [shape for shape in _shapes(11) if shape != (1, 1)]
+    dense: dict = {}
+    _, three = _run_case(make, shapes, 3, zero3=zero3, shard=zero3, out=dense, options=options)
+    _, two = _run_case(make, shapes, 2, zero3=zero3, shard=zero3, options=options)
+    saved3 = _named_entries(three, 3)
+    reference = dense["dense"]
+    expected = _auto_ranks(reference)
+    assert len(set(expected)) >= 3, expected
+    for index, param in enumerate(reference.param_groups[0]["params"]):
+        whole, entry = reference.state[param], saved3[f"w{index}"]
+        assert set(entry) == set(whole), (entry.keys(), whole.keys())
+        assert int(entry["matrix_rank"]) == whole["matrix_rank"] == expected[index]
+        for key, value in whole.items():
+            if isinstance(value, Tensor):
+                assert entry[key].shape == value.shape, key
+                torch.testing.assert_close(entry[key], value, rtol=1e-4, atol=1e-5)
+    # Into the 2-rank optimizers, emptied of their own ranks first: the table comes from the files alone.
+    for rank in range(2):
+        for state in two[rank].state.values():
+            state["ranks"] = {name: 0 for name in state["ranks"]}
+        for flat, state in _build_fragments(two[rank], two[rank].layout, saved3):
+            two[rank].state[flat].clear()
+            two[rank].state[flat].update(state)
+        (state,) = two[rank].state.values()
+        assert [state["ranks"][f"w{i}"] for i in range(len(shapes))] == expected
+    again = _named_entries(two, 2)
+    for name, entry in saved3.items():
+        for key, value in entry.items():
+            assert again[name][key].dtype == value.dtype and torch.equal(again[name][key], value), (name, key)

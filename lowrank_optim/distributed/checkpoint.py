@@ -5,7 +5,8 @@ universal checkpoints only know flat Adam state. :func:`save_lowrank_state` writ
 exactly the state a single-process optimizer keeps for that parameter:
 
 * projected matrices: ``step``, the low-rank moments and the bases (both reassembled when sharded
-  among ranks) or DCT indices, and Fira's ``residual_norm``;
+  among ranks) or DCT indices, and Fira's ``residual_norm``; in a ``rank="auto"`` group also the matrix's
+  rank (``matrix_rank``, a 0-d int64 tensor), at which the loader rebuilds its state;
 * full-rank parameters: ``step`` and Adam's moments with the parameter's shape (reassembled from the
   pieces of the flat partitions).
 
@@ -37,12 +38,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
-from ..optim.galore import GaLoreAdamW, _moment_placement
+from ..optim.galore import GaLoreAdamW, _moment_placement, matrix_shape
 from ..optim.ranks import AUTO
 from ..projection import ProjectorTensor, Side, basis_shapes, effective_rank, keeps_aligned, resolve_side
-from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, STEP
+from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, MATRIX_RANK, STEP
 from .fragment import (
     MATRICES,
+    RANKS,
     SHARD,
     FragmentLayout,
     _all_reduce_tensors,
@@ -118,10 +120,13 @@ def _writer(mp: MatrixPlan, index: int) -> int:
     return mp.holders[index % len(mp.holders)]
 
 
-def _moment_specs(group: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> list[ProjectorTensor]:
+def _moment_specs(
+    group: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, rank: int | None = None
+) -> list[ProjectorTensor]:
     """The whole state tensors of a parameter's moments in its group's ``moment_format`` (plain moments, or
-    8-bit codes and scales), as the optimizer's ``_init_state`` builds them for a parameter of ``dtype``."""
-    moment_shape, sharding = _moment_placement(group, shape)
+    8-bit codes and scales), as the optimizer's ``_init_state`` builds them for a parameter of ``dtype``
+    (``rank``: a ``rank="auto"`` matrix's own)."""
+    moment_shape, sharding = _moment_placement(group, shape, rank)
     return group["moment_format"].tensors(moment_shape, group["moment_dtype"] or dtype, sharding)
 
 
@@ -137,15 +142,54 @@ def _shard_view(tensor: Tensor, sharding: str, start: int, stop: int) -> Tensor:
     return tensor[:, start:stop] if sharding == "columns" else tensor[start:stop]
 
 
-def _refuse_adaptive_ranks(group: dict[str, Any], index: int, where: str) -> None:
-    """The name-keyed files store each matrix at the rank the group gives it; ``rank="auto"`` matrices have
-    ranks of their own, which this format does not rebuild yet: refused rather than loaded wrongly."""
-    if group.get("rank") == AUTO:
+def _rank_r(group: dict[str, Any], shape: tuple[int, ...], table: dict[str, int] | None, name: str) -> int:
+    """A matrix's rank: the group's (``min(rank, m, n)``), or a ``rank="auto"`` matrix's entry of its
+    partition's rank table."""
+    if table is not None:
+        return table[name]
+    return effective_rank(group["rank"], shape)
+
+
+def _saved_value(value: Any) -> Any:
+    """A state value as the files keep it: tensors cloned, a ``rank="auto"`` matrix's ``matrix_rank`` (a
+    plain int in the optimizer) as a 0-d int64 tensor."""
+    return torch.tensor(value, dtype=torch.int64) if isinstance(value, int) else value.clone()
+
+
+def _saved_rank(group: dict[str, Any], index: int, entries: dict[str, dict[str, Tensor]], name: str, shape: Sequence[int]) -> int:
+    """The rank a matrix of a ``rank="auto"`` group was saved at, checked against its shape."""
+    saved = _entry(entries, name)
+    if MATRIX_RANK not in saved:
         raise ValueError(
-            f"{where}: param group {index} has rank='auto', which the name-keyed ZeRO state does not support yet "
-            "(each matrix's rank would have to be saved and its state rebuilt at it). Allowed: DeepSpeed's own "
-            "checkpoints (engine.save_checkpoint / load_checkpoint, at the same data-parallel size), or a "
-            "positive integer rank."
+            f"load_lowrank_state: parameter {name!r} was saved without a {MATRIX_RANK!r} (from a group with a fixed "
+            f"rank), but param group {index} has rank='auto'. Allowed: a save of a rank='auto' group, or this "
+            "group with the rank it was saved with."
+        )
+    value = saved[MATRIX_RANK]
+    largest = min(shape)
+    rank = int(value.item()) if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() else None
+    if rank is None or not 0 <= rank <= largest:
+        raise ValueError(
+            f"load_lowrank_state: parameter {name!r} has {MATRIX_RANK} {value!r} saved; allowed: an integer in "
+            f"[0, {largest}] for its shape {tuple(shape)}."
+        )
+    return rank
+
+
+def _check_budget(
+    optimizer: GaLoreAdamW, group: dict[str, Any], index: int, matrices: list[tuple[tuple[int, ...], torch.dtype, int]]
+) -> None:
+    """The saved ranks of a ``rank="auto"`` group must fit its ``state_budget`` (a resume with a smaller budget
+    would hold more until the next refresh): charged as a refresh charges them, rank 1 at least."""
+    held = sum(
+        optimizer.rank_state_bytes(group, torch.empty(shape, dtype=dtype, device="meta"), max(rank, 1))
+        for shape, dtype, rank in matrices
+    )
+    if held > group["state_budget"]:
+        raise ValueError(
+            f"load_lowrank_state: the saved ranks of param group {index} hold {held} bytes of state, more than its "
+            f"state_budget {group['state_budget']}; allowed: a state_budget of at least {held} (the budget the "
+            "save was made with, or more)."
         )
 
 
@@ -154,13 +198,14 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
     entries: dict[str, dict[str, Tensor]] = {}
     for flat, part in layout.projected_partitions():
         group = optimizer.param_groups[part.group_index]
-        _refuse_adaptive_ranks(group, part.group_index, "save_lowrank_state")
         state = optimizer.state.get(flat)
         if not state:
             raise RuntimeError(
                 "save_lowrank_state: the optimizer has not stepped yet (no state to save); save after a step."
             )
         matrices = state[MATRICES]
+        table: dict[str, int] | None = state.get(RANKS)  # rank="auto": every matrix's rank
+        ranks = {mp.name: _rank_r(group, mp.shape, table, mp.name) for mp in part.plan.matrices}
         sides = {mp.name: resolve_side(group["proj_type"], mp.shape) for mp in part.plan.matrices}
         # Sharded state: holders write their shares into zero-padded whole moments (and SVD bases; each
         # element written by exactly one holder); one all-reduce per dtype.
@@ -168,7 +213,7 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
         full_moments: dict[str, dict[str, Tensor]] = {}
         full_bases: dict[str, Tensor] = {}
         if sharded:
-            specs = [_moment_specs(group, mp.shape, flat.dtype) for mp in sharded]
+            specs = [_moment_specs(group, mp.shape, flat.dtype, ranks[mp.name]) for mp in sharded]
             shares: list[list[Tensor | None] | None] = []
             for mp, entry_specs in zip(sharded, specs):
                 if mp.piece is None:
@@ -189,11 +234,13 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
                     spec.key: tensor.to(spec.dtype or flat.dtype) for spec, tensor in zip(entry_specs, tensors)
                 }
             if keeps_aligned(group["projector"]):
-                full_bases = _gather_bases(part, group, matrices, sharded, sides, flat)
+                full_bases = _gather_bases(part, matrices, sharded, sides, ranks, flat)
         for index, mp in enumerate(part.plan.matrices):
             if _writer(mp, index) != rank:
                 continue
-            entry = {key: value.clone() for key, value in matrices[mp.name].items() if key != SHARD}
+            entry = {key: _saved_value(value) for key, value in matrices[mp.name].items() if key != SHARD}
+            if table is not None:  # also held here: its state's matrix_rank, the same value
+                entry[MATRIX_RANK] = torch.tensor(table[mp.name], dtype=torch.int64)
             if mp.name in full_moments:
                 entry.update({key: value.clone() for key, value in full_moments[mp.name].items()})
             if mp.name in full_bases:
@@ -263,10 +310,10 @@ def _collect_pieces(
 
 def _gather_bases(
     part: _Partition,
-    group: dict[str, Any],
     matrices: dict[str, dict[str, Tensor]],
     sharded: list[MatrixPlan],
     sides: dict[str, Side],
+    ranks: dict[str, int],
     flat: Tensor,
 ) -> dict[str, Tensor]:
     """The whole SVD bases of sharded matrices: right side from the holders' even shares of the flattened
@@ -274,7 +321,7 @@ def _gather_bases(
     neighbours' at cut rows). Collective."""
     shapes: dict[str, tuple[int, int]] = {}
     for mp in sharded:
-        left, right = basis_shapes(mp.shape, effective_rank(group["rank"], mp.shape), sides[mp.name])
+        left, right = basis_shapes(mp.shape, ranks[mp.name], sides[mp.name])
         shape = right if sides[mp.name] is Side.RIGHT else left
         assert shape is not None  # the side in use has its basis
         shapes[mp.name] = shape
@@ -286,8 +333,7 @@ def _gather_bases(
         offset += size
         if mp.piece is None:
             continue
-        rank_r = effective_rank(group["rank"], mp.shape)
-        mine = _my_shard(mp, part.comm.rank, sides[mp.name], rank_r)
+        mine = _my_shard(mp, part.comm.rank, sides[mp.name], ranks[mp.name])
         if sides[mp.name] is Side.RIGHT:
             views[mp.name][mine.basis[0] : mine.basis[1]] = matrices[mp.name][BASIS_RIGHT]
         else:
@@ -309,7 +355,7 @@ def _collect(optimizer: GaLoreAdamW, names: dict[int, str], rank: int) -> dict[s
     if rank == 0:  # whole tensors: every rank holds the same state
         for _, param, name in _dense_params(optimizer, names, "save_lowrank_state"):
             if optimizer.state.get(param):
-                entries[name] = {key: value.clone() for key, value in optimizer.state[param].items()}
+                entries[name] = {key: _saved_value(value) for key, value in optimizer.state[param].items()}
     return entries
 
 
@@ -517,20 +563,27 @@ def _build_fragments(
     built: _NewStates = []
     for flat, part in layout.projected_partitions():
         group = optimizer.param_groups[part.group_index]
-        _refuse_adaptive_ranks(group, part.group_index, "load_lowrank_state")
         state: dict[str, Any] = {STEP: _partition_step(entries, part), MATRICES: {}}
+        table: dict[str, int] | None = None
+        if group["rank"] == AUTO:
+            # Every matrix of the partition, held here or not (every rank reads every file): its rank table.
+            table = {mp.name: _saved_rank(group, part.group_index, entries, mp.name, mp.shape) for mp in part.plan.matrices}
+            held = [(mp.shape, flat.dtype, table[mp.name]) for mp in part.plan.matrices]
+            _check_budget(optimizer, group, part.group_index, held)
+            state[RANKS] = table
         for mp in part.plan.matrices:
             if mp.piece is None:
                 continue
             saved = _entry(entries, mp.name)
-            matrix = _init_matrix_state(functools.partial(optimizer._init_state, group), group, flat, mp, part)
+            rank_r = _rank_r(group, mp.shape, table, mp.name)
+            init = functools.partial(optimizer._init_state, group)
+            matrix = _init_matrix_state(init, group, flat, mp, part, None if table is None else rank_r)
             bounds = tuple(matrix[SHARD].tolist()) if SHARD in matrix else None
             side = resolve_side(group["proj_type"], mp.shape)
-            rank_r = effective_rank(group["rank"], mp.shape)
             basis = _my_shard(mp, part.comm.rank, side, rank_r).basis if bounds else None
-            moments = {spec.key: spec for spec in _moment_specs(group, mp.shape, flat.dtype)}
+            moments = {spec.key: spec for spec in _moment_specs(group, mp.shape, flat.dtype, rank_r)}
             for key, value in matrix.items():
-                if key == SHARD:
+                if key in (SHARD, MATRIX_RANK):  # the rank was built in; the shard is this layout's
                     continue
                 source = _saved(saved, mp.name, key)
                 if bounds is not None and key in moments:
@@ -600,15 +653,24 @@ def _build_pieces(
 
 def _build_dense(optimizer: GaLoreAdamW, names: dict[int, str], entries: dict[str, dict[str, Tensor]]) -> _NewStates:
     built: _NewStates = []
+    auto: dict[int, list[tuple[tuple[int, ...], torch.dtype, int]]] = {}
     for group, param, name in _dense_params(optimizer, names, "load_lowrank_state"):
         saved = _entry(entries, name)
         state: dict[str, Any] = {}
+        if group.get("rank") == AUTO:  # built at the saved rank
+            index = optimizer.param_groups.index(group)
+            state[MATRIX_RANK] = _saved_rank(group, index, entries, name, matrix_shape(param))
+            auto.setdefault(index, []).append((matrix_shape(param), param.dtype, state[MATRIX_RANK]))
         optimizer._init_state(group, param, state)
         for key, value in state.items():
+            if key == MATRIX_RANK:
+                continue
             if key not in saved:
                 raise KeyError(f"load_lowrank_state: the saved state of parameter {name!r} has no {key!r}.")
             _fill(value, saved[key], name, key)
         built.append((param, state))
+    for index, matrices in auto.items():
+        _check_budget(optimizer, optimizer.param_groups[index], index, matrices)
     return built
 
 

@@ -34,8 +34,9 @@ what one process would; the budget counts whole tensors, of which each rank hold
 DCP checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO
 1-3: every rank keeps every matrix's rank (the partition's rank table), the owners' spectra reach every
 rank (``AdaptiveExchange.spectra``), and each rank allocates over all of the partition's matrices,
-those it holds no piece of too (``AdaptiveExchange.elsewhere``); a ZeRO-3 group must be one sub-group, and
-the name-keyed ZeRO state (``save_lowrank_state``) refuses it (DeepSpeed's own checkpoints work).
+those it holds no piece of too (``AdaptiveExchange.elsewhere``); a ZeRO-3 group must be one sub-group.
+DeepSpeed's own checkpoints keep the rank tables; the name-keyed state (``save_lowrank_state``) saves each
+matrix's ``matrix_rank``, and ``load_lowrank_state`` rebuilds every matrix at it (any number of ranks).
 ``GaLoreAdafactor`` (one rank per group) and ``PerLayerUpdates`` (one matrix stepped at a time) refuse
 it by name.
 """

@@ -179,6 +179,11 @@ def run_config_case(case: str) -> dict:
     return outcome
 
 
+def auto_ranks(engine) -> list[int]:
+    """rank="auto": every matrix's rank, from the partitions' rank tables, sorted."""
+    return sorted(value for state in engine.basic_optimizer.state.values() for value in state.get("ranks", {}).values())
+
+
 def run_case(case: str) -> dict:
     if case.startswith("config:"):
         return run_config_case(case)
@@ -263,7 +268,9 @@ def run_case(case: str) -> dict:
 
     # "names": save the name-keyed state after 4 steps; "resume": continue such a save (made at another
     # number of ranks) for the last 3 steps and compare with that run's uninterrupted result.
-    named = Path(os.environ["CKPT_DIR"]) / f"named_{name}_{stage}{'_8bit' if '8bit' in options else ''}"
+    named = Path(os.environ["CKPT_DIR"]) / (
+        f"named_{name}_{stage}{'_8bit' if '8bit' in options else ''}{'_auto' if 'auto' in options else ''}"
+    )
     if "resume" in options:
         torch.manual_seed(0)
         model = Net(hidden)
@@ -274,6 +281,8 @@ def run_case(case: str) -> dict:
         expected = [t.float() for t in torch.load(named / "final.pt", weights_only=True)]
         diff = max((a - b).abs().max().item() for a, b in zip(parameters(engine), expected))
         outcome = {"case": case, "world": world, "max_diff": diff}
+        if "auto" in options:
+            outcome["ranks"] = auto_ranks(engine)
         engine.destroy()
         return outcome
     engine = build()
@@ -325,9 +334,7 @@ def run_case(case: str) -> dict:
     holders = [len(m.holders) for _, part in getattr(layout, "_partitions", {}).values() for m in part.plan.matrices]
     outcome["max_holders"] = max(holders, default=1)
     if "auto" in options and stage:
-        outcome["ranks"] = sorted(
-            value for state in engine.basic_optimizer.state.values() for value in state.get("ranks", {}).values()
-        )
+        outcome["ranks"] = auto_ranks(engine)
     engine.destroy()
     return outcome
 
