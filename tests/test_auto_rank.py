@@ -677,18 +677,3 @@ def test_dcp_round_trip_in_one_process_continues_bitwise(tmp_path: Any) -> None:
     not_auto = "has no optim.state.0.weight.matrix_rank: it was not saved from a rank='auto' group"
     with pytest.raises(ValueError, match=_literal(not_auto)):
         match_saved_ranks(other_optimizer, optim_state, tmp_path / "fixed")
-
-
-def test_zero3_bind_refuses_an_auto_group_cut_into_sub_groups() -> None:
-    """DeepSpeed ZeRO-3 steps each sub-group in its own step() call; an auto group must be one sub-group."""
-    from lowrank_optim.distributed.zero import _refuse_split_adaptive_groups
-
-    weights = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
-    optimizer = GaLoreAdamW([{"params": [weights[1]]}, {"params": [weights[0]], "rank": "auto", "state_budget": 10_000}])
-    _refuse_split_adaptive_groups(optimizer, [0, 1])  # one sub-group each: fine
-    with pytest.raises(
-        ValueError,
-        match=r"param group 1 has rank='auto' and ZeRO-3 cut it into 2 sub-groups.*raise "
-        r"zero_optimization\.sub_group_size",
-    ):
-        _refuse_split_adaptive_groups(optimizer, [0, 1, 1])

@@ -48,7 +48,17 @@ EQUALITY = [
     "apollo:2:gas2",
     "apollo:3:clip",
 ]
-BF16 = ["galore:0:bf16", "fira:0:bf16", "galore:1:bf16", "galore:2:bf16", "galore:3:bf16", "fira:2:bf16", "dct:3:bf16"]
+# galore:3:auto+bf16: the later sub-groups' spectra come from their bf16 reduced gradients (averaged_gradients).
+BF16 = [
+    "galore:0:bf16",
+    "fira:0:bf16",
+    "galore:1:bf16",
+    "galore:2:bf16",
+    "galore:3:bf16",
+    "fira:2:bf16",
+    "dct:3:bf16",
+    "galore:3:auto+bf16",
+]
 CHECKPOINT = [
     "galore:0:ckpt",
     "galore:1:ckpt",
@@ -82,6 +92,7 @@ AUTO_RANK = [
     "galore:3:replicated+auto",
     "galore:2:auto+8bit+split",
     "galore:3:auto+8bit+split",
+    "galore:3:auto+onesub",
 ]
 AUTO_RANK_CHECKPOINT = ["galore:2:ckpt+auto", "galore:3:ckpt+auto", "galore:3:ckpt+auto+8bit+split"]
 THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
@@ -185,6 +196,8 @@ def test_auto_ranks_match_single_process(two_ranks: dict[str, dict], case: str) 
     _check_moved(outcome)
     assert outcome["max_holders"] == 2, "some matrix should be split between the ranks"
     assert len(set(outcome["ranks"])) > 1, outcome  # the budget is spread unevenly
+    if case.split(":")[1] == "3":  # ZeRO-3 cuts the group into sub-groups (sub_group_size 300), but "onesub"
+        assert (outcome["projected_partitions"] == 1) == ("onesub" in case), outcome
 
 
 @pytest.mark.parametrize("case", AUTO_RANK_CHECKPOINT)

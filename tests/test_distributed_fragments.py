@@ -687,3 +687,127 @@ def test_auto_rank_named_state_is_the_dense_state_and_reshards(zero3: bool) -> N
     for name, entry in saved3.items():
         for key, value in entry.items():
             assert again[name][key].dtype == value.dtype and torch.equal(again[name][key], value), (name, key)
+
+
+def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dict, *, shard: bool, tolerance: float):
+    """A ZeRO-3 param group cut into sub-groups (``cuts``: where each later one starts), stepped as DeepSpeed
+    steps them: one ``step()`` per sub-group, the group holding only that sub-group's flat partition, whose
+    gradient is set just before (the later ones' reduced gradients are reachable through the layout's
+    gradient source, as bind gives it). Returns the dense optimizer, every rank's optimizer and the rank
+    tables after every step."""
+    torch.manual_seed(1234)
+    weights = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
+    dense_params = [w.clone() for w in weights]
+    dense = make([{"params": dense_params, **options}])
+    dense_ranks = []
+    for step in range(STEPS):
+        for param, grad in zip(dense_params, grads[step]):
+            param.grad = grad.clone()
+        dense.step()
+        dense_ranks.append([dense.state[p]["matrix_rank"] for p in dense_params])
+
+    bounds = list(zip([0, *cuts], [*cuts, len(shapes)]))
+    names = [f"w{i}" for i in range(len(shapes))]
+    pns = [math.ceil(math.prod(shape) / world_size) for shape in shapes]
+
+    def partition(tensors: list[Tensor], rank: int, lo: int, hi: int) -> Tensor:
+        return torch.cat([
+            torch.nn.functional.pad(t.reshape(-1), (0, pn * world_size - t.numel()))[rank * pn : (rank + 1) * pn]
+            for t, pn in zip(tensors[lo:hi], pns[lo:hi])
+        ])
+
+    plans = [
+        [
+            zero3_plans(names[lo:hi], shapes[lo:hi], pns[lo:hi], world_size, k, ordinals=list(range(lo + 1, hi + 1)))
+            for lo, hi in bounds
+        ]
+        for k in range(world_size)
+    ]
+    flats = [[partition(weights, k, lo, hi) for lo, hi in bounds] for k in range(world_size)]
+    flat_grads = [[[partition(grads[s], k, lo, hi) for lo, hi in bounds] for k in range(world_size)] for s in range(STEPS)]
+    current: list[list[Tensor]] = [[] for _ in range(world_size)]
+    group = _FakeGroup(world_size)
+    optimizers = []
+    for rank in range(world_size):
+        optimizer = make([{"params": [w.clone() for w in weights], **options}])
+        optimizer.param_groups[0]["params"] = []
+        layout = FragmentLayout()
+        comm = _FakeComm(group, rank)
+        for sub, (flat, plan) in enumerate(zip(flats[rank], plans[rank])):
+            layout.add_partition(
+                flat, plan, comm, group_index=0, shard_moments=shard, gradient=lambda rank=rank, sub=sub: current[rank][sub]
+            )
+        layout.attach(optimizer)
+        optimizers.append(optimizer)
+    tables: list[list[list[int]]] = [[] for _ in range(world_size)]
+
+    def body(rank: int) -> None:
+        optimizer = optimizers[rank]
+        for step in range(STEPS):
+            current[rank] = flat_grads[step][rank]
+            for sub, flat in enumerate(flats[rank]):
+                flat.grad = current[rank][sub].clone()
+                optimizer.param_groups[0]["params"] = [flat]
+                optimizer.step()
+                optimizer.param_groups[0]["params"] = []
+                flat.grad = None  # released, as DeepSpeed releases a stepped sub-group's gradient
+            ranks = {name: rank_ for flat in flats[rank] for name, rank_ in optimizer.state[flat]["ranks"].items()}
+            tables[rank].append([ranks[name] for name in names])
+
+    _run_ranks(world_size, body, group)
+    for index, shape in enumerate(shapes):
+        sub = next(k for k, (lo, hi) in enumerate(bounds) if lo <= index < hi)
+        rebuilt = torch.full((math.prod(shape),), float("nan"))
+        for rank in range(world_size):
+            matrix = next(mp for mp in plans[rank][sub].matrices if mp.name == f"w{index}")
+            if matrix.piece is not None:
+                piece = matrix.piece
+                rebuilt[piece.param_start : piece.param_start + piece.numel] = flats[rank][sub][
+                    piece.flat_start : piece.flat_start + piece.numel
+                ]
+        difference = (rebuilt.view(shape) - dense_params[index]).abs().max().item()
+        assert difference <= tolerance, f"w{index} {shape}: max |sub-groups - dense| = {difference}"
+    return dense, dense_ranks, optimizers, tables
+
+
+@pytest.mark.parametrize("name", ["galore", "dct", "fira_8bit", "galore_rotate"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_auto_rank_group_cut_into_zero3_sub_groups_matches_dense(name: str, world_size: int) -> None:
+    """A rank="auto" group that ZeRO-3 cuts into three sub-groups, stepped one at a time: the first
+    sub-group's refresh allocates over the whole group (every sub-group's gradient), the later ones find
+    the same ranks, and the run is the whole-tensor optimizer's: its ranks at every step, its parameters
+    within the harness's tolerance; the budget holds after every step."""
+    make, budget = AUTO[name]
+    shapes = [shape for shape in _shapes(21 + world_size) if shape != (1, 1)]
+    cuts = [2, 3]  # the large matrix alone in the middle sub-group
+    options = {"rank": "auto", "state_budget": budget, "update_proj_gap": GAP}
+    dense, dense_ranks, optimizers, tables = _run_sub_groups(
+        make, shapes, world_size, cuts, options, shard=True, tolerance=AUTO_TOLERANCES.get(name, AUTO_TOLERANCE)
+    )
+    assert len(set(dense_ranks[-1])) >= 3, dense_ranks[-1]
+    for rank in range(world_size):
+        assert tables[rank] == dense_ranks, (rank, tables[rank], dense_ranks)
+    group = dense.param_groups[0]
+    for ranks in dense_ranks:
+        held = sum(dense.rank_state_bytes(group, p, max(r, 1)) for p, r in zip(group["params"], ranks))
+        assert held <= budget, (ranks, held, budget)
+
+
+def test_auto_rank_sub_groups_refuse_a_partition_without_a_gradient_source() -> None:
+    """Bound without a gradient source, a later sub-group's gradient cannot be reached at the first one's
+    refresh: refused by name, not allocated from part of the group."""
+    make, budget = AUTO["galore"]
+    optimizer = make([{"params": [torch.zeros(6, 4), torch.zeros(5, 3)], "rank": "auto", "state_budget": budget}])
+    layout = FragmentLayout()
+    group = _FakeGroup(1)
+    comm = _FakeComm(group, 0)
+    flats = [torch.randn(24), torch.randn(15)]
+    for index, (flat, shape) in enumerate(zip(flats, [(6, 4), (5, 3)])):
+        plan = zero3_plans([f"w{index}"], [shape], [math.prod(shape)], 1, 0, ordinals=[index + 1])
+        layout.add_partition(flat, plan, comm, group_index=0, shard_moments=True)
+    layout.attach(optimizer)
+    flats[0].grad = torch.randn(24)
+    optimizer.param_groups[0]["params"] = [flats[0]]
+    with pytest.raises(RuntimeError, match=r"rank='auto' param group 0: a partition of it has no gradient"):
+        optimizer.step()

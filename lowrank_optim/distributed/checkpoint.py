@@ -561,6 +561,8 @@ def _build_fragments(
     optimizer: GaLoreAdamW, layout: FragmentLayout, entries: dict[str, dict[str, Tensor]]
 ) -> _NewStates:
     built: _NewStates = []
+    # rank="auto": the saved ranks of each group's matrices, over all its partitions (ZeRO-3 sub-groups).
+    auto: dict[int, list[tuple[tuple[int, ...], torch.dtype, int]]] = {}
     for flat, part in layout.projected_partitions():
         group = optimizer.param_groups[part.group_index]
         state: dict[str, Any] = {STEP: _partition_step(entries, part), MATRICES: {}}
@@ -568,8 +570,7 @@ def _build_fragments(
         if group["rank"] == AUTO:
             # Every matrix of the partition, held here or not (every rank reads every file): its rank table.
             table = {mp.name: _saved_rank(group, part.group_index, entries, mp.name, mp.shape) for mp in part.plan.matrices}
-            held = [(mp.shape, flat.dtype, table[mp.name]) for mp in part.plan.matrices]
-            _check_budget(optimizer, group, part.group_index, held)
+            auto.setdefault(part.group_index, []).extend((mp.shape, flat.dtype, table[mp.name]) for mp in part.plan.matrices)
             state[RANKS] = table
         for mp in part.plan.matrices:
             if mp.piece is None:
@@ -602,6 +603,8 @@ def _build_fragments(
                 _fill(value, source, mp.name, key)
             state[MATRICES][mp.name] = matrix
         built.append((flat, state))
+    for index, matrices in auto.items():
+        _check_budget(optimizer, optimizer.param_groups[index], index, matrices)
     for flat, part in layout.full_rank_partitions():
         group = optimizer.param_groups[part.group_index]
         if _quantizing(group):

@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence, cast
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -63,7 +64,7 @@ from torch import Tensor
 from ..optim.exchange import LOCAL, Elsewhere, Exchange, LocalExchange, RefreshGradients
 from ..optim.layout import Block, DenseLayout, StateInit
 from ..optim.moments import FullPrecision, MomentFormat
-from ..optim.ranks import AUTO
+from ..optim.ranks import AUTO, spectrum_of
 from ..projection import (
     ProjectorTensor,
     Side,
@@ -102,6 +103,9 @@ class _Partition:
     comm: Communicator
     group_index: int
     shard_moments: bool
+    #: This partition's flat gradient before its own step is prepared (ZeRO-3: a later sub-group's reduced
+    #: gradient), for a ``rank="auto"`` group cut into several partitions (:meth:`_Exchange.spectra`).
+    gradient: Callable[[], Tensor | None] | None = field(default=None, compare=False)
 
 
 #: What :meth:`FragmentLayout.blocks` hands the step's exchange of a partition: its step counter, the
@@ -144,8 +148,9 @@ class FragmentLayout:
     steps_quantized_moments = True
     #: ``rank="auto"``: every rank of a partition keeps every matrix's rank (:data:`RANKS`), allocates over all
     #: of them from spectra the refresh owners share (:meth:`_Exchange.spectra`), and rebuilds the state of
-    #: the pieces it holds (:meth:`rebuilt_state`). A param group must be one partition per step: ZeRO-3
-    #: sub-groups of one group, stepped in separate calls, are refused when bound.
+    #: the pieces it holds (:meth:`rebuilt_state`). A group cut into several partitions stepped in separate
+    #: calls (ZeRO-3 sub-groups) is allocated as a whole at its first partition's refresh, from every
+    #: partition's gradient (:meth:`_Exchange._group_spectra`).
     steps_adaptive_ranks = True
 
     def __init__(self) -> None:
@@ -156,14 +161,31 @@ class FragmentLayout:
         self._pending: dict[int, _Pending] = {}
         #: Quantized full-rank partitions: the pieces handed out as copies since the last exchange.
         self._piece_copies: dict[int, list[tuple[Piece, _Span, Tensor]]] = {}
+        #: rank="auto" groups cut into several partitions: per group index, the spectra of all its matrices
+        #: (``None``: not finite) and the ranks chosen from them, for the current step (reset when the
+        #: group's first partition hands out its blocks).
+        self._group_spectra: dict[int, dict[str, Tensor | None]] = {}
+        self._group_choice: dict[int, dict[str, int]] = {}
+        self._optimizer: Any = None
 
     def add_partition(
-        self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int, shard_moments: bool
+        self,
+        flat: Tensor,
+        plan: PartitionPlan,
+        comm: Communicator,
+        *,
+        group_index: int,
+        shard_moments: bool,
+        gradient: Callable[[], Tensor | None] | None = None,
     ) -> None:
         """Register ``flat`` (the tensor the optimizer will find in its projected param group
-        ``group_index``) with its plan."""
+        ``group_index``) with its plan. ``gradient``: where ``flat``'s gradient is before its own step (a
+        ``rank="auto"`` group of several partitions, stepped one at a time, needs all their gradients at
+        the first; ``flat.grad`` is used where it is set)."""
         # Keyed by id, with a reference kept so that the id cannot be reused by another tensor.
-        entry = _Partition(plan=plan, comm=comm, group_index=group_index, shard_moments=shard_moments)
+        entry = _Partition(
+            plan=plan, comm=comm, group_index=group_index, shard_moments=shard_moments, gradient=gradient
+        )
         self._partitions[id(flat)] = (flat, entry)
 
     def add_full_rank_partition(self, flat: Tensor, plan: PartitionPlan, comm: Communicator, *, group_index: int) -> None:
@@ -178,6 +200,16 @@ class FragmentLayout:
     def projected_partitions(self) -> list[tuple[Tensor, _Partition]]:
         """``(flat, partition)`` of the projected groups, in binding order (the same on every rank)."""
         return list(self._partitions.values())
+
+    def _siblings(self, group_index: int) -> list[tuple[Tensor, _Partition]]:
+        """The partitions of one param group, in binding order (ZeRO-3 steps its sub-groups in that order)."""
+        return [(flat, part) for flat, part in self._partitions.values() if part.group_index == group_index]
+
+    def _table(self, flat: Tensor) -> dict[str, int] | None:
+        """A partition's rank table as its state holds it now (``None`` before its first step)."""
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        state = None if optimizer is None else optimizer.state.get(flat)
+        return None if not state else state.get(RANKS)
 
     def full_rank_partitions(self) -> list[tuple[Tensor, _Partition]]:
         """``(flat, partition)`` of the full-rank groups, in binding order."""
@@ -194,6 +226,8 @@ class FragmentLayout:
     def attach(self, optimizer: Any) -> None:
         """Make ``optimizer`` step through this layout and keep its nested state dtypes across loading."""
         optimizer.layout = self
+        # Weakly: the optimizer holds this layout. Read for other partitions' rank tables (split groups).
+        self._optimizer = weakref.ref(optimizer)
         self._held: list[tuple[Tensor, str, str, Tensor]] = []
         optimizer.register_load_state_dict_pre_hook(self._hold_integers)
         optimizer.register_load_state_dict_post_hook(self._restore_dtypes)
@@ -308,6 +342,10 @@ class FragmentLayout:
                 return self._piece_blocks(group, tensor, state, init)
             return self._dense.blocks(group, tensor, state, init)
         part = self._partitions[id(tensor)][1]
+        if group["rank"] == AUTO and self._siblings(part.group_index)[0][0] is tensor:
+            # The first partition of the group: a new step, whose spectra are computed afresh.
+            self._group_spectra.pop(part.group_index, None)
+            self._group_choice.pop(part.group_index, None)
         if not state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
             if group["rank"] == AUTO:  # rank 0 (no state) until the first refresh allocates one
@@ -457,7 +495,7 @@ class FragmentLayout:
             if id(flat) not in seen:
                 seen.add(id(flat))
                 partitions.append((flat, self._partitions[id(flat)][1], self._pending.pop(id(flat))))
-        return _Exchange(group, partitions)
+        return _Exchange(group, partitions, self)
 
 
 def _init_matrix_state(
@@ -940,7 +978,9 @@ class _Exchange:
 
     batched = True  # each phase's collectives are bucketed over the group's matrices
 
-    def __init__(self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, _Pending]]) -> None:
+    def __init__(
+        self, group: dict[str, Any], partitions: list[tuple[Tensor, _Partition, _Pending]], layout: FragmentLayout
+    ) -> None:
         self.group = group
         self.fira = "residual" in group
         # Whether the projector keeps its bases aligned with the matrix (sharded with a sharded matrix)
@@ -968,6 +1008,23 @@ class _Exchange:
                 self.sides[mp.name] = resolve_side(group["proj_type"], mp.shape)
                 self.ranks[mp.name] = _rank_of(group, mp, None if table is None else table[mp.name])
         self.targets: dict[str, int] = {}
+        # rank="auto" with the group cut into several partitions stepped one at a time (ZeRO-3 sub-groups):
+        # all of them, with the ranks the others hold, and the layout's per-step spectra of the group.
+        self.layout = layout
+        self.siblings: list[tuple[Tensor, _Partition]] = []
+        self.sibling_ranks: dict[str, int] = {}
+        if group["rank"] == AUTO and self.partitions:
+            siblings = layout._siblings(self.partitions[0][1].group_index)
+            if len(siblings) > 1:
+                self.siblings = siblings
+                mine = {id(part) for _, part, _ in self.partitions}
+                for flat, part in siblings:
+                    if id(part) in mine:
+                        continue
+                    table = layout._table(flat)
+                    for mp in part.plan.matrices:
+                        self.sides[mp.name] = resolve_side(group["proj_type"], mp.shape)
+                        self.sibling_ranks[mp.name] = 0 if table is None else table[mp.name]
         self.row_lowranks: dict[str, Tensor] = {}  # sharded right side: R's rows of each block (for Fira)
         # The whole gradients, gathered once per step (RefreshGradients), and whether each matrix's was
         # finite, by name (for the matrices of the allocation held elsewhere).
@@ -998,36 +1055,55 @@ class _Exchange:
 
     # --- refresh -------------------------------------------------------------------------------------
 
+    def _whole_gradients(
+        self, flat: Tensor, part: _Partition, grad: Tensor, alone_grads: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, bool]]:
+        """One partition's refresh gather: the whole gradients of its split matrices (on every rank, one
+        bucket all-reduce) and whether each of its matrices' gradients is finite, decided alike on every
+        rank (``alone_grads``: the gradients of the matrices held whole here whose flags this rank writes)."""
+        plan, comm = part.plan, part.comm
+        split = self._split(part)
+        alone = [mp for mp in plan.matrices if not mp.split]
+        # One bucket: the zero-padded whole gradients of the split matrices, then one "not finite" slot
+        # per matrix held whole by one rank (its holder writes it), so that all decide alike.
+        buffer = flat.new_zeros(sum(mp.numel for mp in split) + len(alone))
+        offset, full = 0, {}
+        for mp in split:
+            if mp.piece is not None:
+                start = offset + mp.piece.param_start
+                buffer[start : start + mp.piece.numel] = grad[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
+            full[mp.name] = buffer[offset : offset + mp.numel].view(mp.shape)
+            offset += mp.numel
+        for slot, mp in enumerate(alone):
+            if mp.name in alone_grads:
+                buffer[offset + slot] = float(not all_finite(alone_grads[mp.name]))
+        comm.all_reduce(buffer)
+        bad = {mp.name: not all_finite(full[mp.name]) for mp in split}
+        bad.update({mp.name: bool(buffer[offset + slot] > 0) for slot, mp in enumerate(alone)})
+        # Deferred and skipped refreshes leave the partition's one step counter as it is, so they are
+        # decided for the whole partition; a propagated one keeps only the bad matrices' projectors.
+        keep_going = self.group["nonfinite"] == "propagate" and self._step_of(part) > 0
+        if any(bad.values()) and not keep_going:
+            bad = dict.fromkeys(bad, True)
+        return full, bad
+
+    def _step_of(self, part: _Partition) -> int:
+        """A partition's step counter (a split group's partitions step together: the same counter)."""
+        return self.steps.get(id(part), next(iter(self.steps.values())))
+
     def _refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         given = dict(zip(indices, grads))
         wholes: dict[int, Tensor | None] = {}
         finite: dict[int, bool] = {}
         for flat, part, names in self.partitions:
             plan, comm = part.plan, part.comm
-            split = self._split(part)
-            alone = [mp for mp in plan.matrices if not mp.split]
-            # One bucket: the zero-padded whole gradients of the split matrices, then one "not finite" slot
-            # per matrix held whole by one rank (its holder writes it), so that all decide alike.
-            buffer = flat.new_zeros(sum(mp.numel for mp in split) + len(alone))
-            offset, full = 0, {}
-            for mp in split:
-                if mp.piece is not None:
-                    start = offset + mp.piece.param_start
-                    grad = cast(Tensor, flat.grad)  # a partition being stepped has its gradient
-                    buffer[start : start + mp.piece.numel] = grad[mp.piece.flat_start : mp.piece.flat_start + mp.piece.numel]
-                full[mp.name] = buffer[offset : offset + mp.numel].view(mp.shape)
-                offset += mp.numel
-            for slot, mp in enumerate(alone):
-                if mp.name in names and names[mp.name] in given:
-                    buffer[offset + slot] = float(not all_finite(given[names[mp.name]]))
-            comm.all_reduce(buffer)
-            bad = {mp.name: not all_finite(full[mp.name]) for mp in split}
-            bad.update({mp.name: bool(buffer[offset + slot] > 0) for slot, mp in enumerate(alone)})
-            # Deferred and skipped refreshes leave the partition's one step counter as it is, so they are
-            # decided for the whole partition; a propagated one keeps only the bad matrices' projectors.
-            keep_going = self.group["nonfinite"] == "propagate" and self.steps[id(part)] > 0
-            if any(bad.values()) and not keep_going:
-                bad = dict.fromkeys(bad, True)
+            alone_grads = {
+                mp.name: given[names[mp.name]]
+                for mp in plan.matrices
+                if not mp.split and mp.name in names and names[mp.name] in given
+            }
+            grad = cast(Tensor, flat.grad)  # a partition being stepped has its gradient
+            full, bad = self._whole_gradients(flat, part, grad, alone_grads)
             self._bad.update(bad)
             owners = _refresh_owners(plan, comm.world_size)
             for mp in plan.matrices:
@@ -1044,12 +1120,67 @@ class _Exchange:
                     finite[index], wholes[index] = not any(bad.values()), None
         return [wholes[i] for i in indices], [finite[i] for i in indices]
 
+    def _group_spectra(self) -> dict[str, Tensor | None]:
+        """Every matrix's spectrum (``None``: its gradient is not finite) of a group cut into several
+        partitions, computed once per step, at the first partition's refresh, and kept by the layout for
+        the others: each partition's gradient (:attr:`_Partition.gradient` for those not stepped yet) is
+        gathered as a refresh gathers it, the owners compute the spectra and one fp64 all-reduce per
+        partition shares them. So every partition's step allocates over the same pool, the whole group's,
+        and chooses the same ranks (checked in :meth:`assign_ranks`). The price: one more refresh gather
+        per partition at a refresh step. The energies are fractions of each matrix's own energy, which
+        the loss scale and the clipping factor (applied later to a partition not yet stepped) leave
+        unchanged but for rounding."""
+        group_index = self.siblings[0][1].group_index
+        cached = self.layout._group_spectra.get(group_index)
+        if cached is not None:
+            return cached
+        cached = {}
+        for flat, part in self.siblings:
+            grad = flat.grad if flat.grad is not None else (part.gradient() if part.gradient is not None else None)
+            if grad is None:
+                raise RuntimeError(
+                    f"rank='auto' param group {group_index}: a partition of it has no gradient to allocate the "
+                    "group's ranks from at this refresh (bind it with a gradient source: "
+                    "FragmentLayout.add_partition(gradient=...))."
+                )
+            plan, comm = part.plan, part.comm
+            held = {mp.name: _block(grad, mp) for mp in plan.matrices if mp.piece is not None and not mp.split}
+            full, bad = self._whole_gradients(flat, part, grad, held)
+            owners = _refresh_owners(plan, comm.world_size)
+            sizes = [min(mp.shape) for mp in plan.matrices]
+            buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=flat.device)
+            offset = 0
+            for mp, size in zip(plan.matrices, sizes):
+                if owners[mp.name] == comm.rank and not bad[mp.name] and size > 0:
+                    whole = full[mp.name] if mp.split else held[mp.name]
+                    buffer[offset : offset + size] = spectrum_of(self.group["projector"], whole, self.sides[mp.name], size)
+                offset += size
+            comm.all_reduce(buffer)
+            for mp, values in zip(plan.matrices, buffer.cpu().split(sizes)):
+                cached[mp.name] = None if bad[mp.name] else values
+        self.layout._group_spectra[group_index] = cached
+        return cached
+
     def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
         # One fp64 all-reduce per partition over every matrix of its plan: each refresh owner writes its
         # matrices' spectra into a zero buffer (x + 0 is exact), so every rank has all of them, alike.
         given = {index: values for index, values in zip(indices, energies)}
         result: dict[int, Tensor] = {}
         self._elsewhere, self._elsewhere_spectra = [], []
+        if self.siblings:  # a group of several partitions: the whole group's spectra, once per step
+            group = self._group_spectra()
+            mine = {id(part): names for _, part, names in self.partitions}
+            for _, part in self.siblings:
+                names = mine.get(id(part), {})
+                for mp in part.plan.matrices:
+                    index = names.get(mp.name)
+                    if index is not None and index in given:
+                        spectrum = group[mp.name]
+                        result[index] = spectrum if spectrum is not None else torch.zeros(min(mp.shape), dtype=torch.float64)
+                    elif index is None:
+                        self._elsewhere.append((part, mp))
+                        self._elsewhere_spectra.append(group[mp.name])
+            return [result.get(i, torch.zeros(size, dtype=torch.float64)) for i, size in zip(indices, sizes)]
         for flat, part, names in self.partitions:
             sizes_of = [min(mp.shape) for mp in part.plan.matrices]
             buffer = torch.zeros(sum(sizes_of), dtype=torch.float64, device=flat.device)
@@ -1070,8 +1201,10 @@ class _Exchange:
         return [result.get(i, torch.zeros(size, dtype=torch.float64)) for i, size in zip(indices, sizes)]
 
     def _positions(self) -> dict[str, int]:
-        """Every matrix's place in partition order, then plan order (the same on every rank)."""
-        names = [mp.name for _, part, _ in self.partitions for mp in part.plan.matrices]
+        """Every matrix's place in partition order, then plan order (the same on every rank); a group of
+        several partitions: over all of them (its parameters' order)."""
+        parts = [part for _, part in self.siblings] if self.siblings else [part for _, part, _ in self.partitions]
+        names = [mp.name for part in parts for mp in part.plan.matrices]
         return {name: place for place, name in enumerate(names)}
 
     def position(self, index: int) -> int:
@@ -1082,22 +1215,41 @@ class _Exchange:
         places = self._positions()
         return [
             Elsewhere(
-                cast("tuple[int, int]", tuple(mp.shape)), self._flat_dtype(part), self.ranks[mp.name], spectrum, places[mp.name]
+                cast("tuple[int, int]", tuple(mp.shape)),
+                self._flat_dtype(part),
+                self.ranks[mp.name] if mp.name in self.ranks else self.sibling_ranks[mp.name],
+                spectrum,
+                places[mp.name],
             )
             for (part, mp), spectrum in zip(self._elsewhere, self._elsewhere_spectra)
         ]
 
     def _flat_dtype(self, part: _Partition) -> torch.dtype:
-        return next(flat.dtype for flat, other, _ in self.partitions if other is part)
+        flats = [(flat, other) for flat, other, _ in self.partitions] + self.siblings
+        return next(flat.dtype for flat, other in flats if other is part)
 
     def assign_ranks(self, indices: Sequence[int], ranks: Sequence[int], elsewhere: Sequence[int | None]) -> None:
-        for index, chosen in zip(indices, ranks):
+        chosen: dict[str, int] = {}
+        for index, rank in zip(indices, ranks):
             held = self.entries[index][1]
             if held is not None:
-                self.targets[held.name] = chosen
-        for (_, mp), rank in zip(self._elsewhere, elsewhere):
-            if rank is not None:
-                self.targets[mp.name] = rank
+                chosen[held.name] = rank
+        for (_, mp), maybe in zip(self._elsewhere, elsewhere):
+            if maybe is not None:
+                chosen[mp.name] = maybe
+        if self.siblings:
+            # Every partition of the group allocates over the same pool: the first one's choice stands
+            # for all, and a later one that chose otherwise would break the budget, so it is an error.
+            group_index = self.siblings[0][1].group_index
+            first = self.layout._group_choice.setdefault(group_index, chosen)
+            differing = sorted(name for name in chosen if first.get(name, chosen[name]) != chosen[name])
+            if differing:
+                raise RuntimeError(
+                    f"rank='auto' param group {group_index}: its partitions allocated different ranks for "
+                    f"{differing[:5]} from the same spectra; please report this."
+                )
+        # The ranks of this step's own matrices (another partition's are committed at its step).
+        self.targets.update({name: rank for name, rank in chosen.items() if name in self.ranks})
 
     def _target(self, name: str) -> int:
         """A matrix's rank after this step's refresh (its current one where it does not change)."""

@@ -104,7 +104,7 @@ class LowRankSection:
     128}``; 8-bit moments work at every ZeRO stage (:mod:`lowrank_optim.distributed.fragment`).
     ``rank``: a positive integer, or ``"auto"`` with ``state_budget`` (bytes of rank-dependent state for the
     projected group, counted as one process holds it): each matrix's rank is chosen from its gradient at
-    every refresh (:mod:`lowrank_optim.optim.ranks`). At ZeRO-3 the projected group must be one sub-group.
+    every refresh (:mod:`lowrank_optim.optim.ranks`), at ZeRO-3 also over a group cut into sub-groups.
     """
 
     optimizer: str = "galore_adamw"

@@ -9,7 +9,9 @@ Only attributes of DeepSpeed 0.19.x's ZeRO optimizers are read (nothing is impor
   is not used.)
 * ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter is cut on its own (``partition_numel()``
   elements per rank, real shape ``ds_shape``); sub-group ``s`` of ``fp16_groups`` concatenates the pieces
-  into ``fp32_partitioned_groups_flat[s]``, which belongs to param group ``sub_group_to_group_id[s]``.
+  into ``fp32_partitioned_groups_flat[s]``, which belongs to param group ``sub_group_to_group_id[s]``;
+  before its own step a sub-group's reduced gradient is in ``averaged_gradients[s]`` (read for a
+  ``rank="auto"`` group cut into several sub-groups, :func:`_sub_group_gradient`).
 
 Each plan is verified when bound: the flat fp32 partition must equal the pieces of the parameters it
 claims to hold; a mismatch (a DeepSpeed version that lays partitions out differently) raises.
@@ -17,6 +19,7 @@ claims to hold; a mismatch (a DeepSpeed version that lays partitions out differe
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -25,7 +28,6 @@ from torch import Tensor
 
 from ..optim._validation import matrix_shape
 from ..optim.galore import GaLoreAdamW
-from ..optim.ranks import AUTO
 from .comm import TorchCommunicator
 from .fragment import FragmentLayout
 from .plan import PartitionPlan, zero3_plans, zero12_plans
@@ -98,19 +100,18 @@ def _undo_state_warmup(engine: Any, base: GaLoreAdamW) -> None:
                 master.copy_(model_param)
 
 
-def _refuse_split_adaptive_groups(base: GaLoreAdamW, group_of_sub_group: list[int]) -> None:
-    """ZeRO-3 steps each sub-group in its own ``step()`` call, so the matrices of a ``rank="auto"`` group cut
-    into several sub-groups would be allocated in separate parts under one budget, not as one process
-    allocates them: refused, with the setting that keeps each group in one sub-group."""
-    for index, group in enumerate(base.param_groups):
-        count = group_of_sub_group.count(index)
-        if group.get("rank") == AUTO and count > 1:
-            raise ValueError(
-                f"bind(engine): param group {index} has rank='auto' and ZeRO-3 cut it into {count} sub-groups, "
-                "which DeepSpeed steps one at a time; the ranks are allocated over a whole group at once. Allowed: "
-                "one sub-group per rank='auto' group (raise zero_optimization.sub_group_size above the group's "
-                "number of elements), or a positive integer rank."
-            )
+def _sub_group_gradient(zero: Any, sub_group: int) -> Tensor | None:
+    """A ZeRO-3 sub-group's flat fp32 gradient: the one DeepSpeed prepared for its step, or, before that,
+    its reduced gradient partitions (``averaged_gradients``), flattened as DeepSpeed will flatten them.
+    For a ``rank="auto"`` group cut into several sub-groups, whose ranks its first sub-group's refresh
+    allocates from all of them (:mod:`lowrank_optim.distributed.fragment`)."""
+    flat = zero.fp32_partitioned_groups_flat[sub_group]
+    if flat.grad is not None:
+        return flat.grad
+    parts = zero.averaged_gradients[sub_group] if sub_group < len(zero.averaged_gradients) else None
+    if not parts:
+        return None
+    return torch.cat([part.reshape(-1) for part in parts]).to(flat.dtype)
 
 
 def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
@@ -166,7 +167,6 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
         world_size = dist.get_world_size(group=process_group)
         rank = dist.get_rank(group=process_group)
         communicator = TorchCommunicator(process_group)
-        _refuse_split_adaptive_groups(base, [zero.sub_group_to_group_id[s] for s in range(len(zero.fp16_groups))])
         for sub_group, params in enumerate(zero.fp16_groups):
             group_index = zero.sub_group_to_group_id[sub_group]
             flat = zero.fp32_partitioned_groups_flat[sub_group]
@@ -182,7 +182,10 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
                 raise _mismatch(f"ZeRO-3 sub-group {sub_group}", names[id(params[0])])
             _verify(flat, plan, [p.ds_tensor.detach().reshape(-1) for p in params], f"ZeRO-3 sub-group {sub_group}")
             if "rank" in base.param_groups[group_index]:
-                layout.add_partition(flat, plan, communicator, group_index=group_index, shard_moments=shard_moments)
+                gradient = functools.partial(_sub_group_gradient, zero, sub_group)
+                layout.add_partition(
+                    flat, plan, communicator, group_index=group_index, shard_moments=shard_moments, gradient=gradient
+                )
             else:
                 layout.add_full_rank_partition(flat, plan, communicator, group_index=group_index)
     else:

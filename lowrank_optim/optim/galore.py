@@ -95,7 +95,7 @@ from .moments import (
     quantized_state_dtypes,
     resolve_moment_format,
 )
-from .ranks import AUTO, allocate_ranks
+from .ranks import AUTO, allocate_ranks, spectrum_of
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
@@ -693,9 +693,7 @@ class GaLoreAdamW(Optimizer):
             if whole is None or not ok:
                 owned.append(None)
                 continue
-            energies = projection.projector.energies(whole, projection.side).to(torch.float64).flatten()[:size]
-            # A projector may offer fewer directions than min(m, n): the missing ones carry no energy.
-            owned.append(torch.cat([energies, energies.new_zeros(size - energies.numel())]))
+            owned.append(spectrum_of(projection.projector, whole, projection.side, size))
         spectra = exchange.spectra(due, owned, sizes)
         # The matrices of this allocation with no block here (a ZeRO partition's other matrices).
         remote = exchange.elsewhere()

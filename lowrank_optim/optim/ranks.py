@@ -34,7 +34,11 @@ what one process would; the budget counts whole tensors, of which each rank hold
 DCP checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO
 1-3: every rank keeps every matrix's rank (the partition's rank table), the owners' spectra reach every
 rank (``AdaptiveExchange.spectra``), and each rank allocates over all of the partition's matrices,
-those it holds no piece of too (``AdaptiveExchange.elsewhere``); a ZeRO-3 group must be one sub-group.
+those it holds no piece of too (``AdaptiveExchange.elsewhere``). A ZeRO-3 group cut into sub-groups, which
+DeepSpeed steps one at a time, is allocated as a whole at its first sub-group's refresh, from every
+sub-group's reduced gradient (one more refresh gather per sub-group); the later sub-groups find the same
+ranks (checked). Within that engine step the bytes held may exceed ``B`` until the last sub-group has
+resized (by at most what the earlier ones grew); after it they never do.
 DeepSpeed's own checkpoints keep the rank tables; the name-keyed state (``save_lowrank_state``) saves each
 matrix's ``matrix_rank``, and ``load_lowrank_state`` rebuilds every matrix at it (any number of ranks).
 ``GaLoreAdafactor`` (one rank per group) and ``PerLayerUpdates`` (one matrix stepped at a time) refuse
@@ -46,12 +50,24 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor
 
-__all__ = ["AUTO", "allocate_ranks"]
+from ..projection import Projector, Side
+
+__all__ = ["AUTO", "allocate_ranks", "spectrum_of"]
 
 #: The ``rank`` value of a param group whose matrices' ranks are chosen from their gradients.
 AUTO = "auto"
+
+
+def spectrum_of(projector: Projector, whole: Tensor, side: Side, size: int) -> Tensor:
+    """The ``size`` energies (fp64, ``size = min(m, n)``) matrix ``whole``'s gradient offers ``projector``
+    on ``side`` (:meth:`Projector.energies`), padded with zeros where the projector offers fewer
+    directions: what the allocation reads, computed alike by the optimizer and by a layout that needs a
+    matrix's spectrum before its step (a ZeRO-3 group cut into sub-groups)."""
+    energies = projector.energies(whole, side).to(torch.float64).flatten()[:size]
+    return torch.cat([energies, energies.new_zeros(size - energies.numel())])
 
 
 def allocate_ranks(

@@ -210,9 +210,9 @@ def run_case(case: str) -> dict:
     if "offload" in options:
         zero["offload_optimizer"] = {"device": "cpu"}
     if stage == 3:
-        # Small sub-groups (several per param group), except for rank="auto", which needs its group in one
-        # (bind refuses it otherwise: tests/test_auto_rank.py).
-        sub_group_size = 10_000 if "auto" in options else 300
+        # Small sub-groups (several per param group: a rank="auto" group is allocated as a whole at its first
+        # sub-group's refresh); "onesub": the group in one sub-group.
+        sub_group_size = 10_000 if "onesub" in options else 300
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0, sub_group_size=sub_group_size)
     config = {
         "train_batch_size": GLOBAL_BATCH,
@@ -333,6 +333,8 @@ def run_case(case: str) -> dict:
     layout = engine.basic_optimizer.layout if stage else None
     holders = [len(m.holders) for _, part in getattr(layout, "_partitions", {}).values() for m in part.plan.matrices]
     outcome["max_holders"] = max(holders, default=1)
+    # How many flat partitions (ZeRO-3: sub-groups) the projected group is stepped in.
+    outcome["projected_partitions"] = len(layout.projected_partitions()) if stage else 1
     if "auto" in options and stage:
         outcome["ranks"] = auto_ranks(engine)
     engine.destroy()
