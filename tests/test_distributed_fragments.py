@@ -151,13 +151,18 @@ def _run_case(
     projected: bool = True,
     out: dict | None = None,
     options: dict | None = None,
+    same_grads: tuple[int, int] | None = None,
 ):
     """``projected=False``: one full-rank group (``add_full_rank_partition``) instead of a projected one;
     ``out`` (a dict) receives the dense run's optimizer (``dense``) and the fake process group (``group``);
-    ``options``: the projected group's options (default: rank 3, gap ``GAP``)."""
+    ``options``: the projected group's options (default: rank 3, gap ``GAP``); ``same_grads=(a, b)``: matrix
+    ``b`` gets matrix ``a``'s gradients (equal shapes), so that their spectra tie exactly."""
     torch.manual_seed(1234)
     weights = [torch.randn(shape) for shape in shapes]
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
+    if same_grads is not None:
+        for step_grads in grads:
+            step_grads[same_grads[1]] = step_grads[same_grads[0]].clone()
     dense_params = [w.clone() for w in weights]
     if options is None:
         options = {"rank": 3, "update_proj_gap": GAP} if projected else {}
@@ -811,3 +816,31 @@ def test_auto_rank_sub_groups_refuse_a_partition_without_a_gradient_source() -> 
     optimizer.param_groups[0]["params"] = [flats[0]]
     with pytest.raises(RuntimeError, match=r"rank='auto' param group 0: a partition of it has no gradient"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("zero3", [False, True], ids=["zero12", "zero3"])
+def test_auto_rank_ties_break_as_in_one_process(world_size: int, zero3: bool) -> None:
+    """Two equal matrices with the same gradients tie exactly at every step of the greedy; the budget then
+    gives the extra rank to the first of them. ZeRO-1/2 with round-robin gradients lists the second one
+    first in its partitions: the allocation still orders the pool by the optimizer's parameter order
+    (the plans' ordinals), so every rank breaks the tie as one process does."""
+    make, _ = AUTO["galore"]
+    shapes = [(6, 5), (30, 20), (30, 20), (30, 20), (61, 47), (4, 3)]
+    # A pair that round-robin reverses at this world size ([0, 2, 4, 1, 3, 5] at 2, [0, 3, 1, 4, 2, 5] at 3),
+    # and a budget that splits its tie.
+    (first, second), budget = {2: ((1, 2), 3505), 3: ((2, 3), 4414)}[world_size]
+    dense: dict = {}
+    options = {"rank": "auto", "state_budget": budget, "update_proj_gap": GAP}
+    plans, optimizers = _run_case(
+        make, shapes, world_size, zero3=zero3, round_robin=True, alignment=1, shard=zero3, out=dense,
+        options=options, same_grads=(first, second), tolerance=AUTO_TOLERANCE,
+    )
+    expected = _auto_ranks(dense["dense"])
+    assert expected[first] == expected[second] + 1, expected  # the tie, broken towards the first
+    if not zero3:
+        order = [mp.name for mp in plans[0].matrices]
+        assert order.index(f"w{second}") < order.index(f"w{first}"), order  # round-robin lists the second first
+    for optimizer in optimizers:
+        (state,) = optimizer.state.values()
+        assert [state["ranks"][f"w{i}"] for i in range(len(shapes))] == expected

@@ -1025,6 +1025,7 @@ class _Exchange:
                     for mp in part.plan.matrices:
                         self.sides[mp.name] = resolve_side(group["proj_type"], mp.shape)
                         self.sibling_ranks[mp.name] = 0 if table is None else table[mp.name]
+        self._places: dict[str, int] | None = None  # _positions(), computed once
         self.row_lowranks: dict[str, Tensor] = {}  # sharded right side: R's rows of each block (for Fira)
         # The whole gradients, gathered once per step (RefreshGradients), and whether each matrix's was
         # finite, by name (for the matrices of the allocation held elsewhere).
@@ -1201,11 +1202,17 @@ class _Exchange:
         return [result.get(i, torch.zeros(size, dtype=torch.float64)) for i, size in zip(indices, sizes)]
 
     def _positions(self) -> dict[str, int]:
-        """Every matrix's place in partition order, then plan order (the same on every rank); a group of
-        several partitions: over all of them (its parameters' order)."""
-        parts = [part for _, part in self.siblings] if self.siblings else [part for _, part, _ in self.partitions]
-        names = [mp.name for part in parts for mp in part.plan.matrices]
-        return {name: place for place, name in enumerate(names)}
+        """Every matrix's place in the allocation's order, the same on every rank and the one process's: the
+        optimizer's parameter order where the plans know it (:attr:`MatrixPlan.ordinal`; ZeRO-1/2 with
+        round-robin gradients lists a partition's matrices in another order), else partition order, then
+        plan order. A group of several partitions: over all of them."""
+        if self._places is None:
+            parts = [part for _, part in self.siblings] if self.siblings else [part for _, part, _ in self.partitions]
+            matrices = [mp for part in parts for mp in part.plan.matrices]
+            if all(mp.ordinal is not None for mp in matrices):
+                matrices.sort(key=lambda mp: cast(int, mp.ordinal))
+            self._places = {mp.name: place for place, mp in enumerate(matrices)}
+        return self._places
 
     def position(self, index: int) -> int:
         mp = self.entries[index][1]
