@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ from torch import nn
 from .models import LlamaConfig, LlamaForCausalLM
 from .optim.galore import _moment_placement
 from .optim.moments import Blockwise8bit, MomentFormat, moment_state_bytes, resolve_moment_format
+from .optim.ranks import AUTO
 from .targets import find_targets
 from .train.methods import METHODS, STEP_BYTES, TARGET_MODULES, MethodPreset
 
@@ -163,7 +164,10 @@ def estimate_memory(
     ``torch.optim.AdamW``, the state an 8-bit AdamW keeps: this package's full-rank groups with that
     format). ``per_layer``: per-layer updates, which keep one gradient at a time only when
     ``accumulation == 1`` (with accumulation the summed gradients must persist between micro-batches);
-    the moments and states are the same either way.
+    the moments and states are the same either way. A ``rank="auto"`` preset: its matrices' moments and
+    projector tensors are counted as its ``state_budget`` (the most they hold together, all of it in
+    ``optimizer_states``; the ranks, and so how it splits into moments and projection, are chosen in
+    training), plus each matrix's step count and scalars.
     """
     if preset.method not in METHODS:
         raise ValueError(f"preset.method ({preset.method!r}) must be one of {list(METHODS)}")
@@ -182,7 +186,9 @@ def estimate_memory(
     for param in model.parameters():
         weights += param.numel() * e_w
         largest_gradient = max(largest_gradient, param.numel() * e_w)
-        if id(param) in projected:
+        if id(param) in projected and preset.rank == AUTO:
+            states += STEP_BYTES + method.matrix_scalar_bytes  # the budget below holds the rest
+        elif id(param) in projected:
             shape = (param.shape[0], param.shape[1])
             matrix_states, matrix_projection = method.matrix_state_bytes(
                 shape, preset, weight_bytes=e_w, moment_dtype=moments_dtype, moment_format=fmt
@@ -192,6 +198,8 @@ def estimate_memory(
         else:
             moment_shape, sharding = _moment_placement({}, param.shape)
             states += moment_state_bytes(fmt, moment_shape, moments_dtype, sharding) + STEP_BYTES
+    if projected and preset.rank == AUTO:
+        states += cast(int, preset.state_budget)
     gradients = largest_gradient if per_layer and accumulation == 1 else weights
     # The rotary cos/sin tables (buffers in ``dtype``) belong to the resident model too.
     weights += 2 * config.max_seq_len * config.head_dim * e_w

@@ -245,10 +245,10 @@ def test_other_lr_refusals(value: object) -> None:
 @pytest.mark.parametrize(
     "field,value,hint",
     [
-        ("rank", 0, ""),
-        ("rank", 2.0, ""),
-        ("rank", True, ""),
-        ("rank", "auto", " (rank='auto' with a state_budget is a param-group option of the optimizers, not offered by presets)"),
+        ("rank", 0, " or 'auto' (with state_budget)"),
+        ("rank", 2.0, " or 'auto' (with state_budget)"),
+        ("rank", True, " or 'auto' (with state_budget)"),
+        ("rank", "Auto", " or 'auto' (with state_budget)"),
         ("update_proj_gap", -5, ""),
     ],
 )
@@ -256,3 +256,65 @@ def test_integer_field_refusals(field: str, value: object, hint: str) -> None:
     options = {"rank": 4, "update_proj_gap": 10, "scale": 0.25, field: value}
     with pytest.raises(ValueError, match=re.escape(f"{field} ({value!r}) must be a positive integer{hint}")):
         MethodPreset(method="galore", lr=1e-2, **options)  # type: ignore[arg-type]
+
+
+# --- presets with rank="auto" (issue 17) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,options,message",
+    [
+        ("galore", {"rank": "auto"}, "rank ('auto') needs state_budget: the bytes of rank-dependent state its matrices may hold"),
+        ("galore", {"rank": 4, "state_budget": 1000}, "state_budget (1000) applies with rank 'auto' only, not rank 4"),
+        ("galore", {"rank": "auto", "state_budget": 0}, "state_budget (0) must be a positive integer (bytes)"),
+        ("galore", {"rank": "auto", "state_budget": 1e6}, "state_budget (1000000.0) must be a positive integer (bytes)"),
+        ("galore", {"rank": "auto", "state_budget": True}, "state_budget (True) must be a positive integer (bytes)"),
+        ("sltrain", {"rank": "auto", "alpha": 8.0, "delta": 0.03},
+         "rank ('auto') applies to the projecting methods (galore, fira, dct, apollo), not 'sltrain', whose rank must be "
+         "a positive integer"),
+        ("adamw", {"state_budget": 1000},
+         "state_budget (1000) applies to the projecting methods (galore, fira, dct, apollo) with rank 'auto', not 'adamw'"),
+    ],
+)
+def test_auto_rank_preset_refusals(method: str, options: dict, message: str) -> None:
+    if method == "galore":
+        options = {"update_proj_gap": 10, "scale": 0.25, **options}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MethodPreset(method=method, lr=1e-2, **options)
+
+
+@pytest.mark.parametrize("method", ["galore", "fira", "dct", "apollo"])
+def test_auto_rank_preset_trains_within_its_budget(method: str, tmp_path) -> None:
+    """A preset with rank='auto' (from a JSON presets file, as a user writes one) builds the projected
+    group with that budget, trains, and holds no more than it; the estimator counts the budget."""
+    base = load_presets("tiny")[method]
+    fields = {**base.to_dict(), "rank": "auto", "state_budget": 60_000}
+    fields.pop("method")
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({method: fields}))
+    preset = load_presets(path)[method]
+    assert preset.rank == "auto" and preset.state_budget == 60_000
+    model = build_model(TEST, preset=preset)
+    optimizer = preset.spec.build_optimizer(model, preset)
+    group = optimizer.param_groups[-1]
+    assert group["rank"] == "auto" and group["state_budget"] == 60_000
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        tokens = torch.randint(0, TEST.vocab_size, (2, 16), generator=generator)
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ranks = [optimizer.state[p]["matrix_rank"] for p in group["params"]]
+    held = sum(optimizer.rank_state_bytes(group, p, r) for p, r in zip(group["params"], ranks))
+    assert 0 < held <= 60_000 and min(ranks) >= 1, (held, ranks)
+    # The estimator: the full-rank parameters as at a fixed rank; the projected matrices' moments and
+    # projector tensors counted as the budget, plus their step counts and scalars.
+    fixed = MethodPreset(**{**preset.to_dict(), "rank": 4, "state_budget": None})
+    per_matrix = [
+        sum(fixed.spec.matrix_state_bytes(tuple(p.shape), fixed, weight_bytes=4, moment_dtype=torch.float32))
+        for p in group["params"]
+    ]
+    scalars = len(group["params"]) * (4 + preset.spec.matrix_scalar_bytes)
+    auto_estimate = estimate_memory(TEST, preset, dtype=torch.float32).state_bytes
+    fixed_estimate = estimate_memory(TEST, fixed, dtype=torch.float32).state_bytes
+    assert auto_estimate == fixed_estimate - sum(per_matrix) + scalars + 60_000

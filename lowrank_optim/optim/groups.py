@@ -14,7 +14,7 @@ __all__ = ["param_groups"]
 def param_groups(
     model: nn.Module,
     *,
-    rank: int,
+    rank: int | str,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     proj_type: str = "std",
@@ -29,7 +29,8 @@ def param_groups(
     projections of LLaMA, GPT-NeoX, GPT-2, BERT and similar models; the GaLore and Fira scripts use
     ``("attn", "mlp")``); embeddings, ``lm_head``, norms and biases stay full-rank. The defaults are the
     papers' pretraining recipe (gap 200, scale 0.25). ``group_options`` go into the projected group too
-    (e.g. ``moment_policy="reset"``). ``print(find_targets(model, target_modules))`` shows what is
+    (e.g. ``moment_policy="reset"``; with ``rank="auto"``, ``state_budget=B``: :mod:`lowrank_optim.optim.ranks`).
+    ``print(find_targets(model, target_modules))`` shows what is
     projected and what is not. Returns plain dicts:
     ``[{"params": full_rank}, {"params": low_rank, "rank": ..., "update_proj_gap": ..., ...}]``.
     """

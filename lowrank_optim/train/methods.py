@@ -36,6 +36,7 @@ from ..nn import SLTrainLinear, derive_seed
 from ..optim import APOLLOAdamW, DCTAdamW, FiraAdamW, GaLoreAdamW, param_groups
 from ..optim.galore import _moment_placement
 from ..optim.moments import FullPrecision, MomentFormat, moment_format_names, moment_state_bytes, resolve_moment_format
+from ..optim.ranks import AUTO
 from ..projection import effective_rank, projector_names, resolve_projector, resolve_side
 from ..targets import find_targets
 
@@ -65,12 +66,14 @@ WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
 #: The optional fields of a preset, beyond ``lr`` (see :class:`MethodPreset`).
 PRESET_FIELDS: tuple[str, ...] = (
-    "rank", "scale", "update_proj_gap", "alpha", "delta", "projector", "other_lr", "moment_format"
+    "rank", "scale", "update_proj_gap", "alpha", "delta", "projector", "other_lr", "moment_format", "state_budget"
 )
 #: Fields any method's preset may set (the others only if the method lists them in ``fields``).
 COMMON_FIELDS: tuple[str, ...] = ("projector", "other_lr", "moment_format")
 #: What a projecting method's preset must give: the keys of its projected param group.
 PROJECTED_FIELDS: tuple[str, ...] = ("rank", "scale", "update_proj_gap")
+#: Fields a projecting method's preset may set, required by none: ``state_budget`` (with ``rank="auto"``).
+OPTIONAL_PROJECTED_FIELDS: tuple[str, ...] = ("state_budget",)
 #: Every optimizer here keeps its step count as a 0-dim fp32 tensor per parameter.
 STEP_BYTES = 4
 #: A layer replacing one target linear: ``(linear, preset, seed, device, dtype) -> module``.
@@ -115,7 +118,7 @@ class Method:
             raise ValueError(
                 f"method name ({self.name!r}) must be lower-case letters, digits and '_', starting with a letter"
             )
-        allowed = [field for field in PRESET_FIELDS if field not in COMMON_FIELDS]
+        allowed = [field for field in PRESET_FIELDS if field not in COMMON_FIELDS + OPTIONAL_PROJECTED_FIELDS]
         unknown = [field for field in self.fields if field not in allowed]
         if unknown:
             raise ValueError(f"method {self.name!r}: fields {unknown} must be drawn from {allowed}")
@@ -182,8 +185,10 @@ class Method:
             groups_: list[dict[str, Any]] = [{"params": targets}, {"params": others, "lr": preset.other_lr}]
             return optimizer(groups_, lr=preset.lr, weight_decay=0.0, **options)
         assert preset.rank is not None and preset.update_proj_gap is not None and preset.scale is not None
+        budget: dict[str, Any] = {} if preset.state_budget is None else {"state_budget": preset.state_budget}
         groups = param_groups(
-            model, rank=preset.rank, update_proj_gap=preset.update_proj_gap, scale=preset.scale, target_modules=TARGET_MODULES
+            model, rank=preset.rank, update_proj_gap=preset.update_proj_gap, scale=preset.scale,
+            target_modules=TARGET_MODULES, **budget,
         )
         if preset.other_lr is not None:
             if "rank" in groups[0]:
@@ -221,13 +226,19 @@ class Method:
         (:func:`~lowrank_optim.optim.moments.moment_state_bytes`, the optimizer's own rule: 8-bit codes
         plus fp32 block scales, or plain tensors), the step count and :attr:`matrix_scalar_bytes`.
         Projection: the tensors its projector keeps (:meth:`~lowrank_optim.Projector.tensors`: an SVD
-        basis in the weights' dtype, DCT indices, a seed)."""
+        basis in the weights' dtype, DCT indices, a seed). A ``rank="auto"`` preset has no rank per matrix
+        (refused: its group holds at most ``state_budget`` bytes of both, :func:`lowrank_optim.estimate.estimate_memory`)."""
         if not self.projects:
             raise ValueError(f"method {self.name!r} does not project matrices")
         assert preset.rank is not None  # required of every projecting method
+        if preset.rank == AUTO:
+            raise ValueError(
+                f"matrix_state_bytes: preset of method {self.name!r} has rank='auto': its matrices' ranks are chosen "
+                f"in training, under state_budget={preset.state_budget} bytes for all of them together"
+            )
         projector = resolve_projector(preset.projector or self.projector)
         side = resolve_side("std", shape)
-        rank = effective_rank(preset.rank, shape)
+        rank = effective_rank(cast(int, preset.rank), shape)
         moment_shape, sharding = _moment_placement({"rank": preset.rank, "proj_type": "std"}, shape)
         moments = moment_state_bytes(resolve_moment_format(moment_format), moment_shape, moment_dtype, sharding)
         states = moments + STEP_BYTES + self.matrix_scalar_bytes
@@ -260,7 +271,7 @@ def _sltrain_layer(
     return SLTrainLinear(
         linear.in_features,
         linear.out_features,
-        rank=preset.rank,
+        rank=cast(int, preset.rank),  # "auto" is refused for sltrain (MethodPreset)
         delta=preset.delta,
         alpha=preset.alpha,
         seed=seed,
@@ -339,11 +350,13 @@ class MethodPreset:
     of the parameters outside the target layers (embeddings, ``lm_head``, norms), which every method
     trains with full-rank Adam. ``moment_format`` (any method; ``None``: ``"full"``): a registered moment
     format name, e.g. ``"8bit"`` (:mod:`lowrank_optim.optim.moments`; :meth:`Method.build_optimizer`).
+    ``rank`` of a projecting method may be ``"auto"`` with ``state_budget`` (bytes): each matrix's rank is
+    chosen from its gradient at every refresh under that budget (:mod:`lowrank_optim.optim.ranks`).
     Which fields a method needs: its :attr:`Method.fields`."""
 
     method: str
     lr: float
-    rank: int | None = None
+    rank: int | str | None = None
     scale: float | None = None
     update_proj_gap: int | None = None
     alpha: float | None = None
@@ -351,6 +364,7 @@ class MethodPreset:
     projector: str | None = None
     other_lr: float | None = None
     moment_format: str | None = None
+    state_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -362,7 +376,8 @@ class MethodPreset:
         unused = [
             name
             for name in PRESET_FIELDS
-            if name not in COMMON_FIELDS and name not in spec.fields and getattr(self, name) is not None
+            if name not in COMMON_FIELDS + OPTIONAL_PROJECTED_FIELDS and name not in spec.fields
+            and getattr(self, name) is not None
         ]
         if unused:
             raise ValueError(
@@ -381,14 +396,31 @@ class MethodPreset:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not (math.isfinite(value) and value > 0)):
                 raise ValueError(f"{name} ({value!r}) must be a finite number > 0")
+        takes = [name for name, method in METHODS.items() if method.projects]
+        if self.rank == AUTO and not spec.projects:
+            raise ValueError(
+                f"rank ('auto') applies to the projecting methods ({', '.join(takes)}), not {self.method!r}, whose "
+                "rank must be a positive integer"
+            )
+        if self.state_budget is not None and not spec.projects:
+            raise ValueError(
+                f"state_budget ({self.state_budget!r}) applies to the projecting methods ({', '.join(takes)}) with "
+                f"rank 'auto', not {self.method!r}"
+            )
+        if self.rank == AUTO and self.state_budget is None:
+            raise ValueError("rank ('auto') needs state_budget: the bytes of rank-dependent state its matrices may hold")
+        if self.state_budget is not None:
+            if self.rank != AUTO:
+                raise ValueError(f"state_budget ({self.state_budget!r}) applies with rank 'auto' only, not rank {self.rank!r}")
+            value = self.state_budget
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"state_budget ({value!r}) must be a positive integer (bytes)")
         for name in ("rank", "update_proj_gap"):
             value = getattr(self, name)
+            if name == "rank" and value == AUTO:
+                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                hint = (
-                    " (rank='auto' with a state_budget is a param-group option of the optimizers, not offered by presets)"
-                    if name == "rank" and value == "auto"
-                    else ""
-                )
+                hint = " or 'auto' (with state_budget)" if name == "rank" and spec.projects else ""
                 raise ValueError(f"{name} ({value!r}) must be a positive integer{hint}")
 
     @property
