@@ -93,9 +93,20 @@ AUTO_RANK = [
     "galore:2:auto+8bit+split",
     "galore:3:auto+8bit+split",
     "galore:3:auto+onesub",
+    # With the engine options the other cases cover: CPU offload, gradient accumulation with round-robin
+    # gradients, clipping (ZeRO-3's later sub-groups' spectra are read before their clipping: a scale), zero.Init.
+    "galore:2:auto+offload",
+    "galore:2:auto+gas2+rr",
+    "galore:3:auto+clip",
+    "galore:3:auto+zinit",
 ]
-AUTO_RANK_CHECKPOINT = ["galore:2:ckpt+auto", "galore:3:ckpt+auto", "galore:3:ckpt+auto+8bit+split"]
-THREE_RANKS = ["galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide"]
+AUTO_RANK_CHECKPOINT = [
+    "galore:2:ckpt+auto", "galore:3:ckpt+auto", "galore:3:ckpt+auto+8bit+split", "galore:2:ckpt+auto+offload"
+]
+THREE_RANKS = [
+    "galore:1:wide", "galore:2:wide+rr", "fira:2:wide", "dct:2:wide", "galore:3:wide", "galore:2:wide+rr+auto",
+    "dct:3:wide+auto",
+]
 # Name-keyed state saved at 2 ranks after 4 steps, resumed in one process (plain optimizer) and at 3 ranks.
 CONFIGS = [f"config:{stage}" for stage in (0, 1, 2, 3)]
 # rank="auto" too: each matrix's rank is saved, and the 3-rank engine's rank tables are rebuilt from the files.
@@ -222,6 +233,8 @@ def test_three_ranks_matrix_spans_three_partitions(three_ranks: dict[str, dict],
     # differs by 7e-7 here already); the low-rank step adds no more than that again.
     assert outcome["max_diff"] <= 2e-6, outcome
     _check_moved(outcome)
+    if "auto" in case:
+        assert len(set(outcome["ranks"])) > 1, outcome
 
 
 @pytest.mark.parametrize("case", NAMED)
