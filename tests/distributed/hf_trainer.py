@@ -2,9 +2,10 @@
 
 ``python hf_trainer.py OUT CASE...``: each case trains the tiny LLaMA and saves its final parameters to
 ``OUT/<case>.pt`` (rank 0). Cases: ``plain`` (one process, global batch 8), ``zero<S>`` (DeepSpeed ZeRO-S,
-4 sequences per rank), ``zero<S>:ckpt`` (save at step 3, resume in a new Trainer, final parameters), and
-``<case>:fira`` for FiraAdamW; ``zero0:bf16`` saves the optimizer's step counts instead (DeepSpeed's
-stage-0 bf16 wrapper steps once while it is built; bind undoes it).
+4 sequences per rank), ``zero<S>:ckpt`` (save at step 3, resume in a new Trainer, final parameters),
+``<case>:fira`` for FiraAdamW and ``<case>:auto`` for ``rank="auto"`` (:data:`AUTO_BUDGET`; the final ranks
+follow the parameters); ``zero0:bf16`` saves the optimizer's step counts instead (DeepSpeed's stage-0 bf16
+wrapper steps once while it is built; bind undoes it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from teardown import end_worker
 
 STEPS = 6
 GLOBAL_BATCH = 8
+#: rank="auto": the bytes of rank-dependent state of the tiny model's 14 projected matrices (rank 4 everywhere
+#: would hold 21,504): unequal ranks.
+AUTO_BUDGET = 20_000
 
 
 def tiny_model():
@@ -59,12 +63,14 @@ def arguments(out: Path, world: int, stage: int | None, **changes):
     return transformers.TrainingArguments(**settings)
 
 
-def trainer(out: Path, world: int, stage: int | None, fira: bool = False, **changes):
+def trainer(out: Path, world: int, stage: int | None, fira: bool = False, auto: bool = False, **changes):
     from lowrank_optim import FiraAdamW, GaLoreAdamW
     from lowrank_optim.integrations.transformers import LowRankTrainer
 
-    options = {"rank": 4, "update_proj_gap": 3}
+    options: dict = {"rank": 4, "update_proj_gap": 3}
     options.update({"alpha": 0.5} if fira else {"scale": 0.5})
+    if auto:
+        options.update(rank="auto", state_budget=AUTO_BUDGET)
     return LowRankTrainer(
         model=tiny_model(), args=arguments(out, world, stage, **changes), train_dataset=dataset(),
         lowrank_optimizer=FiraAdamW if fira else GaLoreAdamW, lowrank_options=options,
@@ -85,6 +91,7 @@ def run_case(out: Path, case: str, world: int) -> list[torch.Tensor]:
     name, *options = case.split(":")
     stage = None if name == "plain" else int(name.removeprefix("zero"))
     fira = "fira" in options
+    auto = "auto" in options
     work = out / case.replace(":", "_")
     if "bf16" in options:  # the optimizer's step counts: DeepSpeed's warm-up step must not be one of them
         run = trainer(work, world, stage, fira, bf16=True)
@@ -92,13 +99,18 @@ def run_case(out: Path, case: str, world: int) -> list[torch.Tensor]:
         base = run.accelerator.deepspeed_engine_wrapped.engine.basic_optimizer  # ours
         return [torch.tensor(sorted({float(state["step"]) for state in base.state.values()}))]
     if "ckpt" in options:
-        first = trainer(work, world, stage, fira, save_strategy="steps", save_steps=3)
+        first = trainer(work, world, stage, fira, auto, save_strategy="steps", save_steps=3)
         first.train()
-        resumed = trainer(work, world, stage, fira, save_strategy="steps", save_steps=3)
+        resumed = trainer(work, world, stage, fira, auto, save_strategy="steps", save_steps=3)
         resumed.train(resume_from_checkpoint=str(work / "checkpoint-3"))
         return parameters(first) + parameters(resumed)
-    run = trainer(work, world, stage, fira)
+    run = trainer(work, world, stage, fira, auto)
     run.train()
+    if auto:  # the ranks it ended with, after the parameters
+        base = run.optimizer.optimizer if stage is None else run.accelerator.deepspeed_engine_wrapped.engine.basic_optimizer
+        ranks = [value for state in base.state.values() for value in state.get("ranks", {}).values()]
+        ranks += [state["matrix_rank"] for state in base.state.values() if "matrix_rank" in state]
+        return parameters(run) + [torch.tensor(sorted(ranks))]
     return parameters(run)
 
 
