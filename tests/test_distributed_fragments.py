@@ -7,6 +7,7 @@ DeepSpeed needed.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import threading
@@ -694,12 +695,17 @@ def test_auto_rank_named_state_is_the_dense_state_and_reshards(zero3: bool) -> N
             assert again[name][key].dtype == value.dtype and torch.equal(again[name][key], value), (name, key)
 
 
-def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dict, *, shard: bool, tolerance: float):
+def _run_sub_groups(
+    make, shapes, world_size: int, cuts: list[int], options: dict, *, shard: bool, tolerance: float | None,
+    corrupt: tuple[int, int] | None = None,
+):
     """A ZeRO-3 param group cut into sub-groups (``cuts``: where each later one starts), stepped as DeepSpeed
     steps them: one ``step()`` per sub-group, the group holding only that sub-group's flat partition, whose
     gradient is set just before (the later ones' reduced gradients are reachable through the layout's
     gradient source, as bind gives it). Returns the dense optimizer, every rank's optimizer and the rank
-    tables after every step."""
+    tables after every step, and ``(step, sub-group)`` of every call of a gradient source on rank 0.
+    ``corrupt=(step, sub_group)``: that sub-group's gradient is NaN at that step on every rank (no
+    comparison with the dense run then: ``tolerance=None``)."""
     torch.manual_seed(1234)
     weights = [torch.randn(shape) for shape in shapes]
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
@@ -731,7 +737,18 @@ def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dic
     ]
     flats = [[partition(weights, k, lo, hi) for lo, hi in bounds] for k in range(world_size)]
     flat_grads = [[[partition(grads[s], k, lo, hi) for lo, hi in bounds] for k in range(world_size)] for s in range(STEPS)]
+    if corrupt is not None:
+        for k in range(world_size):
+            flat_grads[corrupt[0]][k][corrupt[1]][0] = float("nan")
     current: list[list[Tensor]] = [[] for _ in range(world_size)]
+    now = [0] * world_size
+    calls: list[tuple[int, int]] = []
+
+    def source(rank: int, sub: int) -> Tensor:
+        if rank == 0:
+            calls.append((now[0], sub))
+        return current[rank][sub]
+
     group = _FakeGroup(world_size)
     optimizers = []
     for rank in range(world_size):
@@ -741,7 +758,7 @@ def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dic
         comm = _FakeComm(group, rank)
         for sub, (flat, plan) in enumerate(zip(flats[rank], plans[rank])):
             layout.add_partition(
-                flat, plan, comm, group_index=0, shard_moments=shard, gradient=lambda rank=rank, sub=sub: current[rank][sub]
+                flat, plan, comm, group_index=0, shard_moments=shard, gradient=functools.partial(source, rank, sub)
             )
         layout.attach(optimizer)
         optimizers.append(optimizer)
@@ -750,7 +767,7 @@ def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dic
     def body(rank: int) -> None:
         optimizer = optimizers[rank]
         for step in range(STEPS):
-            current[rank] = flat_grads[step][rank]
+            current[rank], now[rank] = flat_grads[step][rank], step
             for sub, flat in enumerate(flats[rank]):
                 flat.grad = current[rank][sub].clone()
                 optimizer.param_groups[0]["params"] = [flat]
@@ -761,7 +778,7 @@ def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dic
             tables[rank].append([ranks[name] for name in names])
 
     _run_ranks(world_size, body, group)
-    for index, shape in enumerate(shapes):
+    for index, shape in enumerate(shapes if tolerance is not None else []):
         sub = next(k for k, (lo, hi) in enumerate(bounds) if lo <= index < hi)
         rebuilt = torch.full((math.prod(shape),), float("nan"))
         for rank in range(world_size):
@@ -773,7 +790,7 @@ def _run_sub_groups(make, shapes, world_size: int, cuts: list[int], options: dic
                 ]
         difference = (rebuilt.view(shape) - dense_params[index]).abs().max().item()
         assert difference <= tolerance, f"w{index} {shape}: max |sub-groups - dense| = {difference}"
-    return dense, dense_ranks, optimizers, tables
+    return dense, dense_ranks, optimizers, tables, calls
 
 
 @pytest.mark.parametrize("name", ["galore", "dct", "fira_8bit", "galore_rotate"])
@@ -787,14 +804,43 @@ def test_auto_rank_group_cut_into_zero3_sub_groups_matches_dense(name: str, worl
     shapes = [shape for shape in _shapes(21 + world_size) if shape != (1, 1)]
     cuts = [2, 3]  # the large matrix alone in the middle sub-group
     options = {"rank": "auto", "state_budget": budget, "update_proj_gap": GAP}
-    dense, dense_ranks, optimizers, tables = _run_sub_groups(
+    dense, dense_ranks, optimizers, tables, calls = _run_sub_groups(
         make, shapes, world_size, cuts, options, shard=True, tolerance=AUTO_TOLERANCES.get(name, AUTO_TOLERANCE)
     )
+    # The later sub-groups' gradients are read at refresh steps only, once each.
+    assert calls == [(step, sub) for step in range(0, STEPS, GAP) for sub in (1, 2)], calls
     assert len(set(dense_ranks[-1])) >= 3, dense_ranks[-1]
     for rank in range(world_size):
         assert tables[rank] == dense_ranks, (rank, tables[rank], dense_ranks)
     group = dense.param_groups[0]
     for ranks in dense_ranks:
+        held = sum(dense.rank_state_bytes(group, p, max(r, 1)) for p, r in zip(group["params"], ranks))
+        assert held <= budget, (ranks, held, budget)
+
+
+def test_auto_rank_sub_groups_with_a_skipped_first_sub_group() -> None:
+    """nonfinite="skip" under ZeRO-3 decides per sub-group: when the first sub-group of an auto group defers
+    a refresh (a NaN in its gradient), the next one allocates the group with the first one's matrices at
+    the ranks they keep; a step later the first one refreshes alone (the others are not due), and from
+    then on the later ones refresh without it. Every rank alike, within the budget after every step."""
+    make, budget = AUTO["galore"]
+    shapes = [shape for shape in _shapes(23) if shape != (1, 1)]
+    options = {"rank": "auto", "state_budget": budget, "update_proj_gap": GAP, "nonfinite": "skip"}
+    step = GAP  # the second refresh
+    dense, _, optimizers, tables, calls = _run_sub_groups(
+        make, shapes, 2, [2, 3], options, shard=True, tolerance=None, corrupt=(step, 0)
+    )
+    # Step 3: the second sub-group allocates and reads the third's gradient (not the first's, gone); step 4:
+    # the first refreshes alone and reads none; step 6: the second again, with the third.
+    assert calls == [(0, 1), (0, 2), (3, 2), (6, 2)], calls
+    assert tables[0] == tables[1]
+    before, after = tables[0][step - 1], tables[0][step]
+    assert after[:2] == before[:2], (before, after)  # the skipped sub-group's matrices keep their ranks
+    for optimizer in optimizers:  # the first sub-group's refresh came a step later: its counter lags by one
+        steps = [int(state["step"]) for state in optimizer.state.values()]
+        assert steps == [STEPS - 1, STEPS, STEPS], steps
+    group = dense.param_groups[0]
+    for ranks in tables[0]:
         held = sum(dense.rank_state_bytes(group, p, max(r, 1)) for p, r in zip(group["params"], ranks))
         assert held <= budget, (ranks, held, budget)
 

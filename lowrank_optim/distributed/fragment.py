@@ -61,7 +61,7 @@ from typing import Any, Callable, NamedTuple, Sequence, cast
 import torch
 from torch import Tensor
 
-from ..optim.exchange import LOCAL, Elsewhere, Exchange, LocalExchange, RefreshGradients
+from ..optim.exchange import LOCAL, Elsewhere, Exchange, LocalExchange, RefreshGradients, refresh_due
 from ..optim.layout import Block, DenseLayout, StateInit
 from ..optim.moments import FullPrecision, MomentFormat
 from ..optim.ranks import AUTO, spectrum_of
@@ -166,6 +166,8 @@ class FragmentLayout:
         #: group's first partition hands out its blocks).
         self._group_spectra: dict[int, dict[str, Tensor | None]] = {}
         self._group_choice: dict[int, dict[str, int]] = {}
+        #: ... and which of its partitions have handed out their blocks in this step (ids of their tensors).
+        self._stepped: dict[int, set[int]] = {}
         self._optimizer: Any = None
 
     def add_partition(
@@ -205,11 +207,19 @@ class FragmentLayout:
         """The partitions of one param group, in binding order (ZeRO-3 steps its sub-groups in that order)."""
         return [(flat, part) for flat, part in self._partitions.values() if part.group_index == group_index]
 
+    def _state_of(self, flat: Tensor) -> dict[str, Any] | None:
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        return None if optimizer is None else optimizer.state.get(flat)
+
     def _table(self, flat: Tensor) -> dict[str, int] | None:
         """A partition's rank table as its state holds it now (``None`` before its first step)."""
-        optimizer = self._optimizer() if self._optimizer is not None else None
-        state = None if optimizer is None else optimizer.state.get(flat)
+        state = self._state_of(flat)
         return None if not state else state.get(RANKS)
+
+    def _step_count(self, flat: Tensor) -> int:
+        """A partition's step counter as its state holds it now (0 before its first step)."""
+        state = self._state_of(flat)
+        return int(state[STEP].item()) if state else 0
 
     def full_rank_partitions(self) -> list[tuple[Tensor, _Partition]]:
         """``(flat, partition)`` of the full-rank groups, in binding order."""
@@ -346,6 +356,9 @@ class FragmentLayout:
             # The first partition of the group: a new step, whose spectra are computed afresh.
             self._group_spectra.pop(part.group_index, None)
             self._group_choice.pop(part.group_index, None)
+            self._stepped[part.group_index] = set()
+        if group["rank"] == AUTO:
+            self._stepped.setdefault(part.group_index, set()).add(id(tensor))
         if not state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
             if group["rank"] == AUTO:  # rank 0 (no state) until the first refresh allocates one
@@ -1136,15 +1149,29 @@ class _Exchange:
         if cached is not None:
             return cached
         cached = {}
+        mine = {id(part) for _, part, _ in self.partitions}
+        stepped = self.layout._stepped.get(group_index, set())
+        gap = self.group["update_proj_gap"]
         for flat, part in self.siblings:
-            grad = flat.grad if flat.grad is not None else (part.gradient() if part.gradient is not None else None)
-            if grad is None:
+            # Only the partitions refreshing in this step: this one, and those still to step whose counter
+            # says so (a partition that deferred a refresh, nonfinite="skip", lags its siblings by a step;
+            # one that stepped already this step did not refresh, or it would have computed these).
+            if id(part) not in mine and (id(flat) in stepped or not refresh_due(self.layout._step_count(flat), gap)):
+                cached.update(dict.fromkeys((mp.name for mp in part.plan.matrices), None))
+                continue
+            if flat.grad is None and part.gradient is None:
                 raise RuntimeError(
                     f"rank='auto' param group {group_index}: a partition of it has no gradient to allocate the "
                     "group's ranks from at this refresh (bind it with a gradient source: "
                     "FragmentLayout.add_partition(gradient=...))."
                 )
+            grad = flat.grad if flat.grad is not None else cast(Callable[[], Tensor | None], part.gradient)()
             plan, comm = part.plan, part.comm
+            if grad is None:
+                raise RuntimeError(
+                    f"rank='auto' param group {group_index}: the gradient source of a partition still to step "
+                    "returned no gradient at this refresh."
+                )
             held = {mp.name: _block(grad, mp) for mp in plan.matrices if mp.piece is not None and not mp.split}
             full, bad = self._whole_gradients(flat, part, grad, held)
             owners = _refresh_owners(plan, comm.world_size)

@@ -57,7 +57,14 @@ from torch import Tensor
 
 from ..projection import ProjectorTensor, Side, Subspace, all_finite
 
-__all__ = ["AdaptiveExchange", "Elsewhere", "Exchange", "LocalExchange", "LOCAL", "RefreshGradients"]
+__all__ = ["AdaptiveExchange", "Elsewhere", "Exchange", "LocalExchange", "LOCAL", "RefreshGradients", "refresh_due"]
+
+
+def refresh_due(step: int, update_proj_gap: int) -> bool:
+    """Whether a matrix whose step counter reads ``step`` (before this step increments it) refreshes its
+    projector now: the one schedule rule, read by the optimizer's step and by a layout that must know
+    which of a group's partitions refresh before they step (a ZeRO-3 group cut into sub-groups)."""
+    return step % update_proj_gap == 0
 
 
 class Exchange(Protocol):

@@ -84,7 +84,7 @@ from ._validation import (
     matrix_shape,
     normalize_scalars,
 )
-from .exchange import LOCAL, AdaptiveExchange, Exchange
+from .exchange import LOCAL, AdaptiveExchange, Exchange, refresh_due
 from .layout import Layout, layout_for
 from .moments import (
     FullPrecision,
@@ -681,7 +681,7 @@ class GaLoreAdamW(Optimizer):
         due = [
             i
             for i, projection in enumerate(batch.projections)
-            if projection is not None and int(batch.steps[i].item()) % gap == 0
+            if projection is not None and refresh_due(int(batch.steps[i].item()), gap)
         ]
         if not due or (found_inf is not None and bool(found_inf)):  # a skipped step refreshes nothing
             return None
@@ -1462,7 +1462,7 @@ def _galore_adamw_impl(
     :func:`galore_adamw` hands it the matrices one at a time where nothing is bucketed.
     """
     steps = [int(step_t.item()) for step_t in state_steps]
-    due = [i for i, projection in enumerate(projections) if projection is not None and steps[i] % update_proj_gap == 0]
+    due = [i for i, projection in enumerate(projections) if projection is not None and refresh_due(steps[i], update_proj_gap)]
     skipped: set[int] = set()
     if due:
         skipped = _refresh_due(
