@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_deepspeed import _model, _tensor_bytes  # this folder is on the path (run as a script)
 
 RANK = 128
 # 4 x 128 tokens per rank: 1024 per step, more than any projected side (512), so every gradient has full rank
@@ -32,23 +33,6 @@ RANK = 128
 SEQ, MICRO_BATCH = 128, 4
 STEPS = 7
 GAP = 2
-
-
-def _tensor_bytes(state: dict) -> int:
-    total = 0
-    for value in state.values():
-        if isinstance(value, dict):
-            total += _tensor_bytes(value)
-        elif isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-    return total
-
-
-def _model():
-    from lowrank_optim.models import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig.from_name_or_path("60m"))
 
 
 def _budget() -> int:
