@@ -1096,14 +1096,16 @@ class _Exchange:
         bad.update({mp.name: bool(buffer[offset + slot] > 0) for slot, mp in enumerate(alone)})
         # Deferred and skipped refreshes leave the partition's one step counter as it is, so they are
         # decided for the whole partition; a propagated one keeps only the bad matrices' projectors.
-        keep_going = self.group["nonfinite"] == "propagate" and self._step_of(part) > 0
+        keep_going = self.group["nonfinite"] == "propagate" and self._step_of(flat, part) > 0
         if any(bad.values()) and not keep_going:
             bad = dict.fromkeys(bad, True)
         return full, bad
 
-    def _step_of(self, part: _Partition) -> int:
-        """A partition's step counter (a split group's partitions step together: the same counter)."""
-        return self.steps.get(id(part), next(iter(self.steps.values())))
+    def _step_of(self, flat: Tensor, part: _Partition) -> int:
+        """A partition's step counter: this step's, or (another partition of a split group, not stepped yet
+        in this step) the one its state holds."""
+        step = self.steps.get(id(part))
+        return self.layout._step_count(flat) if step is None else step
 
     def _refresh_gradients(self, indices: Sequence[int], grads: Sequence[Tensor]) -> tuple[list[Tensor | None], list[bool]]:
         given = dict(zip(indices, grads))
