@@ -173,6 +173,11 @@ def estimate_memory(
         raise ValueError(f"preset.method ({preset.method!r}) must be one of {list(METHODS)}")
     if accumulation < 1:
         raise ValueError(f"accumulation ({accumulation}) must be >= 1")
+    if per_layer and preset.rank == AUTO:
+        raise ValueError(
+            f"per_layer=True with a rank='auto' preset of {preset.method!r}: per-layer updates do not step rank='auto' "
+            "groups (PerLayerUpdates refuses them); allowed: per_layer=False, or a positive integer rank"
+        )
     fmt = resolve_moment_format(moment_format if moment_format is not None else preset.moment_format or "full")
     method = preset.spec
     e_w = torch.empty((), dtype=dtype).element_size()

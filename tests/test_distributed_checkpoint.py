@@ -171,3 +171,19 @@ def test_auto_rank_load_refusals_name_the_value_and_leave_the_state(tmp_path: Pa
                                          r"integer in \[0, 6\] for its shape \(6, 20\)"):
         load_lowrank_state(target, tmp_path / "damaged", model=model)
     unchanged()
+
+
+def test_auto_rank_round_trip_with_two_auto_groups_of_equal_size(tmp_path: Path) -> None:
+    """Two rank='auto' groups with the same number of matrices (each its own budget): each matrix is
+    rebuilt at its saved rank in its own group, and the run continues bit for bit."""
+
+    def make(model: nn.Module) -> GaLoreAdamW:
+        first, second = [model[0].weight], [model[2].weight]
+        others = [model[0].bias, model[2].bias]
+        auto = {"rank": "auto", "update_proj_gap": 2}
+        return GaLoreAdamW(
+            [{"params": others}, {"params": first, **auto, "state_budget": 700}, {"params": second, **auto, "state_budget": 400}],
+            lr=1e-2, weight_decay=0.1,
+        )
+
+    _assert_round_trip_continues_bitwise(tmp_path, make)

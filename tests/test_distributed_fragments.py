@@ -697,7 +697,7 @@ def test_auto_rank_named_state_is_the_dense_state_and_reshards(zero3: bool) -> N
 
 def _run_sub_groups(
     make, shapes, world_size: int, cuts: list[int], options: dict, *, shard: bool, tolerance: float | None,
-    corrupt: tuple[int, int] | None = None,
+    corrupt: tuple[int, int] | None = None, absent: tuple[int, int] | None = None,
 ):
     """A ZeRO-3 param group cut into sub-groups (``cuts``: where each later one starts), stepped as DeepSpeed
     steps them: one ``step()`` per sub-group, the group holding only that sub-group's flat partition, whose
@@ -705,7 +705,8 @@ def _run_sub_groups(
     gradient source, as bind gives it). Returns the dense optimizer, every rank's optimizer and the rank
     tables after every step, and ``(step, sub-group)`` of every call of a gradient source on rank 0.
     ``corrupt=(step, sub_group)``: that sub-group's gradient is NaN at that step on every rank (no
-    comparison with the dense run then: ``tolerance=None``)."""
+    comparison with the dense run then: ``tolerance=None``); ``absent=(step, sub_group)``: that sub-group has
+    no gradient at that step (its ``step()`` call hands out no block)."""
     torch.manual_seed(1234)
     weights = [torch.randn(shape) for shape in shapes]
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(STEPS)]
@@ -769,7 +770,7 @@ def _run_sub_groups(
         for step in range(STEPS):
             current[rank], now[rank] = flat_grads[step][rank], step
             for sub, flat in enumerate(flats[rank]):
-                flat.grad = current[rank][sub].clone()
+                flat.grad = None if (step, sub) == absent else current[rank][sub].clone()
                 optimizer.param_groups[0]["params"] = [flat]
                 optimizer.step()
                 optimizer.param_groups[0]["params"] = []
@@ -818,6 +819,7 @@ def test_auto_rank_group_cut_into_zero3_sub_groups_matches_dense(name: str, worl
         assert held <= budget, (ranks, held, budget)
 
 
+@pytest.mark.filterwarnings("ignore:GaLoreAdamW. a gradient with NaN/Inf arrived:RuntimeWarning")
 def test_auto_rank_sub_groups_with_a_skipped_first_sub_group() -> None:
     """nonfinite="skip" under ZeRO-3 decides per sub-group: when the first sub-group of an auto group defers
     a refresh (a NaN in its gradient), the next one allocates the group with the first one's matrices at
@@ -839,6 +841,25 @@ def test_auto_rank_sub_groups_with_a_skipped_first_sub_group() -> None:
     for optimizer in optimizers:  # the first sub-group's refresh came a step later: its counter lags by one
         steps = [int(state["step"]) for state in optimizer.state.values()]
         assert steps == [STEPS - 1, STEPS, STEPS], steps
+    group = dense.param_groups[0]
+    for ranks in tables[0]:
+        held = sum(dense.rank_state_bytes(group, p, max(r, 1)) for p, r in zip(group["params"], ranks))
+        assert held <= budget, (ranks, held, budget)
+
+
+def test_auto_rank_sub_groups_when_the_first_does_not_step() -> None:
+    """At a refresh step the first sub-group hands out no block (no gradient): the second one's refresh
+    still starts a new step's allocation (the spectra of step 0 are not reused; the third one's gradient
+    is read again), leaves the first one out (it had its turn) and keeps the budget; the first one,
+    whose counter did not move, refreshes alone at the next step."""
+    make, budget = AUTO["galore"]
+    shapes = [shape for shape in _shapes(23) if shape != (1, 1)]
+    options = {"rank": "auto", "state_budget": budget, "update_proj_gap": GAP}
+    dense, _, optimizers, tables, calls = _run_sub_groups(
+        make, shapes, 2, [2, 3], options, shard=True, tolerance=None, absent=(GAP, 0)
+    )
+    assert calls == [(0, 1), (0, 2), (GAP, 2), (2 * GAP, 2)], calls
+    assert tables[0] == tables[1]
     group = dense.param_groups[0]
     for ranks in tables[0]:
         held = sum(dense.rank_state_bytes(group, p, max(r, 1)) for p, r in zip(group["params"], ranks))

@@ -318,3 +318,14 @@ def test_auto_rank_preset_trains_within_its_budget(method: str, tmp_path) -> Non
     auto_estimate = estimate_memory(TEST, preset, dtype=torch.float32).state_bytes
     fixed_estimate = estimate_memory(TEST, fixed, dtype=torch.float32).state_bytes
     assert auto_estimate == fixed_estimate - sum(per_matrix) + scalars + 60_000
+
+
+def test_estimate_refuses_per_layer_updates_with_an_auto_preset() -> None:
+    preset = MethodPreset(method="galore", lr=1e-2, rank="auto", state_budget=10_000, scale=0.25, update_proj_gap=10)
+    message = (
+        "per_layer=True with a rank='auto' preset of 'galore': per-layer updates do not step rank='auto' groups "
+        "(PerLayerUpdates refuses them); allowed: per_layer=False, or a positive integer rank"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        estimate_memory(TEST, preset, per_layer=True)
+    assert estimate_memory(TEST, preset).optimizer_states > 10_000

@@ -103,7 +103,9 @@ def _resolve(target: Any, model: nn.Module | None, where: str) -> tuple[GaLoreAd
 
 def _dense_params(
     optimizer: GaLoreAdamW, names: dict[int, str], where: str
-) -> Iterator[tuple[dict[str, Any], Tensor, str]]:
+) -> Iterator[tuple[int, dict[str, Any], Tensor, str]]:
+    """``(group index, group, parameter, name)`` of every parameter (the index from the enumeration: a
+    lookup by ``param_groups.index(group)`` would compare the groups' tensors)."""
     for index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
             if id(param) not in names:
@@ -111,7 +113,7 @@ def _dense_params(
                     f"{where}: a tensor of shape {tuple(param.shape)} in param group {index} is not a parameter of "
                     "the model, so it has no name to key its state by."
                 )
-            yield group, param, names[id(param)]
+            yield index, group, param, names[id(param)]
 
 
 def _writer(mp: MatrixPlan, index: int) -> int:
@@ -180,11 +182,13 @@ def _check_budget(
     optimizer: GaLoreAdamW, group: dict[str, Any], index: int, matrices: list[tuple[tuple[int, ...], torch.dtype, int]]
 ) -> None:
     """The saved ranks of a ``rank="auto"`` group must fit its ``state_budget`` (a resume with a smaller budget
-    would hold more until the next refresh): charged as a refresh charges them, rank 1 at least."""
-    held = sum(
-        optimizer.rank_state_bytes(group, torch.empty(shape, dtype=dtype, device="meta"), max(rank, 1))
-        for shape, dtype, rank in matrices
-    )
+    would hold more until the next refresh): charged as a refresh charges them, at least the rank-1 cost."""
+
+    def charged(shape: tuple[int, ...], dtype: torch.dtype, rank: int) -> int:
+        like = torch.empty(shape, dtype=dtype, device="meta")
+        return max(optimizer.rank_state_bytes(group, like, max(rank, 1)), optimizer.rank_state_bytes(group, like, 1))
+
+    held = sum(charged(shape, dtype, rank) for shape, dtype, rank in matrices)
     if held > group["state_budget"]:
         raise ValueError(
             f"load_lowrank_state: the saved ranks of param group {index} hold {held} bytes of state, more than its "
@@ -353,7 +357,7 @@ def _collect(optimizer: GaLoreAdamW, names: dict[int, str], rank: int) -> dict[s
     if not any(optimizer.state.get(param) for group in optimizer.param_groups for param in group["params"]):
         raise RuntimeError("save_lowrank_state: the optimizer has not stepped yet (no state to save); save after a step.")
     if rank == 0:  # whole tensors: every rank holds the same state
-        for _, param, name in _dense_params(optimizer, names, "save_lowrank_state"):
+        for _, _, param, name in _dense_params(optimizer, names, "save_lowrank_state"):
             if optimizer.state.get(param):
                 entries[name] = {key: _saved_value(value) for key, value in optimizer.state[param].items()}
     return entries
@@ -657,11 +661,10 @@ def _build_pieces(
 def _build_dense(optimizer: GaLoreAdamW, names: dict[int, str], entries: dict[str, dict[str, Tensor]]) -> _NewStates:
     built: _NewStates = []
     auto: dict[int, list[tuple[tuple[int, ...], torch.dtype, int]]] = {}
-    for group, param, name in _dense_params(optimizer, names, "load_lowrank_state"):
+    for index, group, param, name in _dense_params(optimizer, names, "load_lowrank_state"):
         saved = _entry(entries, name)
         state: dict[str, Any] = {}
         if group.get("rank") == AUTO:  # built at the saved rank
-            index = optimizer.param_groups.index(group)
             state[MATRIX_RANK] = _saved_rank(group, index, entries, name, matrix_shape(param))
             auto.setdefault(index, []).append((matrix_shape(param), param.dtype, state[MATRIX_RANK]))
         optimizer._init_state(group, param, state)

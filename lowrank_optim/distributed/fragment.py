@@ -162,12 +162,15 @@ class FragmentLayout:
         #: Quantized full-rank partitions: the pieces handed out as copies since the last exchange.
         self._piece_copies: dict[int, list[tuple[Piece, _Span, Tensor]]] = {}
         #: rank="auto" groups cut into several partitions: per group index, the spectra of all its matrices
-        #: (``None``: not finite) and the ranks chosen from them, for the current step (reset when the
-        #: group's first partition hands out its blocks).
-        self._group_spectra: dict[int, dict[str, Tensor | None]] = {}
-        self._group_choice: dict[int, dict[str, int]] = {}
-        #: ... and which of its partitions have handed out their blocks in this step (ids of their tensors).
-        self._stepped: dict[int, set[int]] = {}
+        #: (``None``: not refreshing) and the ranks chosen from them, each with the step it belongs to
+        #: (:meth:`_token`).
+        self._group_spectra: dict[int, tuple[Any, dict[str, Tensor | None]]] = {}
+        self._group_choice: dict[int, tuple[Any, dict[str, int]]] = {}
+        self._round: dict[int, int] = {}
+        self._last_position: dict[int, int] = {}
+        #: What identifies the training step across the calls that step a group's partitions (bind: the
+        #: engine's ``global_steps``); the partitions' binding order identifies it otherwise (:meth:`_token`).
+        self.step_token: Callable[[], Any] | None = None
         self._optimizer: Any = None
 
     def add_partition(
@@ -209,7 +212,19 @@ class FragmentLayout:
 
     def _state_of(self, flat: Tensor) -> dict[str, Any] | None:
         optimizer = self._optimizer() if self._optimizer is not None else None
-        return None if optimizer is None else optimizer.state.get(flat)
+        if optimizer is None:
+            raise RuntimeError(
+                "FragmentLayout: not attached to an optimizer (attach(optimizer)); a rank='auto' group of several "
+                "partitions reads the state of the partitions it is not stepping."
+            )
+        return optimizer.state.get(flat)
+
+    def _token(self, group_index: int) -> Any:
+        """The step a split group's partitions are in: a new one starts when a partition steps that is not
+        after the last one stepped in binding order (ZeRO-3 steps them in that order, once each), and, where
+        bind gives one, when the engine's step count moves (a step in which the first partitions did not
+        step at all)."""
+        return (self._round.get(group_index, 0), None if self.step_token is None else self.step_token())
 
     def _table(self, flat: Tensor) -> dict[str, int] | None:
         """A partition's rank table as its state holds it now (``None`` before its first step)."""
@@ -352,13 +367,13 @@ class FragmentLayout:
                 return self._piece_blocks(group, tensor, state, init)
             return self._dense.blocks(group, tensor, state, init)
         part = self._partitions[id(tensor)][1]
-        if group["rank"] == AUTO and self._siblings(part.group_index)[0][0] is tensor:
-            # The first partition of the group: a new step, whose spectra are computed afresh.
-            self._group_spectra.pop(part.group_index, None)
-            self._group_choice.pop(part.group_index, None)
-            self._stepped[part.group_index] = set()
         if group["rank"] == AUTO:
-            self._stepped.setdefault(part.group_index, set()).add(id(tensor))
+            siblings = self._siblings(part.group_index)
+            if len(siblings) > 1:
+                position = next(k for k, (flat, _) in enumerate(siblings) if flat is tensor)
+                if position <= self._last_position.get(part.group_index, -1):  # a new step of the group
+                    self._round[part.group_index] = self._round.get(part.group_index, 0) + 1
+                self._last_position[part.group_index] = position
         if not state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
             if group["rank"] == AUTO:  # rank 0 (no state) until the first refresh allocates one
@@ -1026,10 +1041,12 @@ class _Exchange:
         self.layout = layout
         self.siblings: list[tuple[Tensor, _Partition]] = []
         self.sibling_ranks: dict[str, int] = {}
+        self.token: Any = None
         if group["rank"] == AUTO and self.partitions:
             siblings = layout._siblings(self.partitions[0][1].group_index)
             if len(siblings) > 1:
                 self.siblings = siblings
+                self.token = layout._token(self.partitions[0][1].group_index)
                 mine = {id(part) for _, part, _ in self.partitions}
                 for flat, part in siblings:
                     if id(part) in mine:
@@ -1136,30 +1153,49 @@ class _Exchange:
                     finite[index], wholes[index] = not any(bad.values()), None
         return [wholes[i] for i in indices], [finite[i] for i in indices]
 
-    def _group_spectra(self) -> dict[str, Tensor | None]:
+    def _group_spectra(self, given: dict[int, Tensor | None]) -> dict[str, Tensor | None]:
         """Every matrix's spectrum (``None``: its gradient is not finite) of a group cut into several
         partitions, computed once per step, at the first partition's refresh, and kept by the layout for
         the others: each partition's gradient (:attr:`_Partition.gradient` for those not stepped yet) is
         gathered as a refresh gathers it, the owners compute the spectra and one fp64 all-reduce per
-        partition shares them. So every partition's step allocates over the same pool, the whole group's,
-        and chooses the same ranks (checked in :meth:`assign_ranks`). The price: one more refresh gather
-        per partition at a refresh step. The energies are fractions of each matrix's own energy, which
-        the loss scale and the clipping factor (applied later to a partition not yet stepped) leave
-        unchanged but for rounding."""
+        partition shares them (the partition being stepped uses its refresh's gather and the spectra the
+        optimizer computed, ``given``). So every partition's step allocates over the same pool, the whole
+        group's, and chooses the same ranks (checked in :meth:`assign_ranks`). The price: one more refresh
+        gather, and spectrum, per later partition at a refresh step (its own step computes the spectra
+        again, unused). The energies are fractions of each matrix's own energy, which the loss scale and
+        the clipping factor (applied later to a partition not yet stepped) leave unchanged but for
+        rounding."""
         group_index = self.siblings[0][1].group_index
-        cached = self.layout._group_spectra.get(group_index)
-        if cached is not None:
-            return cached
-        cached = {}
+        entry = self.layout._group_spectra.get(group_index)
+        if entry is not None and entry[0] == self.token:
+            return entry[1]
+        cached: dict[str, Tensor | None] = {}
+        names_of = {id(part): names for _, part, names in self.partitions}
         mine = {id(part) for _, part, _ in self.partitions}
-        stepped = self.layout._stepped.get(group_index, set())
+        here = min(k for k, (_, part) in enumerate(self.siblings) if id(part) in mine)
         gap = self.group["update_proj_gap"]
-        for flat, part in self.siblings:
+        for position, (flat, part) in enumerate(self.siblings):
             # Only the partitions refreshing in this step: this one, and those still to step whose counter
-            # says so (a partition that deferred a refresh, nonfinite="skip", lags its siblings by a step;
-            # one that stepped already this step did not refresh, or it would have computed these).
-            if id(part) not in mine and (id(flat) in stepped or not refresh_due(self.layout._step_count(flat), gap)):
+            # says so (a partition that deferred a refresh, nonfinite="skip", lags its siblings by a step).
+            # Those before this one in binding order had their turn: they stepped without a refresh (or they
+            # would have computed these), or did not step at all.
+            if id(part) not in mine and (position < here or not refresh_due(self.layout._step_count(flat), gap)):
                 cached.update(dict.fromkeys((mp.name for mp in part.plan.matrices), None))
+                continue
+            plan, comm = part.plan, part.comm
+            sizes = [min(mp.shape) for mp in plan.matrices]
+            buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=flat.device)
+            if id(part) in mine:  # stepped now: its refresh gathered it, the owners' spectra are given
+                names, bad = names_of[id(part)], {mp.name: self._bad[mp.name] for mp in plan.matrices}
+                offset = 0
+                for mp, size in zip(plan.matrices, sizes):
+                    values = given.get(names.get(mp.name, -1))
+                    if values is not None and not bad[mp.name]:
+                        buffer[offset : offset + size] = values
+                    offset += size
+                comm.all_reduce(buffer)
+                for mp, values in zip(plan.matrices, buffer.cpu().split(sizes)):
+                    cached[mp.name] = None if bad[mp.name] else values
                 continue
             if flat.grad is None and part.gradient is None:
                 raise RuntimeError(
@@ -1168,7 +1204,6 @@ class _Exchange:
                     "FragmentLayout.add_partition(gradient=...))."
                 )
             grad = flat.grad if flat.grad is not None else cast(Callable[[], Tensor | None], part.gradient)()
-            plan, comm = part.plan, part.comm
             if grad is None:
                 raise RuntimeError(
                     f"rank='auto' param group {group_index}: the gradient source of a partition still to step "
@@ -1177,8 +1212,6 @@ class _Exchange:
             held = {mp.name: _block(grad, mp) for mp in plan.matrices if mp.piece is not None and not mp.split}
             full, bad = self._whole_gradients(flat, part, grad, held)
             owners = _refresh_owners(plan, comm.world_size)
-            sizes = [min(mp.shape) for mp in plan.matrices]
-            buffer = torch.zeros(sum(sizes), dtype=torch.float64, device=flat.device)
             offset = 0
             for mp, size in zip(plan.matrices, sizes):
                 if owners[mp.name] == comm.rank and not bad[mp.name] and size > 0:
@@ -1188,7 +1221,7 @@ class _Exchange:
             comm.all_reduce(buffer)
             for mp, values in zip(plan.matrices, buffer.cpu().split(sizes)):
                 cached[mp.name] = None if bad[mp.name] else values
-        self.layout._group_spectra[group_index] = cached
+        self.layout._group_spectra[group_index] = (self.token, cached)
         return cached
 
     def spectra(self, indices: Sequence[int], energies: Sequence[Tensor | None], sizes: Sequence[int]) -> list[Tensor]:
@@ -1198,7 +1231,7 @@ class _Exchange:
         result: dict[int, Tensor] = {}
         self._elsewhere, self._elsewhere_spectra = [], []
         if self.siblings:  # a group of several partitions: the whole group's spectra, once per step
-            group = self._group_spectra()
+            group = self._group_spectra(given)
             mine = {id(part): names for _, part, names in self.partitions}
             for _, part in self.siblings:
                 names = mine.get(id(part), {})
@@ -1277,7 +1310,10 @@ class _Exchange:
             # Every partition of the group allocates over the same pool: the first one's choice stands
             # for all, and a later one that chose otherwise would break the budget, so it is an error.
             group_index = self.siblings[0][1].group_index
-            first = self.layout._group_choice.setdefault(group_index, chosen)
+            entry = self.layout._group_choice.get(group_index)
+            if entry is None or entry[0] != self.token:
+                self.layout._group_choice[group_index] = (self.token, chosen)
+            first = chosen if entry is None or entry[0] != self.token else entry[1]
             differing = sorted(name for name in chosen if first.get(name, chosen[name]) != chosen[name])
             if differing:
                 raise RuntimeError(

@@ -108,7 +108,7 @@ def _sub_group_gradient(zero: Any, sub_group: int) -> Tensor | None:
     flat = zero.fp32_partitioned_groups_flat[sub_group]
     if flat.grad is not None:
         return flat.grad
-    parts = zero.averaged_gradients[sub_group] if sub_group < len(zero.averaged_gradients) else None
+    parts = zero.averaged_gradients.get(sub_group)  # a dict by sub-group; None once prepared
     if not parts:
         return None
     return torch.cat([part.reshape(-1) for part in parts]).to(flat.dtype)
@@ -188,6 +188,8 @@ def bind(engine: Any, *, shard_moments: bool = True) -> GaLoreAdamW:
                 )
             else:
                 layout.add_full_rank_partition(flat, plan, communicator, group_index=group_index)
+        # One training step steps every sub-group in turn; the engine counts the steps after them.
+        layout.step_token = lambda: engine.global_steps
     else:
         raise ValueError(f"bind(engine): unknown ZeRO stage {stage!r}; supported stages are 0, 1, 2, 3.")
     layout.attach(base)

@@ -30,19 +30,20 @@ keeps is (APOLLO's 8-byte seed too: it is one of its tensors, whatever the rank)
 
 Where it runs. Whole tensors, and FSDP2: there each spectrum is computed by the matrix's refresh owner
 from the whole gradient and shared with every rank (``AdaptiveExchange.spectra``), so all ranks allocate
-what one process would; the budget counts whole tensors, of which each rank holds about ``1/world``.
-DCP checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO
-1-3: every rank keeps every matrix's rank (the partition's rank table), the owners' spectra reach every
-rank (``AdaptiveExchange.spectra``), and each rank allocates over all of the partition's matrices,
-those it holds no piece of too (``AdaptiveExchange.elsewhere``). A ZeRO-3 group cut into sub-groups, which
-DeepSpeed steps one at a time, is allocated as a whole at its first sub-group's refresh, from every
-sub-group's reduced gradient (one more refresh gather per sub-group); the later sub-groups find the same
-ranks (checked). Within that engine step the bytes held may exceed ``B`` until the last sub-group has
-resized (by at most what the earlier ones grew); after it they never do.
-DeepSpeed's own checkpoints keep the rank tables; the name-keyed state (``save_lowrank_state``) saves each
-matrix's ``matrix_rank``, and ``load_lowrank_state`` rebuilds every matrix at it (any number of ranks).
-``GaLoreAdafactor`` (one rank per group) and ``PerLayerUpdates`` (one matrix stepped at a time) refuse
-it by name.
+what one process would; the budget counts whole tensors, of which each rank holds about ``1/world``. DCP
+checkpoints load through :func:`lowrank_optim.distributed.dcp.match_saved_ranks`. DeepSpeed ZeRO 1-3:
+every rank keeps every matrix's rank (the partition's rank table), the owners' spectra reach every rank
+(``AdaptiveExchange.spectra``), and each rank allocates over all of the partition's matrices, those it
+holds no piece of too (``AdaptiveExchange.elsewhere``). A ZeRO-3 group cut into sub-groups, which
+DeepSpeed steps one at a time, is allocated as a whole at the refresh of its first sub-group due in that
+step, over every sub-group due then, from their reduced gradients (one more refresh gather per later
+sub-group); the later sub-groups find the same ranks (checked). A sub-group that deferred a refresh
+(``nonfinite="skip"``) is a step behind and refreshes alone, the others charged at the ranks they hold.
+Within that engine step the bytes held may exceed ``B`` until the last sub-group has resized (by at most
+what the earlier ones grew); after it they never do. DeepSpeed's own checkpoints keep the rank tables; the
+name-keyed state (``save_lowrank_state``) saves each matrix's ``matrix_rank``, and ``load_lowrank_state``
+rebuilds every matrix at it (any number of ranks). ``GaLoreAdafactor`` (one rank per group) and
+``PerLayerUpdates`` (one matrix stepped at a time) refuse it by name.
 """
 
 from __future__ import annotations

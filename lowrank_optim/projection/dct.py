@@ -371,7 +371,8 @@ class DCTProjector(Projector):
         """The squared L2 norm of each frequency's coefficients, in decreasing order: the gradient energy
         each further frequency captures (they sum to ``||G||_F²``). The selection ranks frequencies by
         their L1 norms (the paper's score), so the ``k`` selected ones capture about, not exactly, the top
-        ``k`` of these. A ``full`` projection is allocated by its singular values (the base rule)."""
+        ``k`` of these. Values at fp32 rounding level are reported as 0 (:func:`without_rounding_noise`).
+        A ``full`` projection is allocated by its singular values (the base rule)."""
         if side is Side.FULL:
             return super().energies(grad, side)
         x = scoring_input(grad)
