@@ -31,7 +31,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_save, atomic_write_text, file_sha256
 from ..optim.galore import GaLoreAdamW, _moment_placement, matrix_shape
-from ..optim.ranks import AUTO
-from ..projection import ProjectorTensor, Side, basis_shapes, effective_rank, keeps_aligned, resolve_side
+from ..optim.ranks import AUTO, charged_bytes
+from ..projection import ProjectorTensor, Side, basis_shapes, keeps_aligned, resolve_side
 from ..state_keys import BASIS_LEFT, BASIS_RIGHT, EXP_AVG, EXP_AVG_SQ, MATRIX_RANK, STEP
 from .fragment import (
     MATRICES,
@@ -53,6 +53,7 @@ from .fragment import (
     _Partition,
     _Piece,
     _quantizing,
+    _rank_of,
     _sharded,
     _span,
 )
@@ -144,14 +145,6 @@ def _shard_view(tensor: Tensor, sharding: str, start: int, stop: int) -> Tensor:
     return tensor[:, start:stop] if sharding == "columns" else tensor[start:stop]
 
 
-def _rank_r(group: dict[str, Any], shape: tuple[int, ...], table: dict[str, int] | None, name: str) -> int:
-    """A matrix's rank: the group's (``min(rank, m, n)``), or a ``rank="auto"`` matrix's entry of its
-    partition's rank table."""
-    if table is not None:
-        return table[name]
-    return effective_rank(group["rank"], shape)
-
-
 def _saved_value(value: Any) -> Any:
     """A state value as the files keep it: tensors cloned, a ``rank="auto"`` matrix's ``matrix_rank`` (a
     plain int in the optimizer) as a 0-d int64 tensor."""
@@ -184,11 +177,11 @@ def _check_budget(
     """The saved ranks of a ``rank="auto"`` group must fit its ``state_budget`` (a resume with a smaller budget
     would hold more until the next refresh): charged as a refresh charges them, at least the rank-1 cost."""
 
-    def charged(shape: tuple[int, ...], dtype: torch.dtype, rank: int) -> int:
+    def cost(shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[int], int]:
         like = torch.empty(shape, dtype=dtype, device="meta")
-        return max(optimizer.rank_state_bytes(group, like, max(rank, 1)), optimizer.rank_state_bytes(group, like, 1))
+        return lambda rank: optimizer.rank_state_bytes(group, like, rank)
 
-    held = sum(charged(shape, dtype, rank) for shape, dtype, rank in matrices)
+    held = sum(charged_bytes(cost(shape, dtype), rank) for shape, dtype, rank in matrices)
     if held > group["state_budget"]:
         raise ValueError(
             f"load_lowrank_state: the saved ranks of param group {index} hold {held} bytes of state, more than its "
@@ -209,7 +202,7 @@ def _collect_fragments(optimizer: GaLoreAdamW, layout: FragmentLayout, rank: int
             )
         matrices = state[MATRICES]
         table: dict[str, int] | None = state.get(RANKS)  # rank="auto": every matrix's rank
-        ranks = {mp.name: _rank_r(group, mp.shape, table, mp.name) for mp in part.plan.matrices}
+        ranks = {mp.name: _rank_of(group, mp, None if table is None else table[mp.name]) for mp in part.plan.matrices}
         sides = {mp.name: resolve_side(group["proj_type"], mp.shape) for mp in part.plan.matrices}
         # Sharded state: holders write their shares into zero-padded whole moments (and SVD bases; each
         # element written by exactly one holder); one all-reduce per dtype.
@@ -580,7 +573,7 @@ def _build_fragments(
             if mp.piece is None:
                 continue
             saved = _entry(entries, mp.name)
-            rank_r = _rank_r(group, mp.shape, table, mp.name)
+            rank_r = _rank_of(group, mp, None if table is None else table[mp.name])
             init = functools.partial(optimizer._init_state, group)
             matrix = _init_matrix_state(init, group, flat, mp, part, None if table is None else rank_r)
             bounds = tuple(matrix[SHARD].tolist()) if SHARD in matrix else None

@@ -95,7 +95,7 @@ from .moments import (
     quantized_state_dtypes,
     resolve_moment_format,
 )
-from .ranks import AUTO, allocate_ranks, spectrum_of
+from .ranks import AUTO, allocate_ranks, charged_bytes, spectrum_of
 
 __all__ = ["NONFINITE_REFRESH_OUTCOMES", "GaLoreAdamW", "galore_adamw", "nonfinite_flag"]
 
@@ -718,8 +718,7 @@ class GaLoreAdamW(Optimizer):
             return cost
 
         def held_bytes(shape: tuple[int, ...], dtype: torch.dtype, rank: int | None) -> int:
-            cost = cost_of(shape, dtype)
-            return max(cost(max(rank or 0, 1)), cost(1))
+            return charged_bytes(cost_of(shape, dtype), rank)
 
         # Every matrix not refreshing now is charged the state it holds (at least its rank-1 cost).
         held = 0

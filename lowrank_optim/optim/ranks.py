@@ -56,10 +56,18 @@ from torch import Tensor
 
 from ..projection import Projector, Side
 
-__all__ = ["AUTO", "allocate_ranks", "spectrum_of"]
+__all__ = ["AUTO", "allocate_ranks", "charged_bytes", "spectrum_of"]
 
 #: The ``rank`` value of a param group whose matrices' ranks are chosen from their gradients.
 AUTO = "auto"
+
+
+def charged_bytes(cost: Callable[[int], int], rank: int | None) -> int:
+    """What a matrix of ``cost`` (its state bytes per rank) is charged against the budget at ``rank``: at
+    least its rank-1 cost (also at rank 0, before its first refresh, so that the budget holds whichever
+    matrices refresh together), and never less than rank 1's where a larger rank's state is smaller (8-bit
+    moments crossing their size threshold)."""
+    return max(cost(max(rank or 0, 1)), cost(1))
 
 
 def spectrum_of(projector: Projector, whole: Tensor, side: Side, size: int) -> Tensor:
@@ -102,7 +110,7 @@ def allocate_ranks(
         push(i)
     while heap:
         _, i = heapq.heappop(heap)
-        cost = max(costs[i](ranks[i] + 1), costs[i](1))
+        cost = charged_bytes(costs[i], ranks[i] + 1)
         if total - charged[i] + cost > budget:
             continue  # does not fit: this matrix stops growing
         total += cost - charged[i]
