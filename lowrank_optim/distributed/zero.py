@@ -103,8 +103,8 @@ def _undo_state_warmup(engine: Any, base: GaLoreAdamW) -> None:
 def _sub_group_gradient(zero: Any, sub_group: int) -> Tensor | None:
     """A ZeRO-3 sub-group's flat fp32 gradient: the one DeepSpeed prepared for its step, or, before that,
     its reduced gradient partitions (``averaged_gradients``), flattened as DeepSpeed will flatten them.
-    For a ``rank="auto"`` group cut into several sub-groups, whose ranks its first sub-group's refresh
-    allocates from all of them (:mod:`lowrank_optim.distributed.fragment`)."""
+    For a ``rank="auto"`` group cut into several sub-groups, whose ranks the refresh of its first sub-group
+    due in a step allocates from all those due (:mod:`lowrank_optim.distributed.fragment`)."""
     flat = zero.fp32_partitioned_groups_flat[sub_group]
     if flat.grad is not None:
         return flat.grad
